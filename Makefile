@@ -1,0 +1,50 @@
+# The two commands a newcomer runs are `make run` and `make test`; each sets
+# itself up first (apt packages pyfuse3 builds against, a venv, the project).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PKGS := fuse3 libfuse3-dev pkg-config
+RUN_DIR ?= $(CURDIR)/.run
+MNT ?= $(CURDIR)/mnt
+PORT ?= 7000
+
+.PHONY: setup test lint run stop bench clean
+
+setup: $(STAMP)
+
+# Re-run only when the dependency list changes; apt is consulted only for
+# packages that are missing, so a ready machine spends no time here.
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing apt packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+run: setup
+	@$(BIN)/python scripts/run_local.py start --run-dir $(RUN_DIR) --mount $(MNT) --port $(PORT)
+
+stop: setup
+	@$(BIN)/python scripts/run_local.py stop --run-dir $(RUN_DIR) --mount $(MNT)
+
+bench: setup
+	$(BIN)/python scripts/bench_rpc.py
+
+clean: stop
+	rm -rf $(VENV) $(RUN_DIR)

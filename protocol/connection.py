@@ -1,0 +1,508 @@
+"""A bidirectional msgpack-RPC connection on trio.
+
+Either end can call methods on the other over one byte stream: the client
+calls ``FS.*`` on the fileserver and the fileserver calls ``CB.*`` back on the
+connection the client opened.  Calls are multiplexed by msgid, so any number
+may be in flight; incoming requests run as concurrent tasks, at most
+``max_concurrent`` at a time, with ``max_pending`` more queued before the
+connection answers EAGAIN (the reader never blocks, so replies always flow
+and a handler that calls back across the same connection cannot deadlock).
+
+Output goes through one writer task that coalesces queued messages into one
+``send_all``: a cancelled caller can never leave half a message on the wire,
+and many small replies cost one syscall.
+
+When the stream ends or breaks, every waiting caller gets ``ConnectionLost``
+at once, and the handlers still running are cancelled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgpack
+import trio
+
+from protocol.errors import RpcError
+from protocol.limits import (
+    DEFAULT_MAX_CONCURRENT,
+    DEFAULT_MAX_PENDING,
+    MAX_FRAME,
+    MAX_UINT32,
+    SEND_HIGH_WATER,
+    SEND_TIMEOUT,
+)
+
+log = logging.getLogger(__name__)
+
+REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
+_RECV_SIZE = 256 * 1024
+# Bytes kept from the start of a partial message: enough for the array
+# header, the type and a 32-bit msgid, so an oversized request still gets
+# an error reply naming its msgid.
+_HEAD_KEEP = 16
+
+#: A handler is called as ``await handler(connection, *params)``.
+Handler = Callable[..., Awaitable[Any]]
+
+
+class ConnectionLost(RpcError):
+    """The connection closed or broke while a call waited for its reply."""
+
+    def __init__(self, message: str = "connection lost") -> None:
+        super().__init__("ENOTCONN", message)
+
+
+class RpcTimeout(RpcError):
+    """A call got no reply within its timeout."""
+
+    def __init__(self, message: str = "call timed out") -> None:
+        super().__init__("ETIMEDOUT", message)
+
+
+class _ProtocolViolation(Exception):
+    """The peer sent something we cannot continue after; the stream is closed."""
+
+
+def _pack_default(obj: Any) -> Any:
+    to_wire = getattr(obj, "to_wire", None)
+    if to_wire is not None:
+        return to_wire()
+    raise TypeError(f"cannot send {type(obj).__name__} on the wire")
+
+
+def _new_packer() -> msgpack.Packer:
+    return msgpack.Packer(use_bin_type=True, default=_pack_default)
+
+
+def _msgid_from_head(head: bytes) -> int | None:
+    """Read the msgid of a request from the first bytes of its frame."""
+    try:
+        u = msgpack.Unpacker(raw=False)
+        u.feed(head)
+        if u.read_array_header() != 4 or u.unpack() != REQUEST:
+            return None
+        msgid = u.unpack()
+    except Exception:
+        return None
+    if type(msgid) is int and 0 <= msgid <= MAX_UINT32:
+        return msgid
+    return None
+
+
+class _Call:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: RpcError | None = None
+
+
+class Connection:
+    """One msgpack-RPC peer on a trio stream.
+
+    ``handlers`` maps method names to ``async def h(conn, *params)``.  A handler
+    returns the result (records are sent through their ``to_wire()``), or raises
+    ``RpcError`` for an error reply.  ``TypeError``/``ValueError`` from a
+    handler become EINVAL (bad params), anything else EIO; no handler failure
+    ever ends the connection.  ``context`` is free for the owner's per-peer
+    state (for example the server's client session).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        handlers: Mapping[str, Handler] | None = None,
+        *,
+        name: str = "",
+        max_frame: int = MAX_FRAME,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        send_timeout: float = SEND_TIMEOUT,
+        default_timeout: float | None = None,
+    ) -> None:
+        self.stream = stream
+        self.handlers: dict[str, Handler] = dict(handlers or {})
+        self.name = name or f"conn-{id(self):x}"
+        self.context: dict[str, Any] = {}
+        self.max_frame = max_frame
+        self.max_pending = max_pending
+        self.send_timeout = send_timeout
+        self.default_timeout = default_timeout
+        self._limiter = trio.CapacityLimiter(max_concurrent)
+        self._packer = _new_packer()
+        self._msgids = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._incoming = 0  # requests running or queued for the limiter
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._drained_lot = trio.lowlevel.ParkingLot()
+        self._writing = False
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+        self.close_reason = ""
+        self._finished = trio.Event()
+        self.stats = {"calls_sent": 0, "requests_received": 0, "errors_sent": 0}
+
+    # -- state ------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def wait_closed(self) -> None:
+        await self._finished.wait()
+
+    # -- running ------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Connection] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve the connection until it closes; handlers run inside."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                task_status.started(self)
+                try:
+                    await self._reader()
+                    # Give the writer a moment to send what is queued (a final
+                    # error reply after a protocol violation, say).
+                    with trio.move_on_after(1):
+                        while (self._out or self._writing) and not self._closed:
+                            await self._drained_lot.park()
+                finally:
+                    self._mark_closed(self.close_reason or "connection closed")
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await self.stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            self._finished.set()
+
+    async def aclose(
+        self, reason: str = "closed by this end", *, flush_timeout: float = 2.0
+    ) -> None:
+        """Close cleanly: send what is queued (bounded in time), then close."""
+        if not self._closed and self._nursery is not None:
+            with trio.move_on_after(flush_timeout):
+                while self._out or self._writing:
+                    await self._drained_lot.park()
+        self.close_reason = self.close_reason or reason
+        self._mark_closed(reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(flush_timeout + 1):
+                await self._finished.wait()
+        else:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await self.stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            self._finished.set()
+
+    def _mark_closed(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.close_reason = self.close_reason or reason
+        log.debug("%s: closed (%s)", self.name, self.close_reason)
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.error = ConnectionLost(f"connection lost: {self.close_reason}")
+            call.done.set()
+        self._writer_lot.unpark_all()
+        self._drained_lot.unpark_all()
+
+    # -- calling --------------------------------------------------------------
+
+    async def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
+        """Call ``method`` on the peer and return its result.
+
+        Raises ``RemoteError`` for an error reply, ``RpcTimeout`` when no reply
+        comes within ``timeout`` (default: ``default_timeout``), and
+        ``ConnectionLost`` when the connection closes first.
+        """
+        if self._closed:
+            raise ConnectionLost(f"connection closed: {self.close_reason}")
+        msgid = next(self._msgids) & MAX_UINT32
+        if msgid == 0:  # wrapped: skip 0 so ids stay nonzero and distinct
+            self._msgids = itertools.count(2)
+            msgid = 1
+        call = _Call()
+        self._calls[msgid] = call
+        if timeout is None:
+            timeout = self.default_timeout
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                await self._send([REQUEST, msgid, method, list(params)])
+                self.stats["calls_sent"] += 1
+                await call.done.wait()
+        except trio.TooSlowError:
+            raise RpcTimeout(f"{method}: no reply within {timeout} s") from None
+        finally:
+            self._calls.pop(msgid, None)
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    async def notify(self, method: str, *params: Any) -> None:
+        """Send a notification: no reply, no error reported."""
+        if self._closed:
+            raise ConnectionLost(f"connection closed: {self.close_reason}")
+        await self._send([NOTIFICATION, method, list(params)])
+
+    # -- sending --------------------------------------------------------------
+
+    async def _send(self, message: list[Any]) -> None:
+        data = self._packer.pack(message)
+        if len(data) > self.max_frame:
+            raise RpcError("EMSGSIZE", f"message of {len(data)} bytes is over the limit")
+        self._enqueue(data)
+        # Backpressure: a peer that reads slowly makes its callers wait here
+        # instead of growing our buffer without bound.
+        while self._out_bytes > SEND_HIGH_WATER and not self._closed:
+            await self._drained_lot.park()
+        if self._closed:
+            raise ConnectionLost(f"connection closed: {self.close_reason}")
+
+    def _enqueue(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self._writer_lot.unpark()
+
+    async def _writer(self) -> None:
+        while not self._closed:
+            if not self._out:
+                await self._writer_lot.park()
+                continue
+            out, self._out = self._out, []
+            self._out_bytes = 0
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self._writing = True
+            try:
+                with trio.fail_after(self.send_timeout):
+                    await self.stream.send_all(data)
+            except trio.TooSlowError:
+                self._fail(f"peer accepted no data for {self.send_timeout} s")
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._fail(f"send failed: {exc!r}")
+                return
+            finally:
+                self._writing = False
+                self._drained_lot.unpark_all()
+
+    def _fail(self, reason: str) -> None:
+        self.close_reason = self.close_reason or reason
+        self._mark_closed(reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _reply(self, msgid: int, error: RpcError | None, result: Any) -> None:
+        if error is not None:
+            self.stats["errors_sent"] += 1
+            msg: list[Any] = [RESPONSE, msgid, error.to_wire(), None]
+        else:
+            msg = [RESPONSE, msgid, None, result]
+        try:
+            data = self._packer.pack(msg)
+        except Exception as exc:  # an unpackable result is our bug, not the peer's
+            log.error("%s: cannot pack reply to %d: %r", self.name, msgid, exc)
+            self._packer = _new_packer()  # a failed pack may leave the buffer dirty
+            data = self._packer.pack([RESPONSE, msgid, ["EIO", "unencodable result"], None])
+        if len(data) > self.max_frame:
+            data = self._packer.pack([RESPONSE, msgid, ["EMSGSIZE", "reply too large"], None])
+        self._enqueue(data)
+
+    # -- receiving ------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        # The unpacker's own limit is a backstop; the real frame check is ours
+        # below, so that an oversized request can still be answered.
+        unpacker = msgpack.Unpacker(
+            raw=False, max_buffer_size=2 * self.max_frame + _RECV_SIZE, strict_map_key=False
+        )
+        fed = 0  # bytes fed so far
+        head = b""  # first bytes of the partial message at offset head_pos
+        head_pos = -1
+        try:
+            while True:
+                try:
+                    chunk = await self.stream.receive_some(_RECV_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self.close_reason = self.close_reason or f"receive failed: {exc!r}"
+                    return
+                if not chunk:
+                    self.close_reason = self.close_reason or "peer closed the connection"
+                    return
+                unpacker.feed(chunk)
+                fed += len(chunk)
+                for msg in unpacker:
+                    self._dispatch(msg)
+                pos = unpacker.tell()
+                leftover = fed - pos
+                if leftover == 0:
+                    head, head_pos = b"", -1
+                elif head_pos != pos:
+                    head, head_pos = bytes(chunk[len(chunk) - leftover :][:_HEAD_KEEP]), pos
+                elif len(head) < _HEAD_KEEP:
+                    head += chunk[: _HEAD_KEEP - len(head)]
+                if leftover > self.max_frame:
+                    msgid = _msgid_from_head(head)
+                    if msgid is not None:
+                        self._reply(msgid, RpcError("EMSGSIZE", "frame over the limit"), None)
+                    raise _ProtocolViolation(f"frame over {self.max_frame} bytes")
+        except _ProtocolViolation as exc:
+            self._protocol_error(str(exc))
+        except (msgpack.UnpackException, ValueError, TypeError, UnicodeDecodeError) as exc:
+            self._protocol_error(f"undecodable data: {exc!r}")
+
+    def _protocol_error(self, reason: str) -> None:
+        log.warning("%s: protocol error, closing: %s", self.name, reason)
+        self.close_reason = f"protocol error: {reason}"
+        # Let the writer flush a final error reply, then the run() finally
+        # closes the stream.
+
+    def _dispatch(self, msg: Any) -> None:
+        if type(msg) is not list or not msg:
+            raise _ProtocolViolation(f"not a msgpack-RPC message: {msg!r:.100}")
+        kind = msg[0]
+        if kind == RESPONSE and len(msg) == 4:
+            self._on_response(msg)
+        elif kind == REQUEST:
+            self._on_request(msg)
+        elif kind == NOTIFICATION and len(msg) == 3:
+            method, params = msg[1], msg[2]
+            if type(method) is str and type(params) is list:
+                self._start_handler(None, method, params)
+            else:
+                log.info("%s: malformed notification dropped", self.name)
+        else:
+            raise _ProtocolViolation(f"bad message type or shape: {msg!r:.100}")
+
+    def _on_response(self, msg: list[Any]) -> None:
+        _, msgid, error, result = msg
+        call = self._calls.pop(msgid, None) if type(msgid) is int else None
+        if call is None:
+            return  # the caller timed out or was cancelled; nobody waits
+        if error is not None:
+            call.error = RpcError.from_wire(error)
+        else:
+            call.result = result
+        call.done.set()
+
+    def _on_request(self, msg: list[Any]) -> None:
+        msgid = msg[1] if len(msg) > 1 else None
+        if type(msgid) is not int or not 0 <= msgid <= MAX_UINT32:
+            raise _ProtocolViolation(f"request without a valid msgid: {msg!r:.100}")
+        if len(msg) != 4 or type(msg[2]) is not str or type(msg[3]) is not list:
+            self._reply(
+                msgid, RpcError("EPROTO", "request must be [0, msgid, method, params]"), None
+            )
+            return
+        self.stats["requests_received"] += 1
+        self._start_handler(msgid, msg[2], msg[3])
+
+    def _start_handler(self, msgid: int | None, method: str, params: list[Any]) -> None:
+        handler = self.handlers.get(method)
+        if handler is None:
+            if msgid is not None:
+                self._reply(msgid, RpcError("ENOSYS", f"unknown method {method!r:.100}"), None)
+            return
+        if self._incoming >= self.max_pending or self._nursery is None or self._closed:
+            if msgid is not None:
+                self._reply(msgid, RpcError("EAGAIN", "too many calls in flight"), None)
+            return
+        self._incoming += 1
+        self._nursery.start_soon(self._run_handler, msgid, method, handler, params)
+
+    async def _run_handler(
+        self, msgid: int | None, method: str, handler: Handler, params: list[Any]
+    ) -> None:
+        try:
+            async with self._limiter:
+                try:
+                    coro = handler(self, *params)
+                except TypeError as exc:
+                    # Raised by the call itself (wrong number of params), not
+                    # from inside the handler.
+                    if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                        raise RpcError("EINVAL", f"{method}: wrong number of params") from None
+                    raise
+                result = await coro
+        except RpcError as exc:
+            if msgid is not None:
+                self._reply(msgid, exc, None)
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            log.info("%s: %s: bad params: %r", self.name, method, exc)
+            if msgid is not None:
+                self._reply(msgid, RpcError("EINVAL", f"{method}: invalid params: {exc}"), None)
+        except Exception:
+            log.exception("%s: handler for %s failed", self.name, method)
+            if msgid is not None:
+                self._reply(msgid, RpcError("EIO", f"{method}: internal error"), None)
+        else:
+            if msgid is not None:
+                self._reply(msgid, None, result)
+        finally:
+            self._incoming -= 1
+
+
+@asynccontextmanager
+async def open_connection(
+    host: str,
+    port: int,
+    handlers: Mapping[str, Handler] | None = None,
+    *,
+    connect_timeout: float = 10.0,
+    **kwargs: Any,
+) -> AsyncIterator[Connection]:
+    """Connect over TCP and run a Connection for the body of the block."""
+    with trio.fail_after(connect_timeout):
+        stream = await trio.open_tcp_stream(host, port)
+    conn = Connection(stream, handlers, name=kwargs.pop("name", f"{host}:{port}"), **kwargs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        try:
+            yield conn
+        finally:
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def serve_tcp(
+    on_connection: Callable[[Connection], Awaitable[None]],
+    host: str,
+    port: int,
+    handlers: Mapping[str, Handler],
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    **kwargs: Any,
+) -> None:
+    """Accept TCP connections; each gets a Connection, handed to ``on_connection``
+    while it runs (``on_connection`` must return only once it has awaited
+    ``conn.run()`` or otherwise finished with the connection)."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+            name = f"{peer[0]}:{peer[1]}"
+        except OSError:
+            name = "peer"
+        conn = Connection(stream, handlers, name=name, **kwargs)
+        await on_connection(conn)
+
+    await trio.serve_tcp(handle, port, host=host, task_status=task_status)

@@ -1,0 +1,178 @@
+"""Record types and their exact wire forms (msgpack arrays, see SPEC.md).
+
+Every record converts with ``to_wire()`` to a list of plain msgpack values and
+back with ``from_wire()``, which checks shape, types and ranges and raises
+``RpcError("EINVAL")`` for anything else, so a handler never sees a malformed
+record.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from protocol.errors import RpcError
+from protocol.limits import MAX_UINT32, MAX_UINT64
+
+_MAX_INT64 = 2**63 - 1
+_MIN_INT64 = -(2**63)
+
+
+def _bad(what: str, obj: Any) -> RpcError:
+    return RpcError("EINVAL", f"malformed {what}: {obj!r:.200}")
+
+
+def _array(obj: Any, n: int, what: str) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(obj, list | tuple) or len(obj) != n:
+        raise _bad(what, obj)
+    return obj
+
+
+def _uint(v: Any, hi: int, what: str) -> int:
+    # bool is an int subclass; it is never a valid count on the wire.
+    if type(v) is not int or v < 0 or v > hi:
+        raise _bad(what, v)
+    return v
+
+
+def _int64(v: Any, what: str) -> int:
+    if type(v) is not int or v < _MIN_INT64 or v > _MAX_INT64:
+        raise _bad(what, v)
+    return v
+
+
+class FileType(enum.IntEnum):
+    FILE = 1
+    DIRECTORY = 2
+    SYMLINK = 3
+
+
+class CallBackType(enum.IntEnum):
+    EXCLUSIVE = 1
+    SHARED = 2
+    DROPPED = 3
+
+
+class Fid(NamedTuple):
+    """(volume id, vnode, uniquifier).  vnode 0 + unique 0 names a whole volume."""
+
+    volume: int
+    vnode: int
+    unique: int
+
+    def to_wire(self) -> list[int]:
+        return [self.volume, self.vnode, self.unique]
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Fid:
+        a = _array(obj, 3, "Fid")
+        return cls(_uint(a[0], MAX_UINT32, "Fid"), _uint(a[1], MAX_UINT32, "Fid"),
+                   _uint(a[2], MAX_UINT32, "Fid"))  # fmt: skip
+
+    @property
+    def is_volume(self) -> bool:
+        return self.vnode == 0 and self.unique == 0
+
+    def __str__(self) -> str:
+        return f"{self.volume}.{self.vnode}.{self.unique}"
+
+    @classmethod
+    def parse(cls, text: str) -> Fid:
+        """Parse the ``VOL.VNODE.UNIQUE`` form used by tools and logs."""
+        parts = text.split(".")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"not a fid: {text!r} (want VOLUME.VNODE.UNIQUE)")
+        return cls.from_wire([int(p) for p in parts])
+
+
+# Access bits in FileStatus.access: what the caller may do (rwx of the caller).
+ACCESS_READ = 4
+ACCESS_WRITE = 2
+ACCESS_EXEC = 1
+
+
+@dataclass(frozen=True, slots=True)
+class FileStatus:
+    type: FileType
+    mode: int  # permission bits, 0o7777
+    nlink: int
+    size: int
+    data_version: int
+    owner: int
+    group: int
+    mtime_ns: int
+    ctime_ns: int
+    parent_vnode: int
+    parent_unique: int
+    access: int = ACCESS_READ | ACCESS_WRITE | ACCESS_EXEC
+
+    N_FIELDS = 12
+
+    def to_wire(self) -> list[int]:
+        return [int(self.type), self.mode, self.nlink, self.size, self.data_version,
+                self.owner, self.group, self.mtime_ns, self.ctime_ns,
+                self.parent_vnode, self.parent_unique, self.access]  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> FileStatus:
+        a = _array(obj, cls.N_FIELDS, "FileStatus")
+        try:
+            ftype = FileType(a[0])
+        except ValueError:
+            raise _bad("FileStatus.type", a[0]) from None
+        w = "FileStatus"
+        return cls(
+            type=ftype,
+            mode=_uint(a[1], 0o7777, w),
+            nlink=_uint(a[2], MAX_UINT32, w),
+            size=_uint(a[3], MAX_UINT64, w),
+            data_version=_uint(a[4], MAX_UINT64, w),
+            owner=_uint(a[5], MAX_UINT32, w),
+            group=_uint(a[6], MAX_UINT32, w),
+            mtime_ns=_int64(a[7], w),
+            ctime_ns=_int64(a[8], w),
+            parent_vnode=_uint(a[9], MAX_UINT32, w),
+            parent_unique=_uint(a[10], MAX_UINT32, w),
+            access=_uint(a[11], 7, w),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CallBack:
+    """A callback promise as sent: valid for ``expires_in`` seconds from the
+    moment the client *issued* the call that returned it."""
+
+    version: int
+    expires_in: int
+    type: CallBackType = CallBackType.SHARED
+
+    def to_wire(self) -> list[int]:
+        return [self.version, self.expires_in, int(self.type)]
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> CallBack:
+        a = _array(obj, 3, "CallBack")
+        try:
+            cbtype = CallBackType(a[2])
+        except ValueError:
+            raise _bad("CallBack.type", a[2]) from None
+        return cls(_uint(a[0], MAX_UINT32, "CallBack"), _uint(a[1], MAX_UINT32, "CallBack"),
+                   cbtype)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class VolSync:
+    """Volume identity at reply time: a changed ``creation`` means the volume
+    was restored or replaced, and every promise on it is void."""
+
+    creation: int
+    update: int
+
+    def to_wire(self) -> list[int]:
+        return [self.creation, self.update]
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> VolSync:
+        a = _array(obj, 2, "VolSync")
+        return cls(_int64(a[0], "VolSync"), _int64(a[1], "VolSync"))
