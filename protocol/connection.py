@@ -350,9 +350,14 @@ class Connection:
                     return
                 unpacker.feed(chunk)
                 fed += len(chunk)
+                start = unpacker.tell()
                 for msg in unpacker:
+                    end = unpacker.tell()
+                    if end - start > self.max_frame:
+                        self._refuse_oversized(msg)
+                    start = end
                     self._dispatch(msg)
-                pos = unpacker.tell()
+                pos = start
                 leftover = fed - pos
                 if leftover == 0:
                     head, head_pos = b"", -1
@@ -369,6 +374,13 @@ class Connection:
             self._protocol_error(str(exc))
         except (msgpack.UnpackException, ValueError, TypeError, UnicodeDecodeError) as exc:
             self._protocol_error(f"undecodable data: {exc!r}")
+
+    def _refuse_oversized(self, msg: Any) -> None:
+        if type(msg) is list and len(msg) == 4 and msg[0] == REQUEST:
+            msgid = msg[1]
+            if type(msgid) is int and 0 <= msgid <= MAX_UINT32:
+                self._reply(msgid, RpcError("EMSGSIZE", "frame over the limit"), None)
+        raise _ProtocolViolation(f"frame over {self.max_frame} bytes")
 
     def _protocol_error(self, reason: str) -> None:
         log.warning("%s: protocol error, closing: %s", self.name, reason)
