@@ -118,7 +118,7 @@ class FileStatus:
     def from_wire(cls, obj: Any) -> FileStatus:
         a = _array(obj, cls.N_FIELDS, "FileStatus")
         try:
-            ftype = FileType(a[0])
+            ftype = FileType(_uint(a[0], 255, "FileStatus.type"))
         except ValueError:
             raise _bad("FileStatus.type", a[0]) from None
         w = "FileStatus"
@@ -154,7 +154,7 @@ class CallBack:
     def from_wire(cls, obj: Any) -> CallBack:
         a = _array(obj, 3, "CallBack")
         try:
-            cbtype = CallBackType(a[2])
+            cbtype = CallBackType(_uint(a[2], 255, "CallBack.type"))
         except ValueError:
             raise _bad("CallBack.type", a[2]) from None
         return cls(_uint(a[0], MAX_UINT32, "CallBack"), _uint(a[1], MAX_UINT32, "CallBack"),
