@@ -1,0 +1,143 @@
+"""Tell the kernel about breaks: the worker that drains the core's
+invalidation queue into ``invalidate_inode`` / ``invalidate_entry``.
+
+These kernel calls can block until requests on the same inode or directory
+finish, and those requests may be waiting on the very break being handled,
+so they never run inline in a request handler or the CB handler: the core
+queues events (and replies to the server at once), and this worker makes the
+calls from one thread, in order, off the trio loop (PYFUSE3-NOTES,
+"Invalidation").  ENOENT from the kernel (it already forgot the inode) is
+expected and ignored.
+
+A directory break also drops every name the kernel learned in that
+directory through us, because the kernel would otherwise keep resolving a
+removed or renamed entry from its dentry cache for the whole entry timeout.
+Volume, server and "all" events sweep the kernel-known inodes of that scope
+here, in the background, after the core has already bumped its counter in
+O(1).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import AsyncIterable, Callable
+from typing import Any
+
+import trio
+
+from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable
+
+log = logging.getLogger(__name__)
+events_log = logging.getLogger("afsfuse.events")
+
+InvalidateInode = Callable[[int, bool], None]
+InvalidateEntry = Callable[[int, bytes], None]
+
+
+def inode_key(vnode: Any) -> tuple[Any, int, int]:
+    """The inode-table key of a cache-manager vnode."""
+    return (vnode.volume.key, vnode.fid.vnode, vnode.fid.unique)
+
+
+class KernelNotifier:
+    def __init__(
+        self,
+        inodes: InodeTable,
+        invalidate_inode: InvalidateInode,
+        invalidate_entry: InvalidateEntry,
+        *,
+        is_open: Callable[[int], bool] = lambda ino: False,
+    ) -> None:
+        self.inodes = inodes
+        self._inval_inode = invalidate_inode
+        self._inval_entry = invalidate_entry
+        self._is_open = is_open
+        # Names the kernel resolved through us, per directory inode.
+        self._names: dict[int, set[bytes]] = {}
+        self._thread = trio.CapacityLimiter(1)
+        self.stats = {"inode": 0, "entry": 0, "sweeps": 0, "gone": 0, "failed": 0}
+
+    # -- bookkeeping called by the FUSE adapter --------------------------------
+
+    def learned(self, parent_ino: int, name: bytes) -> None:
+        """The kernel now has a dentry ``name`` in ``parent_ino``."""
+        self._names.setdefault(parent_ino, set()).add(name)
+
+    def unlearned(self, parent_ino: int, name: bytes) -> None:
+        names = self._names.get(parent_ino)
+        if names is not None:
+            names.discard(name)
+
+    def forgot(self, ino: int) -> None:
+        self._names.pop(ino, None)
+
+    # -- the worker ------------------------------------------------------------
+
+    async def run(self, events: AsyncIterable[Any]) -> None:
+        async for ev in events:
+            try:
+                await self.handle(ev)
+            except Exception:  # one bad event must not end kernel notification
+                log.exception("kernel invalidation for %r failed", ev)
+
+    async def handle(self, ev: Any) -> None:
+        kind = ev.kind
+        if kind == "inode":
+            entry = self.inodes.find(inode_key(ev.vnode))
+            if entry is not None:
+                await self._inode(entry, ev.attr_only)
+        elif kind == "entry":
+            parent = self.inodes.find(inode_key(ev.parent))
+            if parent is not None and ev.name is not None:
+                await self._entry(parent.ino, ev.name)
+        elif kind == "volume":
+            await self._sweep(lambda e: e.key[0] == ev.volume.key)
+        elif kind == "server":
+            keys = {v.key for v in ev.volumes}
+            await self._sweep(lambda e: e.key[0] in keys)
+        elif kind == "all":
+            await self._sweep(lambda e: True)
+        else:
+            log.warning("unknown invalidation kind %r", kind)
+
+    async def _inode(self, entry: InodeEntry, attr_only: bool) -> None:
+        # Dropping pages of an open file can hang with I/O in flight; such
+        # files get attributes dropped now and keep_cache off at next open.
+        attr_only = attr_only or self._is_open(entry.ino)
+        await self._call(self._inval_inode, entry.ino, attr_only)
+        self.stats["inode"] += 1
+        events_log.info(
+            "event=kernel_invalidate ino=%d fid=%s attr_only=%s",
+            entry.ino,
+            getattr(entry.node, "fid", "?"),
+            attr_only,
+        )
+        if getattr(entry.node, "is_dir", False):
+            for name in self._names.pop(entry.ino, ()):
+                await self._entry(entry.ino, name, forget_name=False)
+
+    async def _entry(self, parent_ino: int, name: bytes, *, forget_name: bool = True) -> None:
+        if forget_name:
+            self.unlearned(parent_ino, name)
+        await self._call(self._inval_entry, parent_ino, name)
+        self.stats["entry"] += 1
+
+    async def _sweep(self, match: Callable[[InodeEntry], bool]) -> None:
+        self.stats["sweeps"] += 1
+        n = 0
+        for entry in self.inodes.entries():
+            if entry.ino == ROOT_INODE or match(entry):
+                await self._inode(entry, attr_only=False)
+                n += 1
+        events_log.info("event=kernel_sweep inodes=%d", n)
+
+    async def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            await trio.to_thread.run_sync(fn, *args, limiter=self._thread)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTCONN):
+                self.stats["gone"] += 1  # the kernel already forgot, or unmounted
+            else:
+                self.stats["failed"] += 1
+                log.warning("kernel invalidation %s%r failed: %s", fn.__name__, args, exc)
