@@ -1,0 +1,117 @@
+"""The kernel-invalidation worker: right calls for each event, ENOENT from a
+kernel that already forgot is harmless, directory breaks drop learned names,
+open files get attribute-only invalidation, sweeps cover exactly their scope."""
+
+import errno
+from dataclasses import dataclass, field
+
+import trio
+
+from afsfuse.inode_table import InodeTable
+from afsfuse.kernel_notify import KernelNotifier, inode_key
+from protocol.records import Fid
+
+
+@dataclass(eq=False)
+class FakeVolume:
+    key: tuple
+
+
+@dataclass(eq=False)
+class FakeVnode:
+    volume: FakeVolume
+    fid: Fid
+    is_dir: bool = False
+
+
+@dataclass
+class Ev:
+    kind: str
+    vnode: object = None
+    parent: object = None
+    name: bytes | None = None
+    volume: object = None
+    volumes: tuple = field(default=())
+    attr_only: bool = False
+
+
+def setup(open_inos=()):
+    calls = []
+
+    def inval_inode(ino, attr_only):
+        calls.append(("inode", ino, attr_only))
+        if ino == 999:
+            raise OSError(errno.ENOENT, "gone")
+
+    def inval_entry(parent, name):
+        calls.append(("entry", parent, name))
+
+    table = InodeTable()
+    kn = KernelNotifier(table, inval_inode, inval_entry, is_open=lambda ino: ino in open_inos)
+    return table, kn, calls
+
+
+def add(table, vnode):
+    return table.remember(inode_key(vnode), vnode, vnode.fid.unique).ino
+
+
+async def test_inode_event_and_open_file_is_attr_only():
+    table, kn, calls = setup()
+    vol = FakeVolume(("cell", 5))
+    f = FakeVnode(vol, Fid(5, 3, 1))
+    ino = add(table, f)
+    await kn.handle(Ev("inode", vnode=f))
+    assert calls == [("inode", ino, False)]
+    kn._is_open = lambda i: i == ino
+    await kn.handle(Ev("inode", vnode=f))
+    assert calls[-1] == ("inode", ino, True)
+
+
+async def test_unknown_vnode_costs_nothing():
+    _, kn, calls = setup()
+    await kn.handle(Ev("inode", vnode=FakeVnode(FakeVolume(("c", 1)), Fid(1, 2, 3))))
+    assert calls == []
+
+
+async def test_directory_break_drops_learned_names():
+    table, kn, calls = setup()
+    vol = FakeVolume(("cell", 5))
+    d = FakeVnode(vol, Fid(5, 2, 2), is_dir=True)
+    dino = add(table, d)
+    kn.learned(dino, b"a")
+    kn.learned(dino, b"b")
+    await kn.handle(Ev("inode", vnode=d))
+    assert calls[0] == ("inode", dino, False)
+    assert sorted(calls[1:]) == [("entry", dino, b"a"), ("entry", dino, b"b")]
+    calls.clear()
+    await kn.handle(Ev("inode", vnode=d))  # names were dropped once; not again
+    assert calls == [("inode", dino, False)]
+
+
+async def test_kernel_enoent_is_counted_not_raised():
+    table, kn, calls = setup()
+    table._next = 999
+    v = FakeVnode(FakeVolume(("c", 1)), Fid(1, 4, 4))
+    add(table, v)
+
+    async def events():
+        yield Ev("inode", vnode=v)
+        yield Ev("bogus")
+        yield Ev("inode", vnode=v)
+
+    with trio.fail_after(5):
+        await kn.run(events())
+    assert kn.stats["gone"] == 2 and len(calls) == 2
+
+
+async def test_volume_sweep_touches_only_that_volume():
+    table, kn, calls = setup()
+    va, vb = FakeVolume(("cellA", 7)), FakeVolume(("cellB", 7))
+    a_inos = {add(table, FakeVnode(va, Fid(7, n, 1))) for n in range(3, 8)}
+    b_inos = {add(table, FakeVnode(vb, Fid(7, n, 1))) for n in range(3, 8)}
+    await kn.handle(Ev("volume", volume=va))
+    touched = {c[1] for c in calls if c[0] == "inode"}
+    assert touched == a_inos
+    calls.clear()
+    await kn.handle(Ev("server", volumes=(va, vb)))
+    assert {c[1] for c in calls} == a_inos | b_inos
