@@ -1,0 +1,1014 @@
+"""The cache manager: the object the FUSE adapter drives.
+
+Construct and run::
+
+    cfg = CacheConfig(cells=CellDB.single("fs.example.org:7000"),
+                      cache_dir="/var/cache/afsfuse")
+    async with CacheManager(cfg) as cm:          # or: await cm.start() ... await cm.close()
+        root = await cm.mount_volume(None, "root.cell")   # None: the default cell
+        ...
+
+``start()``/``close()`` must run in the same task (they open and close the
+manager's nursery); ``async with`` does that for you.  ``close()`` stores
+unstored writes (best effort) and destroys every server record, each sending
+``FS.GiveUpAllCallBacks`` once (P2).
+
+Operations (all ``async``; ``cred`` is ``(uid, gid, gids)`` or None for the
+machine).  Failures raise ``protocol.RpcError`` (``.errno`` is the POSIX
+errno; ``ConnectionLost`` is ENOTCONN, ``RpcTimeout`` ETIMEDOUT, a vnode
+deleted on the server ESTALE) or, from the local disk cache, ``OSError``::
+
+    mount_volume(cell: str | None, volume: str, cred=None) -> Vnode   # the root
+    unmount_volume(vol: VolumeInstance) -> None
+    find_vnode(cell: str, fid: Fid) -> Vnode | None        # never creates (sync)
+    forget(vnode) -> None                                   # P1: sends nothing (sync)
+    getattr(vnode, cred) -> FileStatus                      # validated; size incl. unstored writes
+    lookup(dir, name: bytes, cred) -> Vnode
+    readdir(dir, cred) -> list[DirEntryPlus]                # sorted by name; .vnode .status
+    open(vnode, cred, flags=0) -> OpenFile                  # .keep_cache for FileInfo; O_TRUNC done
+    read(vnode_or_handle, offset, size, cred) -> bytes
+    write(vnode_or_handle, offset, data, cred) -> int       # local dirty chunks
+    flush(handle, cred) -> None     # stores if this is the last open handle (write-on-close)
+    fsync(handle, cred) -> None     # stores now
+    release(handle, cred=None) -> None   # last close stores what is still dirty
+    create(dir, name, mode, cred) -> Vnode       mkdir(dir, name, mode, cred) -> Vnode
+    symlink(dir, name, target: bytes, cred) -> Vnode        readlink(vnode, cred) -> bytes
+    link(vnode, dir, name, cred) -> Vnode
+    unlink(dir, name, cred) -> None              rmdir(dir, name, cred) -> None
+    rename(old_dir, old_name, new_dir, new_name, flags, cred) -> None   # flags 1 = NOREPLACE
+    setattr(vnode, cred, *, mode=None, uid=None, gid=None, size=None, mtime_ns=None) -> FileStatus
+    statfs(vnode, cred) -> dict                  # FS.GetVolumeStatus result
+    examine(vnode) -> dict                        # fid, volume, DV, promise, counters
+    flush_vnode(vnode) / flush_volume(vol)        # `fs flush`, `fs flushvolume` (sync)
+    stats_dict() -> dict                          # counters for `fs stats`
+
+Kernel invalidations: ``cm.invalidations`` is an ``InvalidationQueue`` of
+``afsfuse.invalidation.Invalidate`` events (kinds ``inode``, ``entry``,
+``volume``, ``server``, ``all``).  The adapter drains it from a worker task
+(``async for ev in cm.invalidations``) and maps ``ev.vnode``/``ev.parent``
+to inode numbers itself; the queue never blocks a CB reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from afsfuse.cb_service import CallbackService
+from afsfuse.cells import Address, Cell, CellDB
+from afsfuse.datacache import DataCache
+from afsfuse.dircache import DirListing, own_change_applies
+from afsfuse.invalidation import Invalidate, InvalidationQueue
+from afsfuse.server_record import Connector, ServerRecord, tcp_connector
+from afsfuse.stats import Stats, log_event
+from afsfuse.validation import (
+    CallSnapshot,
+    apply_reply,
+    mark_deleted,
+    note_volsync,
+    validate,
+    volume_break,
+)
+from afsfuse.vnode import Vnode
+from afsfuse.volume import VolumeInstance
+from protocol import methods as M
+from protocol.connection import Connection, ConnectionLost, RpcTimeout
+from protocol.errors import RpcError
+from protocol.limits import MAX_BULKSTAT_FIDS, MAX_IO, MAX_READDIR_ENTRIES, MAX_SYMLINK
+from protocol.names import check_name
+from protocol.records import Fid, FileStatus, FileType
+
+log = logging.getLogger(__name__)
+
+Cred = tuple[int, int, Sequence[int]] | None
+
+O_TRUNC = os.O_TRUNC
+RENAME_NOREPLACE = 1
+
+
+@dataclass
+class CacheConfig:
+    cells: CellDB
+    cache_dir: str | Path
+    cache_bytes: int = 1 << 30
+    chunk_size: int = 256 * 1024
+    idle_record_lifetime: float = 600.0  # a record with no interests lives this long
+    rpc_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    readahead_chunks: int = 4
+    invalidation_queue_size: int = 4096
+    reconnect_backoff_max: float = 10.0
+    connector: Connector = field(default=tcp_connector)
+
+    @classmethod
+    def for_server(cls, server: str | Address, cache_dir: str | Path, **kw: Any) -> CacheConfig:
+        """The no-cells-file default: one cell served by ``server``."""
+        return cls(cells=CellDB.single(server), cache_dir=cache_dir, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntryPlus:
+    name: bytes
+    vnode: Vnode
+    status: FileStatus
+
+
+class OpenFile:
+    """One open of a file: counts opens so the last close stores."""
+
+    __slots__ = ("closed", "flags", "keep_cache", "vnode", "wrote")
+
+    def __init__(self, vnode: Vnode, flags: int, keep_cache: bool) -> None:
+        self.vnode = vnode
+        self.flags = flags
+        self.keep_cache = keep_cache  # FileInfo.keep_cache: False when the DV moved
+        self.wrote = False
+        self.closed = False
+
+
+def _wire_cred(cred: Any) -> Any:
+    if cred is None:
+        return None
+    uid, gid, gids = cred
+    return [int(uid), int(gid), [int(g) for g in gids]]
+
+
+def _err(code: str, msg: str = "") -> RpcError:
+    return RpcError(code, msg)
+
+
+def load_client_uuid(path: Path) -> str:
+    """The client's persistent UUID (CB.ProbeUuid answers with it)."""
+    try:
+        text = path.read_text().strip()
+        return str(uuidlib.UUID(text))
+    except (OSError, ValueError):
+        pass
+    value = str(uuidlib.uuid4())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(value + "\n")
+    os.replace(tmp, path)
+    return value
+
+
+class CacheManager:
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.cells = config.cells
+        self.cache_dir = Path(config.cache_dir)
+        self.uuid = load_client_uuid(self.cache_dir / "client-uuid")
+        self.stats = Stats()
+        self.invalidations = InvalidationQueue(config.invalidation_queue_size, self.stats)
+        self.cb = CallbackService(self)
+        self.servers: dict[str, ServerRecord] = {}
+        self.volumes: dict[tuple[str, int], VolumeInstance] = {}
+        self.datacache: DataCache = None  # type: ignore[assignment]  # set by start()
+        self._stack: AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+
+    # -- lifetime -------------------------------------------------------------
+
+    async def start(self) -> CacheManager:
+        if self._nursery is not None:
+            return self
+        self.datacache = DataCache(
+            self.cache_dir / "data", self.config.cache_bytes, self.config.chunk_size
+        )
+        self._stack = AsyncExitStack()
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        self._nursery.start_soon(self._reaper)
+        return self
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            for vol in list(self.volumes.values()):
+                for v in list(vol.vnodes.values()):
+                    if v.local_size is not None or self.datacache.dirty_chunks(v.fid):
+                        with trio.move_on_after(self.config.rpc_timeout):
+                            try:
+                                await self._store(v, None)
+                            except (RpcError, OSError) as exc:
+                                log.warning("close: could not store %s: %r", v.fid, exc)
+            for rec in list(self.servers.values()):
+                await rec.destroy()
+            self.servers.clear()
+        self.invalidations.close()
+        if self._nursery is not None and self._stack is not None:
+            self._nursery.cancel_scope.cancel()
+            await self._stack.aclose()
+        if self.datacache is not None:
+            self.datacache.close()
+
+    async def __aenter__(self) -> CacheManager:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._nursery is None:
+            raise RuntimeError("CacheManager.start() was not called")
+        self._nursery.start_soon(fn, *args)
+
+    # -- server records (P2) --------------------------------------------------
+
+    def _record(self, uuid: str, addrs: list[Address]) -> ServerRecord:
+        rec = self.servers.get(uuid)
+        if rec is not None and not rec.destroyed:
+            for a in addrs:
+                if a not in rec.addrs:
+                    rec.addrs.append(a)
+            return rec
+        rec = ServerRecord(
+            uuid,
+            addrs,
+            client_uuid=self.uuid,
+            connector=self.config.connector,
+            handlers=self.cb.handlers,
+            stats=self.stats,
+            rpc_timeout=self.config.rpc_timeout,
+            connect_timeout=self.config.connect_timeout,
+            backoff_max=self.config.reconnect_backoff_max,
+            on_mass_break=self._on_mass_break,
+        )
+        self.servers[uuid] = rec
+        self._spawn(rec.run)
+        return rec
+
+    def _on_mass_break(self, rec: ServerRecord, why: str) -> None:
+        self.invalidations.put(CallbackService.server_invalidation(rec))
+
+    async def _reaper(self) -> None:
+        """Destroy records idle (no interests) past the lifetime: only then is
+        GiveUpAllCallBacks sent (P2)."""
+        lifetime = self.config.idle_record_lifetime
+        interval = max(min(lifetime / 4, 30.0), 0.01)
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for rec in list(self.servers.values()):
+                idle = not rec.interests and rec.idle_since is not None
+                if idle and rec.idle_for(now) >= lifetime:
+                    if self.servers.get(rec.uuid) is rec:
+                        del self.servers[rec.uuid]
+                    await rec.destroy()
+
+    async def rpc(
+        self, server: ServerRecord, method: str, *params: Any, snap: CallSnapshot | None = None
+    ) -> Any:
+        """One call on ``server``'s connection (counted per method).
+
+        ``snap`` is re-taken at the moment the call is issued, after any wait
+        for a (re)connection, whose Hello may itself bring breaks."""
+        try:
+            return await server.call(method, *params, on_issue=snap.retake if snap else None)
+        except OSError as exc:
+            raise ConnectionLost(f"{method}: {exc!r}") from exc
+
+    # -- volume location ----------------------------------------------------
+
+    async def _vl_call(self, cell: Cell, method: str, *params: Any) -> Any:
+        last: BaseException | None = None
+        for host, port in cell.vlservers:
+            try:
+                with trio.fail_after(self.config.connect_timeout):
+                    stream = await self.config.connector(host, port)
+            except (OSError, trio.TooSlowError) as exc:
+                last = exc
+                continue
+            conn = Connection(
+                stream, {}, name=f"vl-{host}:{port}", default_timeout=self.config.rpc_timeout
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(conn.run)
+                try:
+                    self.stats.rpc[method] += 1
+                    return await conn.call(method, *params)
+                except (ConnectionLost, RpcTimeout) as exc:
+                    last = exc
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await conn.aclose()
+                    nursery.cancel_scope.cancel()
+        raise ConnectionLost(f"no VL server of cell {cell.name} answered: {last!r}")
+
+    def _volume_from_entry(self, cell: str, entry: dict[str, Any]) -> VolumeInstance:
+        volume_id = int(entry["volume_id"])
+        vol = self.volumes.get((cell, volume_id))
+        if vol is None:
+            vol = VolumeInstance(cell, volume_id, str(entry.get("name", volume_id)))
+            self.volumes[vol.key] = vol
+        servers = entry.get("servers") or []
+        if not servers and not vol.servers:
+            raise _err("ENXIO", f"volume {vol.name} has no servers")
+        for s in servers:
+            addrs = [(str(h), int(p)) for h, p in s["addrs"]]
+            vol.attach(self._record(str(s["uuid"]), addrs))  # registers interest (P3)
+        return vol
+
+    async def mount_volume(self, cell: str | None, volume: str, cred: Cred = None) -> Vnode:
+        """Find ``volume`` through the cell's VL servers; return its root vnode."""
+        c = self.cells.get(cell)
+        if volume.isdigit():
+            entry = await self._vl_call(c, M.VL_GET_ENTRY_BY_ID, int(volume))
+        else:
+            entry = await self._vl_call(c, M.VL_GET_ENTRY_BY_NAME, volume)
+        vol = self._volume_from_entry(c.name, entry)
+        vol.mounts += 1
+        root = vol.get(vol.root_fid)
+        try:
+            await validate(self, root, _wire_cred(cred))
+        except BaseException:
+            self.unmount_volume(vol)
+            raise
+        log_event("volume_mounted", cell=c.name, volume=vol.name, id=vol.volume_id)
+        return root
+
+    def unmount_volume(self, vol: VolumeInstance) -> None:
+        """Drop a mount of ``vol``; at the last, its interests go (sends nothing)."""
+        vol.mounts -= 1
+        if vol.mounts <= 0:
+            vol.detach_all()
+            if self.volumes.get(vol.key) is vol:
+                del self.volumes[vol.key]
+
+    # -- lookups without creating (P1, P3) ------------------------------------
+
+    def find_vnode(self, cell: str, fid: Fid) -> Vnode | None:
+        vol = self.volumes.get((cell, fid.volume))
+        return vol.find(fid) if vol is not None else None
+
+    def forget(self, vnode: Vnode) -> None:
+        """The kernel forgot ``vnode``: drop it locally.  P1: nothing is sent;
+        the promise is not given back (it expires or is broken on the server)."""
+        vnode.volume.forget(vnode)
+
+    # -- status -----------------------------------------------------------------
+
+    async def getattr(self, vnode: Vnode, cred: Cred = None) -> FileStatus:
+        return await validate(self, vnode, _wire_cred(cred))
+
+    async def _apply_locked(self, v: Vnode, status: Any, cb: Any, snap: CallSnapshot,
+                            own_from_dv: int | None = None) -> None:  # fmt: skip
+        async with v.lock.write():
+            apply_reply(self, v, status, cb, snap, own_from_dv=own_from_dv)
+
+    def _prime(self, v: Vnode, status: Any, cb: Any, snap: CallSnapshot) -> None:
+        """Apply a bulk status if nobody holds the vnode's lock (a holder is
+        fetching a fresher one; P6 forbids changing it under a reader)."""
+        if v.lock.try_acquire_write():
+            try:
+                apply_reply(self, v, status, cb, snap)
+            finally:
+                v.lock.release_write()
+
+    # -- directories ----------------------------------------------------------
+
+    async def _dir_status(self, d: Vnode, cred: Any) -> FileStatus:
+        st = await validate(self, d, cred)
+        if st.type != FileType.DIRECTORY:
+            raise _err("ENOTDIR")
+        return st
+
+    async def lookup(self, dir: Vnode, name: bytes, cred: Cred = None) -> Vnode:
+        check_name(name)
+        wc = _wire_cred(cred)
+        dst = await self._dir_status(dir, wc)
+        listing = dir.listing
+        if listing is not None and listing.dv == dst.data_version:
+            ent = listing.lookup(name)
+            if ent is None:
+                raise _err("ENOENT")
+            child = dir.volume.get(ent.fid)
+            try:
+                await validate(self, child, wc)
+                return child
+            except RpcError as exc:
+                if exc.code != "ESTALE":
+                    raise
+        vol = dir.volume
+        server = vol.server
+        snap = CallSnapshot(vol, server, (dir,))
+        reply = await self.rpc(server, M.FS_LOOKUP, wc, dir.fid, name, snap=snap)
+        note_volsync(self, vol, reply.get("volsync"))
+        await self._apply_locked(dir, reply["dir_status"], reply.get("dir_callback"), snap)
+        child = vol.get(Fid.from_wire(reply["fid"]))
+        await self._apply_locked(child, reply["status"], reply.get("callback"), snap)
+        if child.deleted or child.status is None:
+            raise _err("ENOENT")
+        return child
+
+    async def _fetch_listing(self, d: Vnode, cred: Any) -> DirListing:
+        """Fetch the whole listing (paged, with statuses); restart when the
+        directory's DV moves between pages."""
+        vol = d.volume
+        async with d.lock.write():
+            if d.listing is not None and d.listing.dv == d.data_version:
+                return d.listing
+            self.stats.dir_fetches += 1
+            for _attempt in range(8):
+                server = vol.server
+                snap = CallSnapshot(vol, server, (d,))
+                pages: list[dict[str, Any]] = []
+                dv: int | None = None
+                cookie: Any = None
+                restart = False
+                while True:
+                    reply = await self.rpc(
+                        server, M.FS_READ_DIR, cred, d.fid, cookie, MAX_READDIR_ENTRIES, True,
+                        snap=snap if not pages else None,  # issue time is the first page's
+                    )  # fmt: skip
+                    page_dv = FileStatus.from_wire(reply["dir_status"]).data_version
+                    if dv is None:
+                        dv = page_dv
+                    elif page_dv != dv:
+                        restart = True
+                        break
+                    pages.append(reply)
+                    cookie = reply.get("next")
+                    if cookie is None:
+                        break
+                if not restart:
+                    break
+                log_event("readdir_restart", fid=d.fid)
+            else:
+                raise _err("EAGAIN", f"directory {d.fid} kept changing during readdir")
+            assert dv is not None
+            last = pages[-1]
+            note_volsync(self, vol, last.get("volsync"))
+            apply_reply(self, d, last["dir_status"], last.get("dir_callback"), snap)
+            listing = DirListing(dv)
+            for page in pages:
+                for ent in page["entries"]:
+                    name, fid = ent[0], Fid.from_wire(ent[1])
+                    listing.add(name, fid, FileType(ent[2]))
+                    if len(ent) >= 5 and ent[3] is not None:
+                        child = vol.get(fid)
+                        if child is not d:
+                            self._prime(child, ent[3], ent[4], snap)
+            self._kernel_entry_diff(d, d.old_listing, listing)
+            d.old_listing = None
+            if d.status is not None and d.status.data_version == dv:
+                d.listing = listing
+            return listing
+
+    def _kernel_entry_diff(self, d: Vnode, old: DirListing | None, new: DirListing) -> None:
+        """Tell the kernel about names that went away or changed meaning."""
+        if old is None:
+            return
+        for name, ent in old.entries.items():
+            now = new.entries.get(name)
+            if now is None or now.fid != ent.fid:
+                self.invalidations.put(Invalidate("entry", parent=d, name=name))
+
+    async def readdir(self, dir: Vnode, cred: Cred = None) -> list[DirEntryPlus]:
+        """All entries (no ``.``/``..``), sorted by name, each with a validated
+        status (children with no valid promise are refreshed by
+        FS.InlineBulkStatus, 50 at a time)."""
+        wc = _wire_cred(cred)
+        dst = await self._dir_status(dir, wc)
+        listing = dir.listing
+        if listing is None or listing.dv != dst.data_version:
+            listing = await self._fetch_listing(dir, wc)
+        vol = dir.volume
+        now = trio.current_time()
+        stale: list[Vnode] = []
+        for ent in listing.sorted():
+            child = vol.get(ent.fid)
+            if child.promise_state(now) != "ok":
+                stale.append(child)
+        for i in range(0, len(stale), MAX_BULKSTAT_FIDS):
+            batch = stale[i : i + MAX_BULKSTAT_FIDS]
+            server = vol.server
+            snap = CallSnapshot(vol, server, tuple(batch))
+            reply = await self.rpc(
+                server, M.FS_INLINE_BULK_STATUS, wc, [v.fid for v in batch], snap=snap
+            )
+            note_volsync(self, vol, reply.get("volsync"))
+            for v, (error, status, cb) in zip(batch, reply["results"], strict=False):
+                if error is None:
+                    self._prime(v, status, cb, snap)
+                elif isinstance(error, list) and error and error[0] in ("ENOENT", "ESTALE"):
+                    mark_deleted(self, v)
+        out: list[DirEntryPlus] = []
+        for ent in listing.sorted():
+            child = vol.find(ent.fid)
+            if child is None or child.deleted:
+                continue
+            st = child.effective_status()
+            if st is not None:
+                out.append(DirEntryPlus(ent.name, child, st))
+        return out
+
+    async def _dir_change(
+        self, d: Vnode, cred: Any, method: str, params: tuple[Any, ...],
+        edit: Callable[[DirListing, dict[str, Any]], None],
+    ) -> tuple[dict[str, Any], CallSnapshot]:  # fmt: skip
+        """Our own change to directory ``d`` (held locked for writing): apply it
+        to the cached listing when the reply's DV is exactly old + 1."""
+        await self._dir_status(d, cred)
+        vol = d.volume
+        async with d.lock.write():
+            old_dv = d.data_version
+            server = vol.server
+            snap = CallSnapshot(vol, server, (d,))
+            reply = await self.rpc(server, method, cred, d.fid, *params, snap=snap)
+            note_volsync(self, vol, reply.get("volsync"))
+            new_dv = FileStatus.from_wire(reply["dir_status"]).data_version
+            self._edit_listing(d, old_dv, new_dv, lambda lst: edit(lst, reply))
+            apply_reply(
+                self, d, reply["dir_status"], reply.get("dir_callback"), snap, own_from_dv=old_dv
+            )
+            d.mod_seq += 1
+        return reply, snap
+
+    def _edit_listing(
+        self, d: Vnode, old_dv: int | None, new_dv: int, edit: Callable[[DirListing], None]
+    ) -> None:
+        if own_change_applies(d.listing, old_dv, new_dv):
+            assert d.listing is not None
+            edit(d.listing)
+            d.listing.dv = new_dv
+            self.stats.dir_local_edits += 1
+            log_event("dir_local_edit", fid=d.fid, dv=new_dv)
+        elif d.listing is not None and d.listing.dv != new_dv:
+            d.listing = None
+
+    async def _new_child(
+        self, d: Vnode, cred: Any, method: str, params: tuple[Any, ...], ftype: FileType
+    ) -> Vnode:
+        def edit(lst: DirListing, reply: dict[str, Any]) -> None:
+            lst.add(params[0], Fid.from_wire(reply["fid"]), ftype)
+
+        reply, snap = await self._dir_change(d, cred, method, params, edit)
+        child = d.volume.get(Fid.from_wire(reply["fid"]))
+        await self._apply_locked(child, reply["status"], reply.get("callback"), snap)
+        return child
+
+    async def create(self, dir: Vnode, name: bytes, mode: int, cred: Cred = None) -> Vnode:
+        check_name(name)
+        return await self._new_child(
+            dir, _wire_cred(cred), M.FS_CREATE_FILE, (name, mode & 0o7777), FileType.FILE
+        )
+
+    async def mkdir(self, dir: Vnode, name: bytes, mode: int, cred: Cred = None) -> Vnode:
+        check_name(name)
+        child = await self._new_child(
+            dir, _wire_cred(cred), M.FS_MAKE_DIR, (name, mode & 0o7777), FileType.DIRECTORY
+        )
+        if child.status is not None and child.listing is None:
+            child.listing = DirListing(child.status.data_version)  # known empty
+        return child
+
+    async def symlink(self, dir: Vnode, name: bytes, target: bytes, cred: Cred = None) -> Vnode:
+        check_name(name)
+        if not target or len(target) > MAX_SYMLINK:
+            raise _err("ENAMETOOLONG" if target else "EINVAL", "bad symlink target")
+        child = await self._new_child(
+            dir, _wire_cred(cred), M.FS_SYMLINK, (name, target, 0o777), FileType.SYMLINK
+        )
+        if child.status is not None:
+            child.symlink = (child.status.data_version, target)
+        return child
+
+    async def readlink(self, vnode: Vnode, cred: Cred = None) -> bytes:
+        wc = _wire_cred(cred)
+        st = await validate(self, vnode, wc)
+        if st.type != FileType.SYMLINK:
+            raise _err("EINVAL", "not a symlink")
+        if vnode.symlink is not None and vnode.symlink[0] == st.data_version:
+            self.stats.cache_hits += 1
+            return vnode.symlink[1]
+        self.stats.cache_misses += 1
+        server = vnode.volume.server
+        snap = CallSnapshot(vnode.volume, server, (vnode,))
+        reply = await self.rpc(server, M.FS_FETCH_DATA, wc, vnode.fid, 0, MAX_SYMLINK, snap=snap)
+        note_volsync(self, vnode.volume, reply.get("volsync"))
+        await self._apply_locked(vnode, reply["status"], reply.get("callback"), snap)
+        dv = FileStatus.from_wire(reply["status"]).data_version
+        target = bytes(reply["data"])
+        vnode.symlink = (dv, target)
+        return target
+
+    async def link(self, vnode: Vnode, dir: Vnode, name: bytes, cred: Cred = None) -> Vnode:
+        check_name(name)
+        if vnode.volume is not dir.volume:
+            raise _err("EXDEV")
+        ftype = vnode.status.type if vnode.status is not None else FileType.FILE
+
+        def edit(lst: DirListing, reply: dict[str, Any]) -> None:
+            lst.add(name, vnode.fid, ftype)
+
+        reply, snap = await self._dir_change(
+            dir, _wire_cred(cred), M.FS_LINK, (name, vnode.fid), edit
+        )
+        await self._apply_locked(vnode, reply["status"], None, snap)
+        vnode.mod_seq += 1
+        return vnode
+
+    async def _victim(self, vol: VolumeInstance, fid_wire: Any, status: Any,
+                      snap: CallSnapshot) -> None:  # fmt: skip
+        if fid_wire is None:
+            return
+        v = vol.find(Fid.from_wire(fid_wire))
+        if v is None:
+            return
+        if status is None or FileStatus.from_wire(status).nlink == 0:
+            mark_deleted(self, v)
+        else:
+            async with v.lock.write():
+                apply_reply(self, v, status, None, snap, own_from_dv=v.data_version)
+            v.mod_seq += 1
+
+    async def unlink(self, dir: Vnode, name: bytes, cred: Cred = None) -> None:
+        check_name(name)
+        reply, snap = await self._dir_change(
+            dir, _wire_cred(cred), M.FS_REMOVE_FILE, (name,), lambda lst, r: lst.remove(name)
+        )
+        await self._victim(dir.volume, reply.get("fid"), reply.get("status"), snap)
+
+    async def rmdir(self, dir: Vnode, name: bytes, cred: Cred = None) -> None:
+        check_name(name)
+        reply, snap = await self._dir_change(
+            dir, _wire_cred(cred), M.FS_REMOVE_DIR, (name,), lambda lst, r: lst.remove(name)
+        )
+        await self._victim(dir.volume, reply.get("fid"), None, snap)
+
+    async def rename(
+        self, old_dir: Vnode, old_name: bytes, new_dir: Vnode, new_name: bytes,
+        flags: int = 0, cred: Cred = None,
+    ) -> None:  # fmt: skip
+        check_name(old_name)
+        check_name(new_name)
+        if flags & ~RENAME_NOREPLACE:
+            raise _err("EINVAL", "unsupported rename flags")
+        if old_dir.volume is not new_dir.volume:
+            raise _err("EXDEV")
+        wc = _wire_cred(cred)
+        await self._dir_status(old_dir, wc)
+        if new_dir is not old_dir:
+            await self._dir_status(new_dir, wc)
+        vol = old_dir.volume
+        dirs = [old_dir] if new_dir is old_dir else sorted((old_dir, new_dir), key=lambda v: v.fid)
+        async with AsyncExitStack() as stack:
+            for d in dirs:  # a fixed order: two renames never deadlock
+                await stack.enter_async_context(d.lock.write())
+            old_dvs = {id(d): d.data_version for d in dirs}
+            server = vol.server
+            snap = CallSnapshot(vol, server, tuple(dirs))
+            reply = await self.rpc(
+                server, M.FS_RENAME, wc, old_dir.fid, old_name, new_dir.fid, new_name, flags,
+                snap=snap,
+            )  # fmt: skip
+            note_volsync(self, vol, reply.get("volsync"))
+            moved_fid = Fid.from_wire(reply["fid"])
+            moved_type = FileStatus.from_wire(reply["status"]).type
+            if new_dir is old_dir:
+                new_dv = FileStatus.from_wire(reply["new_dir_status"]).data_version
+
+                def edit_same(lst: DirListing) -> None:
+                    lst.remove(old_name)
+                    lst.add(new_name, moved_fid, moved_type)
+
+                self._edit_listing(old_dir, old_dvs[id(old_dir)], new_dv, edit_same)
+                apply_reply(self, old_dir, reply["new_dir_status"], None, snap,
+                            own_from_dv=old_dvs[id(old_dir)])  # fmt: skip
+            else:
+                odv = FileStatus.from_wire(reply["old_dir_status"]).data_version
+                ndv = FileStatus.from_wire(reply["new_dir_status"]).data_version
+                self._edit_listing(
+                    old_dir, old_dvs[id(old_dir)], odv, lambda lst: lst.remove(old_name)
+                )
+                self._edit_listing(
+                    new_dir,
+                    old_dvs[id(new_dir)],
+                    ndv,
+                    lambda lst: lst.add(new_name, moved_fid, moved_type),
+                )
+                apply_reply(self, old_dir, reply["old_dir_status"], None, snap,
+                            own_from_dv=old_dvs[id(old_dir)])  # fmt: skip
+                apply_reply(self, new_dir, reply["new_dir_status"], None, snap,
+                            own_from_dv=old_dvs[id(new_dir)])  # fmt: skip
+            for d in dirs:
+                d.mod_seq += 1
+        moved = vol.find(moved_fid)
+        if moved is not None:
+            async with moved.lock.write():
+                apply_reply(self, moved, reply["status"], None, snap,
+                            own_from_dv=moved.data_version)  # fmt: skip
+            moved.mod_seq += 1
+        await self._victim(vol, reply.get("replaced_fid"), reply.get("replaced_status"), snap)
+
+    # -- attributes ---------------------------------------------------------------
+
+    async def setattr(
+        self, vnode: Vnode, cred: Cred = None, *, mode: int | None = None,
+        uid: int | None = None, gid: int | None = None, size: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> FileStatus:  # fmt: skip
+        wc = _wire_cred(cred)
+        await validate(self, vnode, wc)
+        if size is not None and self._dirty(vnode):
+            await self._store(vnode, wc)  # write back first, then truncate
+        attrs: dict[str, int] = {}
+        for k, val in (("mode", mode), ("owner", uid), ("group", gid), ("size", size),
+                       ("mtime_ns", mtime_ns)):  # fmt: skip
+            if val is not None:
+                attrs[k] = val & 0o7777 if k == "mode" else val
+        if not attrs:
+            return await validate(self, vnode, wc)
+        async with vnode.io_lock, vnode.lock.write():
+            old_dv = vnode.data_version
+            server = vnode.volume.server
+            snap = CallSnapshot(vnode.volume, server, (vnode,))
+            reply = await self.rpc(server, M.FS_STORE_STATUS, wc, vnode.fid, attrs, snap=snap)
+            note_volsync(self, vnode.volume, reply.get("volsync"))
+            new = FileStatus.from_wire(reply["status"])
+            if size is not None and old_dv is not None:
+                self.datacache.truncate(vnode.fid, old_dv, size)
+                if new.data_version == old_dv + 1:
+                    self.datacache.rekey(vnode.fid, old_dv, new.data_version)
+                vnode.local_size = None
+            apply_reply(self, vnode, reply["status"], None, snap, own_from_dv=old_dv)
+            vnode.mod_seq += 1
+            if size is not None:
+                self.invalidations.put(Invalidate("inode", vnode=vnode))
+            st = vnode.effective_status()
+            assert st is not None
+            return st
+
+    async def statfs(self, vnode: Vnode, cred: Cred = None) -> dict[str, Any]:
+        vol = vnode.volume
+        reply = await self.rpc(vol.server, M.FS_GET_VOLUME_STATUS, _wire_cred(cred), vol.volume_id)
+        return dict(reply)
+
+    # -- data -------------------------------------------------------------------------
+
+    def _dirty(self, v: Vnode) -> bool:
+        return v.local_size is not None or bool(self.datacache.dirty_chunks(v.fid))
+
+    async def open(self, vnode: Vnode, cred: Cred = None, flags: int = 0) -> OpenFile:
+        wc = _wire_cred(cred)
+        st = await validate(self, vnode, wc)
+        if st.type == FileType.DIRECTORY and flags & (os.O_WRONLY | os.O_RDWR):
+            raise _err("EISDIR")
+        if flags & O_TRUNC and st.type == FileType.FILE and st.size:
+            st = await self.setattr(vnode, cred, size=0)
+        # C1: the kernel keeps its pages only if the DV is the one it read.
+        keep = vnode.kernel_dv == st.data_version
+        vnode.kernel_dv = st.data_version
+        vnode.open_count += 1
+        return OpenFile(vnode, flags, keep)
+
+    async def read(self, target: Vnode | OpenFile, offset: int, size: int,
+                   cred: Cred = None) -> bytes:  # fmt: skip
+        v = target.vnode if isinstance(target, OpenFile) else target
+        wc = _wire_cred(cred)
+        st = await validate(self, v, wc)
+        if st.type == FileType.DIRECTORY:
+            raise _err("EISDIR")
+        cs = self.datacache.chunk_size
+        for _attempt in range(6):
+            dv = st.data_version
+            fsize = v.size()
+            if offset >= fsize or size <= 0:
+                return b""
+            length = min(size, fsize - offset)
+            data = self.datacache.read(v.fid, dv, offset, length, fsize)
+            if data is not None:
+                self.stats.cache_hits += 1
+                v.next_read = offset + len(data)
+                return data
+            self.stats.cache_misses += 1
+            want = self.datacache.missing(v.fid, dv, offset, length, fsize)
+            if offset == v.next_read and self.config.readahead_chunks and want:
+                # Sequential: fetch a few chunks past the request in the same call.
+                last_chunk = (fsize - 1) // cs
+                extra = range(want[-1] + 1, min(want[-1] + self.config.readahead_chunks,
+                                                last_chunk) + 1)  # fmt: skip
+                want += self.datacache.missing(
+                    v.fid, dv, extra.start * cs, len(extra) * cs, fsize
+                ) if len(extra) else []  # fmt: skip
+            if await self._fetch_chunks(v, wc, dv, want):
+                continue
+            st = await validate(self, v, wc)  # the DV moved under us: start over
+        raise _err("EIO", f"{v.fid}: data kept changing while reading")
+
+    async def _fetch_chunks(self, v: Vnode, cred: Any, dv: int, indices: list[int]) -> bool:
+        """FetchData the chunks ``indices`` of ``dv`` (contiguous runs, <= MAX_IO
+        each).  False if the file's DV is no longer ``dv``."""
+        cs = self.datacache.chunk_size
+        server_size = v.status.size if v.status is not None else 0
+        per_call = max(1, MAX_IO // cs)
+        runs: list[list[int]] = []
+        for i in sorted(set(indices)):
+            if i * cs >= server_size:
+                # Past the server's EOF (extended locally): nothing to fetch.
+                if (dv, i) not in set(self.datacache.dirty_chunks(v.fid)):
+                    self.datacache.put(v.fid, dv, i, b"")
+                continue
+            if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < per_call:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            server = v.volume.server
+            snap = CallSnapshot(v.volume, server, (v,))
+            reply = await self.rpc(
+                server, M.FS_FETCH_DATA, cred, v.fid, run[0] * cs, len(run) * cs, snap=snap
+            )
+            data = bytes(reply["data"])
+            self.stats.bytes_fetched += len(data)
+            async with v.lock.write():
+                note_volsync(self, v.volume, reply.get("volsync"))
+                apply_reply(self, v, reply["status"], reply.get("callback"), snap)
+                got_dv = FileStatus.from_wire(reply["status"]).data_version
+                if got_dv != dv or v.data_version != dv:
+                    return False
+                dirty = set(self.datacache.dirty_chunks(v.fid))
+                for k, i in enumerate(run):
+                    if (dv, i) not in dirty:  # never overwrite a local write
+                        self.datacache.put(v.fid, dv, i, data[k * cs : (k + 1) * cs])
+        return True
+
+    async def write(self, target: Vnode | OpenFile, offset: int, data: bytes,
+                    cred: Cred = None) -> int:  # fmt: skip
+        """Write into local dirty chunks; stored at flush/fsync/last close."""
+        v = target.vnode if isinstance(target, OpenFile) else target
+        if isinstance(target, OpenFile):
+            target.wrote = True
+        if not data:
+            return 0
+        wc = _wire_cred(cred)
+        cs = self.datacache.chunk_size
+        async with v.io_lock:
+            st = v.status if v.status is not None else await validate(self, v, wc)
+            if st.type != FileType.FILE:
+                raise _err("EISDIR")
+            for _attempt in range(6):
+                assert v.status is not None
+                dv = v.status.data_version
+                server_size = v.status.size
+                end = offset + len(data)
+                need = []
+                for i in {offset // cs, (end - 1) // cs}:
+                    whole = offset <= i * cs and end >= (i + 1) * cs
+                    if not whole and i * cs < server_size:
+                        need += self.datacache.missing(v.fid, dv, i * cs, 1, server_size)
+                if not need or await self._fetch_chunks(v, wc, dv, need):
+                    break
+            else:
+                raise _err("EIO", f"{v.fid}: data kept changing while writing")
+            self.datacache.write(v.fid, dv, offset, data, lambda i: None)
+            v.local_size = max(v.size(), end)
+        return len(data)
+
+    async def _store(self, v: Vnode, cred: Any) -> None:
+        """Store every dirty chunk (contiguous runs, <= MAX_IO per StoreData).
+
+        Our own store moves the DV by exactly one: the chunks are rekeyed to
+        the new DV, not dropped.  The vnode is locked for writing across each
+        call, so no status fetched meanwhile can interleave (P6)."""
+        cs = self.datacache.chunk_size
+        per_call = max(1, MAX_IO // cs)
+        async with v.io_lock:
+            while True:
+                async with v.lock.write():
+                    if v.status is None:
+                        raise _err("ESTALE")
+                    dv = v.status.data_version
+                    for d, _i in self.datacache.dirty_chunks(v.fid):
+                        if d != dv:  # written under a DV that moved since
+                            self.datacache.rekey(v.fid, d, dv)
+                    idx = [i for d, i in self.datacache.dirty_chunks(v.fid) if d == dv]
+                    if not idx and v.local_size is None:
+                        return
+                    fsize = v.size()
+                    run = idx[:1]
+                    for i in idx[1:]:
+                        if i == run[-1] + 1 and len(run) < per_call:
+                            run.append(i)
+                        else:
+                            break
+                    if run:
+                        parts = []
+                        for i in run:
+                            chunk = self.datacache.get(v.fid, dv, i)
+                            if chunk is None:
+                                raise _err("EIO", f"{v.fid}: dirty chunk {i} lost")
+                            if i != run[-1]:
+                                chunk = chunk.ljust(cs, b"\0")
+                            parts.append(chunk)
+                        off = run[0] * cs
+                        payload = b"".join(parts)[: max(0, fsize - off)]
+                    else:
+                        off, payload = fsize, b""
+                    server = v.volume.server
+                    snap = CallSnapshot(v.volume, server, (v,))
+                    reply = await self.rpc(
+                        server, M.FS_STORE_DATA, cred, v.fid, off, payload, fsize, None, snap=snap
+                    )
+                    self.stats.bytes_stored += len(payload)
+                    note_volsync(self, v.volume, reply.get("volsync"))
+                    new = FileStatus.from_wire(reply["status"])
+                    for i in run:
+                        self.datacache.mark_clean(v.fid, dv, i)
+                    if new.data_version == dv + 1:
+                        self.datacache.rekey(v.fid, dv, new.data_version)
+                    apply_reply(self, v, reply["status"], None, snap, own_from_dv=dv)
+                    v.mod_seq += 1
+                    log_event("stored", fid=v.fid, offset=off, bytes=len(payload),
+                              dv=new.data_version)  # fmt: skip
+                    if not self.datacache.dirty_chunks(v.fid):
+                        v.local_size = None
+                        v.kernel_dv = new.data_version  # our pages are the new data
+                        return
+
+    async def flush(self, handle: OpenFile, cred: Cred = None) -> None:
+        """close(2) of one descriptor: stores only at the last open handle."""
+        if handle.vnode.open_count <= 1 and self._dirty(handle.vnode):
+            await self._store(handle.vnode, _wire_cred(cred))
+
+    async def fsync(self, handle: OpenFile | Vnode, cred: Cred = None) -> None:
+        v = handle.vnode if isinstance(handle, OpenFile) else handle
+        if self._dirty(v):
+            await self._store(v, _wire_cred(cred))
+
+    async def release(self, handle: OpenFile, cred: Cred = None) -> None:
+        """The last reference to an open went away; never raises."""
+        if handle.closed:
+            return
+        handle.closed = True
+        v = handle.vnode
+        v.open_count = max(0, v.open_count - 1)
+        if v.open_count == 0 and self._dirty(v) and not v.deleted:
+            try:
+                await self._store(v, _wire_cred(cred))
+            except (RpcError, OSError) as exc:
+                log.warning("release: storing %s failed, data kept dirty: %r", v.fid, exc)
+
+    # -- admin ----------------------------------------------------------------------
+
+    def examine(self, vnode: Vnode) -> dict[str, Any]:
+        info = vnode.examine(trio.current_time())
+        p = vnode.promise
+        rec = p.server if p is not None else (
+            vnode.volume.servers[0] if vnode.volume.servers else None
+        )  # fmt: skip
+        info["server"] = rec.uuid if rec is not None else None
+        info["cached_chunks"] = sum(
+            1 for d, _ in self.datacache._by_fid.get(vnode.fid, ())
+            if d == vnode.data_version
+        ) if hasattr(self.datacache, "_by_fid") else None  # fmt: skip
+        return info
+
+    def flush_vnode(self, vnode: Vnode) -> None:
+        """``fs flush``: forget status trust and clean cached data of one vnode."""
+        vnode.promise = None
+        vnode.listing = None
+        vnode.symlink = None
+        self.datacache.drop(vnode.fid, keep_dirty=True)
+        self.invalidations.put(Invalidate("inode", vnode=vnode))
+
+    def flush_volume(self, vol: VolumeInstance) -> None:
+        """``fs flushvolume``: one ``cb_v_break`` increment, then clean data goes."""
+        volume_break(self, vol, "flush")
+        for v in list(vol.vnodes.values()):
+            v.listing = None
+            self.datacache.drop(v.fid, keep_dirty=True)
+
+    def stats_dict(self) -> dict[str, Any]:
+        out = self.stats.as_dict()
+        out["datacache"] = self.datacache.stats() if self.datacache is not None else {}
+        out["servers"] = {
+            r.uuid: {"cb_s_break": r.cb_s_break, "epoch": r.epoch, "connected": r.conn is not None}
+            for r in self.servers.values()
+        }
+        out["volumes"] = {
+            f"{c}:{vid}": {"cb_v_break": vol.cb_v_break, "vnodes": len(vol.vnodes)}
+            for (c, vid), vol in self.volumes.items()
+        }
+        return out
+
+
+__all__ = [
+    "CacheConfig",
+    "CacheManager",
+    "DirEntryPlus",
+    "OpenFile",
+    "errno",
+]

@@ -1,0 +1,260 @@
+"""Break snapshots (P5), applying replies (P6, C1) and ``validate`` (P4).
+
+Every RPC that can return a promise takes a ``CallSnapshot`` when it is
+issued: the issue time (promise expiry counts from it), a reference to the
+server record, that record's ``cb_s_break``, the volume's ``cb_v_break`` and
+``break_seq``, and each known vnode's ``cb_break`` and ``mod_seq``.
+``apply_reply`` installs the reply's promise only if none of them moved; the
+status is applied regardless, except a status older than a local
+modification that completed meanwhile (its DV is not newer), which would
+otherwise undo our own change (and zap freshly written data).
+
+The caller holds the vnode's write lock around ``apply_reply`` so status and
+promise change together (P6).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from afsfuse.invalidation import Invalidate
+from afsfuse.stats import log_event
+from afsfuse.vnode import Promise, Vnode
+from protocol.records import CallBack, CallBackType, FileStatus, FileType, VolSync
+
+if TYPE_CHECKING:
+    from afsfuse.cache_manager import CacheManager
+    from afsfuse.server_record import ServerRecord
+    from afsfuse.volume import VolumeInstance
+
+log = logging.getLogger(__name__)
+
+
+class CallSnapshot:
+    """Break counters when a call was issued (P5)."""
+
+    __slots__ = ("break_seq", "cb_s_break", "cb_v_break", "issued", "seen", "server", "volume")
+
+    def __init__(
+        self, volume: VolumeInstance, server: ServerRecord, vnodes: tuple[Vnode, ...] = ()
+    ) -> None:
+        self.issued = trio.current_time()
+        self.volume = volume
+        self.server = server  # held: the promise names the record it came from
+        self.cb_s_break = server.cb_s_break
+        self.cb_v_break = volume.cb_v_break
+        self.break_seq = volume.break_seq
+        self.seen: dict[int, tuple[Vnode, int, int]] = {}
+        for v in vnodes:
+            self.add(v)
+
+    def retake(self) -> None:
+        """Read the counters again: nothing was issued since they were read."""
+        self.issued = trio.current_time()
+        self.cb_s_break = self.server.cb_s_break
+        self.cb_v_break = self.volume.cb_v_break
+        self.break_seq = self.volume.break_seq
+        for v, _b, _m in list(self.seen.values()):
+            self.add(v)
+
+    def add(self, v: Vnode) -> None:
+        self.seen[id(v)] = (v, v.cb_break, v.mod_seq)
+
+    def _entry(self, v: Vnode) -> tuple[Vnode, int, int] | None:
+        e = self.seen.get(id(v))
+        return e if e is not None and e[0] is v else None
+
+    def broken(self, v: Vnode) -> str | None:
+        """Why a promise from this call must not be installed on ``v``."""
+        if self.server.destroyed or self.server.cb_s_break != self.cb_s_break:
+            return "server_break"
+        if self.volume.cb_v_break != self.cb_v_break:
+            return "volume_break"
+        e = self._entry(v)
+        if e is not None:
+            if v.cb_break != e[1]:
+                return "vnode_break"
+        elif v.broken_at > self.break_seq or self.volume.miss_at > self.break_seq:
+            # v was not known to this call when it was issued: it was broken
+            # since, or a break found its fid (or another) uncached meanwhile.
+            return "break_unseen_vnode"
+        return None
+
+    def modified_since(self, v: Vnode) -> bool:
+        e = self._entry(v)
+        return v.mod_seq != (e[2] if e is not None else 0)
+
+
+def note_volsync(cm: CacheManager, volume: VolumeInstance, volsync: Any) -> None:
+    """A changed volume creation stamp voids every promise on it."""
+    if volsync is None:
+        return
+    vs = VolSync.from_wire(volsync)
+    if volume.creation is not None and vs.creation != volume.creation:
+        volume_break(cm, volume, "volume_replaced")
+    volume.creation = vs.creation
+
+
+def volume_break(cm: CacheManager, volume: VolumeInstance, why: str) -> None:
+    """Void every promise of one volume instance: one increment (P4)."""
+    volume.cb_v_break += 1
+    cm.stats.volume_breaks += 1
+    log_event("volume_break", cell=volume.cell, volume=volume.volume_id, why=why)
+    cm.invalidations.put(Invalidate("volume", volume=volume))
+
+
+def break_vnode(cm: CacheManager, v: Vnode, why: str = "callback") -> None:
+    """A break on one cached vnode: the promise goes; no lock is taken (the
+    server may be waiting for our CB reply while we hold a vnode lock)."""
+    v.cb_break += 1
+    v.volume.break_seq += 1
+    v.broken_at = v.volume.break_seq
+    v.promise = None
+    cm.stats.breaks += 1
+    log_event("break_received", fid=v.fid, cell=v.volume.cell, why=why, cb_break=v.cb_break)
+    cm.invalidations.put(Invalidate("inode", vnode=v, attr_only=False))
+
+
+def zap_data(cm: CacheManager, v: Vnode, old_dv: int, new_dv: int) -> None:
+    """C1: the DV moved under us; cached data of the old DV goes.
+
+    Unstored local writes are kept and carried to the new DV (last writer
+    wins at store time, as in AFS)."""
+    if v.listing is not None and v.listing.dv != new_dv:
+        v.old_listing, v.listing = v.listing, None
+    v.symlink = None
+    cm.datacache.drop(v.fid, keep_dv=new_dv, keep_dirty=True)
+    if cm.datacache.dirty_chunks(v.fid):
+        cm.datacache.rekey(v.fid, old_dv, new_dv)
+    log_event("data_zapped", fid=v.fid, old_dv=old_dv, new_dv=new_dv)
+    cm.invalidations.put(Invalidate("inode", vnode=v, attr_only=False))
+
+
+def apply_reply(
+    cm: CacheManager,
+    v: Vnode,
+    status_wire: Any,
+    callback_wire: Any,
+    snap: CallSnapshot,
+    *,
+    own_from_dv: int | None = None,
+) -> bool:
+    """Apply a reply's status (and promise, if intact) to ``v``.
+
+    ``own_from_dv``: the call was our own change and the DV it started from;
+    a reply DV of exactly that + 1 is our change alone (nothing to zap; the
+    caller rekeys its data or edits its listing).  Returns True if the status
+    was applied.  Caller holds ``v.lock`` for writing.
+    """
+    status = FileStatus.from_wire(status_wire)
+    cb = CallBack.from_wire(callback_wire) if callback_wire is not None else None
+    old = v.status
+    if (
+        old is not None
+        and own_from_dv is None
+        and (
+            status.data_version < old.data_version
+            or (snap.modified_since(v) and status.data_version <= old.data_version)
+        )
+    ):
+        # Fetched before a local change that completed meanwhile.
+        cm.stats.statuses_stale_ignored += 1
+        log_event("status_stale", fid=v.fid, dv=status.data_version, have=old.data_version)
+        return False
+    if old is not None and status.data_version != old.data_version:
+        own = own_from_dv is not None and own_from_dv == old.data_version
+        if not (own and status.data_version == old.data_version + 1) or v.type_changed(status):
+            zap_data(cm, v, old.data_version, status.data_version)
+    v.status = status
+    v.deleted = False
+    if cb is not None:
+        why = snap.broken(v)
+        if cb.type == CallBackType.DROPPED:
+            v.promise = None
+        elif why is None:
+            v.promise = Promise(
+                cb.version,
+                cb.type,
+                snap.issued + cb.expires_in,  # from issue time, not reply time
+                snap.server,
+                snap.cb_s_break,
+                snap.cb_v_break,
+            )
+            cm.stats.promises_installed += 1
+            log_event("promise_installed", fid=v.fid, expires_in=cb.expires_in)
+        else:
+            v.promise = None
+            cm.stats.promises_discarded += 1
+            log_event("promise_discarded", fid=v.fid, why=why)
+    return True
+
+
+def mark_deleted(cm: CacheManager, v: Vnode) -> None:
+    v.deleted = True
+    v.promise = None
+    v.listing = None
+    v.local_size = None
+    cm.datacache.drop(v.fid, keep_dirty=False)
+    cm.invalidations.put(Invalidate("inode", vnode=v))
+
+
+async def validate(cm: CacheManager, v: Vnode, cred: Any) -> FileStatus:
+    """Make ``v``'s status trustworthy and return it (with local size).
+
+    Fast path, no RPC: the promise holds (P4).  Otherwise one FS.FetchStatus
+    under the write lock; validations that queued behind it share its result
+    (P6).  A vnode the server no longer has raises ESTALE.
+    """
+    from protocol import methods as M
+    from protocol.errors import RpcError
+
+    if v.deleted:
+        raise RpcError("ESTALE", f"{v.fid} was deleted")
+    async with v.lock.read():
+        if v.promise_state(trio.current_time()) == "ok":
+            cm.stats.validations_fast += 1
+            log_event("validate_fast", fid=v.fid)
+            st = v.effective_status()
+            assert st is not None
+            return st
+    gen = v.fetch_gen
+    async with v.lock.write():
+        if v.fetch_gen != gen:  # a fetch finished while we queued: share it
+            if v.fetch_error is not None:
+                raise v.fetch_error
+        else:
+            state = v.promise_state(trio.current_time())
+            if state == "ok":
+                cm.stats.validations_fast += 1
+                log_event("validate_fast", fid=v.fid)
+            else:
+                cm.stats.validations_slow += 1
+                log_event("validate_slow", fid=v.fid, why=state)
+                server = v.volume.server
+                snap = CallSnapshot(v.volume, server, (v,))
+                try:
+                    reply = await cm.rpc(server, M.FS_FETCH_STATUS, cred, v.fid, snap=snap)
+                except RpcError as exc:
+                    err: RpcError = exc
+                    if exc.code in ("ENOENT", "ESTALE"):
+                        mark_deleted(cm, v)
+                        err = RpcError("ESTALE", f"{v.fid}: {exc.message}")
+                    v.fetch_gen += 1
+                    v.fetch_error = err
+                    raise err from None
+                v.fetch_gen += 1
+                v.fetch_error = None
+                note_volsync(cm, v.volume, reply.get("volsync"))
+                apply_reply(cm, v, reply["status"], reply.get("callback"), snap)
+        if v.deleted:
+            raise RpcError("ESTALE", f"{v.fid} was deleted")
+        st = v.effective_status()
+        assert st is not None
+        return st
+
+
+def is_dir_status(status: FileStatus | None) -> bool:
+    return status is not None and status.type == FileType.DIRECTORY

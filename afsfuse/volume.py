@@ -1,0 +1,96 @@
+"""Volume instances: a volume as reached through one cell (the kernel's
+superblock), keyed by (cell, volume id).
+
+Each instance registers an interest with every server record it uses
+(DESIGN.md P3), holds ``cb_v_break`` (bumped by a whole-volume break, P4),
+and indexes its vnodes by (vnode, unique).  ``find`` never creates: the
+CB service uses it, so a break for an uncached fid costs nothing.  Such a
+break still bumps ``cb_miss_break``, which a call that *creates* a vnode
+from its reply checks before installing a promise it got while the fid was
+not cached (the break would otherwise be lost): ``break_seq`` counts every
+fid break in the instance, ``miss_at`` is its value at the last break that
+found nothing cached, and each vnode records ``broken_at``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from afsfuse.vnode import Vnode
+from protocol.records import Fid
+
+if TYPE_CHECKING:
+    from afsfuse.server_record import ServerRecord
+
+log = logging.getLogger(__name__)
+
+ROOT_VNODE, ROOT_UNIQUE = 1, 1
+
+
+class VolumeInstance:
+    def __init__(self, cell: str, volume_id: int, name: str) -> None:
+        self.cell = cell
+        self.volume_id = volume_id
+        self.name = name
+        self.servers: list[ServerRecord] = []
+        self.cb_v_break = 0
+        self.cb_miss_break = 0  # breaks that found no cached vnode
+        self.break_seq = 0  # every fid break, cached or not
+        self.miss_at = 0  # break_seq at the last break of an uncached fid
+        self.creation: int | None = None  # VolSync.creation last seen
+        self.vnodes: dict[tuple[int, int], Vnode] = {}
+        self.mounts = 0
+
+    def __repr__(self) -> str:
+        return f"<VolumeInstance {self.cell}:{self.name}({self.volume_id})>"
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.cell, self.volume_id)
+
+    @property
+    def root_fid(self) -> Fid:
+        return Fid(self.volume_id, ROOT_VNODE, ROOT_UNIQUE)
+
+    @property
+    def server(self) -> ServerRecord:
+        """The record calls go to (the first listed server)."""
+        if not self.servers:
+            raise LookupError(f"{self!r} has no servers")
+        return self.servers[0]
+
+    def find(self, fid: Fid) -> Vnode | None:
+        """The cached vnode for ``fid``, never creating one (ilookup_nowait)."""
+        return self.vnodes.get((fid.vnode, fid.unique))
+
+    def get(self, fid: Fid) -> Vnode:
+        """The vnode for ``fid``, created (with no status) if not cached."""
+        if fid.volume != self.volume_id:
+            raise ValueError(f"fid {fid} is not in volume {self.volume_id}")
+        key = (fid.vnode, fid.unique)
+        v = self.vnodes.get(key)
+        if v is None:
+            v = self.vnodes[key] = Vnode(self, fid)
+        return v
+
+    def forget(self, vnode: Vnode) -> bool:
+        """Drop ``vnode`` from the index (P1: nothing is sent to the server).
+
+        Refused (False) while it is open or holds unstored writes."""
+        if vnode.open_count or vnode.local_size is not None:
+            return False
+        key = (vnode.fid.vnode, vnode.fid.unique)
+        if self.vnodes.get(key) is vnode:
+            del self.vnodes[key]
+        return True
+
+    def attach(self, server: ServerRecord) -> None:
+        if server not in self.servers:
+            self.servers.append(server)
+            server.add_interest(self)
+
+    def detach_all(self) -> None:
+        for server in self.servers:
+            server.remove_interest(self)
+        self.servers = []
