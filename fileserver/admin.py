@@ -1,0 +1,255 @@
+"""Administration: ``Admin.*`` RPCs on the server and the CLI client for them.
+
+An admin connection authenticates first with ``Admin.Auth(secret)`` (the
+secret file in the data dir, mode 0600).  A connection that said
+``FS.Hello`` is a client connection and is refused (EPERM); an admin
+connection may not say ``FS.Hello`` either.  The CLI finds the running server
+through the data dir (address file + secret).  See SPEC section 8.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from fileserver.callback import key_fid
+from fileserver.store import DataDir, VolumeHandle
+from protocol.connection import Connection, open_connection
+from protocol.errors import RpcError
+from protocol.records import Fid
+
+if TYPE_CHECKING:
+    from fileserver.server import FileServer
+
+log = logging.getLogger(__name__)
+
+ADMIN_AUTH = "Admin.Auth"
+LIST_LIMIT = 10_000
+
+
+class AdminService:
+    def __init__(self, server: FileServer) -> None:
+        self.server = server
+
+    def _check(self, conn: Connection) -> None:
+        if not conn.context.get("admin"):
+            raise RpcError("EACCES", "admin call on a connection that did not Admin.Auth")
+
+    def _vol(self, name_or_id: Any) -> VolumeHandle:
+        if type(name_or_id) not in (int, str):
+            raise RpcError("EINVAL", "volume must be a name or an id")
+        return self.server.store.find(name_or_id)
+
+    # -- handlers --------------------------------------------------------------
+
+    async def auth(self, conn: Connection, secret: Any) -> dict[str, Any]:
+        if conn.context.get("session") is not None:
+            raise RpcError("EPERM", "admin calls are refused on a client (FS.Hello) connection")
+        if type(secret) is not str or not hmac.compare_digest(
+            secret.encode(), self.server.admin_secret.encode()
+        ):
+            log.warning("admin auth failed from %s", conn.name)
+            raise RpcError("EACCES", "bad admin secret")
+        conn.context["admin"] = True
+        return {"server_uuid": self.server.uuid, "cell": self.server.cell,
+                "epoch": self.server.epoch}  # fmt: skip
+
+    async def vol_create(
+        self, conn: Connection, name: Any, quota_bytes: Any = 0, volume_id: Any = None
+    ) -> dict[str, Any]:
+        self._check(conn)
+        if volume_id is not None and type(volume_id) is not int:
+            raise RpcError("EINVAL", "volume_id must be an int")
+        h = await self.server.store.create(
+            name, quota_bytes=quota_bytes, volume_id=volume_id,
+            random_ids=self.server.config.vl is not None,
+        )  # fmt: skip
+        return await h.run(h.vol.volume_status)
+
+    async def vol_list(self, conn: Connection) -> list[dict[str, Any]]:
+        self._check(conn)
+        return [await h.run(h.vol.volume_status) for h in self.server.store.list()]
+
+    async def vol_examine(self, conn: Connection, vol: Any) -> dict[str, Any]:
+        self._check(conn)
+        h = self._vol(vol)
+        info = await h.run(h.vol.volume_status)
+        vh = self.server.table._vol_holders.get(h.id, {})
+        info.update({
+            "path": str(h.vol.path),
+            "creation": h.vol.creation,
+            "update": h.vol.update_s,
+            "promises": sum(vh.values()),
+            "clients_holding": len(vh),
+        })  # fmt: skip
+        return info
+
+    async def vol_remove(self, conn: Connection, vol: Any) -> None:
+        self._check(conn)
+        h = self._vol(vol)
+        # Break first: clients must drop what they cache of it.
+        await self.server.breaker.break_volume_all(h.id)
+        await self.server.store.remove(h)
+
+    async def vol_set_quota(self, conn: Connection, vol: Any, quota_bytes: Any) -> None:
+        self._check(conn)
+        if type(quota_bytes) is not int or quota_bytes < 0:
+            raise RpcError("EINVAL", "quota must be a non-negative int")
+        h = self._vol(vol)
+        await h.run(h.vol.set_quota, quota_bytes)
+
+    async def clients(self, conn: Connection) -> list[dict[str, Any]]:
+        self._check(conn)
+        t = self.server.table
+        return [st.to_dict(t.client_count(st.cid)) for st in self.server.breaker.clients.values()]
+
+    async def callbacks(
+        self, conn: Connection, client: Any = None, fid: Any = None
+    ) -> dict[str, Any]:
+        self._check(conn)
+        t = self.server.table
+        br = self.server.breaker
+        out: list[dict[str, Any]] = []
+        if fid is not None:
+            f = Fid.parse(fid) if isinstance(fid, str) else Fid.from_wire(fid)
+            for cid, left in sorted(t.holders(f).items()):
+                st = br.by_cid.get(cid)
+                if st is not None and (client is None or st.uuid == client):
+                    out.append({"client": st.uuid, "fid": str(f), "expires_in": left})
+        else:
+            sts = list(br.clients.values())
+            if client is not None:
+                sts = [s for s in sts if s.uuid == client]
+                if not sts:
+                    raise RpcError("ENOENT", f"no client {client!r:.60}")
+            for st in sts:
+                for f, left in sorted(t.client_fids(st.cid).items()):
+                    out.append({"client": st.uuid, "fid": str(f), "expires_in": left})
+                    if len(out) >= LIST_LIMIT:
+                        break
+        return {"total": t.count, "callbacks": out[:LIST_LIMIT]}
+
+    async def break_fid(self, conn: Connection, fid: Any) -> dict[str, Any]:
+        self._check(conn)
+        f = Fid.parse(fid) if isinstance(fid, str) else Fid.from_wire(fid)
+        holders = len(self.server.table.holders(f))
+        await self.server.breaker.break_fids([f], None)
+        return {"fid": str(f), "clients": holders}
+
+    async def break_volume(self, conn: Connection, vol: Any) -> dict[str, Any]:
+        self._check(conn)
+        h = self._vol(vol)
+        await self.server.breaker.break_volume_all(h.id)
+        return {"volume_id": h.id, "name": h.name}
+
+    async def reset(self, conn: Connection, client: Any) -> dict[str, Any]:
+        self._check(conn)
+        st = self.server.breaker.clients.get(client) if type(client) is str else None
+        if st is None:
+            raise RpcError("ENOENT", f"no client {client!r:.60}")
+        delivered = await self.server.breaker.reset_client(st, "admin_reset")
+        return {"client": st.uuid, "delivered": delivered}
+
+    async def stats(self, conn: Connection) -> dict[str, Any]:
+        self._check(conn)
+        return self.server.stats()
+
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        return {
+            ADMIN_AUTH: self.auth,
+            "Admin.VolCreate": self.vol_create,
+            "Admin.VolList": self.vol_list,
+            "Admin.VolExamine": self.vol_examine,
+            "Admin.VolRemove": self.vol_remove,
+            "Admin.VolSetQuota": self.vol_set_quota,
+            "Admin.Clients": self.clients,
+            "Admin.Callbacks": self.callbacks,
+            "Admin.Break": self.break_fid,
+            "Admin.BreakVolume": self.break_volume,
+            "Admin.Reset": self.reset,
+            "Admin.Stats": self.stats,
+        }
+
+
+# -- client side (CLI) ---------------------------------------------------------
+
+
+async def admin_call(data_dir: Path, method: str, *params: Any, timeout: float = 30) -> Any:
+    """Authenticate with the server that owns ``data_dir`` and make one call."""
+    dd = DataDir(data_dir)
+    try:
+        host, port = dd.read_address()
+        secret = dd.read_secret()
+    except FileNotFoundError as exc:
+        raise SystemExit(f"no running fileserver found in {data_dir} ({exc.filename})") from None
+    try:
+        async with open_connection(host, port, default_timeout=timeout) as conn:
+            await conn.call(ADMIN_AUTH, secret)
+            return await conn.call(method, *params)
+    except OSError as exc:
+        raise SystemExit(f"cannot reach the fileserver at {host}:{port}: {exc}") from None
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def _human(cmd: str, result: Any) -> str:
+    vol_cols = ["volume_id", "name", "online", "bytes_used", "quota_bytes", "files"]
+    if cmd in ("vol create", "vol examine"):
+        return "\n".join(f"{k:14} {v}" for k, v in result.items())
+    if cmd == "vol list":
+        return _table(result, vol_cols)
+    if cmd == "clients":
+        return _table(result, ["uuid", "up", "connected", "addr", "promises", "delayed",
+                               "needs_init"])  # fmt: skip
+    if cmd == "callbacks":
+        return _table(result["callbacks"], ["client", "fid", "expires_in"]) + (
+            f"\n{len(result['callbacks'])} shown, {result['total']} promises in the table"
+        )
+    if cmd == "stats":
+        lines = []
+        for section in ("counters", "gauges", "table", "rpcs", "rpc_errors"):
+            lines.append(f"[{section}]")
+            lines += [f"  {k:28} {v}" for k, v in result.get(section, {}).items()]
+        for k in ("server_uuid", "cell", "epoch", "uptime"):
+            if k in result:
+                lines.append(f"{k}: {result[k]}")
+        return "\n".join(lines)
+    if result is None:
+        return "ok"
+    if isinstance(result, dict):
+        return " ".join(f"{k}={v}" for k, v in result.items())
+    return str(result)
+
+
+def run_admin(args: Any) -> int:
+    """Run one admin subcommand parsed by ``fileserver.cli``."""
+    cmd, method, params = args.admin_call
+    try:
+        result = trio.run(lambda: admin_call(Path(args.data_dir), method, *params))
+    except RpcError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        print(_human(cmd, result))
+    return 0
+
+
+def promise_keys_for_volume(table: Any, volume: int) -> list[Fid]:
+    """Fids of every promise on ``volume`` (admin/debug helper)."""
+    return sorted({key_fid(k) for s in table._by_client.values() for k in s if k >> 64 == volume})

@@ -1,0 +1,231 @@
+"""``afs-fileserver``: run a fileserver, salvage its data dir, administer it.
+
+    afs-fileserver serve --data-dir DIR --listen 127.0.0.1:7000
+    afs-fileserver salvage --data-dir DIR [--repair]
+    afs-fileserver vol create|list|examine|remove|quota ...
+    afs-fileserver clients | callbacks | break FID | break-volume VOL | reset CLIENT | stats
+
+Admin subcommands find the running server through ``--data-dir`` (its
+address file and admin secret) and accept ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from fileserver.config import DEFAULT_CELL, ServerConfig, default_data_dir, parse_hostport
+
+log = logging.getLogger(__name__)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _setup_logging(verbose: bool, event_log: str | None) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
+                        stream=sys.stderr)  # fmt: skip
+    if not verbose:
+        # The RPC layer at DEBUG is very chatty; keep it at INFO unless asked.
+        logging.getLogger("protocol").setLevel(logging.INFO)
+    if event_log:
+        h = logging.FileHandler(event_log)
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logging.getLogger("fileserver.events").addHandler(h)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="afs-fileserver", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                        help="data directory (default: %(default)s)")  # fmt: skip
+    admin = argparse.ArgumentParser(add_help=False, parents=[common])
+    admin.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = sub.add_parser("serve", parents=[common], help="run the fileserver")
+    s.add_argument(
+        "--listen",
+        type=_hostport,
+        default=("127.0.0.1", 7000),
+        help="HOST:PORT to listen on (default 127.0.0.1:7000; port 0 picks one)",
+    )
+    s.add_argument("--cell", default=DEFAULT_CELL, help="cell name at first start")
+    s.add_argument(
+        "--callback-duration",
+        type=float,
+        default=4 * 3600,
+        metavar="SECONDS",
+        help="cap on promise durations (OpenAFS-like schedule below it)",
+    )
+    s.add_argument(
+        "--break-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="a client not answering a break within this is marked down",
+    )
+    s.add_argument(
+        "--max-callbacks",
+        type=int,
+        default=4_000_000,
+        help="bound on promises held (least recently active client revoked)",
+    )
+    s.add_argument(
+        "--max-delayed",
+        type=int,
+        default=1000,
+        help="delayed breaks kept per down client before InitCallBackState3",
+    )
+    s.add_argument("--sweep-interval", type=float, default=60.0, metavar="SECONDS")
+    s.add_argument(
+        "--vl",
+        type=_hostport,
+        default=None,
+        help="HOST:PORT of the VL service to register our volumes with",
+    )
+    s.add_argument(
+        "--advertise",
+        type=_hostport,
+        default=None,
+        help="HOST:PORT given out in VL entries (default: the listen address)",
+    )
+    s.add_argument(
+        "--metrics", type=_hostport, default=None, help="HOST:PORT for the Prometheus exporter"
+    )
+    s.add_argument("--event-log", default=None, help="also append event lines to this file")
+    s.add_argument(
+        "--no-root-volume", action="store_true", help="do not create root.cell at first start"
+    )
+    s.add_argument("-v", "--debug", "--verbose", action="store_true", dest="verbose")
+
+    sv = sub.add_parser("salvage", parents=[common], help="check/repair the data directory")
+    sv.add_argument("--repair", action="store_true")
+    sv.add_argument("--json", action="store_true")
+
+    vol = sub.add_parser("vol", help="volume administration").add_subparsers(
+        dest="vol_command", required=True)  # fmt: skip
+    c = vol.add_parser("create", parents=[admin])
+    c.add_argument("name")
+    c.add_argument("--quota", type=int, default=0, help="quota in bytes (0: none)")
+    c.add_argument("--id", type=int, default=None, help="volume id (default: next free)")
+    vol.add_parser("list", parents=[admin])
+    vol.add_parser("examine", parents=[admin]).add_argument("volume")
+    vol.add_parser("remove", parents=[admin]).add_argument("volume")
+    q = vol.add_parser("quota", parents=[admin])
+    q.add_argument("volume")
+    q.add_argument("bytes", type=int)
+
+    sub.add_parser("clients", parents=[admin], help="list clients")
+    cb = sub.add_parser("callbacks", parents=[admin], help="list promises")
+    cb.add_argument("--client", default=None)
+    cb.add_argument("--fid", default=None, help="VOLUME.VNODE.UNIQUE")
+    sub.add_parser("break", parents=[admin], help="break a fid").add_argument("fid")
+    sub.add_parser("break-volume", parents=[admin], help="whole-volume break").add_argument(
+        "volume")  # fmt: skip
+    sub.add_parser("reset", parents=[admin], help="InitCallBackState3 a client").add_argument(
+        "client")  # fmt: skip
+    sub.add_parser("stats", parents=[admin], help="counters and RPCs by method")
+    return p
+
+
+def _vol_arg(v: str) -> str | int:
+    return int(v) if v.isdigit() else v
+
+
+def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]:
+    cmd = args.command
+    if cmd == "vol":
+        vc = args.vol_command
+        table = {
+            "create": ("Admin.VolCreate",
+                       (args.name, args.quota, args.id) if vc == "create" else ()),
+            "list": ("Admin.VolList", ()),
+            "examine": ("Admin.VolExamine", (_vol_arg(getattr(args, "volume", "")),)),
+            "remove": ("Admin.VolRemove", (_vol_arg(getattr(args, "volume", "")),)),
+            "quota": ("Admin.VolSetQuota",
+                      (_vol_arg(getattr(args, "volume", "")), getattr(args, "bytes", 0))),
+        }  # fmt: skip
+        method, params = table[vc]
+        return f"vol {vc}", method, params
+    if cmd == "clients":
+        return cmd, "Admin.Clients", ()
+    if cmd == "callbacks":
+        return cmd, "Admin.Callbacks", (args.client, args.fid)
+    if cmd == "break":
+        return cmd, "Admin.Break", (args.fid,)
+    if cmd == "break-volume":
+        return cmd, "Admin.BreakVolume", (_vol_arg(args.volume),)
+    if cmd == "reset":
+        return cmd, "Admin.Reset", (args.client,)
+    if cmd == "stats":
+        return cmd, "Admin.Stats", ()
+    raise SystemExit(f"unknown command {cmd}")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from fileserver.server import FileServer
+
+    _setup_logging(args.verbose, args.event_log)
+    config = ServerConfig(
+        data_dir=args.data_dir,
+        host=args.listen[0],
+        port=args.listen[1],
+        cell=args.cell,
+        callback_duration=args.callback_duration,
+        break_timeout=args.break_timeout,
+        max_callbacks=args.max_callbacks,
+        max_delayed=args.max_delayed,
+        sweep_interval=args.sweep_interval,
+        vl=args.vl,
+        advertise=args.advertise,
+        metrics=args.metrics,
+        create_root=False if args.no_root_volume else None,
+    )
+    server = FileServer(config)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                async for signum in signals:
+                    log.info("got %s, shutting down", signal.Signals(signum).name)
+                    server.stop()
+                    break
+
+    try:
+        trio.run(main)
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "salvage":
+        from fileserver.salvage import run_salvage
+
+        logging.basicConfig(level=logging.WARNING)
+        return run_salvage(args.data_dir, args.repair, args.json)
+    from fileserver.admin import run_admin
+
+    args.admin_call = _admin_call(args)
+    return run_admin(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""FS.* request handlers (SPEC section 5), apart from FS.Hello.
+
+Each handler validates its params (EINVAL for wrong types, names through
+``check_name``), runs the volume work in a worker thread under the volume
+lock, grants promises while that lock is still held (``VolumeHandle.run(...,
+then=...)``) and, for changes, breaks every other holder's promises on the
+changed fids before returning, so the reply to the caller goes out only after
+the other clients were told (or the break timeout passed).
+
+``cred`` is parsed and recorded (owner/group of new vnodes); permission
+enforcement is a later issue, so ``access`` is always rwx.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fileserver.breaker import ClientState
+from fileserver.events import event
+from fileserver.store import VolumeHandle
+from fileserver.volume import Vnode
+from protocol.errors import RpcError
+from protocol.limits import (
+    MAX_BULKSTAT_FIDS,
+    MAX_IO,
+    MAX_NAME,
+    MAX_READDIR_ENTRIES,
+    MAX_SYMLINK,
+    MAX_UINT32,
+    MAX_UINT64,
+)
+from protocol.names import check_name
+from protocol.records import CallBack, CallBackType, Fid, FileType, VolSync
+
+if TYPE_CHECKING:
+    from fileserver.server import FileServer
+
+log = logging.getLogger(__name__)
+
+CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break"]
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+# -- param checks ------------------------------------------------------------
+
+
+def _uint(v: Any, hi: int, what: str) -> int:
+    if type(v) is not int or not 0 <= v <= hi:
+        raise RpcError("EINVAL", f"{what} must be an int in 0..{hi}, not {v!r:.50}")
+    return v
+
+
+def _int64(v: Any, what: str) -> int:
+    if type(v) is not int or not _INT64_MIN <= v <= _INT64_MAX:
+        raise RpcError("EINVAL", f"{what} must be an int64, not {v!r:.50}")
+    return v
+
+
+def _bytes(v: Any, what: str) -> bytes:
+    if type(v) is not bytes:
+        raise RpcError("EINVAL", f"{what} must be bin, not {type(v).__name__}")
+    return v
+
+
+def parse_cred(cred: Any) -> tuple[int, int]:
+    """Return (uid, gid); nil means the client machine itself (uid 0)."""
+    if cred is None:
+        return 0, 0
+    if not isinstance(cred, list) or len(cred) != 3 or not isinstance(cred[2], list):
+        raise RpcError("EINVAL", f"malformed cred {cred!r:.100}")
+    uid = _uint(cred[0], MAX_UINT32, "cred uid")
+    gid = _uint(cred[1], MAX_UINT32, "cred gid")
+    for g in cred[2]:
+        _uint(g, MAX_UINT32, "cred gid")
+    return uid, gid
+
+
+def parse_mode(mode: Any) -> int:
+    # Clients may pass a full st_mode; only the permission bits are kept.
+    return _uint(mode, 0o177777, "mode") & 0o7777
+
+
+def _callback(told: int) -> CallBack:
+    return CallBack(1, told, CallBackType.SHARED)
+
+
+class FsOps:
+    def __init__(self, server: FileServer) -> None:
+        self.server = server
+        self.store = server.store
+        self.table = server.table
+        self.breaker = server.breaker
+        self.metrics = server.metrics
+
+    # -- helpers -------------------------------------------------------------
+
+    def grant(self, st: ClientState, fid: Fid) -> CallBack:
+        stats = self.table.stats
+        before = stats["grants"]
+        told = self.table.grant(st.cid, fid)
+        self.metrics.inc("grants" if stats["grants"] != before else "renewals")
+        event("grant", fid=fid, client=st.uuid, expires_in=told)
+        return _callback(told)
+
+    def _vol(self, fid: Fid) -> VolumeHandle:
+        return self.store.get(fid.volume)
+
+    async def _changed(self, st: ClientState, *fids: Fid | None) -> None:
+        await self.breaker.break_fids([f for f in fids if f is not None], st)
+
+    # -- reads -------------------------------------------------------------------
+
+    async def fetch_status(self, st: ClientState, cred: Any, fid: Any) -> dict[str, Any]:
+        parse_cred(cred)
+        f = Fid.from_wire(fid)
+        h = self._vol(f)
+        cb: list[CallBack] = []
+
+        def read() -> tuple[Vnode, VolSync]:
+            return h.vol.get(f.vnode, f.unique), h.vol.volsync()
+
+        v, vs = await h.run(read, then=lambda _: cb.append(self.grant(st, f)))
+        return {"status": v.status(), "callback": cb[0], "volsync": vs}
+
+    async def fetch_data(
+        self, st: ClientState, cred: Any, fid: Any, offset: Any, length: Any
+    ) -> dict[str, Any]:
+        parse_cred(cred)
+        f = Fid.from_wire(fid)
+        offset = _uint(offset, MAX_UINT64, "offset")
+        length = _uint(length, MAX_IO, "length")
+        h = self._vol(f)
+        cb: list[CallBack] = []
+
+        def read() -> tuple[Vnode, bytes, VolSync]:
+            v, data = h.vol.fetch_data(f.vnode, f.unique, offset, length)
+            return v, data, h.vol.volsync()
+
+        v, data, vs = await h.run(read, then=lambda _: cb.append(self.grant(st, f)))
+        self.metrics.inc("bytes_fetched", len(data))
+        return {"status": v.status(), "callback": cb[0], "volsync": vs, "data": data}
+
+    async def lookup(self, st: ClientState, cred: Any, dir_fid: Any, name: Any) -> dict[str, Any]:
+        parse_cred(cred)
+        d = Fid.from_wire(dir_fid)
+        name = check_name(name)
+        h = self._vol(d)
+        cbs: list[CallBack] = []
+
+        def read() -> tuple[Vnode, Vnode, VolSync]:
+            v, dv = h.vol.lookup(d.vnode, d.unique, name)
+            return v, dv, h.vol.volsync()
+
+        def then(r: tuple[Vnode, Vnode, VolSync]) -> None:
+            cbs.append(self.grant(st, Fid(d.volume, r[0].vnode, r[0].unique)))
+            cbs.append(self.grant(st, d))
+
+        v, dv, vs = await h.run(read, then=then)
+        return {"fid": Fid(d.volume, v.vnode, v.unique), "status": v.status(),
+                "callback": cbs[0], "dir_status": dv.status(), "dir_callback": cbs[1],
+                "volsync": vs}  # fmt: skip
+
+    async def read_dir(
+        self,
+        st: ClientState,
+        cred: Any,
+        dir_fid: Any,
+        cookie: Any,
+        max_entries: Any,
+        with_status: Any,
+    ) -> dict[str, Any]:
+        parse_cred(cred)
+        d = Fid.from_wire(dir_fid)
+        if cookie is not None and (type(cookie) is not bytes or len(cookie) > MAX_NAME):
+            raise RpcError("EINVAL", "cookie must be nil or a name (bin)")
+        if type(max_entries) is not int or not 1 <= max_entries <= MAX_READDIR_ENTRIES:
+            raise RpcError("EINVAL", f"max_entries must be in 1..{MAX_READDIR_ENTRIES}")
+        if type(with_status) is not bool:
+            raise RpcError("EINVAL", "with_status must be a bool")
+        h = self._vol(d)
+        out: list[list[Any]] = []
+        dir_cb: list[CallBack] = []
+
+        def read() -> tuple[list[tuple[bytes, Vnode]], bytes | None, Vnode, VolSync]:
+            entries, nxt, dv = h.vol.readdir(d.vnode, d.unique, cookie, max_entries)
+            return entries, nxt, dv, h.vol.volsync()
+
+        def then(r: tuple[list[tuple[bytes, Vnode]], bytes | None, Vnode, VolSync]) -> None:
+            for name, v in r[0]:
+                fid = Fid(d.volume, v.vnode, v.unique)
+                if with_status:
+                    out.append([name, fid, v.type, v.status(), self.grant(st, fid)])
+                else:
+                    out.append([name, fid, v.type])
+            dir_cb.append(self.grant(st, d))
+
+        _, nxt, dv, vs = await h.run(read, then=then)
+        return {"entries": out, "next": nxt, "dir_status": dv.status(),
+                "dir_callback": dir_cb[0], "volsync": vs}  # fmt: skip
+
+    async def inline_bulk_status(self, st: ClientState, cred: Any, fids: Any) -> dict[str, Any]:
+        parse_cred(cred)
+        if not isinstance(fids, list) or len(fids) > MAX_BULKSTAT_FIDS:
+            raise RpcError("EINVAL", f"fids must be a list of at most {MAX_BULKSTAT_FIDS}")
+        parsed = [Fid.from_wire(f) for f in fids]
+        results: list[list[Any] | None] = [None] * len(parsed)
+        volsync: VolSync | None = None
+        by_vol: dict[int, list[int]] = {}
+        for i, f in enumerate(parsed):
+            by_vol.setdefault(f.volume, []).append(i)
+        for vol_id, idxs in by_vol.items():
+            h = self.store.by_id.get(vol_id)
+            if h is None:
+                for i in idxs:
+                    results[i] = [["ESTALE", f"no volume {vol_id}"], None, None]
+                continue
+
+            def read(h: VolumeHandle = h, idxs: list[int] = idxs) -> tuple[list[Any], VolSync]:
+                got: list[Any] = []
+                for i in idxs:
+                    f = parsed[i]
+                    try:
+                        got.append(h.vol.get(f.vnode, f.unique))
+                    except RpcError as exc:
+                        got.append(exc)
+                return got, h.vol.volsync()
+
+            def then(r: tuple[list[Any], VolSync], idxs: list[int] = idxs) -> None:
+                for i, v in zip(idxs, r[0], strict=True):
+                    if isinstance(v, RpcError):
+                        results[i] = [v.to_wire(), None, None]
+                    else:
+                        results[i] = [None, v.status(), self.grant(st, parsed[i])]
+
+            _, vs = await h.run(read, then=then)
+            if parsed and vol_id == parsed[0].volume:
+                volsync = vs
+        return {"results": results, "volsync": volsync or VolSync(0, 0)}
+
+    async def get_volume_status(self, st: ClientState, cred: Any, volume_id: Any) -> dict[str, Any]:
+        parse_cred(cred)
+        vid = _uint(volume_id, MAX_UINT32, "volume_id")
+        h = self.store.by_id.get(vid)
+        if h is None:
+            raise RpcError("ENOENT", f"no volume {vid}")
+        return await h.run(h.vol.volume_status)
+
+    # -- data changes ----------------------------------------------------------
+
+    async def store_data(
+        self,
+        st: ClientState,
+        cred: Any,
+        fid: Any,
+        offset: Any,
+        data: Any,
+        new_length: Any,
+        mtime_ns: Any,
+    ) -> dict[str, Any]:
+        parse_cred(cred)
+        f = Fid.from_wire(fid)
+        offset = _uint(offset, MAX_UINT64, "offset")
+        data = _bytes(data, "data")
+        if len(data) > MAX_IO:
+            raise RpcError("EINVAL", f"data over MAX_IO ({MAX_IO} bytes)")
+        if new_length is not None:
+            new_length = _uint(new_length, MAX_UINT64, "new_length")
+        if mtime_ns is not None:
+            mtime_ns = _int64(mtime_ns, "mtime_ns")
+        h = self._vol(f)
+
+        def write() -> tuple[Vnode, VolSync]:
+            v = h.vol.store_data(f.vnode, f.unique, offset, data, new_length, mtime_ns)
+            return v, h.vol.volsync()
+
+        v, vs = await h.run(write)
+        self.metrics.inc("bytes_stored", len(data))
+        await self._changed(st, f)
+        return {"status": v.status(), "volsync": vs}
+
+    async def store_status(
+        self, st: ClientState, cred: Any, fid: Any, attrs: Any
+    ) -> dict[str, Any]:
+        parse_cred(cred)
+        f = Fid.from_wire(fid)
+        if not isinstance(attrs, dict):
+            raise RpcError("EINVAL", "attrs must be a map")
+        clean: dict[str, int] = {}
+        for k, val in attrs.items():
+            if k == "mode":
+                clean[k] = _uint(val, 0o7777, "mode")
+            elif k in ("owner", "group"):
+                clean[k] = _uint(val, MAX_UINT32, k)
+            elif k == "mtime_ns":
+                clean[k] = _int64(val, k)
+            elif k == "size":
+                clean[k] = _uint(val, MAX_UINT64, k)
+            else:
+                raise RpcError("EINVAL", f"unknown attribute {k!r:.50}")
+        h = self._vol(f)
+
+        def write() -> tuple[Vnode, VolSync]:
+            return h.vol.store_status(f.vnode, f.unique, clean), h.vol.volsync()
+
+        v, vs = await h.run(write)
+        await self._changed(st, f)
+        return {"status": v.status(), "volsync": vs}
+
+    # -- namespace changes -----------------------------------------------------
+
+    async def _create(
+        self,
+        st: ClientState,
+        cred: Any,
+        dir_fid: Any,
+        name: Any,
+        mode: Any,
+        ftype: FileType,
+        target: bytes | None = None,
+    ) -> dict[str, Any]:
+        uid, gid = parse_cred(cred)
+        d = Fid.from_wire(dir_fid)
+        name = check_name(name)
+        mode = parse_mode(mode)
+        h = self._vol(d)
+        cbs: list[CallBack] = []
+
+        def write() -> tuple[Vnode, Vnode, VolSync]:
+            v, dv = h.vol.create_vnode(d.vnode, d.unique, name, ftype, mode, uid, gid, target)
+            return v, dv, h.vol.volsync()
+
+        def then(r: tuple[Vnode, Vnode, VolSync]) -> None:
+            cbs.append(self.grant(st, Fid(d.volume, r[0].vnode, r[0].unique)))
+            cbs.append(self.grant(st, d))
+
+        v, dv, vs = await h.run(write, then=then)
+        await self._changed(st, d)
+        return {"fid": Fid(d.volume, v.vnode, v.unique), "status": v.status(),
+                "callback": cbs[0], "dir_status": dv.status(), "dir_callback": cbs[1],
+                "volsync": vs}  # fmt: skip
+
+    async def create_file(
+        self, st: ClientState, cred: Any, dir_fid: Any, name: Any, mode: Any
+    ) -> dict[str, Any]:
+        return await self._create(st, cred, dir_fid, name, mode, FileType.FILE)
+
+    async def make_dir(
+        self, st: ClientState, cred: Any, dir_fid: Any, name: Any, mode: Any
+    ) -> dict[str, Any]:
+        return await self._create(st, cred, dir_fid, name, mode, FileType.DIRECTORY)
+
+    async def symlink(
+        self, st: ClientState, cred: Any, dir_fid: Any, name: Any, target: Any, mode: Any
+    ) -> dict[str, Any]:
+        target = _bytes(target, "target")
+        if not target:
+            raise RpcError("EINVAL", "empty symlink target")
+        if len(target) > MAX_SYMLINK:
+            raise RpcError("ENAMETOOLONG", f"symlink target over {MAX_SYMLINK} bytes")
+        return await self._create(st, cred, dir_fid, name, mode, FileType.SYMLINK, target)
+
+    async def link(
+        self, st: ClientState, cred: Any, dir_fid: Any, name: Any, fid: Any
+    ) -> dict[str, Any]:
+        parse_cred(cred)
+        d = Fid.from_wire(dir_fid)
+        name = check_name(name)
+        f = Fid.from_wire(fid)
+        if f.volume != d.volume:
+            raise RpcError("EXDEV", "hard link across volumes")
+        h = self._vol(d)
+        cbs: list[CallBack] = []
+
+        def write() -> tuple[Vnode, Vnode, VolSync]:
+            v, dv = h.vol.link(d.vnode, d.unique, name, f.vnode, f.unique)
+            return v, dv, h.vol.volsync()
+
+        v, dv, vs = await h.run(write, then=lambda _: cbs.append(self.grant(st, d)))
+        await self._changed(st, d, f)
+        return {"status": v.status(), "dir_status": dv.status(), "dir_callback": cbs[0],
+                "volsync": vs}  # fmt: skip
+
+    async def remove_file(
+        self, st: ClientState, cred: Any, dir_fid: Any, name: Any
+    ) -> dict[str, Any]:
+        parse_cred(cred)
+        d = Fid.from_wire(dir_fid)
+        name = check_name(name)
+        h = self._vol(d)
+        cbs: list[CallBack] = []
+
+        def write() -> tuple[Vnode, Vnode, VolSync]:
+            v, dv = h.vol.remove_file(d.vnode, d.unique, name)
+            return v, dv, h.vol.volsync()
+
+        v, dv, vs = await h.run(write, then=lambda _: cbs.append(self.grant(st, d)))
+        f = Fid(d.volume, v.vnode, v.unique)
+        await self._changed(st, d, f)
+        return {"fid": f, "status": v.status(), "dir_status": dv.status(),
+                "dir_callback": cbs[0], "volsync": vs}  # fmt: skip
+
+    async def remove_dir(
+        self, st: ClientState, cred: Any, dir_fid: Any, name: Any
+    ) -> dict[str, Any]:
+        parse_cred(cred)
+        d = Fid.from_wire(dir_fid)
+        name = check_name(name)
+        h = self._vol(d)
+        cbs: list[CallBack] = []
+
+        def write() -> tuple[Vnode, Vnode, VolSync]:
+            v, dv = h.vol.remove_dir(d.vnode, d.unique, name)
+            return v, dv, h.vol.volsync()
+
+        v, dv, vs = await h.run(write, then=lambda _: cbs.append(self.grant(st, d)))
+        f = Fid(d.volume, v.vnode, v.unique)
+        await self._changed(st, d, f)
+        return {"fid": f, "dir_status": dv.status(), "dir_callback": cbs[0], "volsync": vs}
+
+    async def rename(
+        self,
+        st: ClientState,
+        cred: Any,
+        old_dir: Any,
+        old_name: Any,
+        new_dir: Any,
+        new_name: Any,
+        flags: Any,
+    ) -> dict[str, Any]:
+        parse_cred(cred)
+        od = Fid.from_wire(old_dir)
+        nd = Fid.from_wire(new_dir)
+        old_name = check_name(old_name)
+        new_name = check_name(new_name)
+        if type(flags) is not int:
+            raise RpcError("EINVAL", "flags must be an int")
+        if od.volume != nd.volume:
+            raise RpcError("EXDEV", "rename across volumes")
+        h = self._vol(od)
+
+        def write() -> tuple[Any, VolSync]:
+            r = h.vol.rename(od.vnode, od.unique, old_name, nd.vnode, nd.unique, new_name, flags)
+            return r, h.vol.volsync()
+
+        r, vs = await h.run(write)
+        vol = od.volume
+        moved = Fid(vol, r.moved.vnode, r.moved.unique)
+        repl = Fid(vol, r.replaced.vnode, r.replaced.unique) if r.replaced is not None else None
+        if r.changed_nothing:
+            return self._rename_result(moved, r, None, vs)
+        await self._changed(st, od, nd, moved, repl)
+        return self._rename_result(moved, r, repl, vs)
+
+    @staticmethod
+    def _rename_result(moved: Fid, r: Any, repl: Fid | None, vs: VolSync) -> dict[str, Any]:
+        return {
+            "fid": moved,
+            "status": r.moved.status(),
+            "old_dir_status": r.old_dir.status(),
+            "new_dir_status": r.new_dir.status(),
+            "replaced_fid": repl,
+            "replaced_status": r.replaced.status() if r.replaced is not None else None,
+            "volsync": vs,
+        }
+
+    # -- callbacks ---------------------------------------------------------------
+
+    async def give_up_all_callbacks(self, st: ClientState) -> None:
+        n = self.table.give_up(st.cid)
+        self.metrics.inc("giveups")
+        self.metrics.inc("promises_given_up", n)
+        event("giveup", client=st.uuid, promises=n)
+        return None
+
+    async def get_capabilities(self, st: ClientState) -> dict[str, Any]:
+        return {"capabilities": list(CAPABILITIES)}
+
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        from protocol import methods as m
+
+        return {
+            m.FS_FETCH_STATUS: self.fetch_status,
+            m.FS_FETCH_DATA: self.fetch_data,
+            m.FS_STORE_DATA: self.store_data,
+            m.FS_STORE_STATUS: self.store_status,
+            m.FS_CREATE_FILE: self.create_file,
+            m.FS_MAKE_DIR: self.make_dir,
+            m.FS_SYMLINK: self.symlink,
+            m.FS_LINK: self.link,
+            m.FS_REMOVE_FILE: self.remove_file,
+            m.FS_REMOVE_DIR: self.remove_dir,
+            m.FS_RENAME: self.rename,
+            m.FS_LOOKUP: self.lookup,
+            m.FS_READ_DIR: self.read_dir,
+            m.FS_INLINE_BULK_STATUS: self.inline_bulk_status,
+            m.FS_GET_VOLUME_STATUS: self.get_volume_status,
+            m.FS_GIVE_UP_ALL_CALLBACKS: self.give_up_all_callbacks,
+            m.FS_GET_CAPABILITIES: self.get_capabilities,
+        }

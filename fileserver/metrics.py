@@ -1,0 +1,97 @@
+"""Counters for admin ``stats`` and the Prometheus exporter.
+
+Each server has its own ``CollectorRegistry`` (several servers run in one test
+process), and a plain dict mirror of every counter so admin ``stats`` and
+tests read exact numbers without parsing the exposition format.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+#: Counter names (admin ``stats`` keys) and their help text.
+COUNTERS = {
+    "grants": "Callback promises granted (new, not renewals)",
+    "renewals": "Callback promises renewed",
+    "breaks_sent": "Fids broken with CB.CallBack and acknowledged",
+    "breaks_failed": "CB.CallBack deliveries that failed or timed out",
+    "breaks_delayed": "Fid breaks kept as delayed for a down client",
+    "delayed_delivered": "Delayed fid breaks delivered on a client's return",
+    "volume_breaks": "Whole-volume breaks requested",
+    "mass_resets": "CB.InitCallBackState3 calls made",
+    "revocations": "Clients revoked because the callback table was full",
+    "giveups": "FS.GiveUpAllCallBacks calls received",
+    "promises_given_up": "Promises dropped by FS.GiveUpAllCallBacks",
+    "expired": "Expired promises swept",
+    "clients_marked_down": "Times a client was marked down",
+    "bytes_stored": "Bytes written by FS.StoreData",
+    "bytes_fetched": "Bytes returned by FS.FetchData",
+    "connections": "Connections accepted",
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.rpcs: dict[str, int] = defaultdict(int)
+        self.rpc_errors: dict[str, int] = defaultdict(int)
+        self._prom = {
+            name: Counter(f"afs_fileserver_{name}", text, registry=self.registry)
+            for name, text in COUNTERS.items()
+        }
+        self._rpc_total = Counter("afs_fileserver_rpcs", "RPCs handled", ["method", "result"],
+                                  registry=self.registry)  # fmt: skip
+        self._rpc_seconds = Histogram(
+            "afs_fileserver_rpc_seconds", "RPC handling time", ["method"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )  # fmt: skip
+        self._gauges: dict[str, Callable[[], float]] = {}
+        self._http: Any = None
+
+    def gauge(self, name: str, text: str, fn: Callable[[], float]) -> None:
+        g = Gauge(f"afs_fileserver_{name}", text, registry=self.registry)
+        g.set_function(fn)
+        self._gauges[name] = fn
+
+    def inc(self, name: str, n: int = 1) -> None:
+        if n:
+            self.counts[name] += n
+            self._prom[name].inc(n)
+
+    def rpc(self, method: str, seconds: float, error: str | None) -> None:
+        self.rpcs[method] += 1
+        if error is not None:
+            self.rpc_errors[method] += 1
+        self._rpc_total.labels(method, error or "ok").inc()
+        self._rpc_seconds.labels(method).observe(seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        gauges = {name: fn() for name, fn in self._gauges.items()}
+        return {
+            "counters": dict(self.counts),
+            "gauges": gauges,
+            "rpcs": dict(sorted(self.rpcs.items())),
+            "rpc_errors": dict(sorted(self.rpc_errors.items())),
+        }
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the Prometheus HTTP exporter in a thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        bound = server.server_address[1]
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return int(bound)
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,328 @@
+"""The fileserver: listener, per-connection client sessions, handler wiring.
+
+``FileServer(config)`` runs inside a trio nursery (``await nursery.start(
+server.serve)`` returns the bound ``(host, port)``), so tests can run one
+in-process; the CLI runs the same object until SIGTERM.
+
+Session rules (SPEC section 4): ``FS.*`` before ``FS.Hello`` is EPROTO; at
+Hello a client the server has no state for gets ``CB.InitCallBackState3``
+and a returning client gets its delayed breaks, both before the reply; a
+second connection with the same UUID replaces the first; a dropped
+connection marks the client down until it says Hello again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import trio
+
+from fileserver.admin import AdminService
+from fileserver.breaker import Breaker, ClientState
+from fileserver.callback import CallbackTable
+from fileserver.config import ROOT_VOLUME_NAME, ServerConfig
+from fileserver.events import event
+from fileserver.fsops import CAPABILITIES, FsOps
+from fileserver.metrics import Metrics
+from fileserver.store import DataDir, VolumeStore
+from fileserver.vl import VLRegistrar, VLService
+from protocol.connection import Connection, serve_tcp
+from protocol.errors import RpcError
+from protocol.limits import PROTOCOL_VERSION
+from protocol.methods import FS_HELLO
+
+log = logging.getLogger(__name__)
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _arity(fn: Callable[..., Any], skip: int) -> tuple[int, int]:
+    """(min, max) positional params of ``fn`` after the first ``skip``."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    lo = sum(1 for p in params if p.default is inspect.Parameter.empty)
+    return lo, len(params)
+
+
+class FileServer:
+    """One fileserver.  ``serve()`` runs it; ``stop()`` ends ``serve()`` cleanly."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.datadir = DataDir(config.data_dir)
+        self.store = VolumeStore(self.datadir)
+        self.metrics = Metrics()
+        self.table = CallbackTable(
+            max_duration=config.callback_duration,
+            max_promises=config.max_callbacks,
+            on_revoke=self._on_revoke,
+        )
+        self.breaker = Breaker(self.table, self.metrics, "", break_timeout=config.break_timeout,
+                               max_delayed=config.max_delayed)  # fmt: skip
+        self.uuid = ""
+        self.cell = config.cell
+        self.epoch = 0
+        self.admin_secret = ""
+        self.host = ""
+        self.port = 0
+        self.metrics_port = 0
+        self.started_at = 0.0
+        self.connections: set[Connection] = set()
+        self.registrar: VLRegistrar | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop = trio.Event()
+        self.fsops = FsOps(self)
+        self.vl = VLService(self.store, config.cell, "", self.advertised_addrs)
+        self.admin = AdminService(self)
+        self.handlers = self._build_handlers()
+        self.metrics.gauge("promises", "Callback promises held", lambda: self.table.count)
+        self.metrics.gauge("clients", "Clients known", lambda: len(self.breaker.clients))
+        self.metrics.gauge(
+            "clients_up",
+            "Clients up",
+            lambda: sum(not s.down for s in self.breaker.clients.values()),
+        )
+        self.metrics.gauge(
+            "delayed_breaks",
+            "Delayed fid breaks held",
+            lambda: sum(len(s.delayed) for s in self.breaker.clients.values()),
+        )
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _open(self) -> bool:
+        cfg = self.config
+        first = self.datadir.initialize(cfg.cell)
+        self.datadir.lock()
+        try:
+            self.uuid, self.cell = self.datadir.uuid, self.datadir.cell
+            self.admin_secret = self.datadir.read_secret()
+            self.store.open_all()
+            if first and cfg.create_root and ROOT_VOLUME_NAME not in self.store.by_name:
+                self.store.create_sync(ROOT_VOLUME_NAME)
+        except BaseException:
+            self.store.close_all()
+            self.datadir.unlock()
+            raise
+        return first
+
+    def advertised_addrs(self) -> list[list[Any]]:
+        if self.config.advertise is not None:
+            return [list(self.config.advertise)]
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return [[host, self.port]]
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until ``stop()`` or cancellation; reports the bound (host, port)."""
+        cfg = self.config
+        await trio.to_thread.run_sync(self._open)
+        # A new epoch each start: clients learn the server lost its callback state.
+        self.epoch = time.time_ns() // 1000
+        self.breaker.server_uuid = self.uuid
+        self.vl.server_uuid = self.uuid
+        self.vl.cell = self.cell
+        self.started_at = time.time()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                listeners = await nursery.start(
+                    partial(serve_tcp, self._on_connection, cfg.host, cfg.port, self.handlers)
+                )
+                sockname = listeners[0].socket.getsockname()
+                self.host, self.port = sockname[0], sockname[1]
+                await trio.to_thread.run_sync(self.datadir.write_address, self.host, self.port)
+                if cfg.metrics is not None:
+                    self.metrics_port = self.metrics.serve(*cfg.metrics)
+                nursery.start_soon(self._sweeper)
+                if cfg.vl is not None:
+                    self.registrar = VLRegistrar(
+                        cfg.vl,
+                        self.store,
+                        self.uuid,
+                        self.advertised_addrs,
+                        cfg.vl_register_interval,
+                    )
+                    nursery.start_soon(self.registrar.run)
+                log.info("fileserver %s (cell %s, epoch %d) listening on %s:%d, data dir %s",
+                         self.uuid, self.cell, self.epoch, self.host, self.port,
+                         cfg.data_dir)  # fmt: skip
+                task_status.started((self.host, self.port))
+                await self._stop.wait()
+                log.info("fileserver stopping")
+                nursery.cancel_scope.cancel()
+        finally:
+            # Handlers were cancelled; worker threads doing a store were not
+            # abandoned, so every started transaction finished before this.
+            self._nursery = None
+            self.metrics.stop()
+            self.datadir.clear_address()
+            self.store.close_all()
+            self.datadir.unlock()
+            log.info("fileserver stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _sweeper(self) -> None:
+        while True:
+            await trio.sleep(self.config.sweep_interval)
+            n = 0
+            for n in self.table.sweep(chunk=10_000):  # noqa: B007
+                await trio.lowlevel.checkpoint()  # let requests run between chunks
+            if n:
+                self.metrics.inc("expired", n)
+                event("sweep", expired=n)
+
+    def _on_revoke(self, cid: int) -> None:
+        st = self.breaker.by_cid.get(cid)
+        if st is None:
+            return
+        st.needs_init = True
+        st.delayed.clear()
+        self.metrics.inc("revocations")
+        event("revoke", client=st.uuid)
+        if self._nursery is not None:
+            self._nursery.start_soon(self.breaker.reset_client, st, "table_full")
+
+    # -- connections ---------------------------------------------------------------
+
+    async def _on_connection(self, conn: Connection) -> None:
+        self.metrics.inc("connections")
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            st: ClientState | None = conn.context.get("session")
+            if st is not None and st.conn is conn:
+                st.conn = None
+                self.breaker.mark_down(st, "disconnected")
+
+    async def hello(self, conn: Connection, hello: Any) -> dict[str, Any]:
+        if conn.context.get("admin"):
+            raise RpcError("EPERM", "FS.Hello on an admin connection")
+        if not isinstance(hello, dict) or type(hello.get("uuid")) is not str:
+            raise RpcError("EINVAL", "hello must be a map with a str uuid")
+        uuid = hello["uuid"].lower()
+        if not _UUID.match(uuid):
+            raise RpcError("EINVAL", f"uuid {hello['uuid']!r:.60} is not a canonical UUID")
+        version = hello.get("version", PROTOCOL_VERSION)
+        if type(version) is not int:
+            raise RpcError("EINVAL", "version must be an int")
+        cur: ClientState | None = conn.context.get("session")
+        if cur is not None and cur.uuid != uuid:
+            raise RpcError("EINVAL", "a connection cannot change its client UUID")
+        st, new = self.breaker.client(uuid)
+        async with st.lock:
+            old = st.conn
+            if old is not None and old is not conn:
+                # The new connection replaces the old one (SPEC section 4).
+                st.conn = None
+                if not old.closed and self._nursery is not None:
+                    self._nursery.start_soon(partial(old.aclose, "replaced by a new connection"))
+            st.down = True
+            st.conn = conn
+            conn.context.pop("session", None)
+            ndelayed, needs_init = len(st.delayed), st.needs_init
+            try:
+                await self.breaker.catch_up(st, conn)
+            except (RpcError, trio.TooSlowError) as exc:
+                if st.conn is conn:
+                    st.conn = None
+                log.info("client %s: Hello failed, callbacks not answered: %s", uuid, exc)
+                raise RpcError(
+                    "ETIMEDOUT", "client did not answer callbacks during Hello"
+                ) from None
+            st.down = False
+            st.addr = conn.name
+            st.last_seen = time.time()
+            st.hello_count += 1
+            conn.context["session"] = st
+        self.table.touch(st.cid)
+        event("hello", client=uuid, new=int(new), delayed=ndelayed, dropped=int(needs_init),
+              conn=conn.name)  # fmt: skip
+        return {"uuid": self.uuid, "epoch": self.epoch, "cell": self.cell,
+                "version": PROTOCOL_VERSION, "capabilities": list(CAPABILITIES)}  # fmt: skip
+
+    async def _session(self, conn: Connection) -> ClientState:
+        st: ClientState | None = conn.context.get("session")
+        if st is None:
+            raise RpcError("EPROTO", "FS.Hello must be the first call on a connection")
+        if st.conn is not conn:
+            raise RpcError("EPROTO", "this connection was replaced by a newer one")
+        if st.down:
+            # It missed breaks (did not answer in time): it gets them before
+            # anything else, or loses the connection.
+            async with st.lock:
+                if st.down:
+                    try:
+                        await self.breaker.catch_up(st, conn)
+                    except (RpcError, trio.TooSlowError):
+                        await conn.aclose("client does not answer callbacks")
+                        raise RpcError("ETIMEDOUT", "client does not answer callbacks") from None
+                    st.down = False
+                    event("client_up", client=st.uuid, conn=conn.name)
+        st.last_seen = time.time()
+        self.table.touch(st.cid)
+        return st
+
+    # -- handler wiring --------------------------------------------------------------
+
+    def _wrap(self, method: str, fn: Callable[..., Any], kind: str) -> Callable[..., Any]:
+        lo, hi = _arity(fn, 1)
+        metrics = self.metrics
+
+        async def handler(conn: Connection, *params: Any) -> Any:
+            t0 = time.perf_counter()
+            err: str | None = None
+            try:
+                if not lo <= len(params) <= hi:
+                    raise RpcError("EINVAL", f"{method}: {len(params)} params, want {lo}..{hi}")
+                if kind == "fs":
+                    st = await self._session(conn)
+                    return await fn(st, *params)
+                return await fn(conn, *params)
+            except RpcError as exc:
+                err = exc.code
+                raise
+            except (TypeError, ValueError, KeyError, IndexError):
+                err = "EINVAL"
+                raise
+            except BaseException:
+                err = "EIO"
+                raise
+            finally:
+                metrics.rpc(method, time.perf_counter() - t0, err)
+
+        return handler
+
+    def _build_handlers(self) -> dict[str, Callable[..., Any]]:
+        h: dict[str, Callable[..., Any]] = {FS_HELLO: self._wrap(FS_HELLO, self.hello, "conn")}
+        for name, fn in self.fsops.handlers().items():
+            h[name] = self._wrap(name, fn, "fs")
+        for name, fn in self.vl.handlers().items():
+            h[name] = self._wrap(name, fn, "conn")
+        for name, fn in self.admin.handlers().items():
+            h[name] = self._wrap(name, fn, "conn")
+        return h
+
+    # -- introspection -------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        snap = self.metrics.snapshot()
+        snap["table"] = dict(self.table.stats, promises=self.table.count)
+        snap.update({"server_uuid": self.uuid, "cell": self.cell, "epoch": self.epoch,
+                     "uptime": round(time.time() - self.started_at, 3)})  # fmt: skip
+        return snap
+
+    def client(self, uuid: str) -> ClientState | None:
+        return self.breaker.clients.get(uuid)
