@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,7 +189,8 @@ class FakeServer:
         n = self.add(d.fid, name, ftype, data)
         await self.break_fids([d.fid], except_conn=conn)
         return {"fid": n.fid.to_wire(), "status": n.status(), "callback": self.cb(),
-                "dir_status": d.status(), "dir_callback": self.cb(), "volsync": self.vsync()}  # fmt: skip
+                "dir_status": d.status(), "dir_callback": self.cb(),
+                "volsync": self.vsync()}  # fmt: skip
 
     async def FS_CreateFile(self, conn, cred, dir_fid, name, mode) -> Any:
         return await self._create(conn, dir_fid, name, FileType.FILE)
@@ -225,7 +228,8 @@ class FakeServer:
         return {"fid": fid.to_wire(), "status": self.nodes[fid].status(),
                 "old_dir_status": od.status(), "new_dir_status": nd.status(),
                 "replaced_fid": replaced.to_wire() if replaced else None,
-                "replaced_status": rn.status() if rn else None, "volsync": self.vsync()}  # fmt: skip
+                "replaced_status": rn.status() if rn else None,
+                "volsync": self.vsync()}  # fmt: skip
 
     async def FS_Lookup(self, conn, cred, dir_fid, name) -> Any:
         d = self.node(dir_fid)
@@ -234,7 +238,8 @@ class FakeServer:
             raise RpcError("ENOENT")
         n = self.nodes[fid]
         return {"fid": fid.to_wire(), "status": n.status(), "callback": self.cb(),
-                "dir_status": d.status(), "dir_callback": self.cb(), "volsync": self.vsync()}  # fmt: skip
+                "dir_status": d.status(), "dir_callback": self.cb(),
+                "volsync": self.vsync()}  # fmt: skip
 
     async def FS_ReadDir(self, conn, cred, dir_fid, cookie, max_entries, with_status) -> Any:
         d = self.node(dir_fid)
@@ -263,7 +268,8 @@ class FakeServer:
 
     async def FS_GetVolumeStatus(self, conn, cred, volume_id) -> Any:
         return {"volume_id": volume_id, "name": self.volumes[volume_id], "online": True,
-                "bytes_used": 0, "quota_bytes": 0, "files": len(self.nodes), "block_size": 4096}  # fmt: skip
+                "bytes_used": 0, "quota_bytes": 0, "files": len(self.nodes),
+                "block_size": 4096}  # fmt: skip
 
     async def FS_GiveUpAllCallBacks(self, conn) -> None:
         self.give_ups[conn.context.get("client", "?")] += 1
@@ -325,6 +331,25 @@ def make_cm(net: Network, tmp_path: Any, name: str = "a", cells: CellDB | None =
     kw.setdefault("chunk_size", 4096)
     cfg = CacheConfig(cells=cells, cache_dir=tmp_path / name, connector=net.connector, **kw)
     return CacheManager(cfg)
+
+
+@asynccontextmanager
+async def running(tmp_path: Any, fake: FakeServer | None = None, **kw: Any) -> AsyncIterator[Any]:
+    """A network with one fake server and a started cache manager on it."""
+    async with trio.open_nursery() as nursery:
+        net = Network(nursery)
+        fake = net.add(fake or FakeServer())
+        cm = make_cm(net, tmp_path, **kw)
+        async with cm:
+            yield net, fake, cm
+        nursery.cancel_scope.cancel()
+
+
+async def until(pred: Any, timeout: float = 30.0) -> None:
+    """Poll ``pred`` (state owned by other tasks, no event to wait on)."""
+    with trio.fail_after(timeout):
+        while not pred():  # noqa: ASYNC110
+            await trio.sleep(0.05)
 
 
 # -- checks of the fake itself ------------------------------------------------------
