@@ -1,0 +1,62 @@
+"""Two cache managers against a real fileserver (in-process, TCP on
+127.0.0.1): close-to-open consistency and promise breaks end to end."""
+
+from __future__ import annotations
+
+import trio
+from serverproc import running_server
+
+from afsfuse.cache_manager import CacheConfig, CacheManager
+from afsfuse.cells import CellDB
+
+
+def make(tmp_path, name, server) -> CacheManager:
+    cfg = CacheConfig(
+        cells=CellDB.single((server.host, server.port), name="localcell"),
+        cache_dir=tmp_path / name,
+        chunk_size=64 * 1024,
+        rpc_timeout=10.0,
+        connect_timeout=5.0,
+    )
+    return CacheManager(cfg)
+
+
+async def test_two_clients_close_to_open_and_breaks(tmp_path):
+    with trio.fail_after(30):
+        async with running_server(tmp_path / "fs") as server:
+            async with make(tmp_path, "a", server) as a, make(tmp_path, "b", server) as b:
+                ra = await a.mount_volume(None, "root.cell")
+                rb = await b.mount_volume(None, "root.cell")
+                # A writes a file and closes it.
+                fa = await a.create(ra, b"hello.txt", 0o644)
+                h = await a.open(fa, flags=2)
+                await a.write(h, 0, b"first version")
+                await a.flush(h)
+                await a.release(h)
+                # B opens it after A's close: it sees A's data.
+                fb = await b.lookup(rb, b"hello.txt")
+                hb = await b.open(fb)
+                assert await b.read(hb, 0, 100) == b"first version"
+                await b.release(hb)
+                assert fb.promise is not None
+                breaks_before = fb.cb_break
+                # A changes it again: the server breaks B's promise before
+                # answering A's store, so B's next read fetches the new data.
+                h = await a.open(fa, flags=2)
+                await a.write(h, 0, b"SECOND")
+                await a.release(h)
+                assert fb.cb_break == breaks_before + 1
+                assert fb.promise is None
+                assert b.stats.breaks >= 1
+                hb = await b.open(fb)
+                assert hb.keep_cache is False
+                assert await b.read(hb, 0, 100) == b"SECONDversion"
+                await b.release(hb)
+                # Directory changes reach B the same way.
+                await a.unlink(ra, b"hello.txt")
+                names = [e.name for e in await b.readdir(rb)]
+                assert b"hello.txt" not in names
+                assert a.stats.rpc["FS.StoreData"] == 2
+            # Each client gave its promises up once, at close.
+            assert a.stats.rpc["FS.GiveUpAllCallBacks"] == 1
+            assert b.stats.rpc["FS.GiveUpAllCallBacks"] == 1
