@@ -1,0 +1,242 @@
+"""Run a fileserver for tests: as a subprocess (``ServerProcess``) or inside
+the test's trio loop (``running_server``), plus ``fs_client``, a
+protocol-level client that records the CB.* calls it receives.
+
+Subprocess::
+
+    with ServerProcess(tmp_path / "fs", extra_args=["--callback-duration", "5"]) as srv:
+        ... connect to (srv.host, srv.port) ...
+        srv.kill()            # SIGKILL, e.g. for crash tests
+        srv.start()           # same data dir, new epoch
+
+In-process (trio test)::
+
+    async with running_server(tmp_path / "fs", break_timeout=0.5) as server:
+        async with fs_client(server.host, server.port) as c:
+            root = await c.root_fid()
+            r = await c.call("FS.FetchStatus", None, root)
+
+Only processes started here are ever signalled, by pid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from fileserver.config import ADDRESS_FILE, PID_FILE, ServerConfig
+from fileserver.server import FileServer
+from protocol.connection import Connection, open_connection
+from protocol.records import Fid
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ServerProcess:
+    """A fileserver subprocess on 127.0.0.1 with a random port."""
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 20.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.extra_args = list(extra_args)
+        self.startup_timeout = startup_timeout
+        self.python = python
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.host = ""
+        self.port = 0
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.server.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def start(self) -> ServerProcess:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("already running")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for name in (ADDRESS_FILE, PID_FILE):  # stale after a SIGKILL
+            (self.data_dir / name).unlink(missing_ok=True)
+        cmd = [self.python, "-m", "fileserver.cli", "serve", "--data-dir", str(self.data_dir),
+               "--listen", "127.0.0.1:0", *self.extra_args]  # fmt: skip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logf,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
+        finally:
+            logf.close()
+        deadline = time.monotonic() + self.startup_timeout
+        addr_file = self.data_dir / ADDRESS_FILE
+        pid_file = self.data_dir / PID_FILE
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fileserver exited with {self.proc.returncode}:\n"
+                                   f"{self.log_text()[-3000:]}")  # fmt: skip
+            try:
+                if int(pid_file.read_text()) == self.proc.pid:
+                    host, _, port = addr_file.read_text().strip().rpartition(":")
+                    self.host, self.port = host, int(port)
+                    return self
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"fileserver did not start in {self.startup_timeout} s:\n"
+                           f"{self.log_text()[-3000:]}")  # fmt: skip
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL.  Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@asynccontextmanager
+async def running_server(data_dir: Path | str, **config: Any) -> AsyncIterator[FileServer]:
+    """Run a FileServer in the current trio loop on 127.0.0.1:<random>."""
+    cfg = ServerConfig(data_dir=Path(data_dir), host="127.0.0.1", port=0, **config)
+    server = FileServer(cfg)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+class FsTestClient:
+    """A protocol-level client: FS.* calls out, CB.* calls recorded.
+
+    ``log`` holds ``(kind, payload, trio time)`` in arrival order: ``("break",
+    [Fid, ...])``, ``("init", server_uuid)``.  Set ``hang`` to make CB.CallBack
+    never answer (a client that is alive on TCP but stuck).
+    """
+
+    def __init__(self, uuid: str | None = None, *, hang: bool = False) -> None:
+        self.uuid = uuid or str(uuidlib.uuid4())
+        self.hang = hang
+        self.log: list[tuple[str, Any, float]] = []
+        self.conn: Connection | None = None
+        self.hello: dict[str, Any] = {}
+        self.changed = trio.Event()
+
+    def _note(self, kind: str, payload: Any) -> None:
+        self.log.append((kind, payload, trio.current_time()))
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def _cb_callback(self, conn: Connection, fids: list[Any]) -> None:
+        if self.hang:
+            await trio.sleep_forever()
+        self._note("break", [Fid.from_wire(f) for f in fids])
+
+    async def _cb_init(self, conn: Connection, server_uuid: str) -> None:
+        if self.hang:
+            await trio.sleep_forever()
+        self._note("init", server_uuid)
+
+    async def _cb_probe(self, conn: Connection) -> None:
+        return None
+
+    async def _cb_probe_uuid(self, conn: Connection, uuid: str) -> bool:
+        return uuid == self.uuid
+
+    def handlers(self) -> dict[str, Any]:
+        return {"CB.CallBack": self._cb_callback, "CB.InitCallBackState3": self._cb_init,
+                "CB.Probe": self._cb_probe, "CB.ProbeUuid": self._cb_probe_uuid}  # fmt: skip
+
+    @property
+    def breaks(self) -> list[Fid]:
+        return [f for kind, fids, _ in self.log if kind == "break" for f in fids]
+
+    @property
+    def inits(self) -> int:
+        return sum(1 for kind, _, _ in self.log if kind == "init")
+
+    async def call(self, method: str, *params: Any, timeout: float | None = 30) -> Any:
+        assert self.conn is not None
+        return await self.conn.call(method, *params, timeout=timeout)
+
+    async def say_hello(self) -> dict[str, Any]:
+        self.hello = await self.call(
+            "FS.Hello", {"uuid": self.uuid, "version": 1, "capabilities": []}
+        )
+        return self.hello
+
+    async def root_fid(self, volume: str = "root.cell") -> list[int]:
+        e = await self.call("VL.GetEntryByName", volume)
+        return [e["volume_id"], 1, 1]
+
+    async def wait_for(self, pred: Any, timeout: float = 5.0) -> None:
+        with trio.fail_after(timeout):
+            while not pred():
+                await self.changed.wait()
+
+
+@asynccontextmanager
+async def fs_client(
+    host: str,
+    port: int,
+    *,
+    uuid: str | None = None,
+    hang: bool = False,
+    hello: bool = True,
+    client: FsTestClient | None = None,
+) -> AsyncIterator[FsTestClient]:
+    """Connect a FsTestClient (reusing ``client`` keeps its UUID and log)."""
+    c = client or FsTestClient(uuid, hang=hang)
+    async with open_connection(host, port, c.handlers(), name=f"client-{c.uuid[:8]}") as conn:
+        c.conn = conn
+        if hello:
+            await c.say_hello()
+        yield c
+
+
+INF = math.inf
