@@ -240,3 +240,12 @@ async def fs_client(
 
 
 INF = math.inf
+
+
+async def wait_until(pred: Any, timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll ``pred()`` (server-side state has no event to wait on) up to ``timeout``."""
+    with trio.fail_after(timeout):
+        while True:
+            if pred():
+                return
+            await trio.sleep(interval)

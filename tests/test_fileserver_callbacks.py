@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import trio
+from serverproc import fs_client, running_server, wait_until
 
 from protocol.errors import RpcError
 from protocol.records import Fid
-from serverproc import fs_client, running_server
 
 
 async def _mkfile(c, root, name: bytes = b"f"):
@@ -15,85 +15,93 @@ async def _mkfile(c, root, name: bytes = b"f"):
 
 
 async def test_store_breaks_other_holder_before_reply(tmp_path):
-    async with running_server(tmp_path / "fs") as srv:
-        async with fs_client(srv.host, srv.port) as x, fs_client(srv.host, srv.port) as y:
-            root = await x.root_fid()
-            fid = await _mkfile(x, root)
-            r = await y.call("FS.FetchStatus", None, fid)
-            assert r["callback"][1] > 0
-            await x.call("FS.StoreData", None, fid, 0, b"hello", None, None)
-            # The break reached Y before X's reply came back: no waiting here.
-            assert Fid(*fid) in y.breaks
-            assert x.breaks == []  # the changer's own promise is not broken
-            # Y's promise is gone from the table; X never had one broken.
-            assert srv.table.holders(Fid(*fid)).keys() == {srv.client(x.uuid).cid}
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        root = await x.root_fid()
+        fid = await _mkfile(x, root)
+        r = await y.call("FS.FetchStatus", None, fid)
+        assert r["callback"][1] > 0
+        await x.call("FS.StoreData", None, fid, 0, b"hello", None, None)
+        # The break reached Y before X's reply came back: no waiting here.
+        assert Fid(*fid) in y.breaks
+        assert x.breaks == []  # the changer's own promise is not broken
+        # Y's promise is gone from the table; X never had one broken.
+        assert srv.table.holders(Fid(*fid)).keys() == {srv.client(x.uuid).cid}
 
 
 async def test_three_clients_parallel_and_directory_breaks(tmp_path):
-    async with running_server(tmp_path / "fs") as srv:
-        async with (
-            fs_client(srv.host, srv.port) as x,
-            fs_client(srv.host, srv.port) as y,
-            fs_client(srv.host, srv.port) as z,
-        ):
-            root = await x.root_fid()
-            for c in (y, z):
-                await c.call("FS.ReadDir", None, root, None, 100, False)
-            fid = await _mkfile(x, root)
-            # Creating in root breaks root for Y and Z (not for X).
-            assert Fid(*root) in y.breaks and Fid(*root) in z.breaks
-            assert x.breaks == []
-            await y.call("FS.Lookup", None, root, b"f")
-            await z.call("FS.Lookup", None, root, b"f")
-            n_y, n_z = len(y.breaks), len(z.breaks)
-            await x.call("FS.Rename", None, root, b"f", root, b"g", 0)
-            assert {Fid(*root), Fid(*fid)} <= set(y.breaks[n_y:])
-            assert {Fid(*root), Fid(*fid)} <= set(z.breaks[n_z:])
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+        fs_client(srv.host, srv.port) as z,
+    ):
+        root = await x.root_fid()
+        for c in (y, z):
+            await c.call("FS.ReadDir", None, root, None, 100, False)
+        fid = await _mkfile(x, root)
+        # Creating in root breaks root for Y and Z (not for X).
+        assert Fid(*root) in y.breaks and Fid(*root) in z.breaks
+        assert x.breaks == []
+        await y.call("FS.Lookup", None, root, b"f")
+        await z.call("FS.Lookup", None, root, b"f")
+        n_y, n_z = len(y.breaks), len(z.breaks)
+        await x.call("FS.Rename", None, root, b"f", root, b"g", 0)
+        assert {Fid(*root), Fid(*fid)} <= set(y.breaks[n_y:])
+        assert {Fid(*root), Fid(*fid)} <= set(z.breaks[n_z:])
 
 
 async def test_rename_breaks_both_dirs_and_replaced_target(tmp_path):
-    async with running_server(tmp_path / "fs") as srv:
-        async with fs_client(srv.host, srv.port) as x, fs_client(srv.host, srv.port) as y:
-            root = await x.root_fid()
-            d1 = (await x.call("FS.MakeDir", None, root, b"d1", 0o755))["fid"]
-            d2 = (await x.call("FS.MakeDir", None, root, b"d2", 0o755))["fid"]
-            a = (await x.call("FS.CreateFile", None, d1, b"a", 0o644))["fid"]
-            b = (await x.call("FS.CreateFile", None, d2, b"b", 0o644))["fid"]
-            for f in (d1, d2, a, b):
-                await y.call("FS.FetchStatus", None, f)
-            await x.call("FS.Rename", None, d1, b"a", d2, b"b", 0)
-            assert {Fid(*d1), Fid(*d2), Fid(*a), Fid(*b)} <= set(y.breaks)
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        root = await x.root_fid()
+        d1 = (await x.call("FS.MakeDir", None, root, b"d1", 0o755))["fid"]
+        d2 = (await x.call("FS.MakeDir", None, root, b"d2", 0o755))["fid"]
+        a = (await x.call("FS.CreateFile", None, d1, b"a", 0o644))["fid"]
+        b = (await x.call("FS.CreateFile", None, d2, b"b", 0o644))["fid"]
+        for f in (d1, d2, a, b):
+            await y.call("FS.FetchStatus", None, f)
+        await x.call("FS.Rename", None, d1, b"a", d2, b"b", 0)
+        assert {Fid(*d1), Fid(*d2), Fid(*a), Fid(*b)} <= set(y.breaks)
 
 
 async def test_hung_client_does_not_hold_writer_and_gets_delayed_break(tmp_path):
-    async with running_server(tmp_path / "fs", break_timeout=0.5) as srv:
-        async with fs_client(srv.host, srv.port) as x:
-            root = await x.root_fid()
-            fid = await _mkfile(x, root)
-            y_uuid = None
-            async with fs_client(srv.host, srv.port) as y:
-                y_uuid = y.uuid
-                await y.call("FS.FetchStatus", None, fid)
-                y.hang = True
-                t0 = trio.current_time()
-                await x.call("FS.StoreData", None, fid, 0, b"v1", None, None)
-                took = trio.current_time() - t0
-                assert 0.4 < took < 1.5, took  # bounded by break_timeout, not longer
-                st = srv.client(y.uuid)
-                assert st.down and Fid(*fid) in st.delayed
-                # Further changes while it is down are delayed without waiting.
-                t0 = trio.current_time()
-                await x.call("FS.CreateFile", None, root, b"other", 0o644)
-                assert trio.current_time() - t0 < 0.4
-            # Y comes back on a new connection with the same UUID: delayed
-            # breaks arrive before its Hello reply.
-            async with fs_client(srv.host, srv.port, uuid=y_uuid) as y2:
-                assert Fid(*fid) in y2.breaks
-                assert y2.inits == 0  # not a new client: delayed breaks, no reset
-                assert srv.client(y_uuid).delayed == set()
-                assert not srv.client(y_uuid).down
-            assert srv.metrics.counts["breaks_delayed"] >= 1
-            assert srv.metrics.counts["delayed_delivered"] >= 1
+    async with (
+        running_server(tmp_path / "fs", break_timeout=0.5) as srv,
+        fs_client(srv.host, srv.port) as x,
+    ):
+        root = await x.root_fid()
+        fid = await _mkfile(x, root)
+        y_uuid = None
+        async with fs_client(srv.host, srv.port) as y:
+            y_uuid = y.uuid
+            await y.call("FS.FetchStatus", None, fid)
+            y.hang = True
+            t0 = trio.current_time()
+            await x.call("FS.StoreData", None, fid, 0, b"v1", None, None)
+            took = trio.current_time() - t0
+            assert 0.4 < took < 1.5, took  # bounded by break_timeout, not longer
+            st = srv.client(y.uuid)
+            assert st.down and Fid(*fid) in st.delayed
+            # Further changes while it is down are delayed without waiting.
+            t0 = trio.current_time()
+            await x.call("FS.CreateFile", None, root, b"other", 0o644)
+            assert trio.current_time() - t0 < 0.4
+        # Y comes back on a new connection with the same UUID: delayed
+        # breaks arrive before its Hello reply.
+        async with fs_client(srv.host, srv.port, uuid=y_uuid) as y2:
+            assert Fid(*fid) in y2.breaks
+            assert y2.inits == 0  # not a new client: delayed breaks, no reset
+            assert srv.client(y_uuid).delayed == set()
+            assert not srv.client(y_uuid).down
+        assert srv.metrics.counts["breaks_delayed"] >= 1
+        assert srv.metrics.counts["delayed_delivered"] >= 1
 
 
 async def test_new_client_gets_init_callback_state_at_hello(tmp_path):
@@ -106,119 +114,131 @@ async def test_new_client_gets_init_callback_state_at_hello(tmp_path):
         async with fs_client(srv.host, srv.port, uuid=uuid) as c2:
             assert c2.inits == 0
     # Restarted server: new epoch, client unknown again.
-    async with running_server(tmp_path / "fs") as srv2:
-        async with fs_client(srv2.host, srv2.port, uuid=uuid) as c3:
-            assert c3.inits == 1
-            assert c3.hello["epoch"] != 0
+    async with (
+        running_server(tmp_path / "fs") as srv2,
+        fs_client(srv2.host, srv2.port, uuid=uuid) as c3,
+    ):
+        assert c3.inits == 1
+        assert c3.hello["epoch"] != 0
 
 
 async def test_fs_before_hello_is_eproto(tmp_path):
-    async with running_server(tmp_path / "fs") as srv:
-        async with fs_client(srv.host, srv.port, hello=False) as c:
-            root = await c.root_fid()  # VL works without Hello
-            try:
-                await c.call("FS.FetchStatus", None, root)
-            except RpcError as exc:
-                assert exc.code == "EPROTO"
-            else:
-                raise AssertionError("FS call before Hello succeeded")
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port, hello=False) as c,
+    ):
+        root = await c.root_fid()  # VL works without Hello
+        try:
+            await c.call("FS.FetchStatus", None, root)
+        except RpcError as exc:
+            assert exc.code == "EPROTO"
+        else:
+            raise AssertionError("FS call before Hello succeeded")
 
 
 async def test_volume_break_reaches_every_holder(tmp_path):
-    async with running_server(tmp_path / "fs") as srv:
-        async with fs_client(srv.host, srv.port) as x, fs_client(srv.host, srv.port) as y:
-            root = await x.root_fid()
-            await x.call("FS.FetchStatus", None, root)
-            await y.call("FS.FetchStatus", None, root)
-            await srv.breaker.break_volume_all(root[0])
-            vol = Fid(root[0], 0, 0)
-            assert vol in x.breaks and vol in y.breaks
-            assert srv.table.count == 0
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        root = await x.root_fid()
+        await x.call("FS.FetchStatus", None, root)
+        await y.call("FS.FetchStatus", None, root)
+        await srv.breaker.break_volume_all(root[0])
+        vol = Fid(root[0], 0, 0)
+        assert vol in x.breaks and vol in y.breaks
+        assert srv.table.count == 0
 
 
 async def test_give_up_all_callbacks(tmp_path):
-    async with running_server(tmp_path / "fs") as srv:
-        async with fs_client(srv.host, srv.port) as x, fs_client(srv.host, srv.port) as y:
-            root = await x.root_fid()
-            fid = await _mkfile(x, root)
-            await y.call("FS.FetchStatus", None, fid)
-            await y.call("FS.FetchStatus", None, root)
-            assert srv.table.client_count(srv.client(y.uuid).cid) == 2
-            assert await y.call("FS.GiveUpAllCallBacks") is None
-            assert srv.table.client_count(srv.client(y.uuid).cid) == 0
-            assert srv.metrics.rpcs["FS.GiveUpAllCallBacks"] == 1
-            assert srv.metrics.counts["promises_given_up"] == 2
-            await x.call("FS.StoreData", None, fid, 0, b"x", None, None)
-            assert Fid(*fid) not in y.breaks  # nothing to break any more
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        root = await x.root_fid()
+        fid = await _mkfile(x, root)
+        await y.call("FS.FetchStatus", None, fid)
+        await y.call("FS.FetchStatus", None, root)
+        assert srv.table.client_count(srv.client(y.uuid).cid) == 2
+        assert await y.call("FS.GiveUpAllCallBacks") is None
+        assert srv.table.client_count(srv.client(y.uuid).cid) == 0
+        assert srv.metrics.rpcs["FS.GiveUpAllCallBacks"] == 1
+        assert srv.metrics.counts["promises_given_up"] == 2
+        await x.call("FS.StoreData", None, fid, 0, b"x", None, None)
+        assert Fid(*fid) not in y.breaks  # nothing to break any more
 
 
 async def test_disconnected_client_gets_delayed_break_on_return(tmp_path):
-    async with running_server(tmp_path / "fs") as srv:
-        async with fs_client(srv.host, srv.port) as x:
-            root = await x.root_fid()
-            fid = await _mkfile(x, root)
-            async with fs_client(srv.host, srv.port) as y:
-                uuid = y.uuid
-                await y.call("FS.FetchStatus", None, fid)
-            with trio.fail_after(5):
-                while not srv.client(uuid).down:
-                    await trio.sleep(0.01)
-            t0 = trio.current_time()
-            await x.call("FS.StoreData", None, fid, 0, b"zz", None, None)
-            assert trio.current_time() - t0 < 0.5  # down client: no waiting at all
-            async with fs_client(srv.host, srv.port, uuid=uuid) as y2:
-                assert y2.breaks == [Fid(*fid)]
+    async with running_server(tmp_path / "fs") as srv, fs_client(srv.host, srv.port) as x:
+        root = await x.root_fid()
+        fid = await _mkfile(x, root)
+        async with fs_client(srv.host, srv.port) as y:
+            uuid = y.uuid
+            await y.call("FS.FetchStatus", None, fid)
+        await wait_until(lambda: srv.client(uuid).down, 5)
+        t0 = trio.current_time()
+        await x.call("FS.StoreData", None, fid, 0, b"zz", None, None)
+        assert trio.current_time() - t0 < 0.5  # down client: no waiting at all
+        async with fs_client(srv.host, srv.port, uuid=uuid) as y2:
+            assert y2.breaks == [Fid(*fid)]
 
 
 async def test_too_many_delayed_becomes_init_callback_state(tmp_path):
-    async with running_server(tmp_path / "fs", max_delayed=3) as srv:
-        async with fs_client(srv.host, srv.port) as x:
-            root = await x.root_fid()
-            fids = [await _mkfile(x, root, b"f%d" % i) for i in range(5)]
-            async with fs_client(srv.host, srv.port) as y:
-                uuid = y.uuid
-                for f in fids:
-                    await y.call("FS.FetchStatus", None, f)
-            with trio.fail_after(5):
-                while not srv.client(uuid).down:
-                    await trio.sleep(0.01)
+    async with (
+        running_server(tmp_path / "fs", max_delayed=3) as srv,
+        fs_client(srv.host, srv.port) as x,
+    ):
+        root = await x.root_fid()
+        fids = [await _mkfile(x, root, b"f%d" % i) for i in range(5)]
+        async with fs_client(srv.host, srv.port) as y:
+            uuid = y.uuid
             for f in fids:
-                await x.call("FS.StoreData", None, f, 0, b"zz", None, None)
-            async with fs_client(srv.host, srv.port, uuid=uuid) as y2:
-                assert y2.inits == 1 and y2.breaks == []
+                await y.call("FS.FetchStatus", None, f)
+        await wait_until(lambda: srv.client(uuid).down, 5)
+        for f in fids:
+            await x.call("FS.StoreData", None, f, 0, b"zz", None, None)
+        async with fs_client(srv.host, srv.port, uuid=uuid) as y2:
+            assert y2.inits == 1 and y2.breaks == []
 
 
 async def test_second_connection_replaces_first(tmp_path):
-    async with running_server(tmp_path / "fs") as srv:
-        async with fs_client(srv.host, srv.port) as a:
-            async with fs_client(srv.host, srv.port, uuid=a.uuid) as b:
-                with trio.fail_after(5):
-                    await a.conn.wait_closed()
-                root = await b.root_fid()
-                await b.call("FS.FetchStatus", None, root)
-                assert not srv.client(a.uuid).down
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as a,
+        fs_client(srv.host, srv.port, uuid=a.uuid) as b,
+    ):
+        with trio.fail_after(5):
+            await a.conn.wait_closed()
+        root = await b.root_fid()
+        await b.call("FS.FetchStatus", None, root)
+        assert not srv.client(a.uuid).down
 
 
 async def test_table_full_revokes_least_recent_client(tmp_path):
-    async with running_server(tmp_path / "fs", max_callbacks=4) as srv:
-        async with fs_client(srv.host, srv.port) as old, fs_client(srv.host, srv.port) as new:
-            root = await old.root_fid()
-            fids = [await _mkfile(old, root, b"f%d" % i) for i in range(3)]
-            await new.call("FS.FetchStatus", None, fids[0])
-            await new.call("FS.FetchStatus", None, fids[1])
-            await new.call("FS.FetchStatus", None, fids[2])  # table over its bound
-            await old.wait_for(lambda: old.inits == 2)  # one at Hello, one revocation
-            assert srv.table.client_count(srv.client(old.uuid).cid) == 0
-            assert srv.metrics.counts["revocations"] == 1
+    async with (
+        running_server(tmp_path / "fs", max_callbacks=4) as srv,
+        fs_client(srv.host, srv.port) as old,
+        fs_client(srv.host, srv.port) as new,
+    ):
+        root = await old.root_fid()
+        fids = [await _mkfile(old, root, b"f%d" % i) for i in range(3)]
+        await new.call("FS.FetchStatus", None, fids[0])
+        await new.call("FS.FetchStatus", None, fids[1])
+        await new.call("FS.FetchStatus", None, fids[2])  # table over its bound
+        await old.wait_for(lambda: old.inits == 2)  # one at Hello, one revocation
+        assert srv.table.client_count(srv.client(old.uuid).cid) == 0
+        assert srv.metrics.counts["revocations"] == 1
 
 
 async def test_promise_expiry_is_swept(tmp_path):
-    async with running_server(tmp_path / "fs", callback_duration=1, sweep_interval=0.2) as srv:
-        async with fs_client(srv.host, srv.port) as x:
-            root = await x.root_fid()
-            r = await x.call("FS.FetchStatus", None, root)
-            assert r["callback"][1] == 1
-            with trio.fail_after(10):
-                while srv.table.count:
-                    await trio.sleep(0.1)
-            assert srv.metrics.counts["expired"] == 1
+    async with (
+        running_server(tmp_path / "fs", callback_duration=1, sweep_interval=0.2) as srv,
+        fs_client(srv.host, srv.port) as x,
+    ):
+        root = await x.root_fid()
+        r = await x.call("FS.FetchStatus", None, root)
+        assert r["callback"][1] == 1
+        await wait_until(lambda: srv.table.count == 0, 10)
+        assert srv.metrics.counts["expired"] == 1

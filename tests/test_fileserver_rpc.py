@@ -18,25 +18,29 @@ async def expect(code: str, coro) -> RpcError:
 
 @pytest.fixture
 async def env(tmp_path):
-    async with running_server(tmp_path / "fs", break_timeout=1) as srv:
-        async with fs_client(srv.host, srv.port) as c:
-            c.root = await c.root_fid()
-            c.server = srv
-            yield c
+    async with (
+        running_server(tmp_path / "fs", break_timeout=1) as srv,
+        fs_client(srv.host, srv.port) as c,
+    ):
+        c.root = await c.root_fid()
+        c.server = srv
+        yield c
 
 
 async def test_hello_result_and_bad_hello(tmp_path):
-    async with running_server(tmp_path / "fs") as srv:
-        async with fs_client(srv.host, srv.port, hello=False) as c:
-            await expect("EINVAL", c.call("FS.Hello", {"uuid": "not-a-uuid"}))
-            await expect("EINVAL", c.call("FS.Hello", "x"))
-            await expect("EINVAL", c.call("FS.Hello"))
-            r = await c.say_hello()
-            assert r["uuid"] == srv.uuid and r["cell"] == "localcell" and r["version"] == 1
-            assert isinstance(r["epoch"], int) and isinstance(r["capabilities"], list)
-            await expect(
-                "EINVAL", c.call("FS.Hello", {"uuid": "0" * 8 + "-0000-4000-8000-" + "0" * 12})
-            )
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port, hello=False) as c,
+    ):
+        await expect("EINVAL", c.call("FS.Hello", {"uuid": "not-a-uuid"}))
+        await expect("EINVAL", c.call("FS.Hello", "x"))
+        await expect("EINVAL", c.call("FS.Hello"))
+        r = await c.say_hello()
+        assert r["uuid"] == srv.uuid and r["cell"] == "localcell" and r["version"] == 1
+        assert isinstance(r["epoch"], int) and isinstance(r["capabilities"], list)
+        await expect(
+            "EINVAL", c.call("FS.Hello", {"uuid": "0" * 8 + "-0000-4000-8000-" + "0" * 12})
+        )
 
 
 async def test_fetch_status_root(env):
