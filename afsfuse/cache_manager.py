@@ -68,7 +68,7 @@ from afsfuse.cells import Address, Cell, CellDB
 from afsfuse.datacache import DataCache
 from afsfuse.dircache import DirListing, own_change_applies
 from afsfuse.invalidation import Invalidate, InvalidationQueue
-from afsfuse.server_record import Connector, ServerRecord, tcp_connector
+from afsfuse.server_record import Connector, NoConnection, ServerRecord, tcp_connector
 from afsfuse.stats import Stats, log_event
 from afsfuse.validation import (
     CallSnapshot,
@@ -92,7 +92,19 @@ log = logging.getLogger(__name__)
 Cred = tuple[int, int, Sequence[int]] | None
 
 O_TRUNC = os.O_TRUNC
+#: Calls that change nothing: safe to send again after a reconnect.
+_RETRYABLE = frozenset(
+    {
+        M.FS_FETCH_STATUS,
+        M.FS_FETCH_DATA,
+        M.FS_LOOKUP,
+        M.FS_READ_DIR,
+        M.FS_INLINE_BULK_STATUS,
+        M.FS_GET_VOLUME_STATUS,
+    }
+)
 RENAME_NOREPLACE = 1
+_MAX_NAMES = 4096  # lookup results cached per directory (per DV)
 
 
 @dataclass
@@ -274,10 +286,23 @@ class CacheManager:
 
         ``snap`` is re-taken at the moment the call is issued, after any wait
         for a (re)connection, whose Hello may itself bring breaks."""
-        try:
-            return await server.call(method, *params, on_issue=snap.retake if snap else None)
-        except OSError as exc:
-            raise ConnectionLost(f"{method}: {exc!r}") from exc
+        retries = 1 if method in _RETRYABLE else 0
+        while True:
+            try:
+                return await server.call(method, *params, on_issue=snap.retake if snap else None)
+            except NoConnection:
+                raise
+            except ConnectionLost:
+                # A read-only call lost to a dropped connection is sent again
+                # once the record has reconnected (bounded by connect_timeout);
+                # its snapshot is re-taken then, so breaks delivered at the
+                # reconnect still void the promise it returns.
+                if retries <= 0 or server.destroyed:
+                    raise
+                retries -= 1
+                log.info("%s: connection lost, retrying after reconnect", method)
+            except OSError as exc:
+                raise ConnectionLost(f"{method}: {exc!r}") from exc
 
     # -- volume location ----------------------------------------------------
 
@@ -400,17 +425,52 @@ class CacheManager:
             except RpcError as exc:
                 if exc.code != "ESTALE":
                     raise
+        names = dir.names
+        if names is not None and names[0] == dst.data_version and name in names[1]:
+            fid = names[1][name]
+            if fid is None:
+                self.stats.cache_hits += 1
+                raise _err("ENOENT")  # negative entry, valid while the DV holds
+            child = dir.volume.get(fid)
+            try:
+                await validate(self, child, wc)
+                self.stats.cache_hits += 1
+                return child
+            except RpcError as exc:
+                if exc.code != "ESTALE":
+                    raise
         vol = dir.volume
         server = vol.server
         snap = CallSnapshot(vol, server, (dir,))
-        reply = await self.rpc(server, M.FS_LOOKUP, wc, dir.fid, name, snap=snap)
+        try:
+            reply = await self.rpc(server, M.FS_LOOKUP, wc, dir.fid, name, snap=snap)
+        except RpcError as exc:
+            if exc.code == "ENOENT":
+                self._remember_name(dir, dst.data_version, name, None, snap)
+            raise
         note_volsync(self, vol, reply.get("volsync"))
         await self._apply_locked(dir, reply["dir_status"], reply.get("dir_callback"), snap)
-        child = vol.get(Fid.from_wire(reply["fid"]))
+        fid = Fid.from_wire(reply["fid"])
+        child = vol.get(fid)
         await self._apply_locked(child, reply["status"], reply.get("callback"), snap)
         if child.deleted or child.status is None:
             raise _err("ENOENT")
+        dir_dv = FileStatus.from_wire(reply["dir_status"]).data_version
+        self._remember_name(dir, dir_dv, name, fid, snap)
         return child
+
+    def _remember_name(
+        self, d: Vnode, dv: int, name: bytes, fid: Fid | None, snap: CallSnapshot
+    ) -> None:
+        """Cache one lookup result (None: no such name) for directory DV ``dv``,
+        only if the directory is still at ``dv`` under an intact promise."""
+        if snap.broken(d) is not None or d.data_version != dv:
+            return
+        if d.promise_state(trio.current_time()) != "ok":
+            return
+        if d.names is None or d.names[0] != dv or len(d.names[1]) >= _MAX_NAMES:
+            d.names = (dv, {})
+        d.names[1][name] = fid
 
     async def _fetch_listing(self, d: Vnode, cred: Any) -> DirListing:
         """Fetch the whole listing (paged, with statuses); restart when the
@@ -811,11 +871,33 @@ class CacheManager:
     async def _fetch_chunks(self, v: Vnode, cred: Any, dv: int, indices: list[int]) -> bool:
         """FetchData the chunks ``indices`` of ``dv`` (contiguous runs, <= MAX_IO
         each).  False if the file's DV is no longer ``dv``."""
+        # Chunks another task is fetching right now are waited for, not refetched.
+        waits: list[trio.Event] = []
+        mine: list[int] = []
+        for i in sorted(set(indices)):
+            ev = v.inflight.get((dv, i))
+            if ev is not None:
+                waits.append(ev)
+            else:
+                v.inflight[(dv, i)] = trio.Event()
+                mine.append(i)
+        try:
+            ok = await self._fetch_runs(v, cred, dv, mine)
+        finally:
+            for i in mine:
+                ev = v.inflight.pop((dv, i), None)
+                if ev is not None:
+                    ev.set()
+        for ev in waits:
+            await ev.wait()
+        return ok
+
+    async def _fetch_runs(self, v: Vnode, cred: Any, dv: int, indices: list[int]) -> bool:
         cs = self.datacache.chunk_size
         server_size = v.status.size if v.status is not None else 0
         per_call = max(1, MAX_IO // cs)
         runs: list[list[int]] = []
-        for i in sorted(set(indices)):
+        for i in indices:
             if i * cs >= server_size:
                 # Past the server's EOF (extended locally): nothing to fetch.
                 if (dv, i) not in set(self.datacache.dirty_chunks(v.fid)):
@@ -970,10 +1052,14 @@ class CacheManager:
             vnode.volume.servers[0] if vnode.volume.servers else None
         )  # fmt: skip
         info["server"] = rec.uuid if rec is not None else None
-        info["cached_chunks"] = sum(
-            1 for d, _ in self.datacache._by_fid.get(vnode.fid, ())
-            if d == vnode.data_version
-        ) if hasattr(self.datacache, "_by_fid") else None  # fmt: skip
+        dv, size = vnode.data_version, vnode.size()
+        if dv is not None and size:
+            cs = self.datacache.chunk_size
+            total = (size + cs - 1) // cs
+            info["cached_chunks"] = total - len(
+                self.datacache.missing(vnode.fid, dv, 0, size, size)
+            )
+        info["dirty_chunks"] = len(self.datacache.dirty_chunks(vnode.fid))
         return info
 
     def flush_vnode(self, vnode: Vnode) -> None:

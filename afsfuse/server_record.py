@@ -42,6 +42,10 @@ async def tcp_connector(host: str, port: int) -> trio.abc.Stream:
     return await trio.open_tcp_stream(host, port)
 
 
+class NoConnection(ConnectionLost):
+    """No connection to the server could be had in time (nothing was sent)."""
+
+
 class ServerRecord:
     def __init__(
         self,
@@ -193,7 +197,7 @@ class ServerRecord:
     async def connection(self) -> Connection:
         """The live connection, waiting (bounded) for a reconnect."""
         if self.destroyed:
-            raise ConnectionLost(f"server record {self.uuid} was destroyed")
+            raise NoConnection(f"server record {self.uuid} was destroyed")
         conn = self.conn
         if conn is not None and not conn.closed:
             return conn
@@ -204,7 +208,7 @@ class ServerRecord:
                 if conn is not None and not conn.closed:
                     return conn
                 await trio.lowlevel.checkpoint()
-        raise ConnectionLost(f"no connection to server {self.uuid}: {self.last_error}")
+        raise NoConnection(f"no connection to server {self.uuid}: {self.last_error}")
 
     async def call(
         self,
@@ -247,4 +251,4 @@ class ServerRecord:
         return 0.0 if self.idle_since is None else now - self.idle_since
 
 
-__all__ = ["Connector", "ServerRecord", "tcp_connector"]
+__all__ = ["Connector", "NoConnection", "ServerRecord", "tcp_connector"]

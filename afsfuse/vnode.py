@@ -63,6 +63,8 @@ class Vnode:
         self.listing: DirListing | None = None  # directories only
         self.old_listing: DirListing | None = None  # zapped one, to diff for the kernel
         self.symlink: tuple[int, bytes] | None = None  # (dv, target)
+        self.names: tuple[int, dict[bytes, Fid | None]] | None = None  # (dir dv, lookups)
+        self.inflight: dict[tuple[int, int], trio.Event] = {}  # (dv, chunk) being fetched
         self.open_count = 0
         self.kernel_dv: int | None = None  # DV the kernel's page cache was filled at
         self.next_read = -1  # offset a sequential reader asks for next

@@ -18,6 +18,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from afsfuse.vnode import Vnode
+from protocol.errors import RpcError
 from protocol.records import Fid
 
 if TYPE_CHECKING:
@@ -57,7 +58,8 @@ class VolumeInstance:
     def server(self) -> ServerRecord:
         """The record calls go to (the first listed server)."""
         if not self.servers:
-            raise LookupError(f"{self!r} has no servers")
+            # An RpcError, so the adapter maps it to an errno like any failure.
+            raise RpcError("ENODEV", f"{self!r} is unmounted or has no servers")
         return self.servers[0]
 
     def find(self, fid: Fid) -> Vnode | None:
