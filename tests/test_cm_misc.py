@@ -1,0 +1,276 @@
+"""Cache-manager pieces: cells file, client UUID, the rwlock, the
+invalidation queue, CB probes, error mapping, data paths and admin info."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+from test_cm_fakeserver import ROOT, VOL, FakeServer, make_cm, running, until
+
+from afsfuse.cache_manager import load_client_uuid
+from afsfuse.cells import CellDB, parse_address
+from afsfuse.invalidation import Invalidate, InvalidationQueue
+from afsfuse.rwlock import RWLock
+from protocol.errors import RpcError
+from protocol.records import Fid
+
+
+def test_cells_file_aliases_and_default(tmp_path):
+    p = tmp_path / "cells.toml"
+    p.write_text(
+        'default = "b"\n'
+        '[cells.a]\nvlservers = ["h1:7001", "h2"]\n'
+        '[cells.b]\nalias = "a"\n'
+        '[cells.c]\nalias = "b"\n'
+    )
+    db = CellDB.load(p)
+    assert db.get(None).name == "b"
+    assert db.get("a").vlservers == (("h1", 7001), ("h2", 7000))
+    assert db.get("c").vlservers == db.get("a").vlservers and db.get("c").alias_of == "a"
+    with pytest.raises(ValueError):
+        CellDB.from_dict({"cells": {"x": {"alias": "nope"}}})
+    with pytest.raises(ValueError):
+        CellDB.from_dict({"cells": {"x": {"alias": "y"}, "y": {"alias": "x"}}})
+    assert CellDB.single("srv:9").get(None).vlservers == (("srv", 9),)
+    assert parse_address("[::1]:80") == ("::1", 80)
+
+
+def test_client_uuid_is_persistent(tmp_path):
+    u = load_client_uuid(tmp_path / "client-uuid")
+    assert load_client_uuid(tmp_path / "client-uuid") == u
+    (tmp_path / "other").write_text("garbage")
+    assert load_client_uuid(tmp_path / "other") != u
+
+
+async def test_rwlock_readers_share_writer_excludes_and_is_preferred(autojump_clock):
+    lock = RWLock()
+    order = []
+
+    async def reader(name, hold):
+        async with lock.read():
+            order.append(f"{name}+")
+            await trio.sleep(hold)
+            order.append(f"{name}-")
+
+    async def writer():
+        async with lock.write():
+            order.append("w+")
+            await trio.sleep(1)
+            order.append("w-")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader, "r1", 2)
+        await trio.sleep(0.1)
+        n.start_soon(writer)
+        await trio.sleep(0.1)
+        n.start_soon(reader, "r2", 0)  # queued behind the waiting writer
+    assert order == ["r1+", "r1-", "w+", "w-", "r2+", "r2-"]
+    # A cancelled waiting writer lets readers through.
+    async with lock.read():
+        with trio.move_on_after(0.1):
+            await lock.acquire_write()
+        async with lock.read():
+            pass
+    assert lock.try_acquire_write()
+    lock.release_write()
+
+
+async def test_invalidation_queue_coalesces_and_degrades_without_blocking():
+    q = InvalidationQueue(maxlen=3)
+    a, b = object(), object()
+    q.put(Invalidate("inode", vnode=a))
+    q.put(Invalidate("inode", vnode=a))  # coalesced
+    q.put(Invalidate("inode", vnode=b))
+    assert len(q) == 2
+    q.put(Invalidate("entry", parent=a, name=b"x"))
+    q.put(Invalidate("entry", parent=a, name=b"y"))  # full: degrade
+    assert len(q) == 1
+    assert (await q.get()).kind == "all"
+    q.close()
+    assert [ev async for ev in q] == []
+
+
+async def test_cb_reply_never_waits_for_a_full_queue(tmp_path, autojump_clock):
+    async with running(tmp_path, invalidation_queue_size=4) as (_net, fake, cm):
+        nodes = [fake.add(ROOT, f"f{i}".encode()) for i in range(20)]
+        root = await cm.mount_volume("test", "root.cell")
+        await cm.readdir(root)
+        t0 = trio.current_time()
+        await fake.break_fids([n.fid for n in nodes])  # nobody drains the queue
+        assert trio.current_time() - t0 < 0.1
+        assert cm.stats.breaks == 20 and cm.stats.invalidations_degraded >= 1
+        assert len(cm.invalidations) <= 4
+
+
+async def test_probes(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        await cm.mount_volume("test", "root.cell")
+        conn = fake.clients[cm.uuid]
+        assert await conn.call("CB.Probe") is None
+        assert await conn.call("CB.ProbeUuid", cm.uuid) is True
+        assert await conn.call("CB.ProbeUuid", "00000000-0000-0000-0000-000000000000") is False
+
+
+async def test_deleted_vnode_is_estale_and_lookup_enoent(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        fake.add(ROOT, b"f")
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        # Another client removes it; the server breaks our promises.
+        fid = fake.nodes[ROOT].entries.pop(b"f")
+        del fake.nodes[fid]
+        fake.nodes[ROOT].dv += 1
+        await fake.break_fids([ROOT, fid])
+        with pytest.raises(RpcError) as e:
+            await cm.getattr(f)
+        assert e.value.errno == errno.ESTALE and f.deleted
+        with pytest.raises(RpcError) as e:
+            await cm.lookup(root, b"f")
+        assert e.value.errno == errno.ENOENT
+        # The negative answer is cached while the directory's DV holds.
+        lookups = fake.calls["FS.Lookup"]
+        with pytest.raises(RpcError):
+            await cm.lookup(root, b"f")
+        assert fake.calls["FS.Lookup"] == lookups
+        with pytest.raises(RpcError) as e:
+            await cm.lookup(root, b"a/b")
+        assert e.value.errno == errno.EINVAL
+
+
+async def test_server_down_gives_enotconn_then_recovers(tmp_path, autojump_clock):
+    async with running(tmp_path) as (net, fake, cm):
+        fake.add(ROOT, b"f")
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        net.down.add("fs1")
+        await net.drop_all()
+        f.promise = None
+        with pytest.raises(RpcError) as e:
+            await cm.getattr(f)
+        assert e.value.errno == errno.ENOTCONN
+        net.down.clear()
+        await until(lambda: root.volume.server.conn is not None)
+        assert (await cm.getattr(f)).type == 1
+
+
+async def test_read_only_call_retried_across_a_dropped_connection(tmp_path, autojump_clock):
+    async with running(tmp_path) as (net, fake, cm):
+        fake.add(ROOT, b"f")
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        f.promise = None
+        gate = fake.gate("FS.FetchStatus")
+        async with trio.open_nursery() as n:
+            n.start_soon(cm.getattr, f)
+            await gate.entered.wait()
+            del fake.gates["FS.FetchStatus"]
+            await net.drop_all()  # the reply is lost with the connection
+            gate.release.set()
+        assert f.promise is not None  # the retry after reconnect succeeded
+        assert fake.calls["FS.FetchStatus"] >= 3
+
+
+async def test_sequential_reads_read_ahead_and_share_fetches(tmp_path, autojump_clock):
+    data = bytes(range(256)) * 256  # 64 KiB = 16 chunks of 4 KiB
+    async with running(tmp_path, readahead_chunks=4) as (_net, fake, cm):
+        fake.add(ROOT, b"big", data=data)
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"big")
+        out = b""
+        while len(out) < len(data):
+            out += await cm.read(f, len(out), 4096)
+        assert out == data
+        assert fake.calls["FS.FetchData"] <= 5  # not one per chunk
+        # Concurrent readers of the same missing chunk share one fetch.
+        cm.datacache.drop(f.fid, keep_dirty=False)
+        f.next_read = -1
+        before = fake.calls["FS.FetchData"]
+        gate = fake.gate("FS.FetchData")
+        results = []
+
+        async def rd():
+            results.append(await cm.read(f, 8192, 100))
+
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(rd)
+            await gate.entered.wait()
+            await trio.sleep(0.5)
+            gate.release.set()
+        assert results == [data[8192:8292]] * 3
+        assert fake.calls["FS.FetchData"] == before + 1
+
+
+async def test_truncate_and_extend_through_setattr(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        n = fake.add(ROOT, b"f", data=b"x" * 10000)
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        assert await cm.read(f, 0, 20000) == b"x" * 10000
+        st = await cm.setattr(f, size=5000)
+        assert st.size == 5000 and len(n.data) == 5000 and f.data_version == n.dv
+        fetches = fake.calls["FS.FetchData"]
+        assert await cm.read(f, 0, 20000) == b"x" * 5000  # rekeyed, not refetched
+        assert fake.calls["FS.FetchData"] == fetches
+        st = await cm.setattr(f, mode=0o600)
+        assert st.mode == 0o600
+        h = await cm.open(f, flags=2 | 0o1000)  # O_TRUNC
+        assert (await cm.getattr(f)).size == 0 and len(n.data) == 0
+        await cm.write(h, 100, b"tail")  # a hole, then data
+        await cm.release(h)
+        assert bytes(n.data) == bytes(100) + b"tail"
+
+
+async def test_volsync_creation_change_voids_volume_promises(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        fake.add(ROOT, b"f")
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        fake.vsync = lambda: [2, 0]  # the volume was restored
+        root.promise = None
+        await cm.getattr(root)
+        assert root.volume.cb_v_break == 1
+        assert f.promise_state(trio.current_time()) == "volume_break"
+
+
+async def test_examine_stats_and_flush(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        fake.add(ROOT, b"f", data=b"abc")
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        await cm.read(f, 0, 10)
+        info = cm.examine(f)
+        assert info["fid"] == str(f.fid) and info["promise"] == "ok"
+        assert info["cached_chunks"] == 1 and info["server"] == fake.uuid
+        s = cm.stats_dict()
+        assert s["rpc"]["FS.FetchData"] == 1 and s["validations_slow"] >= 1
+        assert s["servers"][fake.uuid]["cb_s_break"] >= 1
+        cm.flush_vnode(f)
+        assert cm.examine(f)["promise"] == "no_promise" and cm.examine(f)["cached_chunks"] == 0
+        cm.flush_volume(root.volume)
+        assert root.promise_state(trio.current_time()) == "volume_break"
+        vs = await cm.statfs(root)
+        assert vs["volume_id"] == VOL
+        assert cm.find_vnode("test", Fid(VOL, 999, 9)) is None
+
+
+async def test_two_servers_are_two_records(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        from test_cm_fakeserver import Network
+
+        net = Network(nursery)
+        net.add(FakeServer())
+        other = net.add(FakeServer(uuid="22222222-2222-2222-2222-222222222222",
+                                   volumes={VOL + 5: "vol2"}, addr=("fs2", 7000)))  # fmt: skip
+        cells = CellDB.from_dict({"cells": {"test": {"vlservers": ["fs1:7000"]},
+                                            "two": {"vlservers": ["fs2:7000"]}}})  # fmt: skip
+        async with make_cm(net, tmp_path, cells=cells) as cm:
+            r1 = await cm.mount_volume("test", "root.cell")
+            r2 = await cm.mount_volume("two", "vol2")
+            assert len(cm.servers) == 2 and r1.volume.server is not r2.volume.server
+            await other.init_state(other.clients[cm.uuid])
+            now = trio.current_time()
+            assert r1.promise_state(now) == "ok" and r2.promise_state(now) == "server_break"
+        nursery.cancel_scope.cancel()
