@@ -52,14 +52,15 @@ to inode numbers itself; the queue never blocks a CB reply.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -145,6 +146,26 @@ class OpenFile:
         self.keep_cache = keep_cache  # FileInfo.keep_cache: False when the DV moved
         self.wrote = False
         self.closed = False
+
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+def _maps_errors(fn: _F) -> _F:
+    """Only ``RpcError``/``OSError`` leave an operation: a malformed reply (or a
+    bug) becomes EIO instead of an exception that would end the FUSE daemon."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except (RpcError, OSError):
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            log.warning("%s failed: %r", fn.__name__, exc, exc_info=True)
+            raise RpcError("EIO", f"{fn.__name__}: malformed reply or internal error") from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _wire_cred(cred: Any) -> Any:
@@ -345,6 +366,7 @@ class CacheManager:
             vol.attach(self._record(str(s["uuid"]), addrs))  # registers interest (P3)
         return vol
 
+    @_maps_errors
     async def mount_volume(self, cell: str | None, volume: str, cred: Cred = None) -> Vnode:
         """Find ``volume`` through the cell's VL servers; return its root vnode."""
         c = self.cells.get(cell)
@@ -384,6 +406,7 @@ class CacheManager:
 
     # -- status -----------------------------------------------------------------
 
+    @_maps_errors
     async def getattr(self, vnode: Vnode, cred: Cred = None) -> FileStatus:
         return await validate(self, vnode, _wire_cred(cred))
 
@@ -409,6 +432,7 @@ class CacheManager:
             raise _err("ENOTDIR")
         return st
 
+    @_maps_errors
     async def lookup(self, dir: Vnode, name: bytes, cred: Cred = None) -> Vnode:
         check_name(name)
         wc = _wire_cred(cred)
@@ -535,6 +559,7 @@ class CacheManager:
             if now is None or now.fid != ent.fid:
                 self.invalidations.put(Invalidate("entry", parent=d, name=name))
 
+    @_maps_errors
     async def readdir(self, dir: Vnode, cred: Cred = None) -> list[DirEntryPlus]:
         """All entries (no ``.``/``..``), sorted by name, each with a validated
         status (children with no valid promise are refreshed by
@@ -619,12 +644,14 @@ class CacheManager:
         await self._apply_locked(child, reply["status"], reply.get("callback"), snap)
         return child
 
+    @_maps_errors
     async def create(self, dir: Vnode, name: bytes, mode: int, cred: Cred = None) -> Vnode:
         check_name(name)
         return await self._new_child(
             dir, _wire_cred(cred), M.FS_CREATE_FILE, (name, mode & 0o7777), FileType.FILE
         )
 
+    @_maps_errors
     async def mkdir(self, dir: Vnode, name: bytes, mode: int, cred: Cred = None) -> Vnode:
         check_name(name)
         child = await self._new_child(
@@ -634,6 +661,7 @@ class CacheManager:
             child.listing = DirListing(child.status.data_version)  # known empty
         return child
 
+    @_maps_errors
     async def symlink(self, dir: Vnode, name: bytes, target: bytes, cred: Cred = None) -> Vnode:
         check_name(name)
         if not target or len(target) > MAX_SYMLINK:
@@ -645,6 +673,7 @@ class CacheManager:
             child.symlink = (child.status.data_version, target)
         return child
 
+    @_maps_errors
     async def readlink(self, vnode: Vnode, cred: Cred = None) -> bytes:
         wc = _wire_cred(cred)
         st = await validate(self, vnode, wc)
@@ -664,6 +693,7 @@ class CacheManager:
         vnode.symlink = (dv, target)
         return target
 
+    @_maps_errors
     async def link(self, vnode: Vnode, dir: Vnode, name: bytes, cred: Cred = None) -> Vnode:
         check_name(name)
         if vnode.volume is not dir.volume:
@@ -694,6 +724,7 @@ class CacheManager:
                 apply_reply(self, v, status, None, snap, own_from_dv=v.data_version)
             v.mod_seq += 1
 
+    @_maps_errors
     async def unlink(self, dir: Vnode, name: bytes, cred: Cred = None) -> None:
         check_name(name)
         reply, snap = await self._dir_change(
@@ -701,6 +732,7 @@ class CacheManager:
         )
         await self._victim(dir.volume, reply.get("fid"), reply.get("status"), snap)
 
+    @_maps_errors
     async def rmdir(self, dir: Vnode, name: bytes, cred: Cred = None) -> None:
         check_name(name)
         reply, snap = await self._dir_change(
@@ -708,6 +740,7 @@ class CacheManager:
         )
         await self._victim(dir.volume, reply.get("fid"), None, snap)
 
+    @_maps_errors
     async def rename(
         self, old_dir: Vnode, old_name: bytes, new_dir: Vnode, new_name: bytes,
         flags: int = 0, cred: Cred = None,
@@ -775,6 +808,7 @@ class CacheManager:
 
     # -- attributes ---------------------------------------------------------------
 
+    @_maps_errors
     async def setattr(
         self, vnode: Vnode, cred: Cred = None, *, mode: int | None = None,
         uid: int | None = None, gid: int | None = None, size: int | None = None,
@@ -811,6 +845,7 @@ class CacheManager:
             assert st is not None
             return st
 
+    @_maps_errors
     async def statfs(self, vnode: Vnode, cred: Cred = None) -> dict[str, Any]:
         vol = vnode.volume
         reply = await self.rpc(vol.server, M.FS_GET_VOLUME_STATUS, _wire_cred(cred), vol.volume_id)
@@ -821,6 +856,7 @@ class CacheManager:
     def _dirty(self, v: Vnode) -> bool:
         return v.local_size is not None or bool(self.datacache.dirty_chunks(v.fid))
 
+    @_maps_errors
     async def open(self, vnode: Vnode, cred: Cred = None, flags: int = 0) -> OpenFile:
         wc = _wire_cred(cred)
         st = await validate(self, vnode, wc)
@@ -834,6 +870,7 @@ class CacheManager:
         vnode.open_count += 1
         return OpenFile(vnode, flags, keep)
 
+    @_maps_errors
     async def read(self, target: Vnode | OpenFile, offset: int, size: int,
                    cred: Cred = None) -> bytes:  # fmt: skip
         v = target.vnode if isinstance(target, OpenFile) else target
@@ -927,6 +964,7 @@ class CacheManager:
                         self.datacache.put(v.fid, dv, i, data[k * cs : (k + 1) * cs])
         return True
 
+    @_maps_errors
     async def write(self, target: Vnode | OpenFile, offset: int, data: bytes,
                     cred: Cred = None) -> int:  # fmt: skip
         """Write into local dirty chunks; stored at flush/fsync/last close."""
@@ -1020,11 +1058,13 @@ class CacheManager:
                         v.kernel_dv = new.data_version  # our pages are the new data
                         return
 
+    @_maps_errors
     async def flush(self, handle: OpenFile, cred: Cred = None) -> None:
         """close(2) of one descriptor: stores only at the last open handle."""
         if handle.vnode.open_count <= 1 and self._dirty(handle.vnode):
             await self._store(handle.vnode, _wire_cred(cred))
 
+    @_maps_errors
     async def fsync(self, handle: OpenFile | Vnode, cred: Cred = None) -> None:
         v = handle.vnode if isinstance(handle, OpenFile) else handle
         if self._dirty(v):
@@ -1040,7 +1080,7 @@ class CacheManager:
         if v.open_count == 0 and self._dirty(v) and not v.deleted:
             try:
                 await self._store(v, _wire_cred(cred))
-            except (RpcError, OSError) as exc:
+            except Exception as exc:  # release must never raise
                 log.warning("release: storing %s failed, data kept dirty: %r", v.fid, exc)
 
     # -- admin ----------------------------------------------------------------------

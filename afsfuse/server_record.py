@@ -131,12 +131,17 @@ class ServerRecord:
         backoff = 0.1
         with self._cancel:
             while not self.destroyed:
+                started = trio.current_time()
                 try:
                     await self._session()
-                    backoff = 0.1  # it worked for a while: retry promptly
                 except (RpcError, OSError, trio.BrokenResourceError) as exc:
                     self.last_error = repr(exc)
                     log.info("server %s: connection failed: %r", self.uuid, exc)
+                except Exception as exc:  # a malformed Hello reply must not end the client
+                    self.last_error = repr(exc)
+                    log.warning("server %s: session failed: %r", self.uuid, exc)
+                if trio.current_time() - started > 5 * self.backoff_max:
+                    backoff = 0.1  # it worked for a while: retry promptly
                 if self.destroyed:
                     break
                 await trio.sleep(backoff)
