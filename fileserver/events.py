@@ -35,7 +35,8 @@ def event(name: str, **fields: Any) -> None:
         return
     parts = [f"event={name}", f"t={time.time():.6f}"]
     for k, v in fields.items():
-        if isinstance(v, list | tuple | set | frozenset):
+        # Exact types: a Fid is a tuple subclass and prints as VOL.VNODE.UNIQUE.
+        if type(v) in (list, tuple, set, frozenset):
             v = ",".join(str(x) for x in v)
         parts.append(f"{k}={str(v).replace(' ', '_')}")
     log.info(" ".join(parts))
