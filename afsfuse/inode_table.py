@@ -58,6 +58,9 @@ class InodeTable:
         """The entry for ``ino``; KeyError when the kernel should not know it."""
         return self._by_ino[ino]
 
+    def find_ino(self, ino: int) -> InodeEntry | None:
+        return self._by_ino.get(ino)
+
     def find(self, key: Hashable) -> InodeEntry | None:
         ino = self._by_key.get(key)
         return None if ino is None else self._by_ino[ino]

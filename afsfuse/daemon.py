@@ -1,0 +1,163 @@
+"""The client daemon: one cache manager and one FUSE session in one trio run.
+
+Order matters.  The volume is found and its root validated *before* the
+mount, so an unreachable server or a missing volume fails the mount command
+instead of leaving a mount that errors on every access.  Once the kernel has
+the mount, the daemon reports "ok" on the ready pipe (the ``afsfuse mount``
+parent then exits 0).  It serves until the filesystem is unmounted
+(``afsfuse umount``, ``fusermount3 -u``) or it gets SIGTERM/SIGINT; then it
+stores dirty data, destroys its server records (each sends
+``FS.GiveUpAllCallBacks`` once) and makes sure the mount is gone.
+
+A process that serves a FUSE mount must never touch its own mount point: it
+would deadlock.  Nothing here does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from afsfuse.cache_manager import CacheConfig, CacheManager
+from afsfuse.cells import CellDB
+from afsfuse.fuse_ops import AfsOperations, drain_invalidations
+from protocol.errors import RpcError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountOptions:
+    host: str
+    port: int
+    volume: str
+    mountpoint: Path
+    cache_dir: Path
+    cells_file: Path | None = None
+    cell: str | None = None
+    cache_size: int = 1 << 30
+    chunk_size: int = 256 * 1024
+    attr_timeout: float = 3600.0
+    entry_timeout: float = 3600.0
+    rpc_timeout: float = 30.0
+    fuse_options: list[str] = field(default_factory=list)
+    debug: bool = False
+
+
+class MountFailed(Exception):
+    pass
+
+
+class Ready:
+    """The pipe to the ``afsfuse mount`` parent: one line, then closed."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def say(self, text: str) -> None:
+        if self.fd is None:
+            if text != "ok":
+                print(f"afsfuse: {text}", file=sys.stderr)
+            return
+        try:
+            os.write(self.fd, (text.replace("\n", " ") + "\n").encode())
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = None
+
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    # default_permissions: the kernel checks mode bits against the statuses we
+    # return, so a user cannot open what the mode forbids even before the
+    # server is asked.
+    out = set(pyfuse3.default_options)
+    out |= {"fsname=afsfuse", "subtype=afsfuse"}
+    for o in opts.fuse_options:
+        out.add(o)
+    return out
+
+
+def cells_for(opts: MountOptions) -> CellDB:
+    if opts.cells_file is not None:
+        return CellDB.load(opts.cells_file)
+    if opts.cell:
+        return CellDB.single((opts.host, opts.port), name=opts.cell)
+    return CellDB.single((opts.host, opts.port))
+
+
+async def serve(opts: MountOptions, ready: Ready) -> None:
+    config = CacheConfig(
+        cells=cells_for(opts),
+        cache_dir=opts.cache_dir,
+        cache_bytes=opts.cache_size,
+        chunk_size=opts.chunk_size,
+        rpc_timeout=opts.rpc_timeout,
+    )
+    async with CacheManager(config) as cm:
+        try:
+            with trio.fail_after(max(opts.rpc_timeout, 10.0) * 2):
+                root = await cm.mount_volume(opts.cell, opts.volume)
+        except RpcError as exc:
+            raise MountFailed(
+                f"cannot mount volume {opts.volume!r} from {opts.host}:{opts.port}: {exc}"
+            ) from exc
+        except trio.TooSlowError:
+            raise MountFailed(f"server {opts.host}:{opts.port} did not answer") from None
+        ops = AfsOperations(
+            cm, root, attr_timeout=opts.attr_timeout, entry_timeout=opts.entry_timeout
+        )
+        try:
+            pyfuse3.init(ops, str(opts.mountpoint), fuse_options(opts))
+        except RuntimeError as exc:
+            raise MountFailed(f"cannot mount at {opts.mountpoint}: {exc}") from exc
+        log.info("mounted %s at %s", opts.volume, opts.mountpoint)
+        ready.say("ok")
+        unmounted = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain_invalidations, ops)
+                nursery.start_soon(_watch_signals)
+                await pyfuse3.main()
+                unmounted = True
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                # Open files the kernel never released (signal, lazy unmount):
+                # their dirty data is stored by cm.close() below.
+                pyfuse3.close(unmount=True)
+                log.info("FUSE session ended (%s)", "unmounted" if unmounted else "terminated")
+
+
+async def _watch_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            log.info("signal %s: unmounting", signal.Signals(sig).name)
+            pyfuse3.terminate()
+            return
+
+
+def run_daemon(opts: MountOptions, ready_fd: int | None = None) -> int:
+    ready = Ready(ready_fd)
+    if opts.debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+    try:
+        trio.run(serve, opts, ready)
+    except MountFailed as exc:
+        log.error("%s", exc)
+        ready.say(str(exc))
+        return 1
+    except Exception as exc:
+        log.exception("daemon failed")
+        ready.say(f"daemon failed: {exc!r}")
+        return 1
+    ready.say("daemon exited before the mount was live")
+    log.info("daemon exiting")
+    return 0

@@ -1,0 +1,556 @@
+"""The pyfuse3 adapter: kernel requests in, cache-manager calls out.
+
+Each handler is thin: find the vnode for the inode, make one call on the
+cache manager with the caller's credentials, and turn the result into what
+the kernel wants.  The ``_handler`` decorator maps every failure to a
+``FUSEError`` with an errno (an uncaught exception would end pyfuse3's main
+loop and leave a dead mount); ``forget`` never raises.
+
+What lives here and not in the core: inode numbers and lookup counts
+(``InodeTable``), open file and directory handles, the readdir snapshots that
+keep ``next_id`` offsets stable, AFS mount points (symlinks of mode 0644
+whose target is ``#VOLUME.`` or ``%CELL:VOLUME.``, shown as the root
+directory of that volume, its own volume instance), the ``afs.*`` extended
+attributes the ``fs`` commands use, and the kernel cache timeouts.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import re
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from afsfuse.cache_manager import CacheManager, OpenFile
+from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable
+from afsfuse.kernel_notify import KernelNotifier, inode_key
+from afsfuse.vnode import Vnode
+from protocol.errors import RpcError
+from protocol.limits import MAX_NAME
+from protocol.records import FileStatus, FileType
+
+log = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+_TYPE_BITS = {FileType.FILE: stat.S_IFREG, FileType.DIRECTORY: stat.S_IFDIR,
+              FileType.SYMLINK: stat.S_IFLNK}  # fmt: skip
+# A lost or timed-out server connection is an I/O error to applications;
+# ENOTCONN would read as "the FUSE mount itself is dead".
+_ERRNO_REMAP = {errno.ENOTCONN: errno.EIO, errno.ENODEV: errno.EIO}
+MOUNTPOINT_MODE = 0o644
+_MOUNTPOINT_RE = re.compile(rb"([#%])(?:([^:]+):)?([^:]+)\.")
+XATTRS = (b"afs.fid", b"afs.cell", b"afs.volume")
+
+
+def _handler(fn: _F) -> _F:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except RpcError as exc:
+            raise pyfuse3.FUSEError(_ERRNO_REMAP.get(exc.errno, exc.errno)) from None
+        except OSError as exc:
+            num = exc.errno or errno.EIO
+            raise pyfuse3.FUSEError(_ERRNO_REMAP.get(num, num)) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def cred_of(ctx: pyfuse3.RequestContext | None) -> tuple[int, int, list[int]] | None:
+    if ctx is None:
+        return None
+    try:
+        gids = sorted(pyfuse3.get_sup_groups(ctx.pid))
+    except (OSError, ValueError):
+        gids = []  # the process may already be gone
+    return (ctx.uid, ctx.gid, gids)
+
+
+@dataclass
+class DirHandle:
+    vnode: Vnode
+    ino: int
+    cred: tuple[int, int, list[int]] | None
+    entries: list[tuple[bytes, Vnode, FileStatus]] | None = None
+
+
+@dataclass
+class FileHandle:
+    handle: OpenFile
+    ino: int
+    cred: tuple[int, int, list[int]] | None
+
+
+class AfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        cm: CacheManager,
+        root: Vnode,
+        *,
+        attr_timeout: float = 3600.0,
+        entry_timeout: float = 3600.0,
+    ) -> None:
+        super().__init__()
+        self.cm = cm
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        self.inodes = InodeTable()
+        self.inodes.set_root(inode_key(root), root, root.fid.unique)
+        self.notifier = KernelNotifier(
+            self.inodes, self._kernel_inval_inode, self._kernel_inval_entry,
+            is_open=self._is_open,
+        )  # fmt: skip
+        self._files: dict[int, FileHandle] = {}
+        self._dirs: dict[int, DirHandle] = {}
+        self._open_inos: dict[int, int] = {}
+        self._next_fh = 1
+        # Volume roots reached through a mount point: ".." of such a root is
+        # the directory holding the mount point.
+        self._mount_parent: dict[Any, int] = {}
+
+    # -- kernel invalidation (called from the notifier's worker thread) ------
+
+    @staticmethod
+    def _kernel_inval_inode(ino: int, attr_only: bool) -> None:
+        pyfuse3.invalidate_inode(ino, attr_only)
+
+    @staticmethod
+    def _kernel_inval_entry(parent: int, name: bytes) -> None:
+        pyfuse3.invalidate_entry(parent, name)
+
+    def _is_open(self, ino: int) -> bool:
+        return self._open_inos.get(ino, 0) > 0
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _entry(self, ino: int) -> InodeEntry:
+        try:
+            return self.inodes.get(ino)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _vnode(self, ino: int) -> Vnode:
+        return self._entry(ino).node
+
+    def _attrs(self, ino: int, vnode: Vnode, st: FileStatus) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = vnode.fid.unique
+        a.st_mode = _TYPE_BITS[st.type] | st.mode
+        a.st_nlink = max(st.nlink, 1)
+        a.st_size = vnode.size() if st.type == FileType.FILE else st.size
+        a.st_uid = st.owner
+        a.st_gid = st.group
+        a.st_mtime_ns = st.mtime_ns
+        a.st_ctime_ns = st.ctime_ns
+        a.st_atime_ns = st.mtime_ns  # AFS keeps no access times
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (a.st_size + 511) // 512
+        a.attr_timeout = self.attr_timeout
+        a.entry_timeout = self.entry_timeout
+        return a
+
+    async def _resolve_mountpoint(
+        self, parent_ino: int, vnode: Vnode, st: FileStatus, cred: Any
+    ) -> tuple[Vnode, FileStatus]:
+        """A mount point (symlink, mode 0644, ``#vol.``) becomes its volume's root."""
+        if st.type != FileType.SYMLINK or st.mode != MOUNTPOINT_MODE:
+            return vnode, st
+        target = await self.cm.readlink(vnode, cred)
+        m = _MOUNTPOINT_RE.fullmatch(target)
+        if m is None:
+            return vnode, st
+        cell = m.group(2).decode() if m.group(2) else vnode.volume.cell
+        root = await self.cm.mount_volume(cell, m.group(3).decode(), cred)
+        self._mount_parent.setdefault(root.volume.key, parent_ino)
+        rst = await self.cm.getattr(root, cred)
+        return root, rst
+
+    async def _reply_entry(
+        self, parent_ino: int, name: bytes, vnode: Vnode, st: FileStatus, cred: Any
+    ) -> pyfuse3.EntryAttributes:
+        vnode, st = await self._resolve_mountpoint(parent_ino, vnode, st, cred)
+        entry = self.inodes.remember(inode_key(vnode), vnode, vnode.fid.unique)
+        self.notifier.learned(parent_ino, name)
+        return self._attrs(entry.ino, vnode, st)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def init(self) -> None:
+        log.info("FUSE session initialised")
+
+    # -- names ----------------------------------------------------------------
+
+    @_handler
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        cred = cred_of(ctx)
+        parent = self._entry(parent_inode)
+        if name == b".":
+            st = await self.cm.getattr(parent.node, cred)
+            self.inodes.remember(parent.key, parent.node, parent.generation)
+            return self._attrs(parent.ino, parent.node, st)
+        if name == b"..":
+            return await self._lookup_dotdot(parent, cred)
+        if len(name) > MAX_NAME:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        child = await self.cm.lookup(parent.node, name, cred)
+        st = await self.cm.getattr(child, cred)
+        return await self._reply_entry(parent_inode, name, child, st, cred)
+
+    async def _lookup_dotdot(self, entry: InodeEntry, cred: Any) -> pyfuse3.EntryAttributes:
+        v: Vnode = entry.node
+        if v.fid == v.volume.root_fid:
+            pino = self._mount_parent.get(v.volume.key, ROOT_INODE)
+            pentry = self._entry(pino)
+            st = await self.cm.getattr(pentry.node, cred)
+            if pino != ROOT_INODE:
+                self.inodes.remember(pentry.key, pentry.node, pentry.generation)
+            return self._attrs(pino, pentry.node, st)
+        st = await self.cm.getattr(v, cred)
+        pfid = type(v.fid)(v.fid.volume, st.parent_vnode, st.parent_unique)
+        parent = v.volume.get(pfid)
+        pst = await self.cm.getattr(parent, cred)
+        pe = self.inodes.remember(inode_key(parent), parent, pfid.unique)
+        return self._attrs(pe.ino, parent, pst)
+
+    @_handler
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        v = self._vnode(inode)
+        st = await self.cm.getattr(v, cred_of(ctx))
+        return self._attrs(inode, v, st)
+
+    @_handler
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        v = self._vnode(inode)
+        kw: dict[str, Any] = {}
+        if fields.update_mode:
+            kw["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        cred = cred_of(ctx)
+        if kw:
+            st = await self.cm.setattr(v, cred, **kw)
+        else:  # atime/ctime only: AFS keeps neither; nothing to store
+            st = await self.cm.getattr(v, cred)
+        return self._attrs(inode, v, st)
+
+    @_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.cm.readlink(self._vnode(inode), cred_of(ctx))
+
+    # -- directories ------------------------------------------------------------
+
+    @_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        v = self._vnode(inode)
+        st = await self.cm.getattr(v, cred_of(ctx))
+        if st.type != FileType.DIRECTORY:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._new_fh()
+        self._dirs[fh] = DirHandle(v, inode, cred_of(ctx))
+        return fh
+
+    @_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        dh = self._dirs.get(fh)
+        if dh is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if start_id == 0 or dh.entries is None:
+            # A snapshot per opendir/rewind keeps next_id offsets stable while
+            # entries come and go on the server.
+            listing = await self.cm.readdir(dh.vnode, dh.cred)
+            dh.entries = [(e.name, e.vnode, e.status) for e in listing]
+        for i in range(start_id, len(dh.entries)):
+            name, child, st = dh.entries[i]
+            child, st = await self._resolve_mountpoint(dh.ino, child, st, dh.cred)
+            entry = self.inodes.remember(inode_key(child), child, child.fid.unique, count=0)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(entry.ino, child, st), i + 1):
+                self.inodes.forget(entry.ino, 0)  # drop it if the kernel holds none
+                return
+            entry.lookups += 1  # the kernel took the entry: one lookup
+            self.notifier.learned(dh.ino, name)
+
+    @_handler
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_handler
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        cred = cred_of(ctx)
+        v = await self.cm.mkdir(self._vnode(parent_inode), name, stat.S_IMODE(mode), cred)
+        return await self._reply_entry(parent_inode, name, v, await self.cm.getattr(v, cred), cred)
+
+    @_handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.cm.rmdir(self._vnode(parent_inode), name, cred_of(ctx))
+        self.notifier.unlearned(parent_inode, name)
+
+    @_handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.cm.unlink(self._vnode(parent_inode), name, cred_of(ctx))
+        self.notifier.unlearned(parent_inode, name)
+
+    @_handler
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # AFS has no atomic exchange
+        wire_flags = 1 if flags & pyfuse3.RENAME_NOREPLACE else 0
+        await self.cm.rename(
+            self._vnode(parent_inode_old), name_old,
+            self._vnode(parent_inode_new), name_new, wire_flags, cred_of(ctx),
+        )  # fmt: skip
+        self.notifier.unlearned(parent_inode_old, name_old)
+        self.notifier.unlearned(parent_inode_new, name_new)
+
+    @_handler
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        cred = cred_of(ctx)
+        v = await self.cm.symlink(self._vnode(parent_inode), name, target, cred)
+        return await self._reply_entry(parent_inode, name, v, await self.cm.getattr(v, cred), cred)
+
+    @_handler
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        cred = cred_of(ctx)
+        v = await self.cm.link(self._vnode(inode), self._vnode(new_parent_inode), new_name, cred)
+        st = await self.cm.getattr(v, cred)
+        return await self._reply_entry(new_parent_inode, new_name, v, st, cred)
+
+    # -- files ------------------------------------------------------------------
+
+    def _track_open(self, ino: int, delta: int) -> None:
+        n = self._open_inos.get(ino, 0) + delta
+        if n > 0:
+            self._open_inos[ino] = n
+        else:
+            self._open_inos.pop(ino, None)
+
+    def _file_info(self, ino: int, handle: OpenFile, cred: Any) -> pyfuse3.FileInfo:
+        fh = self._new_fh()
+        self._files[fh] = FileHandle(handle, ino, cred)
+        self._track_open(ino, 1)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache)
+
+    def _file(self, fh: int) -> FileHandle:
+        f = self._files.get(fh)
+        if f is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return f
+
+    @_handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        cred = cred_of(ctx)
+        handle = await self.cm.open(self._vnode(inode), cred, flags)
+        return self._file_info(inode, handle, cred)
+
+    @_handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        cred = cred_of(ctx)
+        v = await self.cm.create(self._vnode(parent_inode), name, stat.S_IMODE(mode), cred)
+        handle = await self.cm.open(v, cred, flags & ~os.O_TRUNC)
+        attrs = await self._reply_entry(parent_inode, name, v, await self.cm.getattr(v, cred), cred)
+        return self._file_info(attrs.st_ino, handle, cred), attrs
+
+    @_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self._file(fh)
+        return await self.cm.read(f.handle, off, size, f.cred)
+
+    @_handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        f = self._file(fh)
+        return await self.cm.write(f.handle, off, buf, f.cred)
+
+    @_handler
+    async def flush(self, fh: int) -> None:
+        f = self._file(fh)
+        await self.cm.flush(f.handle, f.cred)
+
+    @_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        f = self._file(fh)
+        await self.cm.fsync(f.handle, f.cred)
+
+    @_handler
+    async def release(self, fh: int) -> None:
+        f = self._files.pop(fh, None)
+        if f is None:
+            return
+        self._track_open(f.ino, -1)
+        await self.cm.release(f.handle, f.cred)
+
+    # -- the rest ---------------------------------------------------------------
+
+    @_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        info = await self.cm.statfs(self._vnode(ROOT_INODE), cred_of(ctx))
+        bsize = int(info.get("block_size") or 4096)
+        used = int(info.get("bytes_used") or 0)
+        quota = int(info.get("quota_bytes") or 0)
+        total = quota if quota else max(used * 2, 1 << 40)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = bsize
+        s.f_blocks = total // bsize
+        s.f_bfree = s.f_bavail = max(total - used, 0) // bsize
+        files = int(info.get("files") or 0)
+        s.f_files = files + (1 << 20)
+        s.f_ffree = s.f_favail = 1 << 20
+        s.f_namemax = MAX_NAME
+        return s
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        # P1: forgetting never talks to the server; and forget must not raise.
+        for ino, n in inode_list:
+            try:
+                entry = self.inodes.find_ino(ino)
+                if self.inodes.forget(ino, n):
+                    self.notifier.forgot(ino)
+                    if entry is not None:
+                        self.cm.forget(entry.node)
+            except Exception:
+                log.exception("forget(%d, %d) failed", ino, n)
+
+    @_handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # The kernel checks mode bits itself (default_permissions); this only
+        # confirms the file still exists on the server.
+        await self.cm.getattr(self._vnode(inode), cred_of(ctx))
+        return True
+
+    # -- extended attributes: the fs commands' channel ---------------------------
+
+    @_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        v = self._vnode(inode)
+        fid = v.fid
+        if name == b"afs.fid":  # as the Linux kernel AFS client formats it
+            return f"{fid.volume:x}:{fid.vnode:x}:{fid.unique:x}".encode()
+        if name == b"afs.cell":
+            return v.volume.cell.encode()
+        if name == b"afs.volume":
+            return v.volume.name.encode()
+        if name == b"afs.pid":
+            return str(os.getpid()).encode()
+        info = await self._info(name, inode, v, ctx)
+        if info is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return json.dumps(info, sort_keys=True, default=str).encode()
+
+    async def _info(self, name: bytes, ino: int, v: Vnode, ctx: Any) -> Any:
+        if name == b"afs.examine":
+            await self.cm.getattr(v, cred_of(ctx))
+            info = self.cm.examine(v)
+            info["inode"] = ino
+            return info
+        if name == b"afs.stats":
+            return self.cm.stats_dict()
+        if name == b"afs.whereis":
+            return {
+                "fid": str(v.fid),
+                "cell": v.volume.cell,
+                "volume": v.volume.name,
+                "servers": [
+                    {"uuid": r.uuid, "addrs": [list(a) for a in getattr(r, "addrs", [])]}
+                    for r in v.volume.servers
+                ],
+            }
+        if name == b"afs.checkservers":
+            return self.cm.stats_dict().get("servers", {})
+        if name == b"afs.lsmount":
+            if v.fid != v.volume.root_fid or v.volume.key not in self._mount_parent:
+                raise pyfuse3.FUSEError(errno.EINVAL)  # not a mount point
+            return {"cell": v.volume.cell, "volume": v.volume.name, "id": v.volume.volume_id}
+        return None
+
+    @_handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._vnode(inode)
+        return list(XATTRS)
+
+    @_handler
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        v = self._vnode(inode)
+        if name == b"afs.flush":
+            self.cm.flush_vnode(v)
+        elif name == b"afs.flushvolume":
+            self.cm.flush_volume(v.volume)
+        elif name == b"afs.mkmount":
+            await self._mkmount(inode, v, value, cred_of(ctx))
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def _mkmount(self, inode: int, d: Vnode, value: bytes, cred: Any) -> None:
+        name, _, spec = value.partition(b"\0")
+        if not name or not spec:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        target = b"%" + spec + b"." if b":" in spec else b"#" + spec + b"."
+        m = await self.cm.symlink(d, name, target, cred)
+        await self.cm.setattr(m, cred, mode=MOUNTPOINT_MODE)
+
+    @_handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+
+async def drain_invalidations(ops: AfsOperations) -> None:
+    """The worker that tells the kernel about breaks (see kernel_notify)."""
+    await ops.notifier.run(ops.cm.invalidations)
+
+
+__all__ = ["AfsOperations", "drain_invalidations"]
