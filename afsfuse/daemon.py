@@ -129,11 +129,10 @@ async def serve(opts: MountOptions, ready: Ready) -> None:
                 unmounted = True
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
-                # Open files the kernel never released (signal, lazy unmount):
-                # their dirty data is stored by cm.close() below.
-                pyfuse3.close(unmount=True)
-                log.info("FUSE session ended (%s)", "unmounted" if unmounted else "terminated")
+            # Open files the kernel never released (signal, lazy unmount) keep
+            # their dirty data in the cache manager; cm.close() stores it.
+            pyfuse3.close(unmount=True)
+            log.info("FUSE session ended (%s)", "unmounted" if unmounted else "terminated")
 
 
 async def _watch_signals() -> None:
