@@ -188,6 +188,12 @@ class Breaker:
                     event("break", fid=f, client=st.uuid, result="sent")
         except (RpcError, trio.TooSlowError) as exc:
             rest = fids[sent:]
+            newer = st.conn
+            if newer is not None and newer is not conn and not st.down:
+                # The client reconnected meanwhile (a newer connection replaced
+                # this one and finished its Hello): tell it there, same deadline.
+                await self._send(st, newer, rest, deadline)
+                return
             self.metrics.inc("breaks_failed", len(rest))
             for f in rest:
                 event("break", fid=f, client=st.uuid, result="failed")
