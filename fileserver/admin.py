@@ -105,6 +105,17 @@ class AdminService:
         h = self._vol(vol)
         await h.run(h.vol.set_quota, quota_bytes)
 
+    async def vol_set_online(self, conn: Connection, vol: Any, online: Any) -> dict[str, Any]:
+        """Take a volume offline (changes fail with EBUSY) or back online; both
+        send a whole-volume break so clients revalidate everything in it."""
+        self._check(conn)
+        if type(online) is not bool:
+            raise RpcError("EINVAL", "online must be a bool")
+        h = self._vol(vol)
+        await h.run(h.vol.set_online, online)
+        await self.server.breaker.break_volume_all(h.id)
+        return {"volume_id": h.id, "name": h.name, "online": online}
+
     async def clients(self, conn: Connection) -> list[dict[str, Any]]:
         self._check(conn)
         t = self.server.table
@@ -169,6 +180,7 @@ class AdminService:
             "Admin.VolExamine": self.vol_examine,
             "Admin.VolRemove": self.vol_remove,
             "Admin.VolSetQuota": self.vol_set_quota,
+            "Admin.VolSetOnline": self.vol_set_online,
             "Admin.Clients": self.clients,
             "Admin.Callbacks": self.callbacks,
             "Admin.Break": self.break_fid,

@@ -2,7 +2,7 @@
 
     afs-fileserver serve --data-dir DIR --listen 127.0.0.1:7000
     afs-fileserver salvage --data-dir DIR [--repair]
-    afs-fileserver vol create|list|examine|remove|quota ...
+    afs-fileserver vol create|list|examine|remove|quota|offline|online ...
     afs-fileserver clients | callbacks | break FID | break-volume VOL | reset CLIENT | stats
 
 Admin subcommands find the running server through ``--data-dir`` (its
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     vol.add_parser("list", parents=[admin])
     vol.add_parser("examine", parents=[admin]).add_argument("volume")
     vol.add_parser("remove", parents=[admin]).add_argument("volume")
+    vol.add_parser("offline", parents=[admin]).add_argument("volume")
+    vol.add_parser("online", parents=[admin]).add_argument("volume")
     q = vol.add_parser("quota", parents=[admin])
     q.add_argument("volume")
     q.add_argument("bytes", type=int)
@@ -154,6 +156,8 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]
             "list": ("Admin.VolList", ()),
             "examine": ("Admin.VolExamine", (_vol_arg(getattr(args, "volume", "")),)),
             "remove": ("Admin.VolRemove", (_vol_arg(getattr(args, "volume", "")),)),
+            "offline": ("Admin.VolSetOnline", (_vol_arg(getattr(args, "volume", "")), False)),
+            "online": ("Admin.VolSetOnline", (_vol_arg(getattr(args, "volume", "")), True)),
             "quota": ("Admin.VolSetQuota",
                       (_vol_arg(getattr(args, "volume", "")), getattr(args, "bytes", 0))),
         }  # fmt: skip

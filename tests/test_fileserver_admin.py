@@ -52,6 +52,9 @@ def test_admin_cli_against_subprocess_server(tmp_path):
         assert admin_cli(d, "break", "536870912.1.1").returncode == 0
         assert admin_cli(d, "break-volume", "root.cell").returncode == 0
         assert admin_cli(d, "reset", "nobody").returncode == 1
+        assert admin_json(d, "vol", "offline", "root.cell")["online"] is False
+        assert admin_json(d, "vol", "list")[0]["online"] is False
+        assert admin_json(d, "vol", "online", "root.cell")["online"] is True
 
 
 async def test_admin_rpcs_clients_callbacks_reset(tmp_path):

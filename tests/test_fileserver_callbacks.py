@@ -242,3 +242,36 @@ async def test_promise_expiry_is_swept(tmp_path):
         assert r["callback"][1] == 1
         await wait_until(lambda: srv.table.count == 0, 10)
         assert srv.metrics.counts["expired"] == 1
+
+
+async def test_delayed_breaks_are_batched_50_per_call(tmp_path):
+    async with running_server(tmp_path / "fs") as srv, fs_client(srv.host, srv.port) as x:
+        root = await x.root_fid()
+        fids = [await _mkfile(x, root, b"f%03d" % i) for i in range(120)]
+        async with fs_client(srv.host, srv.port) as y:
+            uuid = y.uuid
+            r = await y.call("FS.InlineBulkStatus", None, fids[:50])
+            assert all(res[0] is None for res in r["results"])
+            await y.call("FS.InlineBulkStatus", None, fids[50:100])
+            await y.call("FS.InlineBulkStatus", None, fids[100:])
+        await wait_until(lambda: srv.client(uuid).down)
+        for f in fids:
+            await x.call("FS.StoreStatus", None, f, {"size": 1})
+        async with fs_client(srv.host, srv.port, uuid=uuid) as y2:
+            calls = [fids_ for kind, fids_, _ in y2.log if kind == "break"]
+            assert [len(c) for c in calls] == [50, 50, 20]
+            assert sorted(y2.breaks) == sorted(Fid(*f) for f in fids)
+
+
+async def test_offline_volume_refuses_changes_and_breaks(tmp_path):
+    async with running_server(tmp_path / "fs") as srv, fs_client(srv.host, srv.port) as c:
+        root = await c.root_fid()
+        h = srv.store.get(root[0])
+        await h.run(h.vol.set_online, False)
+        try:
+            await c.call("FS.CreateFile", None, root, b"x", 0o644)
+        except RpcError as exc:
+            assert exc.code == "EBUSY"
+        else:
+            raise AssertionError("change on an offline volume succeeded")
+        await c.call("FS.FetchStatus", None, root)  # reads still work
