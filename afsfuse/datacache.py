@@ -1,0 +1,760 @@
+"""On-disk data cache: file contents in chunks, for the afsfuse cache manager.
+
+A chunk is the bytes ``[index * chunk_size, (index + 1) * chunk_size)`` of one
+file (``Fid``) at one data version (DV).  Chunks are keyed ``(fid, dv, index)``,
+so a DV change (DESIGN.md C1/C2) never serves stale bytes: the cache manager
+asks for the DV it has just validated and calls ``drop(fid, keep_dv=dv)`` to
+free the old ones.  This module never does RPC and never imports pyfuse3; the
+cache manager fetches from the server and calls ``put``.
+
+Layout (names never derive from user file names)::
+
+    cache_dir/FORMAT                         {"format": 1, "chunk_size": N}
+    cache_dir/.lock                          flock: one DataCache per directory
+    cache_dir/v<volume>/<vnode>.<unique>/<dv>.<index>      one chunk
+    cache_dir/v<volume>/<vnode>.<unique>/.tmp-<dv>.<index> write in progress
+
+A chunk file is a 16-byte header (magic, dirty flag, payload length, CRC32 of
+the payload) followed by the payload.  Chunks are written to a temporary file
+and renamed into place, so a reader sees the old or the new file, never a mix.
+A file that is short, long or fails its CRC (a torn write after a power loss,
+or outside damage) is discarded and reported as a miss: it is never served.
+
+Restart: the index is rebuilt by scanning the directory (header + size check
+per file, CRC checked lazily at first read; LRU order approximated by mtime).
+Leftover temporary files are removed.  Dirty chunks found at restart are kept
+and reported by ``dirty_chunks``; the cache manager decides whether to store or
+drop them.  ``max_bytes`` is not persisted: the new limit applies at once.
+
+Accounting: ``bytes_used`` counts payload bytes (not headers or filesystem
+blocks).  Clean chunks are evicted least recently used first to stay within
+``max_bytes``; dirty chunks (written locally, not yet on the server) are never
+evicted, so the cache may exceed the limit rather than lose data.
+
+Threads: methods do blocking file I/O.  The caller may run them in
+``trio.to_thread.run_sync``; the object is safe for one worker thread at a time
+and an internal lock serialises calls from several threads anyway.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from protocol.records import Fid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 256 * 1024
+FORMAT_VERSION = 1
+
+# magic, flags, 3 pad bytes, payload length, crc32(payload).  The flag byte sits
+# at a fixed offset so mark_clean() can flip it with one pwrite; the CRC does
+# not cover it for that reason (a one-byte write cannot be torn).
+_HEADER = struct.Struct("<4sB3xII")
+_MAGIC = b"AFC1"
+_FLAG_OFFSET = 4
+_CLEAN = 0
+_DIRTY = 1
+
+_FORMAT_FILE = "FORMAT"
+_LOCK_FILE = ".lock"
+_TMP_PREFIX = ".tmp-"
+
+# Canonical decimal only, so a scanned name maps back to exactly one path.
+_NUM = r"(0|[1-9][0-9]*)"
+_VOL_RE = re.compile(rf"v{_NUM}")
+_PAIR_RE = re.compile(rf"{_NUM}\.{_NUM}")
+
+Key = tuple[Fid, int, int]  # (fid, dv, index)
+
+
+class CacheDirBusy(RuntimeError):
+    """Another DataCache (this process or another) holds the cache directory."""
+
+
+class _Entry:
+    __slots__ = ("dirty", "length", "verified")
+
+    def __init__(self, length: int, dirty: bool, verified: bool) -> None:
+        self.length = length
+        self.dirty = dirty
+        # True once the CRC was checked (or we wrote the file): later reads
+        # pread only the requested range instead of checksumming the chunk.
+        self.verified = verified
+
+
+class DataCache:
+    """Chunked, size-bounded, restart-persistent cache of file data."""
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str],
+        max_bytes: int,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+        self._root = os.path.abspath(os.fspath(cache_dir))
+        self.max_bytes = max_bytes
+        self.chunk_size = chunk_size
+        self.hits = 0
+        self.misses = 0
+        self.bytes_used = 0
+        self.dirty_bytes = 0
+        self.evictions = 0
+        self.corrupt = 0
+        self._dirty_count = 0
+        self._entries: dict[Key, _Entry] = {}
+        self._lru: OrderedDict[Key, None] = OrderedDict()  # clean chunks only, LRU first
+        self._by_fid: dict[Fid, set[tuple[int, int]]] = {}
+        self._lock = threading.RLock()
+        self._over_warned = False
+        os.makedirs(self._root, exist_ok=True)
+        self._lockfile: Any = None
+        self._acquire_dir_lock()
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ setup
+
+    def _acquire_dir_lock(self) -> None:
+        # Two daemons on one directory would delete each other's temp files and
+        # disagree about the byte count; refuse instead.
+        f = open(os.path.join(self._root, _LOCK_FILE), "a+b")  # noqa: SIM115 (held open)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise CacheDirBusy(
+                f"cache directory {self._root} is in use by another DataCache (close() it first)"
+            ) from None
+        self._lockfile = f
+
+    def close(self) -> None:
+        """Release the directory lock.  The cache contents stay on disk."""
+        with self._lock:
+            if self._lockfile is not None:
+                self._lockfile.close()  # closing the fd releases the flock
+                self._lockfile = None
+
+    def __enter__(self) -> DataCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _read_format(self) -> int | None:
+        try:
+            with open(os.path.join(self._root, _FORMAT_FILE), "rb") as f:
+                meta = json.loads(f.read(4096))
+            cs = meta["chunk_size"]
+            if meta["format"] == FORMAT_VERSION and type(cs) is int and cs > 0:
+                return cs
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def _write_format(self) -> None:
+        path = os.path.join(self._root, _FORMAT_FILE)
+        tmp = os.path.join(self._root, _TMP_PREFIX + _FORMAT_FILE)
+        with open(tmp, "wb") as f:
+            f.write(json.dumps({"format": FORMAT_VERSION, "chunk_size": self.chunk_size}).encode())
+        os.replace(tmp, path)
+
+    def _chunk_dirs(self) -> list[str]:
+        return [
+            e.path
+            for e in os.scandir(self._root)
+            if _VOL_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+        ]
+
+    def _wipe_disk(self) -> None:
+        for path in self._chunk_dirs():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _load(self) -> None:
+        disk_cs = self._read_format()
+        if disk_cs is None:
+            if self._chunk_dirs():
+                # Chunks without a readable FORMAT: their chunk size is unknown,
+                # so their offsets are meaningless.
+                log.warning("data cache %s: no valid FORMAT file; discarding chunks", self._root)
+                self._wipe_disk()
+            self._write_format()
+            return
+        self._scan(disk_cs)
+        if disk_cs != self.chunk_size:
+            if self._dirty_count:
+                # Re-chunking dirty data is not worth the risk: keep the old size.
+                log.warning(
+                    "data cache %s: holds %d dirty chunks of size %d; keeping chunk size %d "
+                    "instead of the requested %d",
+                    self._root,
+                    self._dirty_count,
+                    disk_cs,
+                    disk_cs,
+                    self.chunk_size,
+                )
+                self.chunk_size = disk_cs
+            else:
+                log.info(
+                    "data cache %s: chunk size changed %d -> %d; discarding cached chunks",
+                    self._root,
+                    disk_cs,
+                    self.chunk_size,
+                )
+                self._reset_index()
+                self._wipe_disk()
+                self._write_format()
+        log.info(
+            "data cache %s: %d chunks, %d bytes (%d dirty chunks) found at start",
+            self._root,
+            len(self._entries),
+            self.bytes_used,
+            self._dirty_count,
+        )
+        self._evict()
+
+    def _scan(self, chunk_size: int) -> None:
+        found: list[tuple[int, Key, int, bool]] = []
+        for vol_dir in os.scandir(self._root):
+            m = _VOL_RE.fullmatch(vol_dir.name)
+            if not m or not vol_dir.is_dir(follow_symlinks=False):
+                continue
+            volume = int(m[1])
+            for fid_dir in os.scandir(vol_dir.path):
+                mf = _PAIR_RE.fullmatch(fid_dir.name)
+                if not mf or not fid_dir.is_dir(follow_symlinks=False):
+                    continue
+                fid = Fid(volume, int(mf[1]), int(mf[2]))
+                kept = 0
+                for f in os.scandir(fid_dir.path):
+                    if f.name.startswith(_TMP_PREFIX):
+                        log.debug("removing leftover temporary file %s", f.path)
+                        _unlink(f.path)
+                        continue
+                    mc = _PAIR_RE.fullmatch(f.name)
+                    if not mc:
+                        continue
+                    rec = _scan_chunk(f.path, chunk_size)
+                    if rec is None:
+                        log.warning("data cache: discarding damaged chunk file %s", f.path)
+                        self.corrupt += 1
+                        _unlink(f.path)
+                        continue
+                    mtime, length, dirty = rec
+                    found.append((mtime, (fid, int(mc[1]), int(mc[2])), length, dirty))
+                    kept += 1
+                if not kept:
+                    _rmdir(fid_dir.path)
+        found.sort(key=lambda r: r[0])  # oldest first = LRU end
+        for _mtime, key, length, dirty in found:
+            self._add(key, length, dirty, verified=False)
+
+    # ------------------------------------------------------------ index core
+
+    def _path(self, key: Key) -> str:
+        fid, dv, index = key
+        return f"{self._root}/v{fid[0]}/{fid[1]}.{fid[2]}/{dv}.{index}"
+
+    def _fid_dir(self, fid: Fid) -> str:
+        return f"{self._root}/v{fid[0]}/{fid[1]}.{fid[2]}"
+
+    def _reset_index(self) -> None:
+        self._entries.clear()
+        self._lru.clear()
+        self._by_fid.clear()
+        self.bytes_used = self.dirty_bytes = self._dirty_count = 0
+
+    def _add(self, key: Key, length: int, dirty: bool, verified: bool) -> None:
+        self._entries[key] = _Entry(length, dirty, verified)
+        self._by_fid.setdefault(key[0], set()).add((key[1], key[2]))
+        self.bytes_used += length
+        if dirty:
+            self.dirty_bytes += length
+            self._dirty_count += 1
+        else:
+            self._lru[key] = None
+
+    def _forget(self, key: Key) -> _Entry | None:
+        e = self._entries.pop(key, None)
+        if e is None:
+            return None
+        fid = key[0]
+        keys = self._by_fid[fid]
+        keys.discard((key[1], key[2]))
+        if not keys:
+            del self._by_fid[fid]
+        self.bytes_used -= e.length
+        if e.dirty:
+            self.dirty_bytes -= e.length
+            self._dirty_count -= 1
+        else:
+            del self._lru[key]
+        return e
+
+    def _remove(self, key: Key) -> _Entry | None:
+        """Forget a chunk and delete its file; tidy the fid directory when empty."""
+        e = self._forget(key)
+        _unlink(self._path(key))
+        if key[0] not in self._by_fid:
+            _rmdir(self._fid_dir(key[0]))
+        return e
+
+    def _set_clean(self, key: Key, e: _Entry) -> None:
+        e.dirty = False
+        self.dirty_bytes -= e.length
+        self._dirty_count -= 1
+        self._lru[key] = None
+
+    def _evict(self, protect: Key | None = None) -> None:
+        # `protect` is the chunk just put: evicting it would make put-then-read
+        # miss forever, so the bound may be exceeded by that one chunk.
+        while self.bytes_used > self.max_bytes and self._lru:
+            key = next(iter(self._lru))
+            if key == protect:
+                if len(self._lru) == 1:
+                    break
+                self._lru.move_to_end(key)
+                continue
+            self._remove(key)
+            self.evictions += 1
+        if self.bytes_used > self.max_bytes:
+            if not self._over_warned:
+                log.warning(
+                    "data cache %s: %d bytes used > max %d; %d bytes are dirty and cannot be "
+                    "evicted until stored",
+                    self._root,
+                    self.bytes_used,
+                    self.max_bytes,
+                    self.dirty_bytes,
+                )
+                self._over_warned = True
+        else:
+            self._over_warned = False
+
+    def _shed(self, nbytes: int, protect: Key) -> int:
+        """Evict clean chunks, LRU first, until ``nbytes`` are freed; returns bytes freed."""
+        freed = 0
+        for key in list(self._lru):
+            if freed >= nbytes:
+                break
+            if key != protect:
+                e = self._remove(key)
+                assert e is not None
+                freed += e.length
+                self.evictions += 1
+        return freed
+
+    def _corrupt(self, key: Key, why: str) -> None:
+        e = self._remove(key)
+        self.corrupt += 1
+        level = logging.ERROR if e is not None and e.dirty else logging.WARNING
+        log.log(level, "data cache: chunk %s discarded (%s)", self._path(key), why)
+
+    def _read_chunk(self, key: Key, e: _Entry, start: int, end: int) -> bytes | None:
+        """Payload bytes [start, end) of a cached chunk (end <= e.length), or None if damaged."""
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                fd = f.fileno()
+                if os.fstat(fd).st_size != _HEADER.size + e.length:
+                    self._corrupt(key, "wrong file size")
+                    return None
+                if e.verified:
+                    data = os.pread(fd, end - start, _HEADER.size + start)
+                    if len(data) != end - start:
+                        self._corrupt(key, "short read")
+                        return None
+                    return data
+                raw = f.readall()
+        except FileNotFoundError:
+            self._corrupt(key, "file vanished")
+            return None
+        except OSError as exc:
+            self._corrupt(key, f"read error: {exc}")
+            return None
+        hdr = _parse(raw)
+        if hdr is None or hdr[1] != e.length:
+            self._corrupt(key, "bad header or checksum")
+            return None
+        e.verified = True
+        return bytes(memoryview(raw)[_HEADER.size + start : _HEADER.size + end])
+
+    def _load_chunk(self, key: Key) -> bytes | None:
+        """Whole chunk without touching statistics or LRU order."""
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        return self._read_chunk(key, e, 0, e.length)
+
+    def _store(self, key: Key, data: bytes, dirty: bool) -> None:
+        path = self._path(key)
+        tmp = f"{self._fid_dir(key[0])}/{_TMP_PREFIX}{key[1]}.{key[2]}"
+        header = _HEADER.pack(_MAGIC, _DIRTY if dirty else _CLEAN, len(data), zlib.crc32(data))
+        try:
+            try:
+                f = open(tmp, "wb")  # noqa: SIM115 (retried below)
+            except FileNotFoundError:
+                os.makedirs(self._fid_dir(key[0]), exist_ok=True)
+                f = open(tmp, "wb")  # noqa: SIM115
+            with f:
+                f.write(header)
+                f.write(data)
+            # No fsync: the CRC catches a torn file after a power loss, and an
+            # fsync per FUSE write would dominate latency.
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    # ------------------------------------------------------------ public API
+
+    def get(self, fid: Fid, dv: int, index: int) -> bytes | None:
+        """The whole chunk, or None (miss).  A hit makes the chunk most recently used."""
+        key = (fid, dv, index)
+        with self._lock:
+            e = self._entries.get(key)
+            if e is not None:
+                data = self._read_chunk(key, e, 0, e.length)
+                if data is not None:
+                    self.hits += 1
+                    if not e.dirty:
+                        self._lru.move_to_end(key)
+                    return data
+            self.misses += 1
+            return None
+
+    def put(self, fid: Fid, dv: int, index: int, data: bytes, *, dirty: bool = False) -> None:
+        """Store (replace) a chunk; ``len(data) <= chunk_size``.
+
+        ``dirty=True`` pins the chunk until ``mark_clean``/``drop``.  Putting a
+        clean chunk over a dirty one discards the local modification: only do
+        that on purpose.  A failed write of a clean chunk is logged and the chunk
+        is simply not cached; a failed dirty write raises (the data would be lost).
+        """
+        _check(dv=dv, index=index)
+        if len(data) > self.chunk_size:
+            raise ValueError(f"chunk of {len(data)} bytes > chunk_size {self.chunk_size}")
+        key = (fid, dv, index)
+        with self._lock:
+            self._put(key, bytes(data), dirty)
+
+    def _put(self, key: Key, data: bytes, dirty: bool) -> None:
+        try:
+            try:
+                self._store(key, data, dirty)
+            except OSError as exc:
+                # The filesystem is fuller than max_bytes assumed: clean chunks
+                # are worth less than this one (maybe dirty), so make room once.
+                if exc.errno != errno.ENOSPC or not self._shed(4 * self.chunk_size, key):
+                    raise
+                log.warning("data cache %s: disk full; evicted clean chunks", self._root)
+                self._store(key, data, dirty)
+        except OSError:
+            if dirty:
+                raise
+            log.warning("data cache: could not store chunk %s", self._path(key), exc_info=True)
+            self._remove(key)  # the old content is not what the caller wants served
+            return
+        self._forget(key)
+        self._add(key, len(data), dirty, verified=True)
+        self._evict(protect=key)
+
+    def write(
+        self,
+        fid: Fid,
+        dv: int,
+        offset: int,
+        data: bytes,
+        base: Callable[[int], bytes | None],
+    ) -> None:
+        """Apply a local write at byte ``offset``; every touched chunk becomes dirty.
+
+        A chunk only partly overwritten starts from the cached chunk, else from
+        ``base(index)`` (its current clean content; None means zeros/new).  A
+        chunk overwritten completely never calls ``base``.  ``base`` runs in the
+        calling thread with the cache lock held: it may call back into this
+        object but must not wait for another thread that does.
+        """
+        _check(dv=dv, offset=offset)
+        if not data:
+            return
+        cs = self.chunk_size
+        end = offset + len(data)
+        src = memoryview(data)
+        with self._lock:
+            for index in range(offset // cs, (end - 1) // cs + 1):
+                cstart = index * cs
+                s = max(offset, cstart) - cstart
+                t = min(end, cstart + cs) - cstart
+                piece = src[cstart + s - offset : cstart + t - offset]
+                key = (fid, dv, index)
+                if s == 0 and t == cs:
+                    chunk = bytes(piece)
+                else:
+                    cur = self._load_chunk(key)
+                    if cur is None:
+                        cur = base(index) or b""
+                        if len(cur) > cs:
+                            raise ValueError(f"base({index}) returned {len(cur)} bytes > {cs}")
+                    buf = bytearray(cur)
+                    if len(buf) < t:
+                        buf.extend(bytes(t - len(buf)))  # a gap before s reads as zeros
+                    buf[s:t] = piece
+                    chunk = bytes(buf)
+                self._put(key, chunk, True)
+
+    def read(self, fid: Fid, dv: int, offset: int, length: int, size: int) -> bytes | None:
+        """Bytes ``[offset, min(offset + length, size))`` if all needed chunks are cached.
+
+        Bytes below ``size`` beyond the end of a cached short chunk read as zeros.
+        Returns None if any chunk is missing or damaged (``missing`` says which).
+        """
+        _check(offset=offset, length=length, size=size)
+        end = min(offset + length, size)
+        if end <= offset:
+            return b""
+        cs = self.chunk_size
+        with self._lock:
+            wanted = []
+            absent = 0
+            for index in range(offset // cs, (end - 1) // cs + 1):
+                key = (fid, dv, index)
+                e = self._entries.get(key)
+                if e is None:
+                    absent += 1
+                wanted.append((index, key, e))
+            if absent:
+                # Do not read anything: the caller must fetch first anyway.
+                self.misses += absent
+                return None
+            parts: list[bytes] = []
+            for index, key, e in wanted:
+                cstart = index * cs
+                s = max(offset, cstart) - cstart
+                t = min(end, cstart + cs) - cstart
+                if s < e.length:
+                    got = self._read_chunk(key, e, s, min(t, e.length))
+                    if got is None:
+                        self.misses += 1
+                        return None
+                    parts.append(got)
+                    if t > e.length:
+                        parts.append(bytes(t - e.length))
+                else:
+                    parts.append(bytes(t - s))
+                if not e.dirty:
+                    self._lru.move_to_end(key)
+            self.hits += len(wanted)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def missing(self, fid: Fid, dv: int, offset: int, length: int, size: int) -> list[int]:
+        """Indexes of the chunks ``read`` with the same arguments needs and does not have."""
+        _check(offset=offset, length=length, size=size)
+        end = min(offset + length, size)
+        if end <= offset:
+            return []
+        cs = self.chunk_size
+        with self._lock:
+            return [
+                i
+                for i in range(offset // cs, (end - 1) // cs + 1)
+                if (fid, dv, i) not in self._entries
+            ]
+
+    def dirty_chunks(self, fid: Fid) -> list[tuple[int, int]]:
+        """(dv, index) of every dirty chunk of ``fid``, sorted."""
+        with self._lock:
+            return sorted(
+                (dv, i) for dv, i in self._by_fid.get(fid, ()) if self._entries[(fid, dv, i)].dirty
+            )
+
+    def mark_clean(self, fid: Fid, dv: int, index: int) -> None:
+        """The chunk is now stored on the server: it may be evicted from now on."""
+        key = (fid, dv, index)
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or not e.dirty:
+                return
+            try:
+                fd = os.open(self._path(key), os.O_WRONLY)
+            except FileNotFoundError:
+                self._corrupt(key, "file vanished")
+                return
+            try:
+                os.pwrite(fd, bytes([_CLEAN]), _FLAG_OFFSET)
+            finally:
+                os.close(fd)
+            self._set_clean(key, e)
+            self._evict()
+
+    def rekey(self, fid: Fid, old_dv: int, new_dv: int) -> None:
+        """Move every chunk of ``old_dv`` to ``new_dv`` (rename, no copy).
+
+        For the client's own store, which moved the DV by exactly one: the data
+        is unchanged, only its version label.  Dirty flags are kept.  A crash
+        part way leaves chunks under both DVs; the cache manager's
+        ``drop(keep_dv=...)`` after revalidation sorts that out.
+        """
+        _check(dv=new_dv)
+        if old_dv == new_dv:
+            return
+        with self._lock:
+            moving = sorted(i for dv, i in self._by_fid.get(fid, ()) if dv == old_dv)
+            for index in moving:
+                old_key, new_key = (fid, old_dv, index), (fid, new_dv, index)
+                self._forget(new_key)  # its file is replaced by the rename
+                try:
+                    os.replace(self._path(old_key), self._path(new_key))
+                except FileNotFoundError:
+                    self._corrupt(old_key, "file vanished")
+                    continue
+                e = self._forget(old_key)
+                assert e is not None
+                self._add(new_key, e.length, e.dirty, e.verified)
+
+    def drop(self, fid: Fid, *, keep_dv: int | None = None, keep_dirty: bool = True) -> int:
+        """Drop the chunks of ``fid`` whose DV is not ``keep_dv`` (all if None).
+
+        DESIGN.md C1: called when validation finds a new DV.  Dirty chunks are
+        kept unless ``keep_dirty=False``.  Returns the payload bytes freed.
+        """
+        freed = 0
+        with self._lock:
+            for dv, index in list(self._by_fid.get(fid, ())):
+                if dv == keep_dv:
+                    continue
+                key = (fid, dv, index)
+                if keep_dirty and self._entries[key].dirty:
+                    continue
+                e = self._remove(key)
+                assert e is not None
+                freed += e.length
+        return freed
+
+    def truncate(self, fid: Fid, dv: int, size: int) -> None:
+        """Apply a local truncate: drop chunks of ``dv`` past ``size``, cut the last one.
+
+        Dropped chunks go even if dirty (their bytes no longer exist); a cut chunk
+        keeps its dirty flag.  Growing ``size`` needs nothing (short chunks read
+        as zeros below the size given to ``read``).
+        """
+        _check(dv=dv, size=size)
+        cs = self.chunk_size
+        with self._lock:
+            for kdv, index in list(self._by_fid.get(fid, ())):
+                if kdv != dv:
+                    continue
+                key = (fid, dv, index)
+                e = self._entries.get(key)
+                if e is None:  # evicted by the put of an earlier cut
+                    continue
+                cstart = index * cs
+                if cstart >= size:
+                    self._remove(key)
+                elif cstart + e.length > size:
+                    data = self._read_chunk(key, e, 0, size - cstart)
+                    if data is not None:
+                        self._put(key, data, e.dirty)
+
+    def drop_all(self, *, keep_dirty: bool = True) -> None:
+        """``fs flush`` of everything.  Dirty chunks are kept unless ``keep_dirty=False``."""
+        with self._lock:
+            for fid in list(self._by_fid):
+                self.drop(fid, keep_dirty=keep_dirty)
+            if not self._entries:
+                self._wipe_disk()  # also clears empty directories and strays
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "bytes_used": self.bytes_used,
+                "max_bytes": self.max_bytes,
+                "chunks": len(self._entries),
+                "dirty_chunks": self._dirty_count,
+                "dirty_bytes": self.dirty_bytes,
+                "evictions": self.evictions,
+                "corrupt": self.corrupt,
+                "chunk_size": self.chunk_size,
+            }
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check(**values: int) -> None:
+    for name, v in values.items():
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, not {v}")
+
+
+def _parse(raw: bytes) -> tuple[bool, int] | None:
+    """(dirty, length) of a complete chunk file image, or None if damaged."""
+    if len(raw) < _HEADER.size:
+        return None
+    magic, flags, length, crc = _HEADER.unpack_from(raw)
+    if magic != _MAGIC or flags not in (_CLEAN, _DIRTY) or len(raw) != _HEADER.size + length:
+        return None
+    if zlib.crc32(memoryview(raw)[_HEADER.size :]) != crc:
+        return None
+    return flags == _DIRTY, length
+
+
+def _scan_chunk(path: str, chunk_size: int) -> tuple[int, int, bool] | None:
+    """(mtime_ns, length, dirty) from header and size only; the CRC waits for the first read."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            head = f.read(_HEADER.size)
+    except OSError:
+        return None
+    if len(head) != _HEADER.size:
+        return None
+    magic, flags, length, _crc = _HEADER.unpack(head)
+    if (
+        magic != _MAGIC
+        or flags not in (_CLEAN, _DIRTY)
+        or length > chunk_size
+        or st.st_size != _HEADER.size + length
+    ):
+        return None
+    return st.st_mtime_ns, length, flags == _DIRTY
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # not empty or already gone: fine
