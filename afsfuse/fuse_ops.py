@@ -124,6 +124,9 @@ class AfsOperations(pyfuse3.Operations):
         # Volume roots reached through a mount point: ".." of such a root is
         # the directory holding the mount point.
         self._mount_parent: dict[Any, int] = {}
+        # Inodes unlinked while open: (directory, hidden name, cred) to remove
+        # at the last release.
+        self._silly: dict[int, tuple[Vnode, bytes, Any]] = {}
 
     # -- kernel invalidation (called from the notifier's worker thread) ------
 
@@ -328,7 +331,18 @@ class AfsOperations(pyfuse3.Operations):
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.cm.unlink(self._vnode(parent_inode), name, cred_of(ctx))
+        parent, cred = self._vnode(parent_inode), cred_of(ctx)
+        child = await self.cm.lookup(parent, name, cred)
+        entry = self.inodes.find(inode_key(child))
+        st = child.status
+        if entry is not None and self._is_open(entry.ino) and st is not None and st.nlink <= 1:
+            # Silly rename, as the kernel AFS and NFS clients do: the file
+            # stays readable through open descriptors and goes at last close.
+            silly = b".__afs%X.%X" % (child.fid.vnode, child.fid.unique)
+            await self.cm.rename(parent, name, parent, silly, 0, cred)
+            self._silly[entry.ino] = (parent, silly, cred)
+        else:
+            await self.cm.unlink(parent, name, cred)
         self.notifier.unlearned(parent_inode, name)
 
     @_handler
@@ -432,6 +446,9 @@ class AfsOperations(pyfuse3.Operations):
             return
         self._track_open(f.ino, -1)
         await self.cm.release(f.handle, f.cred)
+        if not self._is_open(f.ino) and f.ino in self._silly:
+            parent, silly, cred = self._silly.pop(f.ino)
+            await self.cm.unlink(parent, silly, cred)
 
     # -- the rest ---------------------------------------------------------------
 

@@ -1,0 +1,133 @@
+"""Run real afsfuse client mounts for integration tests.
+
+Each ``ClientMount`` is its own daemon process (``afsfuse mount -f``), since
+a process may serve one FUSE session and must never touch its own mount.
+The test process only touches the mount from outside.  ``stop()`` always
+unmounts (``fusermount3 -u``, then ``-z`` as a last resort) and ends the
+daemon by its pid, even when the test failed.
+
+    with ServerProcess(tmp_path / "fs") as srv, ClientMount(srv, tmp_path / "a") as a:
+        (a.mnt / "file").write_text("hello")
+        a.stats()["rpc"]      # the cache manager's counters (afs.stats xattr)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def unmount(mnt: Path) -> None:
+    if not os.path.ismount(mnt):
+        return
+    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
+    deadline = time.monotonic() + 5
+    while os.path.ismount(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.path.ismount(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30)
+
+
+class ClientMount:
+    def __init__(
+        self,
+        server: Any,
+        workdir: Path,
+        *,
+        volume: str = "root.cell",
+        extra_args: tuple[str, ...] = (),
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.server = server
+        self.workdir = Path(workdir)
+        self.mnt = self.workdir / "mnt"
+        self.cache_dir = cache_dir or self.workdir / "cache"
+        self.log_path = self.workdir / "client.log"
+        self.volume = volume
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> ClientMount:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mnt.mkdir(exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "afsfuse.cli", "mount", "-f",
+            f"{self.server.host}:{self.server.port}/{self.volume}", str(self.mnt),
+            "--cache-dir", str(self.cache_dir), *self.extra_args,
+        ]  # fmt: skip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(self.mnt):
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"client exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mount not live in {timeout} s:\n{self.log_text()[-3000:]}")
+            time.sleep(0.02)
+        return self
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(os.getxattr(self.mnt, "afs.stats"))
+
+    def rpc_count(self, method: str) -> int:
+        return int(self.stats()["rpc"].get(method, 0))
+
+    def examine(self, path: Path) -> dict[str, Any]:
+        return json.loads(os.getxattr(path, "afs.examine"))
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Unmount and end the daemon; returns its exit code."""
+        try:
+            unmount(self.mnt)
+        finally:
+            if self.proc is not None:
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.send_signal(signal.SIGTERM)
+                    try:
+                        self.proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        self.proc.kill()
+                        self.proc.wait(10)
+                unmount(self.mnt)  # a daemon killed mid-way leaves a dead mount
+        return None if self.proc is None else self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash); the dead mount stays until stop()."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> ClientMount:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
