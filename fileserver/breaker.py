@@ -101,6 +101,14 @@ class Breaker:
         self.by_cid[st.cid] = st
         return st, True
 
+    def forget(self, st: ClientState) -> None:
+        """Drop all state for a client; at its next Hello it is new again (and
+        gets CB.InitCallBackState3), so forgetting is always safe."""
+        self.table.forget_client(st.cid)
+        self.clients.pop(st.uuid, None)
+        self.by_cid.pop(st.cid, None)
+        event("forget", client=st.uuid)
+
     def mark_down(self, st: ClientState, reason: str) -> None:
         if not st.down:
             st.down = True

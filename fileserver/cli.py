@@ -210,9 +210,15 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
-    except RuntimeError as exc:
-        log.error("%s", exc)
-        return 1
+    except Exception as exc:
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, RuntimeError | OSError):
+            # Expected start-up failures (data dir in use, port taken): one line.
+            log.error("cannot serve: %s", leaf)
+            return 1
+        raise
     return 0
 
 

@@ -181,6 +181,13 @@ class FileServer:
             if n:
                 self.metrics.inc("expired", n)
                 event("sweep", expired=n)
+            # Clients gone for longer than any promise lasts are forgotten, so
+            # the client registry does not grow with every UUID ever seen.
+            idle = self.table.max_duration + 600
+            now = time.time()
+            for st in list(self.breaker.clients.values()):
+                if st.down and st.conn is None and now - st.last_seen > idle:
+                    self.breaker.forget(st)
 
     def _on_revoke(self, cid: int) -> None:
         st = self.breaker.by_cid.get(cid)
