@@ -407,7 +407,20 @@ class AfsOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         cred = cred_of(ctx)
         handle = await self.cm.open(self._vnode(inode), cred, flags)
+        if not handle.keep_cache:
+            # Close-to-open: the data changed since the kernel cached it, and
+            # the kernel clamps reads to the size it has cached until the
+            # (asynchronous) break invalidation lands.  Dropping attributes
+            # only takes no page locks, so it is safe inside this handler.
+            self._drop_kernel_attrs(inode)
         return self._file_info(inode, handle, cred)
+
+    @staticmethod
+    def _drop_kernel_attrs(ino: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(ino, True)
+        except OSError:
+            pass  # the kernel does not know it (yet): nothing cached to drop
 
     @_handler
     async def create(

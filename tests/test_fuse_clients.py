@@ -1,0 +1,162 @@
+"""Two real client mounts of one volume: what A does, B sees.
+
+Close-to-open: once close() returns on A, an open() on B sees A's data at
+once; B's stat() sees it within a bounded time (the kernel's attribute cache
+is told asynchronously).  Directory changes likewise.  A warm stat of an
+unchanged tree on B sends no RPC at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+
+import pytest
+
+from tests.mountproc import ClientMount
+from tests.serverproc import ServerProcess
+
+pytestmark = pytest.mark.mount
+
+STAT_BOUND = 2.0  # seconds: generous; the benchmark measures the real figure
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from tests.conftest import fuse_problem
+
+    if fuse_problem():
+        pytest.fail(f"FUSE IS NOT AVAILABLE: {fuse_problem()}", pytrace=False)
+    base = tmp_path_factory.mktemp("pair")
+    with (
+        ServerProcess(base / "fs") as srv,
+        ClientMount(srv, base / "a") as a,
+        ClientMount(srv, base / "b") as b,
+    ):
+        yield a, b
+
+
+@pytest.fixture
+def dirs(pair, request):
+    a, b = pair
+    name = request.node.name[:60]
+    (a.mnt / name).mkdir()
+    return a.mnt / name, b.mnt / name
+
+
+def eventually(fn, bound=STAT_BOUND):
+    deadline = time.monotonic() + bound
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+def test_write_close_then_open_on_b_sees_it(dirs):
+    da, db = dirs
+    (da / "f").write_bytes(b"v1")
+    assert (db / "f").read_bytes() == b"v1"
+    for i in range(2, 30):
+        data = f"version {i} ".encode() * i
+        with open(da / "f", "wb") as f:
+            f.write(data)
+        # close() on A has returned: B's open must see exactly this.
+        assert (db / "f").read_bytes() == data
+
+
+def test_b_stat_follows_within_bound(dirs):
+    da, db = dirs
+    (da / "g").write_bytes(b"x")
+    assert (db / "g").stat().st_size == 1
+    with open(da / "g", "ab") as f:
+        f.write(b"y" * 999)
+    assert eventually(lambda: (db / "g").stat().st_size == 1000)
+    os.chmod(da / "g", 0o600)
+    assert eventually(lambda: stat.S_IMODE((db / "g").stat().st_mode) == 0o600)
+
+
+def test_directory_changes_seen_by_b(dirs):
+    da, db = dirs
+    assert os.listdir(db) == []
+    (da / "new").write_text("n")
+    assert eventually(lambda: os.listdir(db) == ["new"])
+    assert (db / "new").read_text() == "n"
+    os.rename(da / "new", da / "renamed")
+    assert eventually(lambda: os.listdir(db) == ["renamed"])
+    assert (db / "renamed").read_text() == "n"
+    assert eventually(lambda: not (db / "new").exists())
+    (da / "sub").mkdir()
+    assert eventually(lambda: (db / "sub").is_dir())
+    os.rmdir(da / "sub")
+    assert eventually(lambda: not (db / "sub").exists())
+    os.unlink(da / "renamed")
+    assert eventually(lambda: os.listdir(db) == [])
+
+
+def test_b_changes_seen_by_a(dirs):
+    da, db = dirs
+    (da / "shared").write_text("from a")
+    assert (db / "shared").read_text() == "from a"
+    (db / "shared").write_text("from b")
+    assert (da / "shared").read_text() == "from b"
+
+
+def test_warm_stat_of_unchanged_tree_sends_no_rpc(pair, dirs):
+    _a, b = pair
+    da, db = dirs
+    for i in range(50):
+        (da / f"t{i}").write_text(str(i))
+    (da / "deep").mkdir()
+    for i in range(20):
+        (da / "deep" / f"u{i}").write_text(str(i))
+
+    def walk():
+        n = 0
+        for root, dnames, fnames in os.walk(db):
+            for name in dnames + fnames:
+                os.stat(os.path.join(root, name))
+                n += 1
+        return n
+
+    assert walk() == 71  # cold: fetches
+    before = sum(b.stats()["rpc"].values())
+    assert walk() == 71  # warm
+    after = sum(b.stats()["rpc"].values())
+    assert after == before, f"warm stat pass sent {after - before} RPCs"
+
+
+def test_big_file_checksum_and_warm_reread_without_fetch(pair, dirs):
+    _a, b = pair
+    da, db = dirs
+    size = 256 * 1024 * 1024
+    block = os.urandom(1 << 20)
+    h = hashlib.sha256()
+    with open(da / "big", "wb") as f:
+        for i in range(size >> 20):
+            chunk = block[i:] + block[:i]  # every MiB different
+            f.write(chunk)
+            h.update(chunk)
+    want = h.hexdigest()
+
+    def digest(path):
+        h2 = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h2.update(chunk)
+        return h2.hexdigest()
+
+    assert digest(db / "big") == want  # B reads it from the server
+    fetches = b.rpc_count("FS.FetchData")
+    assert fetches > 0
+    # Drop the kernel's page cache so the reread really asks the daemon.
+    fd = os.open(db / "big", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert digest(db / "big") == want
+    assert b.rpc_count("FS.FetchData") == fetches, "warm reread fetched from the server"
+    assert digest(da / "big") == want  # the writer's own cache
