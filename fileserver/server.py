@@ -143,6 +143,7 @@ class FileServer:
                 if cfg.metrics is not None:
                     self.metrics_port = self.metrics.serve(*cfg.metrics)
                 nursery.start_soon(self._sweeper)
+                nursery.start_soon(self._retry_down_clients)
                 if cfg.vl is not None:
                     self.registrar = VLRegistrar(
                         cfg.vl,
@@ -188,6 +189,32 @@ class FileServer:
             for st in list(self.breaker.clients.values()):
                 if st.down and st.conn is None and now - st.last_seen > idle:
                     self.breaker.forget(st)
+
+    async def _retry_down_clients(self) -> None:
+        """Clients still connected but marked down (a break timed out) get what
+        they are owed retried in the background, so an idle client does not
+        sit on stale promises until its next request."""
+        interval = max(1.0, self.config.break_timeout * 2.5)
+        while True:
+            await trio.sleep(interval)
+            nursery = self._nursery
+            if nursery is None:
+                return
+            for st in list(self.breaker.clients.values()):
+                conn = st.conn
+                if st.down and conn is not None and not conn.closed and not st.lock.locked():
+                    nursery.start_soon(self._retry_one, st, conn)
+
+    async def _retry_one(self, st: ClientState, conn: Connection) -> None:
+        async with st.lock:
+            if not st.down or st.conn is not conn:
+                return
+            try:
+                await self.breaker.catch_up(st, conn)
+            except (RpcError, trio.TooSlowError):
+                return
+            st.down = False
+        event("client_up", client=st.uuid, conn=conn.name, retried=1)
 
     def _on_revoke(self, cid: int) -> None:
         st = self.breaker.by_cid.get(cid)

@@ -275,3 +275,20 @@ async def test_offline_volume_refuses_changes_and_breaks(tmp_path):
         else:
             raise AssertionError("change on an offline volume succeeded")
         await c.call("FS.FetchStatus", None, root)  # reads still work
+
+
+async def test_connected_but_down_client_is_retried_in_background(tmp_path):
+    async with (
+        running_server(tmp_path / "fs", break_timeout=0.4) as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        root = await x.root_fid()
+        fid = await _mkfile(x, root)
+        await y.call("FS.FetchStatus", None, fid)
+        y.hang = True
+        await x.call("FS.StoreData", None, fid, 0, b"v1", None, None)
+        assert srv.client(y.uuid).down
+        y.hang = False  # it recovers, but makes no request
+        await y.wait_for(lambda: Fid(*fid) in y.breaks, timeout=10)
+        await wait_until(lambda: not srv.client(y.uuid).down)
