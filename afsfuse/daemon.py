@@ -28,7 +28,9 @@ import trio
 from afsfuse.cache_manager import CacheConfig, CacheManager
 from afsfuse.cells import CellDB
 from afsfuse.fuse_ops import AfsOperations, drain_invalidations
+from protocol.connection import open_connection
 from protocol.errors import RpcError
+from protocol.methods import VL_GET_ENTRY_BY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +87,31 @@ def fuse_options(opts: MountOptions) -> set[str]:
     return out
 
 
-def cells_for(opts: MountOptions) -> CellDB:
+async def cells_for(opts: MountOptions) -> CellDB:
     if opts.cells_file is not None:
         return CellDB.load(opts.cells_file)
     if opts.cell:
         return CellDB.single((opts.host, opts.port), name=opts.cell)
+    # No cells file: one cell, named as the server names its own cell.
+    try:
+        with trio.fail_after(max(opts.rpc_timeout, 10.0)):
+            async with open_connection(opts.host, opts.port) as conn:
+                entry = await conn.call(VL_GET_ENTRY_BY_NAME, opts.volume)
+    except (OSError, trio.TooSlowError) as exc:
+        raise MountFailed(f"cannot reach server {opts.host}:{opts.port}: {exc}") from None
+    except RpcError as exc:
+        raise MountFailed(
+            f"cannot mount volume {opts.volume!r} from {opts.host}:{opts.port}: {exc}"
+        ) from None
+    cell = entry.get("cell") if isinstance(entry, dict) else None
+    if isinstance(cell, str) and cell:
+        return CellDB.single((opts.host, opts.port), name=cell)
     return CellDB.single((opts.host, opts.port))
 
 
 async def serve(opts: MountOptions, ready: Ready) -> None:
     config = CacheConfig(
-        cells=cells_for(opts),
+        cells=await cells_for(opts),
         cache_dir=opts.cache_dir,
         cache_bytes=opts.cache_size,
         chunk_size=opts.chunk_size,

@@ -1,0 +1,95 @@
+"""AFS mount points inside a volume, and two aliased cells in one mount.
+
+A mount point (``afsfuse fs mkmount DIR VOLUME``) shows another volume's
+root as a directory: its own volume instance inside the same FUSE mount.
+One volume reached through two cells that alias each other is two volume
+instances on one server record, and one break reaches both (P3).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.mountproc import REPO, ClientMount
+from tests.serverproc import ServerProcess
+
+pytestmark = pytest.mark.mount
+
+
+def run(*argv):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", *map(str, argv)], capture_output=True,
+                         text=True, cwd=REPO, env=env, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def eventually(fn, bound=2.0):
+    deadline = time.monotonic() + bound
+    while not (value := fn()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+
+
+def test_mount_point_enters_another_volume(tmp_path, require_fuse):
+    with ServerProcess(tmp_path / "fs") as srv:
+        run("fileserver.cli", "vol", "create", "--data-dir", srv.data_dir, "projects")
+        with ClientMount(srv, tmp_path / "a") as a, ClientMount(srv, tmp_path / "b") as b:
+            run("afsfuse.cli", "fs", "mkmount", a.mnt / "proj", "projects")
+            assert (a.mnt / "proj").is_dir()
+            assert os.getxattr(a.mnt / "proj", "afs.volume") == b"projects"
+            (a.mnt / "proj" / "plan.txt").write_text("inside projects")
+            assert os.getxattr(a.mnt / "proj" / "plan.txt", "afs.volume") == b"projects"
+            assert sorted(os.listdir(a.mnt)) == ["proj"]
+            lsmount = json.loads(run("afsfuse.cli", "fs", "lsmount", a.mnt / "proj", "--json"))
+            assert lsmount["volume"] == "projects"
+            # Another client sees the same mount point and the volume behind it.
+            assert (b.mnt / "proj" / "plan.txt").read_text() == "inside projects"
+            # Rename across volumes is EXDEV; cp+rm is what mv then does.
+            (a.mnt / "top.txt").write_text("top")
+            with pytest.raises(OSError) as exc:
+                os.rename(a.mnt / "top.txt", a.mnt / "proj" / "top.txt")
+            assert exc.value.errno == errno.EXDEV
+            # ".." of the volume root leads back to the directory holding it.
+            assert os.stat(a.mnt / "proj" / "..").st_ino == os.stat(a.mnt).st_ino
+
+
+def test_aliased_cells_share_one_server_record(tmp_path, require_fuse):
+    with ServerProcess(tmp_path / "fs") as srv:
+        cells = tmp_path / "cells.toml"
+        cells.write_text(
+            'default = "localcell"\n'
+            f'[cells."localcell"]\nvlservers = ["{srv.host}:{srv.port}"]\n'
+            '[cells."othercell"]\nalias = "localcell"\n'
+        )
+        a = ClientMount(srv, tmp_path / "a", extra_args=("--cells", str(cells)))
+        with a, ClientMount(srv, tmp_path / "b") as b:
+            run("afsfuse.cli", "fs", "mkmount", a.mnt / "other", "root.cell", "--cell",
+                "othercell")  # fmt: skip
+            (b.mnt / "shared.txt").write_text("one")
+            assert (a.mnt / "shared.txt").read_text() == "one"
+            assert (a.mnt / "other" / "shared.txt").read_text() == "one"
+            assert os.getxattr(a.mnt / "other" / "shared.txt", "afs.cell") == b"othercell"
+            assert os.getxattr(a.mnt / "shared.txt", "afs.cell") == b"localcell"
+            # Same fid, two volume instances: two inodes.
+            assert (a.mnt / "shared.txt").stat().st_ino != (
+                a.mnt / "other" / "shared.txt"
+            ).stat().st_ino
+            stats = a.stats()
+            assert len(stats["servers"]) == 1
+            assert {"localcell", "othercell"} <= {k.split(":")[0] for k in stats["volumes"]}
+            breaks = stats["breaks"]
+            (b.mnt / "shared.txt").write_text("two!")
+            # One break from the server reaches both instances.
+            assert (a.mnt / "shared.txt").read_text() == "two!"
+            assert (a.mnt / "other" / "shared.txt").read_text() == "two!"
+            assert eventually(lambda: (a.mnt / "other" / "shared.txt").stat().st_size == 4)
+            assert a.stats()["breaks"] > breaks
