@@ -782,7 +782,8 @@ class Volume:
         if res != [("ok",)]:
             found("sqlite", "; ".join(r[0] for r in res[:10]))
             return out  # nothing else can be trusted
-        npending = db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
+        applied = set(self._applied)  # on disk already; their rows go at the next commit
+        npending = sum(1 for (seq,) in db.execute("SELECT seq FROM pending") if seq not in applied)
         if npending:
             f = found("pending", f"{npending} stores not yet applied to data files")
             if repair:
