@@ -112,6 +112,20 @@ class DataDir:
             raise RuntimeError(f"{self.path} is in use by another fileserver") from None
         self._lock_fd = fd
 
+    def in_use(self) -> bool:
+        """Whether a server (or a repairing salvage) holds the lock right now."""
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops our lock if we got it
+        return False
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -133,15 +147,16 @@ class DataDir:
         host, _, port = text.rpartition(":")
         return host.strip("[]"), int(port)
 
-    def volume_paths(self) -> list[Path]:
+    def volume_paths(self, *, cleanup: bool = False) -> list[Path]:
+        """Volume directories; with ``cleanup`` (only while holding the lock)
+        leftovers of an interrupted create/remove are deleted."""
         if not self.volumes_dir.exists():
             return []
         out = []
         for p in sorted(self.volumes_dir.iterdir()):
             if p.name.isdigit() and (p / "volume.db").exists():
                 out.append(p)
-            elif p.name.endswith(".creating") or p.name.startswith(".trash-"):
-                # Leftover of an interrupted create/remove: never a live volume.
+            elif cleanup and (p.name.endswith(".creating") or p.name.startswith(".trash-")):
                 shutil.rmtree(p, ignore_errors=True)
         return out
 
@@ -188,7 +203,7 @@ class VolumeStore:
 
     def open_all(self) -> None:
         """Open (and recover) every volume; blocking, call from a thread or at start."""
-        for p in self.datadir.volume_paths():
+        for p in self.datadir.volume_paths(cleanup=True):
             vol = Volume(p)
             self._add(VolumeHandle(vol))
 

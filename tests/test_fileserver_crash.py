@@ -116,10 +116,15 @@ def test_salvage_finds_and_repairs(tmp_path):
     assert not (vol_dir / "data" / "999.999").exists()
 
 
-def test_salvage_refuses_repair_under_running_server(tmp_path):
-    with ServerProcess(tmp_path / "fs"):
+async def test_salvage_refuses_repair_under_running_server(tmp_path):
+    with ServerProcess(tmp_path / "fs") as srv:
+        async with fs_client(srv.host, srv.port) as c:
+            root = await c.root_fid()
+            fid = (await c.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
+            await c.call("FS.StoreData", None, fid, 0, b"data", None, None)
         assert cli_main(["salvage", "--data-dir", str(tmp_path / "fs"), "--repair"]) == 2
         assert cli_main(["salvage", "--data-dir", str(tmp_path / "fs")]) == 0
+    assert salvage(tmp_path / "fs") == []  # a clean stop leaves no redo records
 
 
 def test_sigterm_stops_cleanly(tmp_path):
