@@ -618,7 +618,7 @@ class CacheManager:
             apply_reply(
                 self, d, reply["dir_status"], reply.get("dir_callback"), snap, own_from_dv=old_dv
             )
-            d.mod_seq += 1
+            d.touch()
         return reply, snap
 
     def _edit_listing(
@@ -706,8 +706,8 @@ class CacheManager:
         reply, snap = await self._dir_change(
             dir, _wire_cred(cred), M.FS_LINK, (name, vnode.fid), edit
         )
-        await self._apply_locked(vnode, reply["status"], None, snap)
-        vnode.mod_seq += 1
+        await self._apply_locked(vnode, reply["status"], None, snap, vnode.data_version)
+        vnode.touch()
         return vnode
 
     async def _victim(self, vol: VolumeInstance, fid_wire: Any, status: Any,
@@ -722,7 +722,7 @@ class CacheManager:
         else:
             async with v.lock.write():
                 apply_reply(self, v, status, None, snap, own_from_dv=v.data_version)
-            v.mod_seq += 1
+            v.touch()
 
     @_maps_errors
     async def unlink(self, dir: Vnode, name: bytes, cred: Cred = None) -> None:
@@ -797,13 +797,13 @@ class CacheManager:
                 apply_reply(self, new_dir, reply["new_dir_status"], None, snap,
                             own_from_dv=old_dvs[id(new_dir)])  # fmt: skip
             for d in dirs:
-                d.mod_seq += 1
+                d.touch()
         moved = vol.find(moved_fid)
         if moved is not None:
             async with moved.lock.write():
                 apply_reply(self, moved, reply["status"], None, snap,
                             own_from_dv=moved.data_version)  # fmt: skip
-            moved.mod_seq += 1
+            moved.touch()
         await self._victim(vol, reply.get("replaced_fid"), reply.get("replaced_status"), snap)
 
     # -- attributes ---------------------------------------------------------------
@@ -838,7 +838,7 @@ class CacheManager:
                     self.datacache.rekey(vnode.fid, old_dv, new.data_version)
                 vnode.local_size = None
             apply_reply(self, vnode, reply["status"], None, snap, own_from_dv=old_dv)
-            vnode.mod_seq += 1
+            vnode.touch()
             if size is not None:
                 self.invalidations.put(Invalidate("inode", vnode=vnode))
             st = vnode.effective_status()
@@ -1050,7 +1050,7 @@ class CacheManager:
                     if new.data_version == dv + 1:
                         self.datacache.rekey(v.fid, dv, new.data_version)
                     apply_reply(self, v, reply["status"], None, snap, own_from_dv=dv)
-                    v.mod_seq += 1
+                    v.touch()
                     log_event("stored", fid=v.fid, offset=off, bytes=len(payload),
                               dv=new.data_version)  # fmt: skip
                     if not self.datacache.dirty_chunks(v.fid):

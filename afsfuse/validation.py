@@ -3,7 +3,7 @@
 Every RPC that can return a promise takes a ``CallSnapshot`` when it is
 issued: the issue time (promise expiry counts from it), a reference to the
 server record, that record's ``cb_s_break``, the volume's ``cb_v_break`` and
-``break_seq``, and each known vnode's ``cb_break`` and ``mod_seq``.
+``break_seq`` and ``mod_clock``, and each known vnode's ``cb_break``.
 ``apply_reply`` installs the reply's promise only if none of them moved; the
 status is applied regardless, except a status older than a local
 modification that completed meanwhile (its DV is not newer), which would
@@ -36,7 +36,16 @@ log = logging.getLogger(__name__)
 class CallSnapshot:
     """Break counters when a call was issued (P5)."""
 
-    __slots__ = ("break_seq", "cb_s_break", "cb_v_break", "issued", "seen", "server", "volume")
+    __slots__ = (
+        "break_seq",
+        "cb_s_break",
+        "cb_v_break",
+        "issued",
+        "mod_clock",
+        "seen",
+        "server",
+        "volume",
+    )
 
     def __init__(
         self, volume: VolumeInstance, server: ServerRecord, vnodes: tuple[Vnode, ...] = ()
@@ -47,7 +56,8 @@ class CallSnapshot:
         self.cb_s_break = server.cb_s_break
         self.cb_v_break = volume.cb_v_break
         self.break_seq = volume.break_seq
-        self.seen: dict[int, tuple[Vnode, int, int]] = {}
+        self.mod_clock = volume.mod_clock
+        self.seen: dict[int, tuple[Vnode, int]] = {}
         for v in vnodes:
             self.add(v)
 
@@ -57,13 +67,14 @@ class CallSnapshot:
         self.cb_s_break = self.server.cb_s_break
         self.cb_v_break = self.volume.cb_v_break
         self.break_seq = self.volume.break_seq
-        for v, _b, _m in list(self.seen.values()):
+        self.mod_clock = self.volume.mod_clock
+        for v, _b in list(self.seen.values()):
             self.add(v)
 
     def add(self, v: Vnode) -> None:
-        self.seen[id(v)] = (v, v.cb_break, v.mod_seq)
+        self.seen[id(v)] = (v, v.cb_break)
 
-    def _entry(self, v: Vnode) -> tuple[Vnode, int, int] | None:
+    def _entry(self, v: Vnode) -> tuple[Vnode, int] | None:
         e = self.seen.get(id(v))
         return e if e is not None and e[0] is v else None
 
@@ -84,8 +95,8 @@ class CallSnapshot:
         return None
 
     def modified_since(self, v: Vnode) -> bool:
-        e = self._entry(v)
-        return v.mod_seq != (e[2] if e is not None else 0)
+        """Whether one of our own changes to ``v`` completed after issue."""
+        return v.mod_at > self.mod_clock
 
 
 def note_volsync(cm: CacheManager, volume: VolumeInstance, volsync: Any) -> None:

@@ -58,7 +58,7 @@ class Vnode:
         self.zap_data = False  # cached data must go before next use
         self.fetch_gen = 0  # completed status fetches, to collapse validations
         self.fetch_error: BaseException | None = None
-        self.mod_seq = 0  # local modifications completed (stale-status guard)
+        self.mod_at = 0  # volume.mod_clock at our last completed change (stale guard)
         self.local_size: int | None = None  # size including unstored writes
         self.listing: DirListing | None = None  # directories only
         self.old_listing: DirListing | None = None  # zapped one, to diff for the kernel
@@ -98,6 +98,11 @@ class Vnode:
         if p.cb_v_break != self.volume.cb_v_break:
             return "volume_break"
         return "ok"
+
+    def touch(self) -> None:
+        """Record that one of our own changes to this vnode just completed."""
+        self.volume.mod_clock += 1
+        self.mod_at = self.volume.mod_clock
 
     def type_changed(self, status: FileStatus) -> bool:
         return self.status is not None and self.status.type != status.type

@@ -39,6 +39,7 @@ class VolumeInstance:
         self.cb_miss_break = 0  # breaks that found no cached vnode
         self.break_seq = 0  # every fid break, cached or not
         self.miss_at = 0  # break_seq at the last break of an uncached fid
+        self.mod_clock = 0  # our own completed changes in this instance
         self.creation: int | None = None  # VolSync.creation last seen
         self.vnodes: dict[tuple[int, int], Vnode] = {}
         self.mounts = 0

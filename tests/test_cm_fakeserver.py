@@ -201,6 +201,17 @@ class FakeServer:
     async def FS_Symlink(self, conn, cred, dir_fid, name, target, mode) -> Any:
         return await self._create(conn, dir_fid, name, FileType.SYMLINK, target)
 
+    async def FS_Link(self, conn, cred, dir_fid, name, fid) -> Any:
+        d, n = self.node(dir_fid), self.node(fid)
+        if name in d.entries:
+            raise RpcError("EEXIST")
+        d.entries[name] = n.fid
+        d.dv += 1
+        n.nlink += 1
+        await self.break_fids([d.fid, n.fid], except_conn=conn)
+        return {"status": n.status(), "dir_status": d.status(), "dir_callback": self.cb(),
+                "volsync": self.vsync()}  # fmt: skip
+
     async def FS_RemoveFile(self, conn, cred, dir_fid, name) -> Any:
         d = self.node(dir_fid)
         fid = d.entries.pop(name, None)

@@ -212,3 +212,18 @@ async def test_write_on_close_stores_once_at_last_close(tmp_path, autojump_clock
         fetches = fake.calls["FS.FetchData"]
         assert await cm.read(f, 0, 11) == b"hello world"
         assert fake.calls["FS.FetchData"] == fetches
+
+
+async def test_own_link_status_applies_after_a_local_write(tmp_path, autojump_clock):
+    """Our own change's reply is never mistaken for a stale status."""
+    async with running(tmp_path) as (_net, fake, cm):
+        fake.add(ROOT, b"t")
+        root = await cm.mount_volume("test", "root.cell")
+        t = await cm.lookup(root, b"t")
+        h = await cm.open(t, flags=2)
+        await cm.write(h, 0, b"T")
+        await cm.release(h)  # a completed local change
+        await cm.link(t, root, b"hard")
+        assert (await cm.getattr(t)).nlink == 2
+        assert (await cm.getattr(await cm.lookup(root, b"hard"))).nlink == 2
+        assert cm.stats.statuses_stale_ignored == 0
