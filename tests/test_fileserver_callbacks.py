@@ -292,3 +292,26 @@ async def test_connected_but_down_client_is_retried_in_background(tmp_path):
         y.hang = False  # it recovers, but makes no request
         await y.wait_for(lambda: Fid(*fid) in y.breaks, timeout=10)
         await wait_until(lambda: not srv.client(y.uuid).down)
+
+
+async def test_breaks_to_clients_go_out_in_parallel(tmp_path):
+    async with (
+        running_server(tmp_path / "fs", break_timeout=0.6) as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+        fs_client(srv.host, srv.port) as z,
+        fs_client(srv.host, srv.port) as w,
+    ):
+        root = await x.root_fid()
+        fid = await _mkfile(x, root)
+        for c in (y, z, w):
+            await c.call("FS.FetchStatus", None, fid)
+        y.hang = z.hang = True
+        t0 = trio.current_time()
+        await x.call("FS.StoreData", None, fid, 0, b"p", None, None)
+        took = trio.current_time() - t0
+        # Two stuck clients cost one bound, not two; the healthy one got its break.
+        assert 0.5 < took < 1.1, took
+        assert Fid(*fid) in w.breaks
+        assert srv.client(y.uuid).down and srv.client(z.uuid).down
+        assert not srv.client(w.uuid).down
