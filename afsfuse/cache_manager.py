@@ -234,7 +234,7 @@ class CacheManager:
                         with trio.move_on_after(self.config.rpc_timeout):
                             try:
                                 await self._store(v, None)
-                            except (RpcError, OSError) as exc:
+                            except Exception as exc:  # unmount goes on regardless
                                 log.warning("close: could not store %s: %r", v.fid, exc)
             for rec in list(self.servers.values()):
                 await rec.destroy()
@@ -369,7 +369,10 @@ class CacheManager:
     @_maps_errors
     async def mount_volume(self, cell: str | None, volume: str, cred: Cred = None) -> Vnode:
         """Find ``volume`` through the cell's VL servers; return its root vnode."""
-        c = self.cells.get(cell)
+        try:
+            c = self.cells.get(cell)
+        except KeyError:
+            raise _err("ENOENT", f"unknown cell {cell!r}") from None
         if volume.isdigit():
             entry = await self._vl_call(c, M.VL_GET_ENTRY_BY_ID, int(volume))
         else:
