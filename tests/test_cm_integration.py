@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import socket
+
 import trio
 from serverproc import running_server
+from test_cm_fakeserver import until
 
 from afsfuse.cache_manager import CacheConfig, CacheManager
 from afsfuse.cells import CellDB
+from fileserver.config import ServerConfig
+from fileserver.server import FileServer
 
 
 def make(tmp_path, name, server) -> CacheManager:
@@ -60,3 +65,41 @@ async def test_two_clients_close_to_open_and_breaks(tmp_path):
             # Each client gave its promises up once, at close.
             assert a.stats.rpc["FS.GiveUpAllCallBacks"] == 1
             assert b.stats.rpc["FS.GiveUpAllCallBacks"] == 1
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def test_server_restart_is_one_cb_s_break_and_loses_nothing(tmp_path):
+    port = free_port()
+    cfg = ServerConfig(data_dir=tmp_path / "fs", host="127.0.0.1", port=port)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server = FileServer(cfg)
+            await nursery.start(server.serve)
+            async with make(tmp_path, "a", server) as a:
+                root = await a.mount_volume(None, "root.cell")
+                f = await a.create(root, b"kept", 0o644)
+                h = await a.open(f, flags=2)
+                await a.write(h, 0, b"acknowledged")
+                await a.release(h)
+                rec = root.volume.server
+                s0, epoch0, connects0 = rec.cb_s_break, rec.epoch, rec.connects
+                server.stop()  # the server goes away ...
+                await until(lambda: rec.conn is None)
+                server = FileServer(cfg)  # ... and comes back, new epoch
+                await nursery.start(server.serve)
+                await until(lambda: rec.connects > connects0 and rec.conn is not None)
+                assert rec.epoch != epoch0
+                assert rec.cb_s_break > s0  # every promise from it is void, in O(1)
+                assert f.promise_state(trio.current_time()) == "server_break"
+                h = await a.open(f)
+                assert await a.read(h, 0, 100) == b"acknowledged"
+                await a.release(h)
+                assert f.promise is not None
+            server.stop()
