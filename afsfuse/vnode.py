@@ -54,8 +54,7 @@ class Vnode:
         self.broken_at = 0  # volume.break_seq at the last break of this vnode
         self.lock = RWLock()  # status + promise (P6)
         self.io_lock = trio.Lock()  # serialises local writes and stores
-        self.deleted = False
-        self.zap_data = False  # cached data must go before next use
+        self.deleted = False  # the server no longer has it (ESTALE from now on)
         self.fetch_gen = 0  # completed status fetches, to collapse validations
         self.fetch_error: BaseException | None = None
         self.mod_at = 0  # volume.mod_clock at our last completed change (stale guard)

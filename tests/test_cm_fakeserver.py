@@ -74,6 +74,9 @@ class FakeServer:
         self.cb_expires = 60
         self.init_on_hello = True
         self.give_ups: Counter[str] = Counter()
+        self.page_size = 1000  # ReadDir entries per page at most
+        # method -> async hook(conn, *params) run after the reply is computed
+        self.hooks: dict[str, Any] = {}
 
     def handlers(self) -> dict[str, Any]:
         h: dict[str, Any] = {}
@@ -87,6 +90,9 @@ class FakeServer:
         async def handler(conn: Connection, *params: Any) -> Any:
             self.calls[method] += 1
             result = await fn(conn, *params)
+            hook = self.hooks.get(method)
+            if hook is not None:
+                await hook(conn, *params)
             gate = self.gates.get(method)
             if gate is not None:
                 gate.entered.set()
@@ -255,6 +261,7 @@ class FakeServer:
     async def FS_ReadDir(self, conn, cred, dir_fid, cookie, max_entries, with_status) -> Any:
         d = self.node(dir_fid)
         names = sorted(n for n in d.entries if cookie is None or n > cookie)
+        max_entries = min(max_entries, self.page_size)
         page = names[:max_entries]
         entries = []
         for name in page:

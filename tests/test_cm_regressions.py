@@ -227,3 +227,43 @@ async def test_own_link_status_applies_after_a_local_write(tmp_path, autojump_cl
         assert (await cm.getattr(t)).nlink == 2
         assert (await cm.getattr(await cm.lookup(root, b"hard"))).nlink == 2
         assert cm.stats.statuses_stale_ignored == 0
+
+
+async def test_readdir_restarts_when_the_directory_moves_between_pages(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        for i in range(25):
+            fake.add(ROOT, b"f%02d" % i)
+        fake.page_size = 10
+        root = await cm.mount_volume("test", "root.cell")
+        pages = []
+
+        async def meddle(conn, cred, dir_fid, cookie, *rest):
+            pages.append(cookie)
+            if len(pages) == 2:  # someone else adds a file after our first page
+                fake.add(ROOT, b"late")
+
+        fake.hooks["FS.ReadDir"] = meddle
+        names = [e.name for e in await cm.readdir(root)]
+        assert names == sorted([b"f%02d" % i for i in range(25)] + [b"late"])
+        assert pages[0] is None and pages.count(None) == 2  # restarted from the top
+        assert root.listing is not None and root.listing.dv == fake.nodes[ROOT].dv
+
+
+async def test_break_of_an_uncached_fid_during_lookup_voids_the_new_promise(
+    tmp_path, autojump_clock
+):
+    """The break finds nothing cached (and creates nothing), yet the promise
+    the in-flight Lookup brings back for that fid must not be installed."""
+    async with running(tmp_path) as (_net, fake, cm):
+        n = fake.add(ROOT, b"f")
+        root = await cm.mount_volume("test", "root.cell")
+        gate = fake.gate("FS.Lookup")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cm.lookup, root, b"f")
+            await gate.entered.wait()
+            await fake.break_fids([n.fid])
+            assert cm.find_vnode("test", n.fid) is None  # nothing created
+            gate.release.set()
+        f = cm.find_vnode("test", n.fid)
+        assert f is not None and f.status is not None and f.promise is None
+        assert root.promise is not None  # the directory's promise was not broken
