@@ -209,6 +209,7 @@ class CacheManager:
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
         self._closed = False
+        self._written: set[Fid] = set()  # fids written locally in this run
 
     # -- lifetime -------------------------------------------------------------
 
@@ -281,6 +282,19 @@ class CacheManager:
         self.servers[uuid] = rec
         self._spawn(rec.run)
         return rec
+
+    def _new_vnode(self, v: Vnode) -> None:
+        """Dirty chunks of a fid nobody wrote in this run are left over from a
+        run that ended before storing them.  No close() ever succeeded for
+        them, and the file may have changed on the server since: they are
+        dropped, never stored behind the server's back."""
+        if v.fid in self._written:
+            return
+        left = self.datacache.dirty_chunks(v.fid)
+        if left:
+            self.datacache.drop(v.fid, keep_dirty=False)
+            log.warning("%s: discarded %d unstored chunks from a previous run", v.fid, len(left))
+            log_event("stale_dirty_dropped", fid=v.fid, chunks=len(left))
 
     def _on_mass_break(self, rec: ServerRecord, why: str) -> None:
         self.invalidations.put(CallbackService.server_invalidation(rec))
@@ -357,6 +371,7 @@ class CacheManager:
         vol = self.volumes.get((cell, volume_id))
         if vol is None:
             vol = VolumeInstance(cell, volume_id, str(entry.get("name", volume_id)))
+            vol.on_new_vnode = self._new_vnode
             self.volumes[vol.key] = vol
         servers = entry.get("servers") or []
         if not servers and not vol.servers:
@@ -996,6 +1011,7 @@ class CacheManager:
                     break
             else:
                 raise _err("EIO", f"{v.fid}: data kept changing while writing")
+            self._written.add(v.fid)
             self.datacache.write(v.fid, dv, offset, data, lambda i: None)
             v.local_size = max(v.size(), end)
         return len(data)

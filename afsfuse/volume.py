@@ -15,6 +15,7 @@ found nothing cached, and each vnode records ``broken_at``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from afsfuse.vnode import Vnode
@@ -43,6 +44,7 @@ class VolumeInstance:
         self.creation: int | None = None  # VolSync.creation last seen
         self.vnodes: dict[tuple[int, int], Vnode] = {}
         self.mounts = 0
+        self.on_new_vnode: Callable[[Vnode], None] | None = None
 
     def __repr__(self) -> str:
         return f"<VolumeInstance {self.cell}:{self.name}({self.volume_id})>"
@@ -75,6 +77,8 @@ class VolumeInstance:
         v = self.vnodes.get(key)
         if v is None:
             v = self.vnodes[key] = Vnode(self, fid)
+            if self.on_new_vnode is not None:
+                self.on_new_vnode(v)
         return v
 
     def forget(self, vnode: Vnode) -> bool:

@@ -274,3 +274,25 @@ async def test_two_servers_are_two_records(tmp_path, autojump_clock):
             now = trio.current_time()
             assert r1.promise_state(now) == "ok" and r2.promise_state(now) == "server_break"
         nursery.cancel_scope.cancel()
+
+
+async def test_unstored_chunks_of_a_previous_run_are_never_stored(tmp_path, autojump_clock):
+    async with running(tmp_path) as (net, fake, cm):
+        n = fake.add(ROOT, b"f", data=b"server data")
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        h = await cm.open(f, flags=2)
+        await cm.write(h, 0, b"LOST")
+        net.down.add("fs1")
+        await net.drop_all()
+        await cm.close()  # cannot store: the chunk stays dirty on disk
+    assert bytes(n.data) == b"server data"
+    async with running(tmp_path, fake) as (_net, fake, cm2):
+        assert cm2.datacache.stats()["dirty_chunks"] == 1
+        root = await cm2.mount_volume("test", "root.cell")
+        f = await cm2.lookup(root, b"f")
+        assert cm2.datacache.stats()["dirty_chunks"] == 0
+        h = await cm2.open(f)
+        assert await cm2.read(h, 0, 100) == b"server data"
+        await cm2.release(h)
+    assert bytes(n.data) == b"server data" and fake.calls["FS.StoreData"] == 0
