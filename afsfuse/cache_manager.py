@@ -231,7 +231,7 @@ class CacheManager:
         with trio.CancelScope(shield=True):
             for vol in list(self.volumes.values()):
                 for v in list(vol.vnodes.values()):
-                    if v.local_size is not None or self.datacache.dirty_chunks(v.fid):
+                    if self._dirty(v):
                         with trio.move_on_after(self.config.rpc_timeout):
                             try:
                                 await self._store(v, None)
@@ -871,8 +871,12 @@ class CacheManager:
 
     # -- data -------------------------------------------------------------------------
 
-    def _dirty(self, v: Vnode) -> bool:
-        return v.local_size is not None or bool(self.datacache.dirty_chunks(v.fid))
+    @staticmethod
+    def _dirty(v: Vnode) -> bool:
+        """Whether ``v`` holds writes not yet stored.  ``local_size`` is set by
+        every write and cleared only once every dirty chunk is stored; it is
+        per vnode, while chunks are per fid (shared by aliased instances)."""
+        return v.local_size is not None
 
     @_maps_errors
     async def open(self, vnode: Vnode, cred: Cred = None, flags: int = 0) -> OpenFile:
