@@ -1062,9 +1062,17 @@ class CacheManager:
                         off, payload = fsize, b""
                     server = v.volume.server
                     snap = CallSnapshot(v.volume, server, (v,))
-                    reply = await self.rpc(
-                        server, M.FS_STORE_DATA, cred, v.fid, off, payload, fsize, None, snap=snap
-                    )
+                    try:
+                        reply = await self.rpc(
+                            server, M.FS_STORE_DATA, cred, v.fid, off, payload, fsize, None,
+                            snap=snap,
+                        )  # fmt: skip
+                    except RpcError as exc:
+                        if exc.code in ("ENOENT", "ESTALE"):
+                            # Removed by someone else: these writes can never land.
+                            mark_deleted(self, v)
+                            raise _err("ESTALE", f"{v.fid} was removed") from None
+                        raise
                     self.stats.bytes_stored += len(payload)
                     note_volsync(self, v.volume, reply.get("volsync"))
                     new = FileStatus.from_wire(reply["status"])

@@ -296,3 +296,20 @@ async def test_unstored_chunks_of_a_previous_run_are_never_stored(tmp_path, auto
         assert await cm2.read(h, 0, 100) == b"server data"
         await cm2.release(h)
     assert bytes(n.data) == b"server data" and fake.calls["FS.StoreData"] == 0
+
+
+async def test_writes_to_a_file_removed_elsewhere_are_dropped(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        fake.add(ROOT, b"f", data=b"x")
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        h = await cm.open(f, flags=2)
+        await cm.write(h, 0, b"doomed")
+        fid = fake.nodes[ROOT].entries.pop(b"f")  # another client removes it
+        del fake.nodes[fid]
+        with pytest.raises(RpcError) as e:
+            await cm.flush(h)
+        assert e.value.errno == errno.ESTALE
+        await cm.release(h)  # never raises
+        assert f.deleted and f.local_size is None
+        assert cm.datacache.dirty_chunks(f.fid) == []
