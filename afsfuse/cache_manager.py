@@ -13,10 +13,19 @@ manager's nursery); ``async with`` does that for you.  ``close()`` stores
 unstored writes (best effort) and destroys every server record, each sending
 ``FS.GiveUpAllCallBacks`` once (P2).
 
-Operations (all ``async``; ``cred`` is ``(uid, gid, gids)`` or None for the
-machine).  Failures raise ``protocol.RpcError`` (``.errno`` is the POSIX
-errno; ``ConnectionLost`` is ENOTCONN, ``RpcTimeout`` ETIMEDOUT, a vnode
-deleted on the server ESTALE) or, from the local disk cache, ``OSError``::
+``CacheConfig`` holds: ``cells`` (``CellDB.load(path)`` or
+``CellDB.single(addr)``), ``cache_dir`` (client UUID in ``client-uuid``, data
+chunks under ``data/``), ``cache_bytes``, ``chunk_size``,
+``idle_record_lifetime``, ``rpc_timeout``, ``connect_timeout``,
+``readahead_chunks``, ``invalidation_queue_size``, ``reconnect_backoff_max``
+and ``connector`` (tests pass one over memory streams).
+
+Operations (``async`` unless marked sync; ``cred`` is ``(uid, gid, gids)`` or
+None for the machine).  Only two kinds of exception leave them:
+``protocol.RpcError`` (``.errno`` is the POSIX errno; ``ConnectionLost`` is
+ENOTCONN, ``RpcTimeout`` ETIMEDOUT, a vnode deleted on the server ESTALE, a
+malformed reply EIO) and, from the local disk cache, ``OSError``.  Read-only
+calls lost with a dropped connection are retried once after the reconnect::
 
     mount_volume(cell: str | None, volume: str, cred=None) -> Vnode   # the root
     unmount_volume(vol: VolumeInstance) -> None
@@ -24,8 +33,8 @@ deleted on the server ESTALE) or, from the local disk cache, ``OSError``::
     forget(vnode) -> None                                   # P1: sends nothing (sync)
     getattr(vnode, cred) -> FileStatus                      # validated; size incl. unstored writes
     lookup(dir, name: bytes, cred) -> Vnode
-    readdir(dir, cred) -> list[DirEntryPlus]                # sorted by name; .vnode .status
-    open(vnode, cred, flags=0) -> OpenFile                  # .keep_cache for FileInfo; O_TRUNC done
+    readdir(dir, cred) -> list[DirEntryPlus]      # sorted by name; .name .vnode .status
+    open(vnode, cred, flags=0) -> OpenFile        # .keep_cache for FileInfo; O_TRUNC done here
     read(vnode_or_handle, offset, size, cred) -> bytes
     write(vnode_or_handle, offset, data, cred) -> int       # local dirty chunks
     flush(handle, cred) -> None     # stores if this is the last open handle (write-on-close)
@@ -41,6 +50,10 @@ deleted on the server ESTALE) or, from the local disk cache, ``OSError``::
     examine(vnode) -> dict                        # fid, volume, DV, promise, counters
     flush_vnode(vnode) / flush_volume(vol)        # `fs flush`, `fs flushvolume` (sync)
     stats_dict() -> dict                          # counters for `fs stats`
+
+A ``Vnode`` exposes ``fid``, ``volume`` (``.key`` = (cell, volume id)),
+``status`` and ``ino`` (free for the adapter).  ``cm.uuid`` is the client's
+persistent UUID.
 
 Kernel invalidations: ``cm.invalidations`` is an ``InvalidationQueue`` of
 ``afsfuse.invalidation.Invalidate`` events (kinds ``inode``, ``entry``,
@@ -1112,7 +1125,7 @@ class CacheManager:
             try:
                 await self._store(v, _wire_cred(cred))
             except Exception as exc:  # release must never raise
-                log.warning("release: storing %s failed, data kept dirty: %r", v.fid, exc)
+                log.warning("release: storing %s failed: %r", v.fid, exc)
 
     # -- admin ----------------------------------------------------------------------
 
