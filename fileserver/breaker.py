@@ -146,7 +146,7 @@ class Breaker:
             for cid in holders:
                 per_client.setdefault(cid, []).append(fid)
         if per_client:
-            await self.deliver(per_client)
+            await self.deliver(per_client, origin.uuid if origin is not None else "admin")
 
     async def break_volume_all(self, volume: int) -> None:
         """Whole-volume break to every client that might cache it.
@@ -159,9 +159,9 @@ class Breaker:
         event("break_volume", volume=volume, origin="admin")
         holders = set(self.table.break_volume(volume))
         holders.update(st.cid for st in self.clients.values() if not st.down)
-        await self.deliver({cid: [fid] for cid in holders})
+        await self.deliver({cid: [fid] for cid in holders}, "admin")
 
-    async def deliver(self, per_client: dict[int, list[Fid]]) -> None:
+    async def deliver(self, per_client: dict[int, list[Fid]], origin: str = "") -> None:
         deadline = trio.current_time() + self.break_timeout
         async with trio.open_nursery() as nursery:
             for cid, fids in per_client.items():
@@ -171,12 +171,17 @@ class Breaker:
                 if st.down or st.conn is None or st.conn.closed:
                     self._delay(st, fids)
                     for f in fids:
-                        event("break", fid=f, client=st.uuid, result="delayed")
+                        event("break", fid=f, client=st.uuid, result="delayed", origin=origin)
                     continue
-                nursery.start_soon(self._send, st, st.conn, fids, deadline)
+                nursery.start_soon(self._send, st, st.conn, fids, deadline, origin)
 
     async def _send(
-        self, st: ClientState, conn: Connection, fids: list[Fid], deadline: float
+        self,
+        st: ClientState,
+        conn: Connection,
+        fids: list[Fid],
+        deadline: float,
+        origin: str = "",
     ) -> None:
         sent = 0
         try:
@@ -193,18 +198,18 @@ class Breaker:
                 sent += len(chunk)
                 self.metrics.inc("breaks_sent", len(chunk))
                 for f in chunk:
-                    event("break", fid=f, client=st.uuid, result="sent")
+                    event("break", fid=f, client=st.uuid, result="sent", origin=origin)
         except (RpcError, trio.TooSlowError) as exc:
             rest = fids[sent:]
             newer = st.conn
             if newer is not None and newer is not conn and not st.down:
                 # The client reconnected meanwhile (a newer connection replaced
                 # this one and finished its Hello): tell it there, same deadline.
-                await self._send(st, newer, rest, deadline)
+                await self._send(st, newer, rest, deadline, origin)
                 return
             self.metrics.inc("breaks_failed", len(rest))
             for f in rest:
-                event("break", fid=f, client=st.uuid, result="failed")
+                event("break", fid=f, client=st.uuid, result="failed", origin=origin)
             if st.conn is conn:
                 reason = "timeout" if not isinstance(exc, RpcError) or exc.code == "ETIMEDOUT" \
                     else exc.code  # fmt: skip

@@ -7,7 +7,10 @@ precision) first after the event name, values without spaces (fids as
 lines into per-scenario timelines, so keys are stable:
 
 - ``event=grant fid= client= expires_in=``
-- ``event=break fid= client= result=sent|delayed|failed``  (one line per client per call)
+- ``event=change client= fids=F1,F2,...``  (a change by ``client``, before its breaks)
+- ``event=break fid= client= result=sent|delayed|failed origin=``  (one line per fid per
+  client; ``origin`` is the changing client's UUID or ``admin``; delayed deliveries
+  on a client's return carry ``delayed=1``)
 - ``event=break_volume volume= origin=``
 - ``event=init_callback_state client= reason=``
 - ``event=giveup client= promises=``
@@ -15,6 +18,7 @@ lines into per-scenario timelines, so keys are stable:
 - ``event=hello client= new=0|1 delayed= dropped=0|1``
 - ``event=revoke client= promises=``  (table full)
 - ``event=sweep expired=``
+- ``event=forget client=``  (client idle past every promise: state dropped)
 """
 
 from __future__ import annotations

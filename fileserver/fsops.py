@@ -108,7 +108,9 @@ class FsOps:
         return self.store.get(fid.volume)
 
     async def _changed(self, st: ClientState, *fids: Fid | None) -> None:
-        await self.breaker.break_fids([f for f in fids if f is not None], st)
+        changed = [f for f in fids if f is not None]
+        event("change", client=st.uuid, fids=[str(f) for f in changed])
+        await self.breaker.break_fids(changed, st)
 
     # -- reads -------------------------------------------------------------------
 
