@@ -174,6 +174,12 @@ def _maps_errors(fn: _F) -> _F:
             return await fn(*args, **kwargs)
         except (RpcError, OSError):
             raise
+        except ExceptionGroup as eg:
+            inner = eg.exceptions[0] if len(eg.exceptions) == 1 else None
+            if isinstance(inner, RpcError | OSError):
+                raise inner from eg
+            log.warning("%s failed: %r", fn.__name__, eg, exc_info=True)
+            raise RpcError("EIO", f"{fn.__name__}: internal error") from eg
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             log.warning("%s failed: %r", fn.__name__, exc, exc_info=True)
             raise RpcError("EIO", f"{fn.__name__}: malformed reply or internal error") from exc
@@ -223,6 +229,7 @@ class CacheManager:
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._written: set[Fid] = set()  # fids written locally in this run
+        self._by_name: dict[tuple[str, str], VolumeInstance] = {}  # (cell, name) mounted
 
     # -- lifetime -------------------------------------------------------------
 
@@ -366,17 +373,25 @@ class CacheManager:
             conn = Connection(
                 stream, {}, name=f"vl-{host}:{port}", default_timeout=self.config.rpc_timeout
             )
+            error: RpcError | None = None
+            # Nothing is raised inside the nursery (it would come out wrapped
+            # in an ExceptionGroup): the outcome is carried out of it.
             async with trio.open_nursery() as nursery:
                 await nursery.start(conn.run)
                 try:
                     self.stats.rpc[method] += 1
-                    return await conn.call(method, *params)
-                except (ConnectionLost, RpcTimeout) as exc:
-                    last = exc
+                    result = await conn.call(method, *params)
+                except RpcError as exc:
+                    error = exc
                 finally:
                     with trio.CancelScope(shield=True):
                         await conn.aclose()
                     nursery.cancel_scope.cancel()
+            if error is None:
+                return result
+            if not isinstance(error, ConnectionLost | RpcTimeout):
+                raise error
+            last = error
         raise ConnectionLost(f"no VL server of cell {cell.name} answered: {last!r}")
 
     def _volume_from_entry(self, cell: str, entry: dict[str, Any]) -> VolumeInstance:
@@ -396,16 +411,22 @@ class CacheManager:
 
     @_maps_errors
     async def mount_volume(self, cell: str | None, volume: str, cred: Cred = None) -> Vnode:
-        """Find ``volume`` through the cell's VL servers; return its root vnode."""
+        """Find ``volume`` through the cell's VL servers; return its root vnode.
+
+        A volume already mounted through this cell is not looked up again
+        (mount points are crossed often); each call counts one mount."""
         try:
             c = self.cells.get(cell)
         except KeyError:
             raise _err("ENOENT", f"unknown cell {cell!r}") from None
-        if volume.isdigit():
-            entry = await self._vl_call(c, M.VL_GET_ENTRY_BY_ID, int(volume))
-        else:
-            entry = await self._vl_call(c, M.VL_GET_ENTRY_BY_NAME, volume)
-        vol = self._volume_from_entry(c.name, entry)
+        vol = self._by_name.get((c.name, volume))
+        if vol is None or self.volumes.get(vol.key) is not vol:
+            if volume.isdigit():
+                entry = await self._vl_call(c, M.VL_GET_ENTRY_BY_ID, int(volume))
+            else:
+                entry = await self._vl_call(c, M.VL_GET_ENTRY_BY_NAME, volume)
+            vol = self._volume_from_entry(c.name, entry)
+            self._by_name[(c.name, volume)] = vol
         vol.mounts += 1
         root = vol.get(vol.root_fid)
         try:

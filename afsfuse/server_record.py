@@ -137,7 +137,7 @@ class ServerRecord:
                 except (RpcError, OSError, trio.BrokenResourceError) as exc:
                     self.last_error = repr(exc)
                     log.info("server %s: connection failed: %r", self.uuid, exc)
-                except Exception as exc:  # a malformed Hello reply must not end the client
+                except Exception as exc:  # a bug must not end the client
                     self.last_error = repr(exc)
                     log.warning("server %s: session failed: %r", self.uuid, exc)
                 if trio.current_time() - started > 5 * self.backoff_max:
@@ -165,32 +165,19 @@ class ServerRecord:
             name=f"fs-{self.uuid[:8]}",
             default_timeout=self.rpc_timeout,
         )
+        failure: Exception | None = None
+        # Nothing is raised inside the nursery (it would come out wrapped in
+        # an ExceptionGroup): a failure is carried out of it.
         async with trio.open_nursery() as nursery:
             await nursery.start(conn.run)
             try:
-                hello = {
-                    "uuid": self.client_uuid,
-                    "version": PROTOCOL_VERSION,
-                    "capabilities": [],
-                }
-                self._stats.rpc[M.FS_HELLO] += 1
-                reply = await conn.call(M.FS_HELLO, hello, timeout=self.rpc_timeout)
-                uuid, epoch = reply["uuid"], reply["epoch"]
-                if uuid != self.uuid:
-                    raise ConnectionLost(f"server at {self.addrs} is {uuid}, not {self.uuid}")
-                self.cell = reply.get("cell")
-                if self.epoch is not None and epoch != self.epoch:
-                    # The server lost its callback state: every promise is void.
-                    self.mass_break("epoch_changed")
-                self.epoch = epoch
-                self.connects += 1
-                if self.connects > 1:
-                    self._stats.reconnects += 1
-                log_event("server_connected", server=self.uuid, epoch=epoch)
+                await self._hello(conn)
                 self.conn = conn
                 self._connected.set()
                 await conn.wait_closed()
                 log.info("server %s: connection closed (%s)", self.uuid, conn.close_reason)
+            except (RpcError, KeyError, TypeError, ValueError) as exc:
+                failure = exc
             finally:
                 if self.conn is conn:
                     self.conn = None
@@ -198,6 +185,25 @@ class ServerRecord:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
                 nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _hello(self, conn: Connection) -> None:
+        hello = {"uuid": self.client_uuid, "version": PROTOCOL_VERSION, "capabilities": []}
+        self._stats.rpc[M.FS_HELLO] += 1
+        reply = await conn.call(M.FS_HELLO, hello, timeout=self.rpc_timeout)
+        uuid, epoch = reply["uuid"], reply["epoch"]
+        if uuid != self.uuid:
+            raise ConnectionLost(f"server at {self.addrs} is {uuid}, not {self.uuid}")
+        self.cell = reply.get("cell")
+        if self.epoch is not None and epoch != self.epoch:
+            # The server lost its callback state: every promise is void.
+            self.mass_break("epoch_changed")
+        self.epoch = epoch
+        self.connects += 1
+        if self.connects > 1:
+            self._stats.reconnects += 1
+        log_event("server_connected", server=self.uuid, epoch=epoch)
 
     async def connection(self) -> Connection:
         """The live connection, waiting (bounded) for a reconnect."""

@@ -313,3 +313,23 @@ async def test_writes_to_a_file_removed_elsewhere_are_dropped(tmp_path, autojump
         await cm.release(h)  # never raises
         assert f.deleted and f.local_size is None
         assert cm.datacache.dirty_chunks(f.fid) == []
+
+
+async def test_mounting_again_skips_vl_and_unmount_counts(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        r1 = await cm.mount_volume("test", "root.cell")
+        r2 = await cm.mount_volume("test", "root.cell")
+        assert r1 is r2 and fake.calls["VL.GetEntryByName"] == 1
+        assert r1.volume.mounts == 2
+        cm.unmount_volume(r1.volume)
+        assert r1.volume.server.interests  # still mounted once
+        cm.unmount_volume(r1.volume)
+        assert not r1.volume.servers and cm.volumes == {}
+        r3 = await cm.mount_volume("test", "root.cell")  # a fresh instance
+        assert r3 is not r1 and fake.calls["VL.GetEntryByName"] == 2
+        with pytest.raises(RpcError) as e:
+            await cm.mount_volume("nocell", "x")
+        assert e.value.errno == errno.ENOENT
+        with pytest.raises(RpcError) as e:
+            await cm.mount_volume("test", "novolume")
+        assert e.value.errno == errno.ENOENT
