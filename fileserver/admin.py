@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from fileserver.callback import key_fid
 from fileserver.store import DataDir, VolumeHandle
 from protocol.connection import Connection, open_connection
 from protocol.errors import RpcError
@@ -260,8 +259,3 @@ def run_admin(args: Any) -> int:
     else:
         print(_human(cmd, result))
     return 0
-
-
-def promise_keys_for_volume(table: Any, volume: int) -> list[Fid]:
-    """Fids of every promise on ``volume`` (admin/debug helper)."""
-    return sorted({key_fid(k) for s in table._by_client.values() for k in s if k >> 64 == volume})
