@@ -23,7 +23,9 @@ import trio
 from afsfuse.invalidation import Invalidate
 from afsfuse.stats import log_event
 from afsfuse.vnode import Promise, Vnode
-from protocol.records import CallBack, CallBackType, FileStatus, FileType, VolSync
+from protocol import methods as M
+from protocol.errors import RpcError
+from protocol.records import CallBack, CallBackType, FileStatus, VolSync
 
 if TYPE_CHECKING:
     from afsfuse.cache_manager import CacheManager
@@ -219,9 +221,6 @@ async def validate(cm: CacheManager, v: Vnode, cred: Any) -> FileStatus:
     under the write lock; validations that queued behind it share its result
     (P6).  A vnode the server no longer has raises ESTALE.
     """
-    from protocol import methods as M
-    from protocol.errors import RpcError
-
     if v.deleted:
         raise RpcError("ESTALE", f"{v.fid} was deleted")
     async with v.lock.read():
@@ -265,7 +264,3 @@ async def validate(cm: CacheManager, v: Vnode, cred: Any) -> FileStatus:
         st = v.effective_status()
         assert st is not None
         return st
-
-
-def is_dir_status(status: FileStatus | None) -> bool:
-    return status is not None and status.type == FileType.DIRECTORY
