@@ -4,6 +4,7 @@ invalidation queue, CB probes, error mapping, data paths and admin info."""
 from __future__ import annotations
 
 import errno
+import logging
 
 import pytest
 import trio
@@ -333,3 +334,19 @@ async def test_mounting_again_skips_vl_and_unmount_counts(tmp_path, autojump_clo
         with pytest.raises(RpcError) as e:
             await cm.mount_volume("test", "novolume")
         assert e.value.errno == errno.ENOENT
+
+
+async def test_event_log_lines(tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="afsfuse.events")
+    async with running(tmp_path) as (_net, fake, cm):
+        n = fake.add(ROOT, b"f")
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        await cm.getattr(f)
+        await fake.break_fids([n.fid, Fid(VOL, 0, 0)])
+        await fake.init_state(fake.clients[cm.uuid])
+    text = caplog.text
+    for name in ("validate_fast", "validate_slow", "promise_installed", "break_received",
+                 "volume_break", "mass_break"):  # fmt: skip
+        assert f"event={name} " in text, name
+    assert f"event=break_received fid={n.fid} " in text
