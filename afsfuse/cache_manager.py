@@ -37,7 +37,7 @@ calls lost with a dropped connection are retried once after the reconnect::
     open(vnode, cred, flags=0) -> OpenFile        # .keep_cache for FileInfo; O_TRUNC done here
     read(vnode_or_handle, offset, size, cred) -> bytes
     write(vnode_or_handle, offset, data, cred) -> int       # local dirty chunks
-    flush(handle, cred) -> None     # stores if this is the last open handle (write-on-close)
+    flush(handle, cred) -> None     # stores at the last open (or last writable) handle
     fsync(handle, cred) -> None     # stores now
     release(handle, cred=None) -> None   # last close stores what is still dirty
     create(dir, name, mode, cred) -> Vnode       mkdir(dir, name, mode, cred) -> Vnode
@@ -149,14 +149,16 @@ class DirEntryPlus:
 
 
 class OpenFile:
-    """One open of a file: counts opens so the last close stores."""
+    """One open of a file: counts opens (and writable opens) so the right
+    close stores."""
 
-    __slots__ = ("closed", "flags", "keep_cache", "vnode", "wrote")
+    __slots__ = ("closed", "flags", "keep_cache", "vnode", "writable", "wrote")
 
     def __init__(self, vnode: Vnode, flags: int, keep_cache: bool) -> None:
         self.vnode = vnode
         self.flags = flags
         self.keep_cache = keep_cache  # FileInfo.keep_cache: False when the DV moved
+        self.writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
         self.wrote = False
         self.closed = False
 
@@ -923,8 +925,10 @@ class CacheManager:
         # C1: the kernel keeps its pages only if the DV is the one it read.
         keep = vnode.kernel_dv == st.data_version
         vnode.kernel_dv = st.data_version
+        handle = OpenFile(vnode, flags, keep)
         vnode.open_count += 1
-        return OpenFile(vnode, flags, keep)
+        vnode.open_writers += handle.writable
+        return handle
 
     @_maps_errors
     async def read(self, target: Vnode | OpenFile, offset: int, size: int,
@@ -1125,9 +1129,13 @@ class CacheManager:
 
     @_maps_errors
     async def flush(self, handle: OpenFile, cred: Cred = None) -> None:
-        """close(2) of one descriptor: stores only at the last open handle."""
-        if handle.vnode.open_count <= 1 and self._dirty(handle.vnode):
-            await self._store(handle.vnode, _wire_cred(cred))
+        """close(2) of one descriptor (write-on-close): stores when this is the
+        last open handle, or the last writable one (readers still holding
+        the file open must not delay close-to-open for other clients)."""
+        v = handle.vnode
+        last = v.open_count <= 1 or (handle.writable and v.open_writers <= 1)
+        if last and self._dirty(v):
+            await self._store(v, _wire_cred(cred))
 
     @_maps_errors
     async def fsync(self, handle: OpenFile | Vnode, cred: Cred = None) -> None:
@@ -1142,6 +1150,8 @@ class CacheManager:
         handle.closed = True
         v = handle.vnode
         v.open_count = max(0, v.open_count - 1)
+        if handle.writable:
+            v.open_writers = max(0, v.open_writers - 1)
         if v.open_count == 0 and self._dirty(v) and not v.deleted:
             try:
                 await self._store(v, _wire_cred(cred))

@@ -65,6 +65,7 @@ class Vnode:
         self.names: tuple[int, dict[bytes, Fid | None]] | None = None  # (dir dv, lookups)
         self.inflight: dict[tuple[int, int], trio.Event] = {}  # (dv, chunk) being fetched
         self.open_count = 0
+        self.open_writers = 0  # open handles with write access
         self.kernel_dv: int | None = None  # DV the kernel's page cache was filled at
         self.next_read = -1  # offset a sequential reader asks for next
         self.ino = 0  # free for the FUSE adapter (inode numbering is its job)

@@ -267,3 +267,20 @@ async def test_break_of_an_uncached_fid_during_lookup_voids_the_new_promise(
         f = cm.find_vnode("test", n.fid)
         assert f is not None and f.status is not None and f.promise is None
         assert root.promise is not None  # the directory's promise was not broken
+
+
+async def test_writer_close_stores_while_a_reader_keeps_the_file_open(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        n = fake.add(ROOT, b"f")
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        reader = await cm.open(f, flags=0)
+        writer = await cm.open(f, flags=1)  # O_WRONLY
+        await cm.write(writer, 0, b"published")
+        await cm.flush(writer)  # close-to-open: stored now, not at the reader's close
+        assert bytes(n.data) == b"published" and fake.calls["FS.StoreData"] == 1
+        await cm.release(writer)
+        assert await cm.read(reader, 0, 100) == b"published"
+        await cm.flush(reader)
+        await cm.release(reader)
+        assert fake.calls["FS.StoreData"] == 1
