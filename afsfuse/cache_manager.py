@@ -47,6 +47,7 @@ calls lost with a dropped connection are retried once after the reconnect::
     rename(old_dir, old_name, new_dir, new_name, flags, cred) -> None   # flags 1 = NOREPLACE
     setattr(vnode, cred, *, mode=None, uid=None, gid=None, size=None, mtime_ns=None) -> FileStatus
     statfs(vnode, cred) -> dict                  # FS.GetVolumeStatus result
+    relocate_volume(vol) -> bool                 # VL says it moved: re-attach, volume break
     examine(vnode) -> dict                        # fid, volume, DV, promise, counters
     flush_vnode(vnode) / flush_volume(vol)        # `fs flush`, `fs flushvolume` (sync)
     stats_dict() -> dict                          # counters for `fs stats`
@@ -119,6 +120,7 @@ _RETRYABLE = frozenset(
 )
 RENAME_NOREPLACE = 1
 _MAX_NAMES = 4096  # lookup results cached per directory (per DV)
+_RELOCATE_INTERVAL = 10.0  # seconds between VL checks of one volume
 
 
 @dataclass
@@ -402,6 +404,7 @@ class CacheManager:
         if vol is None:
             vol = VolumeInstance(cell, volume_id, str(entry.get("name", volume_id)))
             vol.on_new_vnode = self._new_vnode
+            vol.located_at = trio.current_time()
             self.volumes[vol.key] = vol
         servers = entry.get("servers") or []
         if not servers and not vol.servers:
@@ -438,6 +441,35 @@ class CacheManager:
             raise
         log_event("volume_mounted", cell=c.name, volume=vol.name, id=vol.volume_id)
         return root
+
+    async def relocate_volume(self, vol: VolumeInstance) -> bool:
+        """Ask VL where ``vol`` lives now; True if it moved (its instance now
+        uses the new servers and every promise on it is void).  At most one
+        VL query per volume per ``_RELOCATE_INTERVAL`` seconds."""
+        now = trio.current_time()
+        if now - vol.located_at < _RELOCATE_INTERVAL:
+            return False
+        vol.located_at = now
+        try:
+            entry = await self._vl_call(
+                self.cells.get(vol.cell), M.VL_GET_ENTRY_BY_ID, vol.volume_id
+            )
+            uuids = [str(s["uuid"]) for s in entry.get("servers") or []]
+            if not uuids or uuids == [r.uuid for r in vol.servers]:
+                return False
+            records = [
+                self._record(str(s["uuid"]), [(str(h), int(p)) for h, p in s["addrs"]])
+                for s in entry["servers"]
+            ]
+        except (RpcError, KeyError, TypeError, ValueError) as exc:
+            log.info("relocating %r failed: %r", vol, exc)
+            return False
+        vol.detach_all()
+        for rec in records:
+            vol.attach(rec)
+        volume_break(self, vol, "moved")
+        log_event("volume_moved", cell=vol.cell, volume=vol.volume_id, servers=",".join(uuids))
+        return True
 
     def unmount_volume(self, vol: VolumeInstance) -> None:
         """Drop a mount of ``vol``; at the last, its interests go (sends nothing)."""

@@ -243,10 +243,8 @@ async def validate(cm: CacheManager, v: Vnode, cred: Any) -> FileStatus:
             else:
                 cm.stats.validations_slow += 1
                 log_event("validate_slow", fid=v.fid, why=state)
-                server = v.volume.server
-                snap = CallSnapshot(v.volume, server, (v,))
                 try:
-                    reply = await cm.rpc(server, M.FS_FETCH_STATUS, cred, v.fid, snap=snap)
+                    reply, snap = await _fetch_status(cm, v, cred)
                 except RpcError as exc:
                     err: RpcError = exc
                     if exc.code in ("ENOENT", "ESTALE"):
@@ -264,3 +262,20 @@ async def validate(cm: CacheManager, v: Vnode, cred: Any) -> FileStatus:
         st = v.effective_status()
         assert st is not None
         return st
+
+
+async def _fetch_status(cm: CacheManager, v: Vnode, cred: Any) -> tuple[Any, CallSnapshot]:
+    """One FS.FetchStatus.  ENOENT/ESTALE may mean the volume moved to another
+    server rather than the vnode being gone: VL decides, and after a move
+    the call is sent once more, to the new server."""
+    for attempt in range(2):
+        server = v.volume.server
+        snap = CallSnapshot(v.volume, server, (v,))
+        try:
+            return await cm.rpc(server, M.FS_FETCH_STATUS, cred, v.fid, snap=snap), snap
+        except RpcError as exc:
+            if attempt or exc.code not in ("ENOENT", "ESTALE"):
+                raise
+            if not await cm.relocate_volume(v.volume):
+                raise
+    raise AssertionError("unreachable")

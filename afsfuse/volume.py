@@ -44,6 +44,7 @@ class VolumeInstance:
         self.creation: int | None = None  # VolSync.creation last seen
         self.vnodes: dict[tuple[int, int], Vnode] = {}
         self.mounts = 0
+        self.located_at = -1e18  # trio time of the last VL check (moves)
         self.on_new_vnode: Callable[[Vnode], None] | None = None
 
     def __repr__(self) -> str:

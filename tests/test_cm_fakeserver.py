@@ -74,6 +74,7 @@ class FakeServer:
         self.cb_expires = 60
         self.init_on_hello = True
         self.give_ups: Counter[str] = Counter()
+        self.vl_moved: dict[int, tuple[str, tuple[str, int]]] = {}  # VL: vid -> elsewhere
         self.page_size = 1000  # ReadDir entries per page at most
         # method -> async hook(conn, *params) run after the reply is computed
         self.hooks: dict[str, Any] = {}
@@ -295,8 +296,9 @@ class FakeServer:
     # -- VL ---------------------------------------------------------------------
 
     def _entry(self, vid: int) -> dict[str, Any]:
+        uuid, addr = self.vl_moved.get(vid, (self.uuid, self.addr))
         return {"volume_id": vid, "name": self.volumes[vid], "type": "rw", "cell": self.cell,
-                "servers": [{"uuid": self.uuid, "addrs": [list(self.addr)]}]}  # fmt: skip
+                "servers": [{"uuid": uuid, "addrs": [list(addr)]}]}  # fmt: skip
 
     async def VL_GetEntryByName(self, conn, name) -> Any:
         for vid, vname in self.volumes.items():

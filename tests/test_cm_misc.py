@@ -350,3 +350,32 @@ async def test_event_log_lines(tmp_path, autojump_clock, caplog):
                  "volume_break", "mass_break"):  # fmt: skip
         assert f"event={name} " in text, name
     assert f"event=break_received fid={n.fid} " in text
+
+
+async def test_volume_moved_to_another_server_is_found_through_vl(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        from test_cm_fakeserver import Network
+
+        net = Network(nursery)
+        old = net.add(FakeServer())
+        new = net.add(FakeServer(uuid="33333333-3333-3333-3333-333333333333", addr=("fs2", 7000)))
+        n = old.add(ROOT, b"f", data=b"moved data")
+        async with make_cm(net, tmp_path) as cm:
+            root = await cm.mount_volume("test", "root.cell")
+            f = await cm.lookup(root, b"f")
+            rec_old = root.volume.server
+            # The volume moves: its vnodes now live on fs2, VL says so.
+            new.nodes = {fid: node for fid, node in old.nodes.items()}
+            new.next_vnode = old.next_vnode
+            old.nodes = {}
+            old.vl_moved[VOL] = (new.uuid, new.addr)
+            await old.break_fids([Fid(VOL, 0, 0)])
+            await trio.sleep(11)
+            st = await cm.getattr(f)
+            assert st.size == len(n.data) and not f.deleted
+            assert root.volume.server.uuid == new.uuid
+            assert not rec_old.interests and new.calls["FS.FetchStatus"] == 1
+            h = await cm.open(f)
+            assert await cm.read(h, 0, 100) == b"moved data"
+            await cm.release(h)
+        nursery.cancel_scope.cancel()
