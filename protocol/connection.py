@@ -182,12 +182,17 @@ class Connection:
                     self._mark_closed(self.close_reason or "connection closed")
                     nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await self.stream.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+            await self._close_stream()
             self._finished.set()
+
+    async def _close_stream(self) -> None:
+        # Shielded and bounded: closing must finish even when our caller is
+        # being cancelled, and must not hang on a peer that stopped reading.
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
     async def aclose(
         self, reason: str = "closed by this end", *, flush_timeout: float = 2.0
@@ -204,11 +209,7 @@ class Connection:
             with trio.CancelScope(shield=True), trio.move_on_after(flush_timeout + 1):
                 await self._finished.wait()
         else:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await self.stream.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+            await self._close_stream()
             self._finished.set()
 
     def _mark_closed(self, reason: str) -> None:

@@ -20,17 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from afsfuse.cli import pid_alive
+
 BIN = Path(sys.executable).parent
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_pid(path: Path) -> int | None:
