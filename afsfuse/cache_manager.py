@@ -995,11 +995,34 @@ class CacheManager:
             if await self._fetch_chunks(v, wc, dv, want):
                 continue
             st = await validate(self, v, wc)  # the DV moved under us: start over
+        if v.local_size is None:
+            # The cache cannot hold what this read needs (evicted as fast as
+            # fetched): read through, uncached.
+            return await self._read_through(v, wc, st.data_version, offset, size)
         raise _err("EIO", f"{v.fid}: data kept changing while reading")
 
-    async def _fetch_chunks(self, v: Vnode, cred: Any, dv: int, indices: list[int]) -> bool:
+    async def _read_through(self, v: Vnode, cred: Any, dv: int, offset: int, size: int) -> bytes:
+        server = v.volume.server
+        snap = CallSnapshot(v.volume, server, (v,))
+        reply = await self.rpc(
+            server, M.FS_FETCH_DATA, cred, v.fid, offset, min(size, MAX_IO), snap=snap
+        )
+        async with v.lock.write():
+            apply_reply(self, v, reply["status"], reply.get("callback"), snap)
+        if FileStatus.from_wire(reply["status"]).data_version != dv:
+            raise _err("EIO", f"{v.fid}: data kept changing while reading")
+        data = bytes(reply["data"])
+        self.stats.bytes_fetched += len(data)
+        return data
+
+    async def _fetch_chunks(
+        self, v: Vnode, cred: Any, dv: int, indices: list[int],
+        sink: dict[int, bytes] | None = None,
+    ) -> bool:  # fmt: skip
         """FetchData the chunks ``indices`` of ``dv`` (contiguous runs, <= MAX_IO
-        each).  False if the file's DV is no longer ``dv``."""
+        each) into the cache, and into ``sink`` if given (the cache may evict
+        them again at once when it is small).  False if the file's DV is no
+        longer ``dv``."""
         # Chunks another task is fetching right now are waited for, not refetched.
         waits: list[trio.Event] = []
         mine: list[int] = []
@@ -1011,7 +1034,7 @@ class CacheManager:
                 v.inflight[(dv, i)] = trio.Event()
                 mine.append(i)
         try:
-            ok = await self._fetch_runs(v, cred, dv, mine)
+            ok = await self._fetch_runs(v, cred, dv, mine, sink)
         finally:
             for i in mine:
                 ev = v.inflight.pop((dv, i), None)
@@ -1021,7 +1044,9 @@ class CacheManager:
             await ev.wait()
         return ok
 
-    async def _fetch_runs(self, v: Vnode, cred: Any, dv: int, indices: list[int]) -> bool:
+    async def _fetch_runs(
+        self, v: Vnode, cred: Any, dv: int, indices: list[int], sink: dict[int, bytes] | None
+    ) -> bool:
         cs = self.datacache.chunk_size
         server_size = v.status.size if v.status is not None else 0
         per_call = max(1, MAX_IO // cs)
@@ -1052,8 +1077,11 @@ class CacheManager:
                     return False
                 dirty = set(self.datacache.dirty_chunks(v.fid))
                 for k, i in enumerate(run):
+                    piece = data[k * cs : (k + 1) * cs]
+                    if sink is not None:
+                        sink[i] = piece
                     if (dv, i) not in dirty:  # never overwrite a local write
-                        self.datacache.put(v.fid, dv, i, data[k * cs : (k + 1) * cs])
+                        self.datacache.put(v.fid, dv, i, piece)
         return True
 
     @_maps_errors
@@ -1081,12 +1109,19 @@ class CacheManager:
                     whole = offset <= i * cs and end >= (i + 1) * cs
                     if not whole and i * cs < server_size:
                         need += self.datacache.missing(v.fid, dv, i * cs, 1, server_size)
-                if not need or await self._fetch_chunks(v, wc, dv, need):
+                # A partly overwritten chunk starts from its server content.
+                base: dict[int, bytes] = {}
+                if not need:
                     break
+                if await self._fetch_chunks(v, wc, dv, need, base):
+                    still = [i for i in need if self.datacache.missing(v.fid, dv, i * cs, 1,
+                                                                       server_size)]  # fmt: skip
+                    if set(still) <= set(base):
+                        break
             else:
                 raise _err("EIO", f"{v.fid}: data kept changing while writing")
             self._written.add(v.fid)
-            self.datacache.write(v.fid, dv, offset, data, lambda i: None)
+            self.datacache.write(v.fid, dv, offset, data, base.get)
             v.local_size = max(v.size(), end)
         return len(data)
 

@@ -379,3 +379,16 @@ async def test_volume_moved_to_another_server_is_found_through_vl(tmp_path, auto
             assert await cm.read(h, 0, 100) == b"moved data"
             await cm.release(h)
         nursery.cancel_scope.cancel()
+
+
+async def test_tiny_cache_still_reads_and_writes_correctly(tmp_path, autojump_clock):
+    data = bytes(range(256)) * 64  # 16 KiB, 4 chunks of 4 KiB
+    async with running(tmp_path, cache_bytes=4096) as (_net, fake, cm):
+        n = fake.add(ROOT, b"f", data=data)
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        assert await cm.read(f, 0, len(data)) == data  # more than the cache holds
+        h = await cm.open(f, flags=2)
+        await cm.write(h, 4000, b"XY" * 100)  # straddles chunks 0 and 1
+        await cm.release(h)
+        assert bytes(n.data) == data[:4000] + b"XY" * 100 + data[4200:]
