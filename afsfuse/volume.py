@@ -4,12 +4,14 @@ superblock), keyed by (cell, volume id).
 Each instance registers an interest with every server record it uses
 (DESIGN.md P3), holds ``cb_v_break`` (bumped by a whole-volume break, P4),
 and indexes its vnodes by (vnode, unique).  ``find`` never creates: the
-CB service uses it, so a break for an uncached fid costs nothing.  Such a
-break still bumps ``cb_miss_break``, which a call that *creates* a vnode
-from its reply checks before installing a promise it got while the fid was
-not cached (the break would otherwise be lost): ``break_seq`` counts every
-fid break in the instance, ``miss_at`` is its value at the last break that
-found nothing cached, and each vnode records ``broken_at``.
+CB service uses it, so a break for an uncached fid costs nothing (it only
+bumps two counters).  A call whose reply brings a vnode its snapshot did not
+know (Lookup, ReadDir, CreateFile) must still not install a promise that
+such a break voided: ``break_seq`` counts every fid break in the instance,
+``miss_at`` is its value at the last break that found nothing cached, each
+vnode records ``broken_at``, and the snapshot compares them (P5).
+``mod_clock`` orders our own completed changes the same way (a status
+fetched before one of them is stale).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class VolumeInstance:
         self.name = name
         self.servers: list[ServerRecord] = []
         self.cb_v_break = 0
-        self.cb_miss_break = 0  # breaks that found no cached vnode
+        self.cb_miss_break = 0  # breaks that found no cached vnode (a statistic)
         self.break_seq = 0  # every fid break, cached or not
         self.miss_at = 0  # break_seq at the last break of an uncached fid
         self.mod_clock = 0  # our own completed changes in this instance
