@@ -103,3 +103,40 @@ async def test_server_restart_is_one_cb_s_break_and_loses_nothing(tmp_path):
                 await a.release(h)
                 assert f.promise is not None
             server.stop()
+
+
+async def test_breaks_missed_while_disconnected_arrive_at_reconnect(tmp_path):
+    blocked = False
+
+    async def connector(host, port):
+        if blocked:
+            raise OSError(111, "blocked by the test")
+        return await trio.open_tcp_stream(host, port)
+
+    with trio.fail_after(30):
+        async with running_server(tmp_path / "fs", break_timeout=0.5) as server:
+            b_cfg = make(tmp_path, "b", server).config
+            b_cfg.connector = connector
+            async with make(tmp_path, "a", server) as a, CacheManager(b_cfg) as b:
+                ra = await a.mount_volume(None, "root.cell")
+                rb = await b.mount_volume(None, "root.cell")
+                fa = await a.create(ra, b"f", 0o644)
+                fb = await b.lookup(rb, b"f")
+                hb = await b.open(fb)
+                assert await b.read(hb, 0, 100) == b""
+                await b.release(hb)
+                rec = rb.volume.server
+                blocked = True
+                await rec.conn.aclose()  # B drops off the network
+                await until(lambda: rec.conn is None)
+                h = await a.open(fa, flags=2)
+                await a.write(h, 0, b"changed while B was away")
+                await a.release(h)  # the server keeps B's break as delayed
+                assert fb.promise is not None  # B has not heard of it yet
+                blocked = False
+                await until(lambda: rec.conn is not None)
+                # Delivered before the Hello reply: broken by the time we are back.
+                assert fb.promise_state(trio.current_time()) != "ok"
+                hb = await b.open(fb)
+                assert await b.read(hb, 0, 100) == b"changed while B was away"
+                await b.release(hb)
