@@ -218,7 +218,7 @@ class ServerRecord:
                 conn = self.conn
                 if conn is not None and not conn.closed:
                     return conn
-                await trio.lowlevel.checkpoint()
+                await trio.sleep(0.01)  # closing: the session resets the event soon
         raise NoConnection(f"no connection to server {self.uuid}: {self.last_error}")
 
     async def call(
