@@ -14,7 +14,8 @@ directory through us, because the kernel would otherwise keep resolving a
 removed or renamed entry from its dentry cache for the whole entry timeout.
 Volume, server and "all" events sweep the kernel-known inodes of that scope
 here, in the background, after the core has already bumped its counter in
-O(1).
+O(1); the sweep drops attributes and names, and leaves pages to the
+data-version check at the next open.
 """
 
 from __future__ import annotations
@@ -128,7 +129,10 @@ class KernelNotifier:
         n = 0
         for entry in self.inodes.entries():
             if entry.ino == ROOT_INODE or match(entry):
-                await self._inode(entry, attr_only=False)
+                # Attributes only: pages of a file whose DV moved are dropped
+                # at its next open (keep_cache off), so a mass break does not
+                # throw away every page the kernel holds.
+                await self._inode(entry, attr_only=True)
                 n += 1
         events_log.info("event=kernel_sweep inodes=%d", n)
 

@@ -112,6 +112,7 @@ async def test_volume_sweep_touches_only_that_volume():
     await kn.handle(Ev("volume", volume=va))
     touched = {c[1] for c in calls if c[0] == "inode"}
     assert touched == a_inos
+    assert all(c[2] is True for c in calls)  # attributes only; pages wait for open
     calls.clear()
     await kn.handle(Ev("server", volumes=(va, vb)))
     assert {c[1] for c in calls} == a_inos | b_inos
