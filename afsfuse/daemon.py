@@ -81,7 +81,8 @@ def fuse_options(opts: MountOptions) -> set[str]:
     # return, so a user cannot open what the mode forbids even before the
     # server is asked.
     out = set(pyfuse3.default_options)
-    out |= {"fsname=afsfuse", "subtype=afsfuse"}
+    # Shown by mount(8) and df like sshfs's user@host:path source.
+    out |= {f"fsname={opts.host}:{opts.port}/{opts.volume}", "subtype=afsfuse"}
     for o in opts.fuse_options:
         out.add(o)
     return out
