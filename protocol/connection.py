@@ -14,6 +14,15 @@ and many small replies cost one syscall.
 
 When the stream ends or breaks, every waiting caller gets ``ConnectionLost``
 at once, and the handlers still running are cancelled.
+
+The authentication gate: a connection built with ``allow_unauthenticated``
+(a predicate on method names) runs only the methods it allows until its
+owner calls ``set_authenticated()``.  Any other request gets one EACCES
+reply and the connection is closed; nothing of it reaches a handler.  A
+handler raising ``AuthError`` also ends the connection after its reply.
+``handshake_timeout`` bounds the time to authenticate, ``idle_timeout`` the
+time without a byte from the peer, ``frame_timeout`` the time one partial
+message may take to complete (a peer that sends half a frame and stalls).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from typing import Any
 import msgpack
 import trio
 
-from protocol.errors import RpcError
+from protocol.errors import AuthError, RpcError
 from protocol.limits import (
     DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_PENDING,
@@ -126,6 +135,11 @@ class Connection:
         max_pending: int = DEFAULT_MAX_PENDING,
         send_timeout: float = SEND_TIMEOUT,
         default_timeout: float | None = None,
+        allow_unauthenticated: Callable[[str], bool] | None = None,
+        handshake_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        frame_timeout: float | None = None,
+        refuse: RpcError | None = None,
     ) -> None:
         self.stream = stream
         self.handlers: dict[str, Handler] = dict(handlers or {})
@@ -150,6 +164,16 @@ class Connection:
         self.close_reason = ""
         self._finished = trio.Event()
         self.stats = {"calls_sent": 0, "requests_received": 0, "errors_sent": 0}
+        # No gate: the connection counts as authenticated from the start.
+        self._allow = allow_unauthenticated
+        self.authenticated = allow_unauthenticated is None
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        # Set when the owner will serve nothing here (over a connection limit):
+        # the first request gets this error, then the connection closes.
+        self.refuse = refuse
+        self._authed = trio.Event()
 
     # -- state ------------------------------------------------------------
 
@@ -159,6 +183,11 @@ class Connection:
 
     async def wait_closed(self) -> None:
         await self._finished.wait()
+
+    def set_authenticated(self) -> None:
+        """The peer proved itself: every method may run from now on."""
+        self.authenticated = True
+        self._authed.set()
 
     # -- running ------------------------------------------------------------
 
@@ -170,6 +199,8 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
+                if self.handshake_timeout is not None and not self.authenticated:
+                    nursery.start_soon(self._handshake_watch)
                 task_status.started(self)
                 try:
                     await self._reader()
@@ -184,6 +215,28 @@ class Connection:
         finally:
             await self._close_stream()
             self._finished.set()
+
+    async def _handshake_watch(self) -> None:
+        assert self.handshake_timeout is not None
+        with trio.move_on_after(self.handshake_timeout):
+            await self._authed.wait()
+            return
+        log.warning("%s: no authentication within %.3g s, closing", self.name,
+                    self.handshake_timeout)  # fmt: skip
+        self._fail(f"no authentication within {self.handshake_timeout} s")
+
+    def _close_after_flush(self, reason: str) -> None:
+        """Close once what is queued (a final error reply) went out, bounded."""
+        self.close_reason = self.close_reason or reason
+
+        async def closer() -> None:
+            with trio.move_on_after(2):
+                while self._out or self._writing:
+                    await self._drained_lot.park()
+            self._fail(reason)
+
+        if self._nursery is not None and not self._closed:
+            self._nursery.start_soon(closer)
 
     async def _close_stream(self) -> None:
         # Shielded and bounded: closing must finish even when our caller is
@@ -339,12 +392,25 @@ class Connection:
         fed = 0  # bytes fed so far
         head = b""  # first bytes of the partial message at offset head_pos
         head_pos = -1
+        frame_started: float | None = None  # when the current partial message began
         try:
             while True:
+                wait = math.inf
+                if self.idle_timeout is not None:
+                    wait = self.idle_timeout
+                if frame_started is not None and self.frame_timeout is not None:
+                    wait = min(wait, frame_started + self.frame_timeout - trio.current_time())
+                chunk = None
                 try:
-                    chunk = await self.stream.receive_some(_RECV_SIZE)
+                    with trio.move_on_after(max(wait, 0)):
+                        chunk = await self.stream.receive_some(_RECV_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self.close_reason = self.close_reason or f"receive failed: {exc!r}"
+                    return
+                if chunk is None:
+                    what = "a partial message stalled" if frame_started is not None else "idle"
+                    log.warning("%s: %s for %.3g s, closing", self.name, what, wait)
+                    self.close_reason = self.close_reason or f"{what}: timed out"
                     return
                 if not chunk:
                     self.close_reason = self.close_reason or "peer closed the connection"
@@ -360,6 +426,10 @@ class Connection:
                     self._dispatch(msg)
                 pos = start
                 leftover = fed - pos
+                if leftover == 0:
+                    frame_started = None
+                elif head_pos != pos:
+                    frame_started = trio.current_time()
                 if leftover == 0:
                     head, head_pos = b"", -1
                 elif head_pos != pos:
@@ -430,6 +500,16 @@ class Connection:
         self._start_handler(msgid, msg[2], msg[3])
 
     def _start_handler(self, msgid: int | None, method: str, params: list[Any]) -> None:
+        if self.refuse is not None:
+            if msgid is not None:
+                self._reply(msgid, self.refuse, None)
+            raise _ProtocolViolation(f"refused: {self.refuse.message}")
+        if not self.authenticated and not (self._allow is not None and self._allow(method)):
+            # The gate: nothing before the handshake reaches a handler.
+            if msgid is not None:
+                self._reply(msgid, RpcError("EACCES", f"{method:.100} before authentication"),
+                            None)  # fmt: skip
+            raise _ProtocolViolation(f"{method!r:.100} before authentication")
         handler = self.handlers.get(method)
         if handler is None:
             if msgid is not None:
@@ -459,6 +539,9 @@ class Connection:
         except RpcError as exc:
             if msgid is not None:
                 self._reply(msgid, exc, None)
+            if isinstance(exc, AuthError):
+                log.warning("%s: %s refused: %s; closing", self.name, method, exc.message)
+                self._close_after_flush(f"authentication failed: {exc.message}")
         except (TypeError, ValueError, KeyError, IndexError) as exc:
             log.info("%s: %s: bad params: %r", self.name, method, exc)
             if msgid is not None:

@@ -55,3 +55,10 @@ class RpcError(Exception):
 
 class RemoteError(RpcError):
     """An error reply received from the peer."""
+
+
+class AuthError(RpcError):
+    """Authentication failed: after this error reply the connection is closed."""
+
+    def __init__(self, message: str = "not authenticated") -> None:
+        super().__init__("EACCES", message)
