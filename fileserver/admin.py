@@ -57,6 +57,7 @@ class AdminService:
             log.warning("admin auth failed from %s", conn.name)
             raise RpcError("EACCES", "bad admin secret")
         conn.context["admin"] = True
+        conn.set_authenticated()  # the admin secret is this connection's handshake
         return {"server_uuid": self.server.uuid, "cell": self.server.cell,
                 "epoch": self.server.epoch}  # fmt: skip
 

@@ -59,8 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         type=_hostport,
         default=("127.0.0.1", 7000),
-        help="HOST:PORT to listen on (default 127.0.0.1:7000; port 0 picks one)",
+        help="HOST:PORT to listen on (default 127.0.0.1:7000; port 0 picks one); any other "
+        "host is reachable from other machines (logged as a warning)",
     )
+    s.add_argument("--key-file", type=Path, default=None,
+                   help="cell key (default DATA_DIR/cell.key, created 0600 at first start); "
+                        "clients and servers of one cell share it")  # fmt: skip
+    s.add_argument("--root-squash", action="store_true", help="treat uid 0 of clients as nobody")
+    lim = s.add_argument_group("limits (per peer, safe defaults)")
+    d = ServerConfig(data_dir=Path("."))
+    for flag, kind, attr, text in [
+        ("--max-frame", int, "max_frame", "largest message, bytes"),
+        ("--max-calls-in-flight", int, "max_calls_in_flight", "requests per connection"),
+        ("--max-connections-per-peer", int, "max_connections_per_peer", "per peer address"),
+        ("--max-connections", int, "max_connections", "in total"),
+        ("--handshake-timeout", float, "handshake_timeout", "seconds to authenticate"),
+        ("--idle-timeout", float, "idle_timeout", "seconds a silent peer is kept"),
+        ("--frame-timeout", float, "frame_timeout", "seconds one partial message may take"),
+        ("--max-name", int, "max_name", "bytes in an entry name"),
+        ("--max-dir-entries", int, "max_dir_entries", "entries in one directory"),
+        ("--max-file-size", int, "max_file_size", "bytes in one file"),
+    ]:
+        lim.add_argument(flag, type=kind, default=getattr(d, attr), dest=attr,
+                         help=f"{text} (default %(default)s)")  # fmt: skip
     s.add_argument("--cell", default=DEFAULT_CELL, help="cell name at first start")
     s.add_argument(
         "--callback-duration",
@@ -196,6 +217,18 @@ def serve(args: argparse.Namespace) -> int:
         advertise=args.advertise,
         metrics=args.metrics,
         create_root=False if args.no_root_volume else None,
+        key_file=args.key_file,
+        root_squash=args.root_squash,
+        max_frame=args.max_frame,
+        max_calls_in_flight=args.max_calls_in_flight,
+        max_connections_per_peer=args.max_connections_per_peer,
+        max_connections=args.max_connections,
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout,
+        frame_timeout=args.frame_timeout,
+        max_name=args.max_name,
+        max_dir_entries=args.max_dir_entries,
+        max_file_size=args.max_file_size,
     )
     server = FileServer(config)
 

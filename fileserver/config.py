@@ -11,8 +11,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.auth import KEY_FILE
+from protocol.limits import MAX_FRAME, MAX_NAME
+
 log = logging.getLogger(__name__)
 
+#: Largest file size the store supports (ServerConfig.max_file_size caps below it).
+MAX_FILE_SIZE = 1 << 44
 DEFAULT_PORT = 7000
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CELL = "localcell"
@@ -84,8 +89,36 @@ class ServerConfig:
     #: Create root.cell at first start (off by default when a remote VL is used,
     #: since the cell's root lives with that VL's server).
     create_root: bool | None = None
+    #: Cell key file (None: ``cell.key`` in the data dir, created at first start).
+    key_file: Path | None = None
+    #: Map uid 0 of every client to nobody (65534).
+    root_squash: bool = False
+    # -- limits on what one peer may cost (SECURITY.md, "Limits") --
+    #: Largest message accepted, bytes.
+    max_frame: int = MAX_FRAME
+    #: Requests one connection may have running or queued (more: EAGAIN).
+    max_calls_in_flight: int = 256
+    #: Connections from one peer address, and in total (more are refused).
+    max_connections_per_peer: int = 256
+    max_connections: int = 1024
+    #: Seconds a new connection has to authenticate.
+    handshake_timeout: float = 10.0
+    #: Seconds without a byte from an authenticated peer before it is dropped
+    #: (clients send a keepalive at a third of this; the Hello reply says it).
+    idle_timeout: float = 300.0
+    #: Seconds one partial message may take to arrive completely.
+    frame_timeout: float = 60.0
+    #: Entry names, in bytes (at most the protocol's MAX_NAME).
+    max_name: int = MAX_NAME
+    #: Entries in one directory.
+    max_dir_entries: int = 100_000
+    #: Bytes in one file.
+    max_file_size: int = MAX_FILE_SIZE
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         if self.create_root is None:
             self.create_root = self.vl is None
+        self.key_file = Path(self.key_file) if self.key_file else self.data_dir / KEY_FILE
+        self.max_name = min(self.max_name, MAX_NAME)
+        self.max_file_size = min(self.max_file_size, MAX_FILE_SIZE)

@@ -7,8 +7,11 @@ then=...)``) and, for changes, breaks every other holder's promises on the
 changed fids before returning, so the reply to the caller goes out only after
 the other clients were told (or the break timeout passed).
 
-``cred`` is parsed and recorded (owner/group of new vnodes); permission
-enforcement is a later issue, so ``access`` is always rwx.
+``cred`` is the caller (uid, gid, groups) on the client machine; the
+permission checks of ``fileserver.perms`` run inside the volume operation
+(under the volume lock) and every returned status carries the caller's
+``access`` bits.  Server limits (name length, directory entries, file size)
+are checked here too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 from fileserver.breaker import ClientState
 from fileserver.events import event
+from fileserver.perms import (
+    ROOT,
+    S_ISGID,
+    Caller,
+    R,
+    W,
+    X,
+    access,
+    check_sticky,
+    check_store_status,
+    require,
+    require_dir_change,
+    require_write,
+)
 from fileserver.store import VolumeHandle
 from fileserver.volume import Vnode
 from protocol.errors import RpcError
@@ -64,17 +81,23 @@ def _bytes(v: Any, what: str) -> bytes:
     return v
 
 
-def parse_cred(cred: Any) -> tuple[int, int]:
-    """Return (uid, gid); nil means the client machine itself (uid 0)."""
+def parse_cred(cred: Any) -> Caller:
+    """The caller; nil means the client machine itself (root)."""
     if cred is None:
-        return 0, 0
+        return ROOT
     if not isinstance(cred, list) or len(cred) != 3 or not isinstance(cred[2], list):
         raise RpcError("EINVAL", f"malformed cred {cred!r:.100}")
+    if len(cred[2]) > 1024:
+        raise RpcError("EINVAL", "more than 1024 groups")
     uid = _uint(cred[0], MAX_UINT32, "cred uid")
     gid = _uint(cred[1], MAX_UINT32, "cred gid")
-    for g in cred[2]:
-        _uint(g, MAX_UINT32, "cred gid")
-    return uid, gid
+    groups = frozenset(_uint(g, MAX_UINT32, "cred gid") for g in cred[2])
+    return Caller(uid, gid, groups)
+
+
+def _st(v: Vnode, c: Caller) -> Any:
+    """The status as this caller sees it (its access bits)."""
+    return v.status(access(v, c))
 
 
 def parse_mode(mode: Any) -> int:
@@ -93,6 +116,21 @@ class FsOps:
         self.table = server.table
         self.breaker = server.breaker
         self.metrics = server.metrics
+        self.config = server.config
+
+    def caller(self, cred: Any) -> Caller:
+        c = parse_cred(cred)
+        return c.squashed() if self.config.root_squash else c
+
+    def _name(self, name: Any) -> bytes:
+        name = check_name(name)
+        if len(name) > self.config.max_name:
+            raise RpcError("ENAMETOOLONG", f"name over {self.config.max_name} bytes")
+        return name
+
+    def _room(self, d: Vnode) -> None:
+        if d.size >= self.config.max_dir_entries:
+            raise RpcError("ENOSPC", f"directory has {self.config.max_dir_entries} entries")
 
     # -- helpers -------------------------------------------------------------
 
@@ -115,7 +153,7 @@ class FsOps:
     # -- reads -------------------------------------------------------------------
 
     async def fetch_status(self, st: ClientState, cred: Any, fid: Any) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         f = Fid.from_wire(fid)
         h = self._vol(f)
         cb: list[CallBack] = []
@@ -124,12 +162,12 @@ class FsOps:
             return h.vol.get(f.vnode, f.unique), h.vol.volsync()
 
         v, vs = await h.run(read, then=lambda _: cb.append(self.grant(st, f)))
-        return {"status": v.status(), "callback": cb[0], "volsync": vs}
+        return {"status": _st(v, c), "callback": cb[0], "volsync": vs}
 
     async def fetch_data(
         self, st: ClientState, cred: Any, fid: Any, offset: Any, length: Any
     ) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         f = Fid.from_wire(fid)
         offset = _uint(offset, MAX_UINT64, "offset")
         length = _uint(length, MAX_IO, "length")
@@ -137,21 +175,27 @@ class FsOps:
         cb: list[CallBack] = []
 
         def read() -> tuple[Vnode, bytes, VolSync]:
+            v = h.vol.get(f.vnode, f.unique)
+            if v.type == FileType.FILE and not access(v, c) & R:
+                # Writers may read back what they write (the client merges
+                # partial chunks); see perms.require_write.
+                require_write(v, c, "read")
             v, data = h.vol.fetch_data(f.vnode, f.unique, offset, length)
             return v, data, h.vol.volsync()
 
         v, data, vs = await h.run(read, then=lambda _: cb.append(self.grant(st, f)))
         self.metrics.inc("bytes_fetched", len(data))
-        return {"status": v.status(), "callback": cb[0], "volsync": vs, "data": data}
+        return {"status": _st(v, c), "callback": cb[0], "volsync": vs, "data": data}
 
     async def lookup(self, st: ClientState, cred: Any, dir_fid: Any, name: Any) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         d = Fid.from_wire(dir_fid)
-        name = check_name(name)
+        name = self._name(name)
         h = self._vol(d)
         cbs: list[CallBack] = []
 
         def read() -> tuple[Vnode, Vnode, VolSync]:
+            require(h.vol.get_dir(d.vnode, d.unique), c, X, "lookup")
             v, dv = h.vol.lookup(d.vnode, d.unique, name)
             return v, dv, h.vol.volsync()
 
@@ -160,8 +204,8 @@ class FsOps:
             cbs.append(self.grant(st, d))
 
         v, dv, vs = await h.run(read, then=then)
-        return {"fid": Fid(d.volume, v.vnode, v.unique), "status": v.status(),
-                "callback": cbs[0], "dir_status": dv.status(), "dir_callback": cbs[1],
+        return {"fid": Fid(d.volume, v.vnode, v.unique), "status": _st(v, c),
+                "callback": cbs[0], "dir_status": _st(dv, c), "dir_callback": cbs[1],
                 "volsync": vs}  # fmt: skip
 
     async def read_dir(
@@ -173,7 +217,7 @@ class FsOps:
         max_entries: Any,
         with_status: Any,
     ) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         d = Fid.from_wire(dir_fid)
         if cookie is not None and (type(cookie) is not bytes or len(cookie) > MAX_NAME):
             raise RpcError("EINVAL", "cookie must be nil or a name (bin)")
@@ -186,6 +230,7 @@ class FsOps:
         dir_cb: list[CallBack] = []
 
         def read() -> tuple[list[tuple[bytes, Vnode]], bytes | None, Vnode, VolSync]:
+            require(h.vol.get_dir(d.vnode, d.unique), c, R, "readdir")
             entries, nxt, dv = h.vol.readdir(d.vnode, d.unique, cookie, max_entries)
             return entries, nxt, dv, h.vol.volsync()
 
@@ -193,17 +238,17 @@ class FsOps:
             for name, v in r[0]:
                 fid = Fid(d.volume, v.vnode, v.unique)
                 if with_status:
-                    out.append([name, fid, v.type, v.status(), self.grant(st, fid)])
+                    out.append([name, fid, v.type, _st(v, c), self.grant(st, fid)])
                 else:
                     out.append([name, fid, v.type])
             dir_cb.append(self.grant(st, d))
 
         _, nxt, dv, vs = await h.run(read, then=then)
-        return {"entries": out, "next": nxt, "dir_status": dv.status(),
+        return {"entries": out, "next": nxt, "dir_status": _st(dv, c),
                 "dir_callback": dir_cb[0], "volsync": vs}  # fmt: skip
 
     async def inline_bulk_status(self, st: ClientState, cred: Any, fids: Any) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         if not isinstance(fids, list) or len(fids) > MAX_BULKSTAT_FIDS:
             raise RpcError("EINVAL", f"fids must be a list of at most {MAX_BULKSTAT_FIDS}")
         parsed = [Fid.from_wire(f) for f in fids]
@@ -234,7 +279,7 @@ class FsOps:
                     if isinstance(v, RpcError):
                         results[i] = [v.to_wire(), None, None]
                     else:
-                        results[i] = [None, v.status(), self.grant(st, parsed[i])]
+                        results[i] = [None, _st(v, c), self.grant(st, parsed[i])]
 
             _, vs = await h.run(read, then=then)
             if parsed and vol_id == parsed[0].volume:
@@ -242,7 +287,7 @@ class FsOps:
         return {"results": results, "volsync": volsync or VolSync(0, 0)}
 
     async def get_volume_status(self, st: ClientState, cred: Any, volume_id: Any) -> dict[str, Any]:
-        parse_cred(cred)
+        self.caller(cred)
         vid = _uint(volume_id, MAX_UINT32, "volume_id")
         h = self.store.by_id.get(vid)
         if h is None:
@@ -261,7 +306,7 @@ class FsOps:
         new_length: Any,
         mtime_ns: Any,
     ) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         f = Fid.from_wire(fid)
         offset = _uint(offset, MAX_UINT64, "offset")
         data = _bytes(data, "data")
@@ -273,19 +318,24 @@ class FsOps:
             mtime_ns = _int64(mtime_ns, "mtime_ns")
         h = self._vol(f)
 
+        limit = self.config.max_file_size
+        if offset + len(data) > limit or (new_length is not None and new_length > limit):
+            raise RpcError("EFBIG", f"file would be larger than {limit} bytes")
+
         def write() -> tuple[Vnode, VolSync]:
+            require_write(h.vol.get(f.vnode, f.unique), c, "write")
             v = h.vol.store_data(f.vnode, f.unique, offset, data, new_length, mtime_ns)
             return v, h.vol.volsync()
 
         v, vs = await h.run(write)
         self.metrics.inc("bytes_stored", len(data))
         await self._changed(st, f)
-        return {"status": v.status(), "volsync": vs}
+        return {"status": _st(v, c), "volsync": vs}
 
     async def store_status(
         self, st: ClientState, cred: Any, fid: Any, attrs: Any
     ) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         f = Fid.from_wire(fid)
         if not isinstance(attrs, dict):
             raise RpcError("EINVAL", "attrs must be a map")
@@ -301,14 +351,17 @@ class FsOps:
                 clean[k] = _uint(val, MAX_UINT64, k)
             else:
                 raise RpcError("EINVAL", f"unknown attribute {k!r:.50}")
+        if clean.get("size", 0) > self.config.max_file_size:
+            raise RpcError("EFBIG", f"file would be larger than {self.config.max_file_size} bytes")
         h = self._vol(f)
 
         def write() -> tuple[Vnode, VolSync]:
-            return h.vol.store_status(f.vnode, f.unique, clean), h.vol.volsync()
+            allowed = check_store_status(h.vol.get(f.vnode, f.unique), c, clean)
+            return h.vol.store_status(f.vnode, f.unique, allowed), h.vol.volsync()
 
         v, vs = await h.run(write)
         await self._changed(st, f)
-        return {"status": v.status(), "volsync": vs}
+        return {"status": _st(v, c), "volsync": vs}
 
     # -- namespace changes -----------------------------------------------------
 
@@ -322,15 +375,26 @@ class FsOps:
         ftype: FileType,
         target: bytes | None = None,
     ) -> dict[str, Any]:
-        uid, gid = parse_cred(cred)
+        c = self.caller(cred)
         d = Fid.from_wire(dir_fid)
-        name = check_name(name)
+        name = self._name(name)
         mode = parse_mode(mode)
         h = self._vol(d)
         cbs: list[CallBack] = []
 
         def write() -> tuple[Vnode, Vnode, VolSync]:
-            v, dv = h.vol.create_vnode(d.vnode, d.unique, name, ftype, mode, uid, gid, target)
+            dv = h.vol.get_dir(d.vnode, d.unique)
+            require_dir_change(dv, c, "create")
+            self._room(dv)
+            gid, m = c.gid, mode
+            if dv.mode & S_ISGID:
+                # BSD group semantics in a setgid directory; subdirectories inherit it.
+                gid = dv.group
+                if ftype == FileType.DIRECTORY:
+                    m |= S_ISGID
+            elif m & S_ISGID and not c.root and ftype != FileType.DIRECTORY:
+                m &= ~S_ISGID
+            v, dv = h.vol.create_vnode(d.vnode, d.unique, name, ftype, m, c.uid, gid, target)
             return v, dv, h.vol.volsync()
 
         def then(r: tuple[Vnode, Vnode, VolSync]) -> None:
@@ -339,8 +403,8 @@ class FsOps:
 
         v, dv, vs = await h.run(write, then=then)
         await self._changed(st, d)
-        return {"fid": Fid(d.volume, v.vnode, v.unique), "status": v.status(),
-                "callback": cbs[0], "dir_status": dv.status(), "dir_callback": cbs[1],
+        return {"fid": Fid(d.volume, v.vnode, v.unique), "status": _st(v, c),
+                "callback": cbs[0], "dir_status": _st(dv, c), "dir_callback": cbs[1],
                 "volsync": vs}  # fmt: skip
 
     async def create_file(
@@ -366,9 +430,9 @@ class FsOps:
     async def link(
         self, st: ClientState, cred: Any, dir_fid: Any, name: Any, fid: Any
     ) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         d = Fid.from_wire(dir_fid)
-        name = check_name(name)
+        name = self._name(name)
         f = Fid.from_wire(fid)
         if f.volume != d.volume:
             raise RpcError("EXDEV", "hard link across volumes")
@@ -376,50 +440,55 @@ class FsOps:
         cbs: list[CallBack] = []
 
         def write() -> tuple[Vnode, Vnode, VolSync]:
+            dv = h.vol.get_dir(d.vnode, d.unique)
+            require_dir_change(dv, c, "link")
+            self._room(dv)
             v, dv = h.vol.link(d.vnode, d.unique, name, f.vnode, f.unique)
             return v, dv, h.vol.volsync()
 
         v, dv, vs = await h.run(write, then=lambda _: cbs.append(self.grant(st, d)))
         await self._changed(st, d, f)
-        return {"status": v.status(), "dir_status": dv.status(), "dir_callback": cbs[0],
+        return {"status": _st(v, c), "dir_status": _st(dv, c), "dir_callback": cbs[0],
                 "volsync": vs}  # fmt: skip
 
     async def remove_file(
         self, st: ClientState, cred: Any, dir_fid: Any, name: Any
     ) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         d = Fid.from_wire(dir_fid)
         name = check_name(name)
         h = self._vol(d)
         cbs: list[CallBack] = []
 
         def write() -> tuple[Vnode, Vnode, VolSync]:
+            self._may_remove(h, d, name, c, "unlink")
             v, dv = h.vol.remove_file(d.vnode, d.unique, name)
             return v, dv, h.vol.volsync()
 
         v, dv, vs = await h.run(write, then=lambda _: cbs.append(self.grant(st, d)))
         f = Fid(d.volume, v.vnode, v.unique)
         await self._changed(st, d, f)
-        return {"fid": f, "status": v.status(), "dir_status": dv.status(),
+        return {"fid": f, "status": _st(v, c), "dir_status": _st(dv, c),
                 "dir_callback": cbs[0], "volsync": vs}  # fmt: skip
 
     async def remove_dir(
         self, st: ClientState, cred: Any, dir_fid: Any, name: Any
     ) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         d = Fid.from_wire(dir_fid)
         name = check_name(name)
         h = self._vol(d)
         cbs: list[CallBack] = []
 
         def write() -> tuple[Vnode, Vnode, VolSync]:
+            self._may_remove(h, d, name, c, "rmdir")
             v, dv = h.vol.remove_dir(d.vnode, d.unique, name)
             return v, dv, h.vol.volsync()
 
         v, dv, vs = await h.run(write, then=lambda _: cbs.append(self.grant(st, d)))
         f = Fid(d.volume, v.vnode, v.unique)
         await self._changed(st, d, f)
-        return {"fid": f, "dir_status": dv.status(), "dir_callback": cbs[0], "volsync": vs}
+        return {"fid": f, "dir_status": _st(dv, c), "dir_callback": cbs[0], "volsync": vs}
 
     async def rename(
         self,
@@ -431,11 +500,11 @@ class FsOps:
         new_name: Any,
         flags: Any,
     ) -> dict[str, Any]:
-        parse_cred(cred)
+        c = self.caller(cred)
         od = Fid.from_wire(old_dir)
         nd = Fid.from_wire(new_dir)
         old_name = check_name(old_name)
-        new_name = check_name(new_name)
+        new_name = self._name(new_name)
         if type(flags) is not int:
             raise RpcError("EINVAL", "flags must be an int")
         if od.volume != nd.volume:
@@ -443,6 +512,7 @@ class FsOps:
         h = self._vol(od)
 
         def write() -> tuple[Any, VolSync]:
+            self._may_rename(h, od, old_name, nd, new_name, c)
             r = h.vol.rename(od.vnode, od.unique, old_name, nd.vnode, nd.unique, new_name, flags)
             return r, h.vol.volsync()
 
@@ -451,21 +521,53 @@ class FsOps:
         moved = Fid(vol, r.moved.vnode, r.moved.unique)
         repl = Fid(vol, r.replaced.vnode, r.replaced.unique) if r.replaced is not None else None
         if r.changed_nothing:
-            return self._rename_result(moved, r, None, vs)
+            return self._rename_result(moved, r, None, vs, c)
         await self._changed(st, od, nd, moved, repl)
-        return self._rename_result(moved, r, repl, vs)
+        return self._rename_result(moved, r, repl, vs, c)
 
     @staticmethod
-    def _rename_result(moved: Fid, r: Any, repl: Fid | None, vs: VolSync) -> dict[str, Any]:
+    def _rename_result(
+        moved: Fid, r: Any, repl: Fid | None, vs: VolSync, c: Caller
+    ) -> dict[str, Any]:
         return {
             "fid": moved,
-            "status": r.moved.status(),
-            "old_dir_status": r.old_dir.status(),
-            "new_dir_status": r.new_dir.status(),
+            "status": _st(r.moved, c),
+            "old_dir_status": _st(r.old_dir, c),
+            "new_dir_status": _st(r.new_dir, c),
             "replaced_fid": repl,
-            "replaced_status": r.replaced.status() if r.replaced is not None else None,
+            "replaced_status": _st(r.replaced, c) if r.replaced is not None else None,
             "volsync": vs,
         }
+
+    # -- permission checks that need several vnodes (run under the volume lock) --
+
+    @staticmethod
+    def _may_remove(h: VolumeHandle, d: Fid, name: bytes, c: Caller, what: str) -> None:
+        dv = h.vol.get_dir(d.vnode, d.unique)
+        require_dir_change(dv, c, what)
+        v, _ = h.vol.lookup(d.vnode, d.unique, name)
+        check_sticky(dv, v, c, what)
+
+    def _may_rename(
+        self, h: VolumeHandle, od: Fid, old_name: bytes, nd: Fid, new_name: bytes, c: Caller
+    ) -> None:
+        odv = h.vol.get_dir(od.vnode, od.unique)
+        ndv = h.vol.get_dir(nd.vnode, nd.unique)
+        require_dir_change(odv, c, "rename")
+        require_dir_change(ndv, c, "rename")
+        v, _ = h.vol.lookup(od.vnode, od.unique, old_name)
+        check_sticky(odv, v, c, "rename")
+        try:
+            tgt, _ = h.vol.lookup(nd.vnode, nd.unique, new_name)
+        except RpcError:
+            tgt = None
+        if tgt is not None:
+            check_sticky(ndv, tgt, c, "rename")
+        elif ndv.vnode != odv.vnode:
+            self._room(ndv)
+        if v.is_dir and ndv.vnode != odv.vnode:
+            # Its ".." changes: write permission on the directory itself.
+            require(v, c, W, "rename")
 
     # -- callbacks ---------------------------------------------------------------
 

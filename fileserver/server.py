@@ -4,6 +4,14 @@
 server.serve)`` returns the bound ``(host, port)``), so tests can run one
 in-process; the CLI runs the same object until SIGTERM.
 
+Authentication (SPEC section 4): every connection passes the gate of
+``protocol.Connection``: before the cell key handshake (``Auth.Challenge``,
+``Auth.Prove``, see ``protocol.auth``) only those two, the read-only ``VL.*``
+lookups and ``Admin.*`` (which has its own secret) may run; anything else gets
+one EACCES and the connection is closed.  Connection limits (per peer
+address, in total), idle, partial-frame and handshake timeouts are enforced
+here and in the Connection.
+
 Session rules (SPEC section 4): ``FS.*`` before ``FS.Hello`` is EPROTO; at
 Hello a client the server has no state for gets ``CB.InitCallBackState3``
 and a returning client gets its delayed breaks, both before the reply; a
@@ -32,12 +40,23 @@ from fileserver.fsops import CAPABILITIES, FsOps
 from fileserver.metrics import Metrics
 from fileserver.store import DataDir, VolumeStore
 from fileserver.vl import VLRegistrar, VLService
+from protocol.auth import AUTH_CHALLENGE, AUTH_PROVE, ServerAuth, create_key
 from protocol.connection import Connection, serve_tcp
 from protocol.errors import RpcError
 from protocol.limits import PROTOCOL_VERSION
-from protocol.methods import FS_HELLO
+from protocol.methods import FS_HELLO, VL_GET_ENTRY_BY_ID, VL_GET_ENTRY_BY_NAME, VL_LIST_ENTRIES
 
 log = logging.getLogger(__name__)
+
+#: What may run before the handshake: the handshake itself, the VL lookups
+#: (readable by anyone, as in AFS) and Admin.* (guarded by the admin secret).
+_PRE_AUTH = frozenset({AUTH_CHALLENGE, AUTH_PROVE, VL_GET_ENTRY_BY_NAME, VL_GET_ENTRY_BY_ID,
+                       VL_LIST_ENTRIES})  # fmt: skip
+
+
+def allowed_before_auth(method: str) -> bool:
+    return method in _PRE_AUTH or method.startswith("Admin.")
+
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -68,6 +87,8 @@ class FileServer:
         self.cell = config.cell
         self.epoch = 0
         self.admin_secret = ""
+        self.auth = ServerAuth(b"")
+        self._per_peer: dict[str, int] = {}
         self.host = ""
         self.port = 0
         self.metrics_port = 0
@@ -102,6 +123,7 @@ class FileServer:
         try:
             self.uuid, self.cell = self.datadir.uuid, self.datadir.cell
             self.admin_secret = self.datadir.read_secret()
+            self.auth.key = create_key(cfg.key_file)  # type: ignore[arg-type]
             self.store.open_all()
             if first and cfg.create_root and ROOT_VOLUME_NAME not in self.store.by_name:
                 self.store.create_sync(ROOT_VOLUME_NAME)
@@ -134,8 +156,25 @@ class FileServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if cfg.host not in ("127.0.0.1", "::1", "localhost"):
+                    log.warning("listening on %s: reachable from other machines; only the "
+                                "cell key keeps strangers out, traffic is not encrypted",
+                                cfg.host)  # fmt: skip
                 listeners = await nursery.start(
-                    partial(serve_tcp, self._on_connection, cfg.host, cfg.port, self.handlers)
+                    partial(
+                        serve_tcp,
+                        self._on_connection,
+                        cfg.host,
+                        cfg.port,
+                        self.handlers,
+                        allow_unauthenticated=allowed_before_auth,
+                        handshake_timeout=cfg.handshake_timeout,
+                        idle_timeout=cfg.idle_timeout,
+                        frame_timeout=cfg.frame_timeout,
+                        max_frame=cfg.max_frame,
+                        max_pending=cfg.max_calls_in_flight,
+                        max_concurrent=min(128, cfg.max_calls_in_flight),
+                    )
                 )
                 sockname = listeners[0].socket.getsockname()
                 self.host, self.port = sockname[0], sockname[1]
@@ -151,6 +190,7 @@ class FileServer:
                         self.uuid,
                         self.advertised_addrs,
                         cfg.vl_register_interval,
+                        key=self.auth.key,
                     )
                     nursery.start_soon(self.registrar.run)
                 log.info("fileserver %s (cell %s, epoch %d) listening on %s:%d, data dir %s",
@@ -231,10 +271,31 @@ class FileServer:
 
     async def _on_connection(self, conn: Connection) -> None:
         self.metrics.inc("connections")
+        peer = conn.name.rpartition(":")[0] or conn.name
+        cfg = self.config
+        if len(self.connections) >= cfg.max_connections:
+            conn.refuse = RpcError("EAGAIN", f"server has {cfg.max_connections} connections")
+        elif self._per_peer.get(peer, 0) >= cfg.max_connections_per_peer:
+            conn.refuse = RpcError(
+                "EAGAIN", f"{cfg.max_connections_per_peer} connections from {peer} already"
+            )
+        if conn.refuse is not None:
+            # Served only to say why: the first request gets the error.
+            log.warning("%s: connection refused: %s", conn.name, conn.refuse.message)
+            self.metrics.inc("connections_refused")
+            conn.handshake_timeout = min(conn.handshake_timeout or 2.0, 2.0)
+            await conn.run()
+            return
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         self.connections.add(conn)
         try:
             await conn.run()
         finally:
+            n = self._per_peer.get(peer, 1) - 1
+            if n > 0:
+                self._per_peer[peer] = n
+            else:
+                self._per_peer.pop(peer, None)
             self.connections.discard(conn)
             st: ClientState | None = conn.context.get("session")
             if st is not None and st.conn is conn:
@@ -285,7 +346,8 @@ class FileServer:
         event("hello", client=uuid, new=int(new), delayed=ndelayed, dropped=int(needs_init),
               conn=conn.name)  # fmt: skip
         return {"uuid": self.uuid, "epoch": self.epoch, "cell": self.cell,
-                "version": PROTOCOL_VERSION, "capabilities": list(CAPABILITIES)}  # fmt: skip
+                "version": PROTOCOL_VERSION, "capabilities": list(CAPABILITIES),
+                "idle_timeout": self.config.idle_timeout}  # fmt: skip
 
     async def _session(self, conn: Connection) -> ClientState:
         st: ClientState | None = conn.context.get("session")
@@ -340,7 +402,11 @@ class FileServer:
         return handler
 
     def _build_handlers(self) -> dict[str, Callable[..., Any]]:
-        h: dict[str, Callable[..., Any]] = {FS_HELLO: self._wrap(FS_HELLO, self.hello, "conn")}
+        h: dict[str, Callable[..., Any]] = {
+            FS_HELLO: self._wrap(FS_HELLO, self.hello, "conn"),
+            AUTH_CHALLENGE: self._wrap(AUTH_CHALLENGE, self.auth.challenge, "conn"),
+            AUTH_PROVE: self._wrap(AUTH_PROVE, self.auth.prove, "conn"),
+        }
         for name, fn in self.fsops.handlers().items():
             h[name] = self._wrap(name, fn, "fs")
         for name, fn in self.vl.handlers().items():

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from fileserver.store import VolumeStore
+from protocol.auth import client_handshake
 from protocol.connection import Connection, open_connection
 from protocol.errors import RpcError
 from protocol.limits import MAX_UINT32
@@ -145,8 +146,11 @@ class VLRegistrar:
         server_uuid: str,
         local_addrs: Callable[[], list[list[Any]]],
         interval: float,
+        *,
+        key: bytes = b"",
     ) -> None:
         self.vl = vl
+        self.key = key  # the cell key: VL.RegisterServer needs an authenticated connection
         self.store = store
         self.server_uuid = server_uuid
         self.local_addrs = local_addrs
@@ -157,6 +161,7 @@ class VLRegistrar:
     async def register_once(self) -> None:
         volumes = [[h.id, h.name] for h in self.store.list()]
         async with open_connection(*self.vl, connect_timeout=5, default_timeout=10) as conn:
+            await client_handshake(conn, self.key)
             await conn.call(VL_REGISTER_SERVER, self.server_uuid, self.local_addrs(), volumes)
 
     async def run(self) -> None:

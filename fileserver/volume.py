@@ -42,7 +42,11 @@ log = logging.getLogger(__name__)
 ROOT_VNODE = 1
 ROOT_UNIQUE = 1
 #: Largest file length we accept (sparse files make anything below cheap).
-MAX_FILE_SIZE = 1 << 44
+#: A new volume's root directory is like /tmp (world-writable, sticky): every
+#: user of the cell can make their own entries, nobody removes another's;
+#: the administrator tightens it with chmod.
+ROOT_DIR_MODE = 0o1777
+MAX_FILE_SIZE = 1 << 44  # also the default of ServerConfig.max_file_size
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS header (
@@ -217,7 +221,7 @@ class Volume:
             (volume_id, name, now_ns // 1_000_000_000, now_ns // 1_000_000_000, quota_bytes,
              ROOT_VNODE + 1, ROOT_UNIQUE + 1),
         )  # fmt: skip
-        root = Vnode(ROOT_VNODE, ROOT_UNIQUE, FileType.DIRECTORY, 0o755, 2, 0, 1, uid, gid,
+        root = Vnode(ROOT_VNODE, ROOT_UNIQUE, FileType.DIRECTORY, ROOT_DIR_MODE, 2, 0, 1, uid, gid,
                      now_ns, now_ns, ROOT_VNODE, ROOT_UNIQUE)  # fmt: skip
         db.execute(f"INSERT INTO vnodes ({_VNODE_COLS}) VALUES ({','.join('?' * 14)})", root.row())
         db.execute("COMMIT")
