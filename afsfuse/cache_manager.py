@@ -17,8 +17,12 @@ unstored writes (best effort) and destroys every server record, each sending
 ``CellDB.single(addr)``), ``cache_dir`` (client UUID in ``client-uuid``, data
 chunks under ``data/``), ``cache_bytes``, ``chunk_size``,
 ``idle_record_lifetime``, ``rpc_timeout``, ``connect_timeout``,
-``readahead_chunks``, ``invalidation_queue_size``, ``reconnect_backoff_max``
-and ``connector`` (tests pass one over memory streams).
+``readahead_chunks``, ``invalidation_queue_size``, ``reconnect_backoff_max``,
+``connector`` (tests pass one over memory streams), ``key`` (the cell key
+that authenticates servers; a cell's ``key_file`` in the cells file is used
+when it is None) and ``keepalive_interval``.  VL lookups are made without
+authentication (AFS VL data is public; a lying VL server can only point at
+servers that then fail the key handshake).
 
 Operations (``async`` unless marked sync; ``cred`` is ``(uid, gid, gids)`` or
 None for the machine).  Only two kinds of exception leave them:
@@ -96,6 +100,7 @@ from afsfuse.validation import (
 from afsfuse.vnode import Vnode
 from afsfuse.volume import VolumeInstance
 from protocol import methods as M
+from protocol.auth import load_key
 from protocol.connection import Connection, ConnectionLost, RpcTimeout
 from protocol.errors import RpcError
 from protocol.limits import MAX_BULKSTAT_FIDS, MAX_IO, MAX_READDIR_ENTRIES, MAX_SYMLINK
@@ -136,6 +141,23 @@ class CacheConfig:
     invalidation_queue_size: int = 4096
     reconnect_backoff_max: float = 10.0
     connector: Connector = field(default=tcp_connector)
+    #: The cell key for every cell without its own ``key_file`` (SPEC section 4).
+    #: None with no cell key file: no handshake (only fake in-memory servers
+    #: accept that; the daemon refuses to start without a key).
+    key: bytes | None = None
+    #: Seconds between keepalives on an idle server connection (None: a third
+    #: of the idle timeout the server announces at Hello).
+    keepalive_interval: float | None = None
+
+    def key_for(self, cell: str) -> bytes | None:
+        """The key that authenticates the servers of ``cell``."""
+        try:
+            c = self.cells.get(cell)
+        except KeyError:
+            return self.key
+        if c.key_file is not None and self.key is None:
+            return load_key(c.key_file)
+        return self.key
 
     @classmethod
     def for_server(cls, server: str | Address, cache_dir: str | Path, **kw: Any) -> CacheConfig:
@@ -284,7 +306,7 @@ class CacheManager:
 
     # -- server records (P2) --------------------------------------------------
 
-    def _record(self, uuid: str, addrs: list[Address]) -> ServerRecord:
+    def _record(self, uuid: str, addrs: list[Address], cell: str) -> ServerRecord:
         rec = self.servers.get(uuid)
         if rec is not None and not rec.destroyed:
             for a in addrs:
@@ -302,6 +324,8 @@ class CacheManager:
             connect_timeout=self.config.connect_timeout,
             backoff_max=self.config.reconnect_backoff_max,
             on_mass_break=self._on_mass_break,
+            key=self.config.key_for(cell),
+            keepalive_interval=self.config.keepalive_interval,
         )
         self.servers[uuid] = rec
         self._spawn(rec.run)
@@ -411,7 +435,7 @@ class CacheManager:
             raise _err("ENXIO", f"volume {vol.name} has no servers")
         for s in servers:
             addrs = [(str(h), int(p)) for h, p in s["addrs"]]
-            vol.attach(self._record(str(s["uuid"]), addrs))  # registers interest (P3)
+            vol.attach(self._record(str(s["uuid"]), addrs, cell))  # registers interest (P3)
         return vol
 
     @_maps_errors
@@ -458,7 +482,7 @@ class CacheManager:
             if not uuids or uuids == [r.uuid for r in vol.servers]:
                 return False
             records = [
-                self._record(str(s["uuid"]), [(str(h), int(p)) for h, p in s["addrs"]])
+                self._record(str(s["uuid"]), [(str(h), int(p)) for h, p in s["addrs"]], vol.cell)
                 for s in entry["servers"]
             ]
         except (RpcError, KeyError, TypeError, ValueError) as exc:

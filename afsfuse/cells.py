@@ -5,13 +5,15 @@ Format::
     default = "example.org"          # optional; else the first cell
     [cells."example.org"]
     vlservers = ["fs1.example.org:7000", "10.0.0.2"]   # port defaults to 7000
+    key_file = "example.org.key"     # cell key; relative to this file
     [cells."ex"]
     alias = "example.org"            # same VL servers, its own volume instances
 
 With no file the client knows one cell whose VL server is the fileserver
 named on the command line.  An alias is a distinct cell name (its volume
 instances are distinct, as the kernel's superblocks are) that reaches the
-same servers, so both share server records (keyed by server UUID).
+same servers, so both share server records (keyed by server UUID), and the
+target's cell key.  ``afsfuse mount --key-file`` overrides every cell's key.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class Cell:
     name: str
     vlservers: tuple[Address, ...]
     alias_of: str | None = None
+    #: The cell key file (SPEC section 4); None: the mount's --key-file.
+    key_file: Path | None = None
 
 
 class CellDB:
@@ -69,7 +73,7 @@ class CellDB:
         return cls({name: Cell(name, (parse_address(server),))}, name)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CellDB:
+    def from_dict(cls, data: dict[str, Any], base: Path | None = None) -> CellDB:
         raw = data.get("cells")
         if not isinstance(raw, dict) or not raw:
             raise ValueError("cells file has no [cells.NAME] tables")
@@ -86,7 +90,15 @@ class CellDB:
                 servers = [servers]
             if not servers:
                 raise ValueError(f"cell {name!r}: no vlservers")
-            cells[name] = Cell(name, tuple(parse_address(s) for s in servers))
+            key_file = spec.get("key_file")
+            if key_file is not None and not isinstance(key_file, str):
+                raise ValueError(f"cell {name!r}: key_file must be a string")
+            key_path = None
+            if key_file:
+                key_path = Path(key_file)
+                if not key_path.is_absolute() and base is not None:
+                    key_path = base / key_path
+            cells[name] = Cell(name, tuple(parse_address(s) for s in servers), None, key_path)
         for name, target in aliases.items():
             seen = {name}
             while target in aliases:  # alias of an alias
@@ -96,13 +108,13 @@ class CellDB:
                 target = aliases[target]
             if target not in cells:
                 raise ValueError(f"cell {name!r} is an alias of unknown cell {target!r}")
-            cells[name] = Cell(name, cells[target].vlservers, alias_of=target)
+            cells[name] = Cell(name, cells[target].vlservers, target, cells[target].key_file)
         return cls(cells, data.get("default"))
 
     @classmethod
     def load(cls, path: str | Path) -> CellDB:
         with open(path, "rb") as f:
-            return cls.from_dict(tomllib.load(f))
+            return cls.from_dict(tomllib.load(f), base=Path(path).resolve().parent)
 
     def get(self, name: str | None) -> Cell:
         cell = self.cells.get(name or self.default)

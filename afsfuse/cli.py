@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     m.add_argument("--cells", type=Path, help="cells file (TOML)")
     m.add_argument("--cell", help="cell name of SERVER (default: as the server says)")
+    m.add_argument(
+        "--key-file",
+        type=Path,
+        help="the cell key (the fileserver's DATA_DIR/cell.key); default: the cell's "
+        "key_file in the cells file, else $AFSFUSE_KEY_FILE",
+    )
     m.add_argument("--cache-dir", type=Path)
     m.add_argument("--cache-size", type=parse_size, default=parse_size("1G"))
     m.add_argument("--chunk-size", type=parse_size, default=parse_size("256K"))
@@ -144,6 +150,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             mountpoint=mountpoint,
             cells_file=args.cells,
             cell=args.cell,
+            key_file=args.key_file.resolve() if args.key_file else None,
             cache_dir=cache_dir,
             cache_size=args.cache_size,
             chunk_size=args.chunk_size,

@@ -28,6 +28,7 @@ import trio
 from afsfuse.cache_manager import CacheConfig, CacheManager
 from afsfuse.cells import CellDB
 from afsfuse.fuse_ops import AfsOperations, drain_invalidations
+from protocol.auth import load_key
 from protocol.connection import open_connection
 from protocol.errors import RpcError
 from protocol.methods import VL_GET_ENTRY_BY_NAME
@@ -44,6 +45,8 @@ class MountOptions:
     cache_dir: Path
     cells_file: Path | None = None
     cell: str | None = None
+    #: The cell key; None: each cell's key_file from the cells file.
+    key_file: Path | None = None
     cache_size: int = 1 << 30
     chunk_size: int = 256 * 1024
     attr_timeout: float = 3600.0
@@ -79,7 +82,10 @@ class Ready:
 def fuse_options(opts: MountOptions) -> set[str]:
     # default_permissions: the kernel checks mode bits against the statuses we
     # return, so a user cannot open what the mode forbids even before the
-    # server is asked.
+    # server is asked.  The server enforces the same rules for the cred of
+    # every call; the kernel check is still needed because cached data and
+    # attributes are served without asking the server (a second user on this
+    # machine must not read pages the first one fetched).
     out = set(pyfuse3.default_options)
     # Shown by mount(8) and df like sshfs's user@host:path source.
     out |= {f"fsname={opts.host}:{opts.port}/{opts.volume}", "subtype=afsfuse"}
@@ -110,9 +116,40 @@ async def cells_for(opts: MountOptions) -> CellDB:
     return CellDB.single((opts.host, opts.port))
 
 
+#: Where the key comes from when neither --key-file nor the cells file names one.
+KEY_ENV = "AFSFUSE_KEY_FILE"
+
+
+def load_cell_key(opts: MountOptions, cells: CellDB) -> bytes | None:
+    """--key-file, else None when the cells file names a key for the cell,
+    else the file named by $AFSFUSE_KEY_FILE."""
+    if opts.key_file is None and os.environ.get(KEY_ENV):
+        cell = cells.cells.get(opts.cell or cells.default)
+        if cell is None or cell.key_file is None:
+            opts.key_file = Path(os.environ[KEY_ENV])
+    if opts.key_file is not None:
+        try:
+            return load_key(opts.key_file)
+        except (OSError, ValueError) as exc:
+            raise MountFailed(f"cannot read the cell key: {exc}") from None
+    cell = cells.get(opts.cell) if opts.cell in cells.cells or opts.cell is None else None
+    if cell is None or cell.key_file is None:
+        raise MountFailed(
+            "no cell key: pass --key-file (the fileserver's DATA_DIR/cell.key), set "
+            f"key_file for the cell in the cells file, or set ${KEY_ENV}"
+        )
+    try:
+        load_key(cell.key_file)
+    except (OSError, ValueError) as exc:
+        raise MountFailed(f"cannot read the cell key of {cell.name}: {exc}") from None
+    return None
+
+
 async def serve(opts: MountOptions, ready: Ready) -> None:
+    cells = await cells_for(opts)
     config = CacheConfig(
-        cells=await cells_for(opts),
+        cells=cells,
+        key=load_cell_key(opts, cells),
         cache_dir=opts.cache_dir,
         cache_bytes=opts.cache_size,
         chunk_size=opts.chunk_size,

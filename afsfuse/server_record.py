@@ -11,6 +11,13 @@ consults (P3).
 
 P2: ``FS.GiveUpAllCallBacks`` is sent only by ``destroy()``, exactly once,
 when the record has had no interests for the idle lifetime, or at unmount.
+
+Each connection first runs the cell key handshake (``protocol.auth``): the
+server must prove the key before any of its CB.* calls may run (the
+connection's gate refuses them until then), then we prove it.  An idle
+connection sends ``FS.GetCapabilities`` as a keepalive at a third of the
+idle timeout the server announces, so the server's idle bound only drops
+clients that are gone.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import trio.lowlevel
 
 from afsfuse.stats import Stats, log_event
 from protocol import methods as M
+from protocol.auth import client_handshake
 from protocol.connection import Connection, ConnectionLost, Handler, RpcTimeout
 from protocol.errors import RpcError
 from protocol.limits import PROTOCOL_VERSION
@@ -60,6 +68,8 @@ class ServerRecord:
         connect_timeout: float,
         backoff_max: float = 10.0,
         on_mass_break: Callable[[ServerRecord, str], None] | None = None,
+        key: bytes | None = None,
+        keepalive_interval: float | None = None,
     ) -> None:
         self.uuid = uuid
         self.addrs = list(addrs)
@@ -83,6 +93,8 @@ class ServerRecord:
         self.gave_up = 0  # GiveUpAllCallBacks sent (0 or 1)
         self.connects = 0
         self.last_error: str = ""
+        self.key = key
+        self.keepalive_interval = keepalive_interval
 
     def __repr__(self) -> str:
         return f"<ServerRecord {self.uuid} cb_s_break={self.cb_s_break}>"
@@ -164,6 +176,8 @@ class ServerRecord:
             self._handlers(self),
             name=f"fs-{self.uuid[:8]}",
             default_timeout=self.rpc_timeout,
+            # With a key, nothing the server sends runs before it proved the key.
+            allow_unauthenticated=(lambda method: False) if self.key is not None else None,
         )
         failure: Exception | None = None
         # Nothing is raised inside the nursery (it would come out wrapped in
@@ -171,9 +185,14 @@ class ServerRecord:
         async with trio.open_nursery() as nursery:
             await nursery.start(conn.run)
             try:
-                await self._hello(conn)
+                if self.key is not None:
+                    await client_handshake(conn, self.key, timeout=self.rpc_timeout)
+                idle = await self._hello(conn)
                 self.conn = conn
                 self._connected.set()
+                interval = self.keepalive_interval or (idle / 3 if idle else None)
+                if interval:
+                    nursery.start_soon(self._keepalive, conn, interval)
                 await conn.wait_closed()
                 log.info("server %s: connection closed (%s)", self.uuid, conn.close_reason)
             except (RpcError, KeyError, TypeError, ValueError) as exc:
@@ -188,7 +207,18 @@ class ServerRecord:
         if failure is not None:
             raise failure
 
-    async def _hello(self, conn: Connection) -> None:
+    async def _keepalive(self, conn: Connection, interval: float) -> None:
+        """Something on the wire at least every ``interval`` seconds."""
+        while not conn.closed:
+            await trio.sleep(interval)
+            try:
+                await conn.call(M.FS_GET_CAPABILITIES, timeout=max(interval, 5.0))
+            except RpcError as exc:
+                log.info("server %s: keepalive failed: %r", self.uuid, exc)
+                return
+
+    async def _hello(self, conn: Connection) -> float | None:
+        """Say Hello; returns the server's idle timeout (None if it has none)."""
         hello = {"uuid": self.client_uuid, "version": PROTOCOL_VERSION, "capabilities": []}
         self._stats.rpc[M.FS_HELLO] += 1
         reply = await conn.call(M.FS_HELLO, hello, timeout=self.rpc_timeout)
@@ -204,6 +234,8 @@ class ServerRecord:
         if self.connects > 1:
             self._stats.reconnects += 1
         log_event("server_connected", server=self.uuid, epoch=epoch)
+        idle = reply.get("idle_timeout")
+        return float(idle) if isinstance(idle, int | float) and idle > 0 else None
 
     async def connection(self) -> Connection:
         """The live connection, waiting (bounded) for a reconnect."""

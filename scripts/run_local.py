@@ -86,6 +86,9 @@ def start(run_dir: Path, mount: Path, port: int) -> int:
                 str(mount),
                 "--cache-dir",
                 str(run_dir / "cache"),
+                # The cell key the fileserver created in its data dir.
+                "--key-file",
+                str(run_dir / "data" / "cell.key"),
             ]
         )
         if res.returncode != 0:
