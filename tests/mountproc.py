@@ -9,6 +9,9 @@ daemon by its pid, even when the test failed.
     with ServerProcess(tmp_path / "fs") as srv, ClientMount(srv, tmp_path / "a") as a:
         (a.mnt / "file").write_text("hello")
         a.stats()["rpc"]      # the cache manager's counters (afs.stats xattr)
+
+The mount gets the server's cell key (``--key-file DATA_DIR/cell.key``, or the
+server's ``key_file``) unless ``extra_args`` names one or ``key_file=False``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ClientMount:
         volume: str = "root.cell",
         extra_args: tuple[str, ...] = (),
         cache_dir: Path | None = None,
+        key_file: Path | bool | None = None,
     ) -> None:
         self.server = server
         self.workdir = Path(workdir)
@@ -54,6 +58,17 @@ class ClientMount:
         self.volume = volume
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.key_file = key_file
+
+    def _key_args(self) -> list[str]:
+        if self.key_file is False or "--key-file" in self.extra_args:
+            return []
+        path = self.key_file if isinstance(self.key_file, Path | str) else None
+        if path is None:
+            path = getattr(self.server, "key_file", None)
+        if path is None and getattr(self.server, "data_dir", None) is not None:
+            path = Path(self.server.data_dir) / "cell.key"
+        return ["--key-file", str(path)] if path is not None else []
 
     @property
     def pid(self) -> int:
@@ -66,7 +81,7 @@ class ClientMount:
         cmd = [
             sys.executable, "-m", "afsfuse.cli", "mount", "-f",
             f"{self.server.host}:{self.server.port}/{self.volume}", str(self.mnt),
-            "--cache-dir", str(self.cache_dir), *self.extra_args,
+            "--cache-dir", str(self.cache_dir), *self._key_args(), *self.extra_args,
         ]  # fmt: skip
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -16,6 +16,15 @@ In-process (trio test)::
             root = await c.root_fid()
             r = await c.call("FS.FetchStatus", None, root)
 
+Both know their server's cell key (``srv.key``, ``srv.key_file``) and record
+it by address, so ``fs_client(host, port)`` authenticates by itself (pass
+``auth=False`` to stay unauthenticated, ``key=`` to use another key), and a
+server started with ``vl=``/``--vl`` gets that VL server's key.
+
+``ServerProcess.start()`` also points ``$AFSFUSE_KEY_FILE`` at its key, so a
+plain ``afsfuse mount`` run by a test (environment inherited) finds the key of
+the server started last.
+
 Only processes started here are ever signalled, by pid.
 """
 
@@ -37,10 +46,19 @@ import trio
 
 from fileserver.config import ADDRESS_FILE, PID_FILE, ServerConfig
 from fileserver.server import FileServer
+from protocol.auth import KEY_FILE, client_handshake, load_key
 from protocol.connection import Connection, open_connection
 from protocol.records import Fid
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: Cell key files of the servers started here, by (host, port).
+KEY_FILES: dict[tuple[str, int], Path] = {}
+
+
+def key_for(host: str, port: int) -> bytes | None:
+    path = KEY_FILES.get((host, port))
+    return load_key(path) if path is not None else None
 
 
 class ServerProcess:
@@ -64,6 +82,17 @@ class ServerProcess:
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.server.log"
 
     @property
+    def key_file(self) -> Path:
+        args = self.extra_args
+        if "--key-file" in args:
+            return Path(args[args.index("--key-file") + 1])
+        return self.data_dir / KEY_FILE
+
+    @property
+    def key(self) -> bytes:
+        return load_key(self.key_file)
+
+    @property
     def pid(self) -> int:
         assert self.proc is not None, "not started"
         return self.proc.pid
@@ -78,8 +107,16 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for name in (ADDRESS_FILE, PID_FILE):  # stale after a SIGKILL
             (self.data_dir / name).unlink(missing_ok=True)
+        extra = list(self.extra_args)
+        if "--vl" in extra and "--key-file" not in extra:
+            # One cell, one key: use the key of the VL server we register with.
+            vl = extra[extra.index("--vl") + 1].rpartition(":")
+            vl_key = KEY_FILES.get((vl[0] or "127.0.0.1", int(vl[2])))
+            if vl_key is not None:
+                self.extra_args += ["--key-file", str(vl_key)]
+                extra = list(self.extra_args)
         cmd = [self.python, "-m", "fileserver.cli", "serve", "--data-dir", str(self.data_dir),
-               "--listen", "127.0.0.1:0", *self.extra_args]  # fmt: skip
+               "--listen", "127.0.0.1:0", *extra]  # fmt: skip
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         logf = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
@@ -99,6 +136,8 @@ class ServerProcess:
                 if int(pid_file.read_text()) == self.proc.pid:
                     host, _, port = addr_file.read_text().strip().rpartition(":")
                     self.host, self.port = host, int(port)
+                    KEY_FILES[(self.host, self.port)] = self.key_file
+                    os.environ["AFSFUSE_KEY_FILE"] = str(self.key_file)
                     return self
             except (FileNotFoundError, ValueError):
                 pass
@@ -141,10 +180,14 @@ class ServerProcess:
 @asynccontextmanager
 async def running_server(data_dir: Path | str, **config: Any) -> AsyncIterator[FileServer]:
     """Run a FileServer in the current trio loop on 127.0.0.1:<random>."""
+    vl = config.get("vl")
+    if vl is not None and config.get("key_file") is None and tuple(vl) in KEY_FILES:
+        config["key_file"] = KEY_FILES[tuple(vl)]  # one cell, one key
     cfg = ServerConfig(data_dir=Path(data_dir), host="127.0.0.1", port=0, **config)
     server = FileServer(cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
+        KEY_FILES[(server.host, server.port)] = Path(cfg.key_file)  # type: ignore[arg-type]
         try:
             yield server
         finally:
@@ -229,11 +272,21 @@ async def fs_client(
     hang: bool = False,
     hello: bool = True,
     client: FsTestClient | None = None,
+    auth: bool = True,
+    key: bytes | None = None,
 ) -> AsyncIterator[FsTestClient]:
-    """Connect a FsTestClient (reusing ``client`` keeps its UUID and log)."""
+    """Connect a FsTestClient (reusing ``client`` keeps its UUID and log).
+
+    It authenticates with ``key`` (default: the key of the server started
+    here at that address) unless ``auth`` is false."""
     c = client or FsTestClient(uuid, hang=hang)
     async with open_connection(host, port, c.handlers(), name=f"client-{c.uuid[:8]}") as conn:
         c.conn = conn
+        if auth:
+            k = key if key is not None else key_for(host, port)
+            if k is None:
+                raise RuntimeError(f"no cell key known for {host}:{port}; pass key=")
+            await client_handshake(conn, k, timeout=30)
         if hello:
             await c.say_hello()
         yield c

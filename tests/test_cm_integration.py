@@ -22,6 +22,7 @@ def make(tmp_path, name, server) -> CacheManager:
         chunk_size=64 * 1024,
         rpc_timeout=10.0,
         connect_timeout=5.0,
+        key=server.auth.key,
     )
     return CacheManager(cfg)
 
