@@ -122,15 +122,21 @@ class FsOps:
         c = parse_cred(cred)
         return c.squashed() if self.config.root_squash else c
 
+    @staticmethod
+    def _over(code: str, message: str) -> RpcError:
+        """A server limit was hit: logged, and the error goes to that caller only."""
+        log.info("limit: %s: %s", code, message)
+        return RpcError(code, message)
+
     def _name(self, name: Any) -> bytes:
         name = check_name(name)
         if len(name) > self.config.max_name:
-            raise RpcError("ENAMETOOLONG", f"name over {self.config.max_name} bytes")
+            raise self._over("ENAMETOOLONG", f"name over {self.config.max_name} bytes")
         return name
 
     def _room(self, d: Vnode) -> None:
         if d.size >= self.config.max_dir_entries:
-            raise RpcError("ENOSPC", f"directory has {self.config.max_dir_entries} entries")
+            raise self._over("ENOSPC", f"directory has {self.config.max_dir_entries} entries")
 
     # -- helpers -------------------------------------------------------------
 
@@ -320,7 +326,7 @@ class FsOps:
 
         limit = self.config.max_file_size
         if offset + len(data) > limit or (new_length is not None and new_length > limit):
-            raise RpcError("EFBIG", f"file would be larger than {limit} bytes")
+            raise self._over("EFBIG", f"file would be larger than {limit} bytes")
 
         def write() -> tuple[Vnode, VolSync]:
             require_write(h.vol.get(f.vnode, f.unique), c, "write")
@@ -351,8 +357,9 @@ class FsOps:
                 clean[k] = _uint(val, MAX_UINT64, k)
             else:
                 raise RpcError("EINVAL", f"unknown attribute {k!r:.50}")
-        if clean.get("size", 0) > self.config.max_file_size:
-            raise RpcError("EFBIG", f"file would be larger than {self.config.max_file_size} bytes")
+        limit = self.config.max_file_size
+        if clean.get("size", 0) > limit:
+            raise self._over("EFBIG", f"file would be larger than {limit} bytes")
         h = self._vol(f)
 
         def write() -> tuple[Vnode, VolSync]:

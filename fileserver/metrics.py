@@ -34,6 +34,7 @@ COUNTERS = {
     "bytes_stored": "Bytes written by FS.StoreData",
     "bytes_fetched": "Bytes returned by FS.FetchData",
     "connections": "Connections accepted",
+    "connections_refused": "Connections refused (over a connection limit)",
 }
 
 

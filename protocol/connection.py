@@ -516,6 +516,8 @@ class Connection:
                 self._reply(msgid, RpcError("ENOSYS", f"unknown method {method!r:.100}"), None)
             return
         if self._incoming >= self.max_pending or self._nursery is None or self._closed:
+            if not self._closed:
+                log.info("%s: %s refused: %d calls in flight", self.name, method, self._incoming)
             if msgid is not None:
                 self._reply(msgid, RpcError("EAGAIN", "too many calls in flight"), None)
             return
