@@ -101,7 +101,9 @@ class ServerProcess:
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
-    def start(self) -> ServerProcess:
+    def start(self, port: int = 0) -> ServerProcess:
+        """Start (again); ``port`` 0 picks a free one, ``srv.start(srv.port)``
+        restarts on the same port so running clients reconnect by themselves."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("already running")
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,7 @@ class ServerProcess:
                 self.extra_args += ["--key-file", str(vl_key)]
                 extra = list(self.extra_args)
         cmd = [self.python, "-m", "fileserver.cli", "serve", "--data-dir", str(self.data_dir),
-               "--listen", "127.0.0.1:0", *extra]  # fmt: skip
+               "--listen", f"127.0.0.1:{port}", *extra]  # fmt: skip
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         logf = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
