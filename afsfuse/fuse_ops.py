@@ -16,6 +16,7 @@ attributes the ``fs`` commands use, and the kernel cache timeouts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -47,6 +48,8 @@ _TYPE_BITS = {FileType.FILE: stat.S_IFREG, FileType.DIRECTORY: stat.S_IFDIR,
 # ENOTCONN would read as "the FUSE mount itself is dead".
 _ERRNO_REMAP = {errno.ENOTCONN: errno.EIO, errno.ENODEV: errno.EIO}
 MOUNTPOINT_MODE = 0o644
+#: Kernel cache timeout for a mount point whose volume could not be reached.
+UNRESOLVED_TIMEOUT = 1.0
 _MOUNTPOINT_RE = re.compile(rb"([#%])(?:([^:]+):)?([^:]+)\.")
 XATTRS = (b"afs.fid", b"afs.cell", b"afs.volume")
 
@@ -85,7 +88,7 @@ class DirHandle:
     vnode: Vnode
     ino: int
     cred: tuple[int, int, list[int]] | None
-    entries: list[tuple[bytes, Vnode, FileStatus]] | None = None
+    entries: list[tuple[bytes, Vnode, FileStatus, bool]] | None = None
 
 
 @dataclass
@@ -152,7 +155,9 @@ class AfsOperations(pyfuse3.Operations):
     def _vnode(self, ino: int) -> Vnode:
         return self._entry(ino).node
 
-    def _attrs(self, ino: int, vnode: Vnode, st: FileStatus) -> pyfuse3.EntryAttributes:
+    def _attrs(
+        self, ino: int, vnode: Vnode, st: FileStatus, *, short: bool = False
+    ) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.generation = vnode.fid.unique
@@ -166,8 +171,10 @@ class AfsOperations(pyfuse3.Operations):
         a.st_atime_ns = st.mtime_ns  # AFS keeps no access times
         a.st_blksize = 128 * 1024
         a.st_blocks = (a.st_size + 511) // 512
-        a.attr_timeout = self.attr_timeout
-        a.entry_timeout = self.entry_timeout
+        a.attr_timeout = min(self.attr_timeout, UNRESOLVED_TIMEOUT) if short else self.attr_timeout
+        a.entry_timeout = (
+            min(self.entry_timeout, UNRESOLVED_TIMEOUT) if short else self.entry_timeout
+        )
         return a
 
     async def _resolve_mountpoint(
@@ -186,13 +193,37 @@ class AfsOperations(pyfuse3.Operations):
         rst = await self.cm.getattr(root, cred)
         return root, rst
 
+    async def _adopt(self, vnode: Vnode, st: FileStatus, cred: Any) -> tuple[Vnode, FileStatus]:
+        """The vnode the kernel may hold: one that breaks reach (see
+        VolumeInstance.adopt), with its status."""
+        held = vnode.volume.adopt(vnode)
+        if held is not vnode:
+            st = await self.cm.getattr(held, cred)
+        return held, st
+
     async def _reply_entry(
         self, parent_ino: int, name: bytes, vnode: Vnode, st: FileStatus, cred: Any
     ) -> pyfuse3.EntryAttributes:
-        vnode, st = await self._resolve_mountpoint(parent_ino, vnode, st, cred)
+        vnode, st, unresolved = await self._entry_target(parent_ino, vnode, st, cred)
+        vnode, st = await self._adopt(vnode, st, cred)
         entry = self.inodes.remember(inode_key(vnode), vnode, vnode.fid.unique)
         self.notifier.learned(parent_ino, name)
-        return self._attrs(entry.ino, vnode, st)
+        return self._attrs(entry.ino, vnode, st, short=unresolved)
+
+    async def _entry_target(
+        self, dir_ino: int, vnode: Vnode, st: FileStatus, cred: Any
+    ) -> tuple[Vnode, FileStatus, bool]:
+        """What an entry shows: a mount point's volume root, or, when that
+        volume cannot be reached, the mount point itself as a symlink, flagged
+        so the kernel caches it only briefly (the failure may pass).  Never
+        fails because of the mount point, so one dangling mount point cannot
+        end (or empty) the listing of its whole directory."""
+        try:
+            vnode, st = await self._resolve_mountpoint(dir_ino, vnode, st, cred)
+        except (RpcError, OSError) as exc:
+            log.info("mount point %s unresolved, shown as a symlink: %s", vnode.fid, exc)
+            return vnode, st, True
+        return vnode, st, False
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -299,14 +330,23 @@ class AfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if start_id == 0 or dh.entries is None:
             # A snapshot per opendir/rewind keeps next_id offsets stable while
-            # entries come and go on the server.
+            # entries come and go on the server.  Everything that can fail or
+            # wait happens here, before the first readdir_reply: an error after
+            # it would discard entries whose lookups we already counted.
             listing = await self.cm.readdir(dh.vnode, dh.cred)
-            dh.entries = [(e.name, e.vnode, e.status) for e in listing]
+            entries = []
+            for e in listing:
+                child, st, short = await self._entry_target(dh.ino, e.vnode, e.status, dh.cred)
+                with contextlib.suppress(RpcError, OSError):
+                    child, st = await self._adopt(child, st, dh.cred)
+                entries.append((e.name, child, st, short))
+            dh.entries = entries
         for i in range(start_id, len(dh.entries)):
-            name, child, st = dh.entries[i]
-            child, st = await self._resolve_mountpoint(dh.ino, child, st, dh.cred)
+            name, child, st, short = dh.entries[i]
+            child.volume.adopt(child)
             entry = self.inodes.remember(inode_key(child), child, child.fid.unique, count=0)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(entry.ino, child, st), i + 1):
+            attrs = self._attrs(entry.ino, child, st, short=short)
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
                 self.inodes.forget(entry.ino, 0)  # drop it if the kernel holds none
                 return
             entry.lookups += 1  # the kernel took the entry: one lookup
@@ -333,17 +373,25 @@ class AfsOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent, cred = self._vnode(parent_inode), cred_of(ctx)
         child = await self.cm.lookup(parent, name, cred)
-        entry = self.inodes.find(inode_key(child))
-        st = child.status
-        if entry is not None and self._is_open(entry.ino) and st is not None and st.nlink <= 1:
-            # Silly rename, as the kernel AFS and NFS clients do: the file
-            # stays readable through open descriptors and goes at last close.
-            silly = b".__afs%X.%X" % (child.fid.vnode, child.fid.unique)
-            await self.cm.rename(parent, name, parent, silly, 0, cred)
-            self._silly[entry.ino] = (parent, silly, cred)
-        else:
+        if not await self._silly_rename(parent, name, child, cred):
             await self.cm.unlink(parent, name, cred)
         self.notifier.unlearned(parent_inode, name)
+
+    async def _silly_rename(self, parent: Vnode, name: bytes, child: Vnode, cred: Any) -> bool:
+        """Keep a file that is open here alive under a hidden name when its
+        last link goes (unlink, or rename over it), as the kernel AFS and NFS
+        clients do: open descriptors keep reading it; the last close removes
+        it.  Returns True if it did so."""
+        entry = self.inodes.find(inode_key(child))
+        st = child.status
+        if entry is None or not self._is_open(entry.ino) or st is None:
+            return False
+        if st.type != FileType.FILE or st.nlink > 1 or entry.ino in self._silly:
+            return False
+        silly = b".__afs%X.%X" % (child.fid.vnode, child.fid.unique)
+        await self.cm.rename(parent, name, parent, silly, 0, cred)
+        self._silly[entry.ino] = (parent, silly, cred)
+        return True
 
     @_handler
     async def rename(
@@ -358,10 +406,24 @@ class AfsOperations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)  # AFS has no atomic exchange
         wire_flags = 1 if flags & pyfuse3.RENAME_NOREPLACE else 0
-        await self.cm.rename(
-            self._vnode(parent_inode_old), name_old,
-            self._vnode(parent_inode_new), name_new, wire_flags, cred_of(ctx),
-        )  # fmt: skip
+        old_dir, new_dir, cred = (
+            self._vnode(parent_inode_old),
+            self._vnode(parent_inode_new),
+            cred_of(ctx),
+        )
+        if not wire_flags:
+            # Renaming over a file open here ("atomic save") must not make the
+            # open descriptors stale: the target goes to a hidden name first.
+            source = await self.cm.lookup(old_dir, name_old, cred)
+            try:
+                target = await self.cm.lookup(new_dir, name_new, cred)
+            except RpcError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            else:
+                if target is not source and target.volume is source.volume:
+                    await self._silly_rename(new_dir, name_new, target, cred)
+        await self.cm.rename(old_dir, name_old, new_dir, name_new, wire_flags, cred)
         self.notifier.unlearned(parent_inode_old, name_old)
         self.notifier.unlearned(parent_inode_new, name_new)
 

@@ -138,7 +138,9 @@ class KernelNotifier:
 
     async def _call(self, fn: Callable[..., None], *args: Any) -> None:
         try:
-            await trio.to_thread.run_sync(fn, *args, limiter=self._thread)
+            # Abandonable: at shutdown a call blocked on a directory lock must
+            # not keep the daemon from unmounting.
+            await trio.to_thread.run_sync(fn, *args, limiter=self._thread, abandon_on_cancel=True)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTCONN):
                 self.stats["gone"] += 1  # the kernel already forgot, or unmounted

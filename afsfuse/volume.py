@@ -84,6 +84,15 @@ class VolumeInstance:
                 self.on_new_vnode(v)
         return v
 
+    def adopt(self, vnode: Vnode) -> Vnode:
+        """The kernel is being handed ``vnode``: make sure breaks find it.
+
+        A forget may have dropped it from the index while the lookup that
+        returned it was in flight; a vnode breaks cannot reach would keep
+        trusting its promise.  Returns the vnode the index holds for the fid
+        (another one if it was looked up again meanwhile)."""
+        return self.vnodes.setdefault((vnode.fid.vnode, vnode.fid.unique), vnode)
+
     def forget(self, vnode: Vnode) -> bool:
         """Drop ``vnode`` from the index (P1: nothing is sent to the server).
 

@@ -60,6 +60,15 @@ def test_mount_point_enters_another_volume(tmp_path, require_fuse):
             assert exc.value.errno == errno.EXDEV
             # ".." of the volume root leads back to the directory holding it.
             assert os.stat(a.mnt / "proj" / "..").st_ino == os.stat(a.mnt).st_ino
+            # A dangling mount point fails on its own, and does not empty (or
+            # fail) the listing of the directory holding it.
+            run("afsfuse.cli", "fs", "mkmount", a.mnt / "gone", "no.such.volume")
+            assert sorted(os.listdir(a.mnt)) == ["gone", "proj", "top.txt"]
+            assert sorted(os.listdir(b.mnt)) == ["gone", "proj", "top.txt"]
+            assert os.readlink(a.mnt / "gone") == "#no.such.volume."
+            time.sleep(1.2)  # past the short timeout: lookup shows it the same way
+            assert os.readlink(a.mnt / "gone") == "#no.such.volume."
+            assert (a.mnt / "proj" / "plan.txt").read_text() == "inside projects"
 
 
 def test_aliased_cells_share_one_server_record(tmp_path, require_fuse):

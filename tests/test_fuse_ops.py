@@ -248,3 +248,16 @@ def test_large_io_sizes(d):
     with open(d / "big", "rb") as f:
         f.seek(1_500_000)
         assert f.read(700_000) == data[1_500_000:2_200_000]
+
+
+def test_rename_over_open_file_keeps_it_readable(d):
+    """The "atomic save" pattern: write a temp file, rename it over the old
+    one while a reader still has the old one open."""
+    (d / "doc").write_bytes(b"old contents")
+    with open(d / "doc", "rb") as reader:
+        (d / "doc.tmp").write_bytes(b"new contents")
+        os.rename(d / "doc.tmp", d / "doc")
+        assert (d / "doc").read_bytes() == b"new contents"
+        assert reader.read() == b"old contents"
+        assert os.fstat(reader.fileno()).st_size == len(b"old contents")
+    assert os.listdir(d) == ["doc"]  # the hidden name went at the last close
