@@ -701,12 +701,20 @@ class CacheManager:
                     mark_deleted(self, v)
         out: list[DirEntryPlus] = []
         for ent in listing.sorted():
-            child = vol.find(ent.fid)
-            if child is None or child.deleted:
+            child = vol.get(ent.fid)
+            if child.deleted:
                 continue
             st = child.effective_status()
-            if st is not None:
-                out.append(DirEntryPlus(ent.name, child, st))
+            if st is None:
+                # Primed by nobody (its lock was busy, or it was forgotten
+                # meanwhile): ask for it rather than drop it from the listing.
+                try:
+                    st = await validate(self, child, wc)
+                except RpcError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ESTALE):
+                        continue
+                    raise
+            out.append(DirEntryPlus(ent.name, child, st))
         return out
 
     async def _dir_change(
@@ -1209,13 +1217,16 @@ class CacheManager:
                         self.datacache.mark_clean(v.fid, dv, i)
                     if new.data_version == dv + 1:
                         self.datacache.rekey(v.fid, dv, new.data_version)
+                    # C2: the kernel's pages hold the new data only if they held
+                    # the DV this store started from and nobody else wrote.
+                    pages_current = v.kernel_dv == dv and new.data_version == dv + 1
                     apply_reply(self, v, reply["status"], None, snap, own_from_dv=dv)
+                    v.kernel_dv = new.data_version if pages_current else None
                     v.touch()
                     log_event("stored", fid=v.fid, offset=off, bytes=len(payload),
                               dv=new.data_version)  # fmt: skip
                     if not self.datacache.dirty_chunks(v.fid):
                         v.local_size = None
-                        v.kernel_dv = new.data_version  # our pages are the new data
                         return
 
     @_maps_errors

@@ -139,6 +139,7 @@ def zap_data(cm: CacheManager, v: Vnode, old_dv: int, new_dv: int) -> None:
     if v.listing is not None and v.listing.dv != new_dv:
         v.old_listing, v.listing = v.listing, None
     v.symlink = None
+    v.kernel_dv = None  # C2: whatever pages the kernel has are of an old DV
     cm.datacache.drop(v.fid, keep_dv=new_dv, keep_dirty=True)
     if cm.datacache.dirty_chunks(v.fid):
         cm.datacache.rekey(v.fid, old_dv, new_dv)
@@ -165,9 +166,13 @@ def apply_reply(
     status = FileStatus.from_wire(status_wire)
     cb = CallBack.from_wire(callback_wire) if callback_wire is not None else None
     old = v.status
+    # A volume restored or recreated since this status was stored starts its
+    # DVs afresh: a lower DV is then news, not a stale reply.
+    replaced = old is not None and v.status_creation != v.volume.creation
     if (
         old is not None
         and own_from_dv is None
+        and not replaced
         and (
             status.data_version < old.data_version
             or (snap.modified_since(v) and status.data_version <= old.data_version)
@@ -177,12 +182,15 @@ def apply_reply(
         cm.stats.statuses_stale_ignored += 1
         log_event("status_stale", fid=v.fid, dv=status.data_version, have=old.data_version)
         return False
-    if old is not None and status.data_version != old.data_version:
-        own = own_from_dv is not None and own_from_dv == old.data_version
+    if old is not None and (replaced or status.data_version != old.data_version):
+        own = own_from_dv is not None and own_from_dv == old.data_version and not replaced
         if not (own and status.data_version == old.data_version + 1) or v.type_changed(status):
             zap_data(cm, v, old.data_version, status.data_version)
     v.status = status
+    v.status_creation = v.volume.creation
     v.deleted = False
+    if own_from_dv is not None:
+        break_aliases(cm, v)
     if cb is not None:
         why = snap.broken(v)
         if cb.type == CallBackType.DROPPED:
@@ -203,6 +211,19 @@ def apply_reply(
             cm.stats.promises_discarded += 1
             log_event("promise_discarded", fid=v.fid, why=why)
     return True
+
+
+def break_aliases(cm: CacheManager, v: Vnode) -> None:
+    """Our own change: the server breaks every client but us, so other
+    instances of this volume here (reached through an aliased cell) hear of
+    it from us.  Found without creating vnodes (P3); usually one instance."""
+    vol = v.volume
+    for server in vol.servers:
+        for inst in server.instances(vol.volume_id):
+            if inst is not vol:
+                other = inst.find(v.fid)
+                if other is not None:
+                    break_vnode(cm, other, "alias_own_change")
 
 
 def mark_deleted(cm: CacheManager, v: Vnode) -> None:

@@ -67,6 +67,7 @@ class Vnode:
         self.open_count = 0
         self.open_writers = 0  # open handles with write access
         self.kernel_dv: int | None = None  # DV the kernel's page cache was filled at
+        self.status_creation: int | None = None  # volume creation stamp when status was set
         self.next_read = -1  # offset a sequential reader asks for next
         self.ino = 0  # free for the FUSE adapter (inode numbering is its job)
 
