@@ -115,7 +115,7 @@ class AfsOperations(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self.inodes = InodeTable()
-        self.inodes.set_root(inode_key(root), root, root.fid.unique)
+        root.ino = self.inodes.set_root(inode_key(root), root, root.fid.unique).ino
         self.notifier = KernelNotifier(
             self.inodes, self._kernel_inval_inode, self._kernel_inval_entry,
             is_open=self._is_open,
@@ -207,6 +207,7 @@ class AfsOperations(pyfuse3.Operations):
         vnode, st, unresolved = await self._entry_target(parent_ino, vnode, st, cred)
         vnode, st = await self._adopt(vnode, st, cred)
         entry = self.inodes.remember(inode_key(vnode), vnode, vnode.fid.unique)
+        vnode.ino = entry.ino  # held by the kernel: never evicted
         self.notifier.learned(parent_ino, name)
         return self._attrs(entry.ino, vnode, st, short=unresolved)
 
@@ -269,6 +270,7 @@ class AfsOperations(pyfuse3.Operations):
         parent = v.volume.get(pfid)
         pst = await self.cm.getattr(parent, cred)
         pe = self.inodes.remember(inode_key(parent), parent, pfid.unique)
+        parent.ino = pe.ino
         return self._attrs(pe.ino, parent, pst)
 
     @_handler
@@ -350,6 +352,7 @@ class AfsOperations(pyfuse3.Operations):
                 self.inodes.forget(entry.ino, 0)  # drop it if the kernel holds none
                 return
             entry.lookups += 1  # the kernel took the entry: one lookup
+            child.ino = entry.ino
             self.notifier.learned(dh.ino, name)
 
     @_handler
@@ -552,6 +555,7 @@ class AfsOperations(pyfuse3.Operations):
                 if self.inodes.forget(ino, n):
                     self.notifier.forgot(ino)
                     if entry is not None:
+                        entry.node.ino = 0
                         self.cm.forget(entry.node)
             except Exception:
                 log.exception("forget(%d, %d) failed", ino, n)

@@ -69,7 +69,7 @@ class Vnode:
         self.kernel_dv: int | None = None  # DV the kernel's page cache was filled at
         self.status_creation: int | None = None  # volume creation stamp when status was set
         self.next_read = -1  # offset a sequential reader asks for next
-        self.ino = 0  # free for the FUSE adapter (inode numbering is its job)
+        self.ino = 0  # the inode the kernel holds it under (0: none); set by the adapter
 
     def __repr__(self) -> str:
         dv = self.status.data_version if self.status else None

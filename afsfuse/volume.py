@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROOT_VNODE, ROOT_UNIQUE = 1, 1
+#: Vnodes one volume instance caches before it evicts those nobody needs.
+MAX_VNODES = 100_000
 
 
 class VolumeInstance:
@@ -45,6 +47,9 @@ class VolumeInstance:
         self.mod_clock = 0  # our own completed changes in this instance
         self.creation: int | None = None  # VolSync.creation last seen
         self.vnodes: dict[tuple[int, int], Vnode] = {}
+        self.max_vnodes = MAX_VNODES
+        self._evict_at = MAX_VNODES
+        self.evicted = 0
         self.mounts = 0
         self.located_at = -1e18  # trio time of the last VL check (moves)
         self.on_new_vnode: Callable[[Vnode], None] | None = None
@@ -79,10 +84,36 @@ class VolumeInstance:
         key = (fid.vnode, fid.unique)
         v = self.vnodes.get(key)
         if v is None:
+            if len(self.vnodes) >= self._evict_at:
+                self.evict()
             v = self.vnodes[key] = Vnode(self, fid)
             if self.on_new_vnode is not None:
                 self.on_new_vnode(v)
         return v
+
+    def evict(self) -> int:
+        """Drop the oldest vnodes nobody needs, down to 90% of ``max_vnodes``:
+        the kernel holds none of them (``ino`` 0), none is open or has
+        unstored writes or a fetch in flight.  P1: nothing is sent; their
+        promises expire on the server or are broken.  Returns how many went."""
+        target = int(self.max_vnodes * 0.9)
+        root = (ROOT_VNODE, ROOT_UNIQUE)
+        drop = []
+        excess = len(self.vnodes) - target
+        for key, v in self.vnodes.items():  # creation order: oldest first
+            if len(drop) >= excess:
+                break
+            if key == root or v.ino or v.open_count or v.local_size is not None or v.inflight:
+                continue
+            drop.append(key)
+        for key in drop:
+            del self.vnodes[key]
+        self.evicted += len(drop)
+        # When most vnodes are held, do not rescan on every new vnode.
+        self._evict_at = max(self.max_vnodes, len(self.vnodes) + self.max_vnodes // 10)
+        if drop:
+            log.debug("%r: evicted %d vnodes", self, len(drop))
+        return len(drop)
 
     def adopt(self, vnode: Vnode) -> Vnode:
         """The kernel is being handed ``vnode``: make sure breaks find it.

@@ -105,3 +105,41 @@ async def test_readdir_lists_children_nobody_primed(tmp_path, autojump_clock):
             await nursery.start(hold_lock)
             got = [e.name for e in await cm.readdir(root)]
         assert got == [b"c0", b"c1", b"c2"]
+
+
+def test_vnode_cache_is_bounded_but_keeps_what_is_needed():
+    from afsfuse.volume import VolumeInstance
+    from protocol.records import Fid
+
+    vol = VolumeInstance("cell", 7, "v")
+    vol.max_vnodes = vol._evict_at = 100
+    held = vol.get(Fid(7, 2, 1))
+    held.ino = 42  # the kernel holds it
+    opened = vol.get(Fid(7, 3, 1))
+    opened.open_count = 1
+    dirty = vol.get(Fid(7, 4, 1))
+    dirty.local_size = 10
+    root = vol.get(vol.root_fid)
+    for n in range(10, 1010):
+        vol.get(Fid(7, n, 1))
+    assert len(vol.vnodes) <= 110
+    assert vol.evicted >= 890
+    for v in (held, opened, dirty, root):
+        assert vol.find(v.fid) is v
+    assert vol.find(Fid(7, 1009, 1)) is not None  # the newest stay
+    # Every vnode held: nothing can go, and a new vnode must not cost a scan
+    # of the whole index each time.
+    for v in vol.vnodes.values():
+        v.ino = 1
+    scans = 0
+    real_evict = vol.evict
+
+    def counting_evict():
+        nonlocal scans
+        scans += 1
+        return real_evict()
+
+    vol.evict = counting_evict
+    for n in range(2000, 2300):
+        vol.get(Fid(7, n, 1)).ino = 1
+    assert len(vol.vnodes) >= 300 and scans <= 30
