@@ -28,14 +28,30 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
+def is_mounted(mnt: Path) -> bool:
+    """Also true for a dead mount (its daemon was killed): ``os.path.ismount``
+    cannot stat it (ENOTCONN) and says False, so the mount table decides."""
+    if os.path.ismount(mnt):
+        return True
+    target = os.path.abspath(mnt)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            # Field 5 is the mount point (spaces escaped as \040).
+            return any(
+                line.split()[4].replace("\\040", " ") == target for line in f if line.strip()
+            )
+    except OSError:
+        return False
+
+
 def unmount(mnt: Path) -> None:
-    if not os.path.ismount(mnt):
+    if not is_mounted(mnt):
         return
     subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
     deadline = time.monotonic() + 5
-    while os.path.ismount(mnt) and time.monotonic() < deadline:
+    while is_mounted(mnt) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if os.path.ismount(mnt):
+    if is_mounted(mnt):
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30)
 
 
