@@ -113,10 +113,10 @@ async def test_connection_limits(tmp_path, caplog):
 
 async def test_idle_and_stalled_frames_are_dropped(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    async with running_server(tmp_path / "fs", idle_timeout=0.6, frame_timeout=0.4) as srv:
+    async with running_server(tmp_path / "fs", idle_timeout=1.5, frame_timeout=0.3) as srv:
         async with fs_client(srv.host, srv.port) as c:
             with trio.fail_after(5):
-                await c.conn.wait_closed()  # said nothing for 0.6 s
+                await c.conn.wait_closed()  # said nothing for 1.5 s
             with pytest.raises(ConnectionLost):
                 await c.call("FS.GetCapabilities")
             assert srv.breaker.clients[c.uuid].down  # its session ended
@@ -127,12 +127,12 @@ async def test_idle_and_stalled_frames_are_dropped(tmp_path, caplog):
             await s.send_all(frame[:5])
             t0 = trio.current_time()
             assert await s.receive_some(100) == b""
-            assert trio.current_time() - t0 < 0.55  # the frame bound, not the idle one
+            assert trio.current_time() - t0 < 1.2  # the frame bound, not the idle one
             await s.aclose()
         assert "partial message stalled" in caplog.text
         # A client that keeps talking stays.
         async with fs_client(srv.host, srv.port) as c:
-            for _ in range(8):
-                await trio.sleep(0.2)
+            for _ in range(10):
+                await trio.sleep(0.25)
                 await c.call("FS.GetCapabilities")
             assert not c.conn.closed
