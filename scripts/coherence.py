@@ -1,0 +1,456 @@
+"""A randomized close-to-open checker over real client mounts.
+
+    scripts/coherence.py                       # 3 clients, 60 s, random seed
+    scripts/coherence.py --clients 4 --duration 20 --seed 7
+
+Starts a fileserver and K client mounts on 127.0.0.1 (a temporary
+directory), then runs one worker thread per client, each on its own mount,
+doing random operations on a small shared directory for a bounded time:
+
+- ``write``: open(O_TRUNC|O_CREAT), write a unique token (``w<client>.<seq>``),
+  close; the token becomes visible while close() runs (write-on-close) and
+  the truncation while open() runs;
+- ``replace``: write a token to a private temporary name, then rename it over
+  a shared name (the token becomes visible while rename() runs);
+- ``rename`` one shared name over another, ``unlink``, ``read``, ``listdir``.
+
+Every operation is logged with its start and end times (and, for writes,
+when close() started).  The checker then verifies, for each name:
+
+- a read returns a value that was current when its open began (written by
+  a close that completed before the open began and not superseded by a
+  change that started after that close completed and completed before the
+  open began) or that comes from a change concurrent with the read;
+  ENOENT counts as the value "absent";
+- a listing shows no name whose removal completed before the listing began
+  (and nothing newer created it again meanwhile), and misses no name that was
+  certainly there.
+
+The allowed values are computed from intervals only, so the check never
+needs the server's order: it is sound (no false alarms) and exact where
+operations do not overlap.  ``--seed`` fixes every worker's choice of
+operations, names and tokens, so a failure replays the same operation
+sequence; thread timing still varies between runs.  Exit status 1 on any
+violation, each printed with the history of the name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.mountproc import ClientMount, unmount  # noqa: E402
+from tests.serverproc import ServerProcess  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+ABSENT = "<absent>"
+EMPTY = "<empty>"
+NAMES = [f"n{i}" for i in range(6)]
+DIR = "coherence"
+INF = float("inf")
+
+
+@dataclass
+class Op:
+    """One operation as a worker did it (times from ``time.monotonic()``)."""
+
+    client: int
+    seq: int
+    kind: str  # write, replace, rename, unlink, read, listdir
+    name: str = ""
+    name2: str = ""  # rename target
+    token: str = ""  # what a write/replace wrote
+    start: float = 0.0
+    end: float = INF  # INF: never returned (hung)
+    mid: float = 0.0  # write: when close() started; replace: when rename() started
+    mid_end: float = 0.0  # write: when open() returned
+    result: str | list[str] | None = None  # read: value; listdir: names
+    error: str = ""
+
+    def show(self, t0: float) -> str:
+        what = f"{self.kind} {self.name}" + (f" -> {self.name2}" if self.name2 else "")
+        extra = f" token={self.token}" if self.token else ""
+        if self.kind in ("read", "listdir"):
+            extra += f" got={self.result}"
+        if self.error:
+            extra += f" error={self.error}"
+        end = "hung" if self.end == INF else f"{self.end - t0:.4f}"
+        return f"c{self.client}#{self.seq} [{self.start - t0:.4f} .. {end}] {what}{extra}"
+
+
+@dataclass
+class Change:
+    """A change to one name: it took effect somewhere in [start, end]; after it
+    the name holds one of ``values``."""
+
+    start: float
+    end: float
+    values: frozenset[str]
+    op: Op | None = None
+    weak: bool = False  # may not have happened at all: never supersedes another
+
+
+@dataclass
+class Violation:
+    op: Op
+    allowed: set[str]
+    name: str
+    history: list[Change] = field(default_factory=list)
+    what: str = ""
+
+    def kind(self) -> str:
+        """A coarse class, for the summary."""
+        if self.op.kind == "read" and isinstance(self.op.result, str):
+            if self.op.result.strip("\0") == "":
+                return "read returned NUL bytes nobody wrote"
+            return "read returned a value no longer (or never) current at the name"
+        if self.op.kind == "read":
+            return "read found no file where one certainly was"
+        if self.what.startswith("misses"):
+            return "listing misses a name that certainly existed"
+        if self.what.startswith("lists"):
+            return "listing shows a name removed before it began"
+        return self.what
+
+
+class History:
+    """Changes per name, built from the op log, and the allowed-value query."""
+
+    def __init__(self) -> None:
+        self.changes: dict[str, list[Change]] = {}
+
+    def add(self, name: str, start: float, end: float, values: Iterable[str], op: Op,
+            weak: bool = False) -> None:  # fmt: skip
+        self.changes.setdefault(name, []).append(Change(start, end, frozenset(values), op, weak))
+
+    def allowed(self, name: str, start: float, end: float) -> set[str]:
+        """Values ``name`` may show to an operation running over [start, end]."""
+        chs = [Change(-INF, -INF, frozenset({ABSENT})), *self.changes.get(name, [])]
+        done = [c for c in chs if c.end < start]
+        # A completed change is still possibly current unless another change
+        # started after it completed and itself completed before ``start``.
+        latest = max((d.start for d in done if not d.weak), default=-INF)
+        out: set[str] = set()
+        for c in done:
+            if c.end >= latest:
+                out |= c.values
+        for c in chs:
+            if c.end >= start and c.start <= end:  # concurrent (or never returned)
+                out |= c.values
+        return out
+
+
+def build_history(ops: list[Op]) -> History:
+    """The changes the ops made.  What a rename moves is what its source may
+    have held meanwhile, which depends on other renames: iterate until the
+    moved sets stop growing (they only grow, so this ends)."""
+    renames = [o for o in ops if o.kind == "rename" and o.error != "ENOENT" and o.end < INF]
+    moved: dict[int, set[str]] = {id(o): set() for o in renames}
+    for _round in range(20):
+        h = _history(ops, moved)
+        new = {id(o): h.allowed(o.name, o.start, o.end) - {ABSENT} for o in renames}
+        if new == moved:
+            break
+        moved = new
+    return h
+
+
+def _history(ops: list[Op], moved: dict[int, set[str]]) -> History:
+    h = History()
+    removals: dict[str, list[Op]] = {}
+    writes: dict[str, list[Op]] = {}
+    for o in ops:
+        if o.kind in ("rename", "unlink") and o.error != "ENOENT":
+            removals.setdefault(o.name, []).append(o)
+        elif o.kind == "write":
+            writes.setdefault(o.name, []).append(o)
+    for o in ops:
+        if o.kind == "write":
+            if o.error and o.mid == 0.0:  # open failed: nothing changed
+                continue
+            # An open that found the file existing writes into that file: if
+            # it is renamed away or unlinked meanwhile, the name stays absent.
+            gone = {ABSENT} if any(r.start <= o.end and r.end >= o.start
+                                   for r in removals.get(o.name, ())) else set()  # fmt: skip
+            h.add(o.name, o.start, o.mid_end or o.end, {EMPTY} | gone, o)  # O_TRUNC / O_CREAT
+            if o.mid:
+                h.add(o.name, o.mid, o.end, {o.token} | gone, o)
+        elif o.kind == "replace":
+            if o.mid:
+                h.add(o.name, o.mid, o.end, {o.token}, o)
+        elif o.kind == "rename" and id(o) in moved:
+            m = moved[id(o)] or {"?"}
+            if o.error:  # outcome unknown: either state
+                h.add(o.name2, o.start, o.end, m | {"?"}, o)
+                h.add(o.name, o.start, o.end, m | {ABSENT}, o)
+            else:
+                h.add(o.name2, o.start, o.end, m, o)
+                h.add(o.name, o.start, o.end, {ABSENT}, o)
+            # A writer that opened the source before the rename ended writes
+            # into the file that now has the new name.
+            for w in writes.get(o.name, ()):
+                if w.start <= o.end <= w.end:
+                    h.add(o.name2, w.start, w.mid_end or w.end, {EMPTY}, w, weak=True)
+                    if w.mid:
+                        h.add(o.name2, w.mid, w.end, {w.token}, w, weak=True)
+        elif o.kind == "unlink" and o.error != "ENOENT":
+            h.add(o.name, o.start, o.end, {ABSENT} if not o.error else {ABSENT, "?"}, o)
+    return h
+
+
+def check(ops: list[Op]) -> list[Violation]:
+    """Every read and listing against the history the ops themselves made."""
+    h = build_history(ops)
+    out: list[Violation] = []
+    for o in ops:
+        if o.end == INF:
+            out.append(Violation(o, set(), o.name, what="operation never returned"))
+            continue
+        if o.kind == "write" and o.error == "EEXIST":
+            # POSIX: open(O_CREAT) without O_EXCL never fails with EEXIST.
+            out.append(Violation(o, set(), o.name, h.changes.get(o.name, []),
+                                 "open(O_CREAT) without O_EXCL failed: EEXIST"))  # fmt: skip
+            continue
+        if o.error and o.kind in ("read", "listdir", "write") and o.error not in ("ENOENT",):
+            # A file removed or replaced by another client while we had it
+            # open may go stale; with no change to the name meanwhile, no.
+            racing = [c for c in h.changes.get(o.name, [])
+                      if c.op is not o and c.end >= o.start and c.start <= o.end]  # fmt: skip
+            if o.error != "ESTALE" or not racing:
+                out.append(Violation(o, set(), o.name, h.changes.get(o.name, []),
+                                     f"unexpected error {o.error}"))  # fmt: skip
+            continue
+        if o.kind == "read":
+            got = ABSENT if o.error == "ENOENT" else str(o.result)
+            allowed = h.allowed(o.name, o.start, o.end)
+            if got not in allowed and "?" not in allowed:
+                out.append(Violation(o, allowed, o.name, h.changes.get(o.name, []),
+                                     f"read {got!r}, allowed {sorted(allowed)}"))  # fmt: skip
+        elif o.kind == "listdir" and isinstance(o.result, list):
+            shown = set(o.result)
+            for name in NAMES:
+                allowed = h.allowed(name, o.start, o.end)
+                if name in shown and allowed == {ABSENT}:
+                    what = f"lists {name}, removed before the listing began"
+                elif name not in shown and ABSENT not in allowed:
+                    what = f"misses {name}, present before the listing began"
+                else:
+                    continue
+                out.append(Violation(o, allowed, name, h.changes.get(name, []), what))
+    return out
+
+
+# -- workers -----------------------------------------------------------------------
+
+
+def _errname(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def worker(cid: int, root: Path, seed: int, deadline: float, ops: list[Op]) -> None:
+    """Random operations on ``root`` (this client's view of the shared dir)."""
+    rng = random.Random(seed * 1000 + cid)
+    seq = 0
+    while time.monotonic() < deadline:
+        seq += 1
+        kind = rng.choices(["read", "write", "replace", "rename", "unlink", "listdir"],
+                           [35, 25, 10, 6, 8, 16])[0]  # fmt: skip
+        name, name2 = rng.sample(NAMES, 2)
+        op = Op(cid, seq, kind, name)
+        ops.append(op)  # list.append is atomic; the op is filled in as it runs
+        path = root / name
+        op.start = time.monotonic()
+        try:
+            if kind == "read":
+                try:
+                    data = path.read_bytes()
+                    op.result = data.decode(errors="replace") or EMPTY
+                except OSError as exc:
+                    op.error = _errname(exc)
+            elif kind == "write":
+                op.token = f"w{cid}.{seq}"
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                except OSError as exc:
+                    op.error = _errname(exc)
+                else:
+                    op.mid_end = time.monotonic()
+                    try:
+                        os.write(fd, op.token.encode())
+                    finally:
+                        op.mid = time.monotonic()
+                        try:
+                            os.close(fd)
+                        except OSError as exc:
+                            op.error = _errname(exc)
+            elif kind == "replace":
+                op.token = f"w{cid}.{seq}"
+                tmp = root / f".t{cid}.{seq}"
+                tmp.write_bytes(op.token.encode())
+                op.mid = time.monotonic()
+                try:
+                    os.rename(tmp, path)
+                except OSError as exc:
+                    op.error = _errname(exc)
+                    tmp.unlink(missing_ok=True)
+            elif kind == "rename":
+                op.name2 = name2
+                try:
+                    os.rename(path, root / name2)
+                except OSError as exc:
+                    op.error = _errname(exc)
+            elif kind == "unlink":
+                try:
+                    os.unlink(path)
+                except OSError as exc:
+                    op.error = _errname(exc)
+            elif kind == "listdir":
+                op.name = "."
+                try:
+                    op.result = sorted(n for n in os.listdir(root) if not n.startswith("."))
+                except OSError as exc:
+                    op.error = _errname(exc)
+        except OSError as exc:  # the temp file of a replace, say
+            op.error = op.error or _errname(exc)
+        finally:
+            op.end = time.monotonic()
+
+
+@dataclass
+class Outcome:
+    ops: list[Op]
+    violations: list[Violation]
+    t0: float
+    counts: dict[str, int]
+    errors: dict[str, int]
+    wall0: float = 0.0  # time.time() at t0: op times + this = the logs' clock
+
+
+def run_workers(roots: list[Path], seed: int, duration: float) -> Outcome:
+    ops: list[Op] = []
+    wall0, t0 = time.time(), time.monotonic()
+    deadline = t0 + duration
+    threads = [threading.Thread(target=worker, args=(i, r, seed, deadline, ops), daemon=True)
+               for i, r in enumerate(roots)]  # fmt: skip
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(duration + 60)  # an op stuck past this is reported as hung
+    ops = list(ops)
+    counts: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for o in ops:
+        counts[o.kind] = counts.get(o.kind, 0) + 1
+        if o.error:
+            errors[f"{o.kind}:{o.error}"] = errors.get(f"{o.kind}:{o.error}", 0) + 1
+    return Outcome(ops, check(ops), t0, counts, errors, wall0)
+
+
+def report(out: Outcome, limit: int = 20) -> str:
+    lines = [f"ops: {len(out.ops)} " + " ".join(f"{k}={v}" for k, v in sorted(out.counts.items())),
+             "errors (expected under races): " + (" ".join(
+                 f"{k}={v}" for k, v in sorted(out.errors.items())) or "none"),
+             f"violations: {len(out.violations)}"]  # fmt: skip
+    kinds: dict[str, int] = {}
+    for v in out.violations:
+        kinds[v.kind()] = kinds.get(v.kind(), 0) + 1
+    lines += [f"  {n:5d}  {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    for v in out.violations[:limit]:
+        lines.append(f"  VIOLATION {v.what}")
+        lines.append(f"    op: {v.op.show(out.t0)}")
+        before = [c for c in v.history if c.end < v.op.start]
+        near = before[-6:] + [c for c in v.history if c.end >= v.op.start and c.start <= v.op.end]
+        lines.append(f"    history of {v.name} ({len(before) - len(before[-6:])} older changes "
+                     f"not shown):")  # fmt: skip
+        for c in near:
+            src = c.op.show(out.t0) if c.op else "initial"
+            lines.append(f"      -> {sorted(c.values)} via {src}")
+    if len(out.violations) > limit:
+        lines.append(f"  ... {len(out.violations) - limit} more")
+    return "\n".join(lines)
+
+
+def run(
+    clients: int, duration: float, seed: int, tmp: str | None = None, logs: Path | None = None
+) -> Outcome:
+    """Start a fileserver and ``clients`` mounts, run, check, stop everything."""
+    base = Path(tempfile.mkdtemp(prefix="afs-coherence-", dir=tmp))
+    srv = ServerProcess(base / "fs")
+    mounts: list[ClientMount] = []
+    try:
+        srv.start()
+        for i in range(clients):
+            mounts.append(ClientMount(srv, base / f"c{i}").start())
+        (mounts[0].mnt / DIR).mkdir()
+        roots = [m.mnt / DIR for m in mounts]
+        for r in roots:  # every client sees the directory before the clock starts
+            deadline = time.monotonic() + 10
+            while not r.is_dir() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return run_workers(roots, seed, duration)
+    finally:
+        for m in mounts:
+            try:
+                m.stop()
+            except Exception as exc:  # every mount must come down
+                log.warning("stopping %s: %r", m.mnt, exc)
+                unmount(m.mnt)
+        srv.stop()
+        if logs is not None:  # the processes' own logs, to explain a violation
+            logs.mkdir(parents=True, exist_ok=True)
+            for i, m in enumerate(mounts):
+                shutil.copy(m.log_path, logs / f"c{i}.log")
+            shutil.copy(srv.log_path, logs / "server.log")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="coherence.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--clients", type=int, default=3, help="client mounts (default 3)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of operations")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
+    p.add_argument("--tmp", default=None, help="where the temporary directory goes")
+    p.add_argument("--log", type=Path, default=None, help="write every op here (JSON lines)")
+    p.add_argument("--logs", type=Path, default=None, help="copy the server and client logs here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    print(f"coherence: {args.clients} clients, {args.duration:g} s, seed {seed}", flush=True)
+    out = run(args.clients, args.duration, seed, args.tmp, args.logs)
+    print(report(out))
+    if args.log:
+        with open(args.log, "w") as f:
+            for o in out.ops:
+                d = dict(
+                    vars(o),
+                    start=o.start - out.t0,
+                    end=o.end - out.t0,
+                    wall0=out.wall0,
+                    mid=o.mid and o.mid - out.t0,
+                    mid_end=o.mid_end and o.mid_end - out.t0,
+                )
+                f.write(json.dumps(d) + "\n")
+    print("PASS" if not out.violations else f"FAIL (replay: --seed {seed})")
+    return 1 if out.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
