@@ -95,6 +95,9 @@ class ServerRecord:
         self.last_error: str = ""
         self.key = key
         self.keepalive_interval = keepalive_interval
+        #: Set while the last attempt failed the key handshake: callers fail at
+        #: once instead of waiting for a reconnect that will fail the same way.
+        self.auth_error: str = ""
 
     def __repr__(self) -> str:
         return f"<ServerRecord {self.uuid} cb_s_break={self.cb_s_break}>"
@@ -149,6 +152,11 @@ class ServerRecord:
                 except (RpcError, OSError, trio.BrokenResourceError) as exc:
                     self.last_error = repr(exc)
                     log.info("server %s: connection failed: %r", self.uuid, exc)
+                    if isinstance(exc, RpcError) and exc.code == "EACCES":
+                        self.auth_error = self.last_error
+                        # Wake callers waiting for a connection: they fail now.
+                        waiting, self._connected = self._connected, trio.Event()
+                        waiting.set()
                 except Exception as exc:  # a bug must not end the client
                     self.last_error = repr(exc)
                     log.warning("server %s: session failed: %r", self.uuid, exc)
@@ -188,6 +196,7 @@ class ServerRecord:
                 if self.key is not None:
                     await client_handshake(conn, self.key, timeout=self.rpc_timeout)
                 idle = await self._hello(conn)
+                self.auth_error = ""
                 self.conn = conn
                 self._connected.set()
                 interval = self.keepalive_interval or (idle / 3 if idle else None)
@@ -246,6 +255,8 @@ class ServerRecord:
             return conn
         with trio.move_on_after(self.connect_timeout):
             while True:
+                if self.auth_error:
+                    raise NoConnection(f"server {self.uuid} refused: {self.auth_error}")
                 await self._connected.wait()
                 conn = self.conn
                 if conn is not None and not conn.closed:
