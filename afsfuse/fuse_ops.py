@@ -427,8 +427,10 @@ class AfsOperations(pyfuse3.Operations):
                 if target is not source and target.volume is source.volume:
                     await self._silly_rename(new_dir, name_new, target, cred)
         await self.cm.rename(old_dir, name_old, new_dir, name_new, wire_flags, cred)
+        # The kernel moved its dentry: the new name is one it now holds, to be
+        # dropped when that directory is broken.
         self.notifier.unlearned(parent_inode_old, name_old)
-        self.notifier.unlearned(parent_inode_new, name_new)
+        self.notifier.learned(parent_inode_new, name_new)
 
     @_handler
     async def symlink(
@@ -492,8 +494,18 @@ class AfsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         cred = cred_of(ctx)
-        v = await self.cm.create(self._vnode(parent_inode), name, stat.S_IMODE(mode), cred)
-        handle = await self.cm.open(v, cred, flags & ~os.O_TRUNC)
+        parent = self._vnode(parent_inode)
+        try:
+            v = await self.cm.create(parent, name, stat.S_IMODE(mode), cred)
+            open_flags = flags & ~os.O_TRUNC  # it is new: nothing to truncate
+        except RpcError as exc:
+            # Another client created the name after the kernel's lookup:
+            # open(O_CREAT) without O_EXCL opens (and maybe truncates) it.
+            if exc.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            v = await self.cm.lookup(parent, name, cred)
+            open_flags = flags
+        handle = await self.cm.open(v, cred, open_flags)
         attrs = await self._reply_entry(parent_inode, name, v, await self.cm.getattr(v, cred), cred)
         return self._file_info(attrs.st_ino, handle, cred), attrs
 

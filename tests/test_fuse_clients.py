@@ -160,3 +160,19 @@ def test_big_file_checksum_and_warm_reread_without_fetch(pair, dirs):
     assert digest(db / "big") == want
     assert b.rpc_count("FS.FetchData") == fetches, "warm reread fetched from the server"
     assert digest(da / "big") == want  # the writer's own cache
+
+
+def test_name_renamed_into_then_away_by_other_client(dirs):
+    """A's kernel holds a dentry for a name A renamed a file into; when B
+    renames it away, A must stop resolving that name."""
+    da, db = dirs
+    (da / "x.tmp").write_text("A-data")
+    os.rename(da / "x.tmp", da / "x")
+    assert (db / "x").read_text() == "A-data"
+    os.rename(db / "x", db / "z")
+    # No listing on A in between: only the directory break can tell A's
+    # kernel that its dentry "x" is gone.
+    assert eventually(lambda: not (da / "x").exists())
+    with pytest.raises(FileNotFoundError):
+        (da / "x").read_text()
+    assert (da / "z").read_text() == "A-data"
