@@ -57,7 +57,10 @@ KEY_FILES: dict[tuple[str, int], Path] = {}
 
 
 def key_for(host: str, port: int) -> bytes | None:
+    """The key of the server started here at that address, else $AFSFUSE_KEY_FILE's."""
     path = KEY_FILES.get((host, port))
+    if path is None and os.environ.get("AFSFUSE_KEY_FILE"):
+        path = Path(os.environ["AFSFUSE_KEY_FILE"])
     return load_key(path) if path is not None else None
 
 
