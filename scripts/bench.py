@@ -1,0 +1,967 @@
+#!/usr/bin/env python3
+"""afsfuse benchmarks against the floor and against sshfs, in one run.
+
+Sets up on 127.0.0.1, in a temporary directory:
+
+- ``local``: a plain local directory (the floor of the floor);
+- ``pt0`` / ``ptlong``: ``scripts/passthrough.py``, a minimal pyfuse3 + trio
+  passthrough of that directory, with kernel timeouts 0 and long (the
+  FUSE-plus-Python floor);
+- ``afsfuse``: a fileserver subprocess and a client mount (tests/serverproc.py,
+  tests/mountproc.py);
+- ``sshfs``: Debian's sshfs of the local directory through an sshd started
+  here on a free 127.0.0.1 port with throwaway keys (installed with apt if
+  missing; if that fails, the table says so).
+
+and runs the same workloads on each: warm ``stat`` of a tree, ``ls -lR`` cold
+and warm, sequential read cold and warm, sequential write + fsync + close,
+small-file creation; then two-client staleness (afsfuse, sshfs) and callback
+handling time against the number of cached vnodes (in-process, at the cache
+manager level).  Prints a markdown table with goals met/missed, and writes
+``BENCHMARKS.md`` and ``BENCHMARKS.json``.
+
+    .venv/bin/python scripts/bench.py [--files 10000] [--big-mib 512] [--reps 3] ...
+
+Every process started here is stopped by its pid and every mount made here
+is unmounted in a ``finally``, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import trio  # noqa: E402
+from mountproc import ClientMount, unmount  # noqa: E402
+from serverproc import ServerProcess  # noqa: E402
+
+from afsfuse.cache_manager import CacheConfig, CacheManager  # noqa: E402
+from afsfuse.cells import CellDB  # noqa: E402
+from afsfuse.server_record import ServerRecord, tcp_connector  # noqa: E402
+from afsfuse.vnode import Promise  # noqa: E402
+from afsfuse.volume import VolumeInstance  # noqa: E402
+from protocol import methods as M  # noqa: E402
+from protocol.records import CallBackType, Fid, FileStatus, FileType  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+PASSTHROUGH = REPO / "scripts" / "passthrough.py"
+LONG_TIMEOUT = 3600.0
+MOUNT_TIMEOUT = 30.0
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def drop_caches() -> bool:
+    """Drop the page, dentry and inode caches (root only); False if refused."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def wait_mount(path: Path, proc: subprocess.Popen[bytes], timeout: float = MOUNT_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.ismount(path):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} not mounted after {timeout} s")
+        time.sleep(0.02)
+
+
+def stop_proc(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """Wait for ``proc`` (ours) to exit; SIGTERM, then SIGKILL, by its pid."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.wait(timeout)
+        return
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# -- targets ---------------------------------------------------------------------
+
+
+class Target:
+    """One filesystem under test.  ``root`` is where workloads run; ``backing``
+    (if any) is a local directory holding the same files, for fast setup."""
+
+    name = ""
+    label = ""
+
+    def __init__(self) -> None:
+        self.root = Path()
+        self.backing: Path | None = None
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def cold(self) -> None:
+        """Empty every cache between the workload and the data."""
+        self.stop()
+        drop_caches()
+        self.start()
+
+    def rpcs(self) -> dict[str, int] | None:
+        return None
+
+
+class LocalTarget(Target):
+    name, label = "local", "local dir"
+
+    def __init__(self, data: Path) -> None:
+        super().__init__()
+        self.root = self.backing = data
+
+    def cold(self) -> None:
+        drop_caches()
+
+
+class PassthroughTarget(Target):
+    def __init__(self, data: Path, mnt: Path, timeout: float, logdir: Path) -> None:
+        super().__init__()
+        self.name = "pt0" if timeout == 0 else "ptlong"
+        self.label = f"passthrough t={timeout:g}s"
+        self.backing, self.root, self.timeout = data, mnt, timeout
+        self.log_path = logdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        t = str(self.timeout)
+        cmd = [sys.executable, str(PASSTHROUGH), str(self.backing), str(self.root),
+               "--attr-timeout", t, "--entry-timeout", t]  # fmt: skip
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
+        wait_mount(self.root, self.proc)
+
+    def stop(self) -> None:
+        try:
+            unmount(self.root)
+        finally:
+            stop_proc(self.proc)
+            unmount(self.root)  # a daemon killed mid-way leaves a dead mount
+            self.proc = None
+
+
+class AfsTarget(Target):
+    name, label = "afsfuse", "afsfuse"
+
+    def __init__(self, server: ServerProcess, workdir: Path, extra: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.server, self.workdir, self.extra = server, workdir, extra
+        self.mount: ClientMount | None = None
+        self.root = workdir / "mnt"
+
+    def start(self) -> None:
+        self.mount = ClientMount(self.server, self.workdir, extra_args=self.extra).start()
+
+    def stop(self) -> None:
+        if self.mount is not None:
+            self.mount.stop()
+            self.mount = None
+
+    def cold(self) -> None:
+        # An empty client cache dir: no chunks, no listings, a new client.
+        self.stop()
+        shutil.rmtree(self.workdir / "cache", ignore_errors=True)
+        drop_caches()
+        self.start()
+
+    def rpcs(self) -> dict[str, int] | None:
+        assert self.mount is not None
+        return {k: int(v) for k, v in self.mount.stats()["rpc"].items()}
+
+
+class Sshd:
+    """An sshd on a free 127.0.0.1 port with throwaway host and user keys."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.user_key = workdir / "user_key"
+        self.made_run_dir = False
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        host_key = self.dir / "host_key"
+        for key in (host_key, self.user_key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                           check=True, capture_output=True, timeout=30)  # fmt: skip
+        auth = self.dir / "authorized_keys"
+        shutil.copy(self.user_key.with_suffix(".pub"), auth)
+        os.chmod(auth, 0o600)
+        sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server")
+                     if os.path.exists(p)), "internal-sftp")  # fmt: skip
+        self.port = free_port()
+        cfg = self.dir / "sshd_config"
+        cfg.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"AuthorizedKeysFile {auth}\nPidFile {self.dir / 'sshd.pid'}\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            f"Subsystem sftp {sftp}\nLogLevel ERROR\n"
+        )
+        run_dir = Path("/run/sshd")  # privilege separation dir sshd insists on
+        if not run_dir.exists():
+            run_dir.mkdir(mode=0o755, parents=True)
+            self.made_run_dir = True
+        with open(self.dir / "sshd.log", "ab") as logf:
+            self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)],
+                                         stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited: {(self.dir / 'sshd.log').read_text()[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("sshd did not listen within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+        stop_proc(self.proc, 5)
+        self.proc = None
+        if self.made_run_dir:
+            with contextlib.suppress(OSError):
+                Path("/run/sshd").rmdir()
+
+
+class SshfsTarget(Target):
+    name, label = "sshfs", "sshfs"
+
+    def __init__(self, sshd: Sshd, data: Path, mnt: Path, logdir: Path) -> None:
+        super().__init__()
+        self.sshd, self.backing, self.root = sshd, data, mnt
+        self.log_path = logdir / f"sshfs-{mnt.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        opts = ",".join([
+            f"port={self.sshd.port}", f"IdentityFile={self.sshd.user_key}",
+            "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "BatchMode=yes",
+            "LogLevel=ERROR",
+        ])  # fmt: skip
+        # -f: foreground, so the pid we hold is the daemon's.
+        cmd = ["sshfs", "-f", f"root@127.0.0.1:{self.backing}", str(self.root), "-o", opts]
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
+        wait_mount(self.root, self.proc)
+
+    def stop(self) -> None:
+        try:
+            unmount(self.root)
+        finally:
+            stop_proc(self.proc)
+            unmount(self.root)
+            self.proc = None
+
+
+def ensure_sshfs() -> str | None:
+    """Install sshfs and openssh-server with apt if missing; None or why not."""
+    if shutil.which("sshfs") and os.path.exists("/usr/sbin/sshd"):
+        return None
+    if os.geteuid() != 0:
+        return "sshfs/openssh-server missing and not root to install them"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "sshfs", "openssh-server"]):  # fmt: skip
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{' '.join(cmd[:2])} failed: {exc}"
+        if r.returncode != 0:
+            return f"{' '.join(cmd[:2])} failed: {(r.stderr or r.stdout).strip()[-300:]}"
+    if not (shutil.which("sshfs") and os.path.exists("/usr/sbin/sshd")):
+        return "apt-get install did not provide sshfs and sshd"
+    return None
+
+
+# -- workloads -----------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """Samples of one workload on one target (``unit`` per second, higher is
+    better, unless ``lower_better``)."""
+
+    samples: list[float] = field(default_factory=list)
+    unit: str = ""
+    lower_better: bool = False
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+
+def tree_paths(root: Path, files: int, dirs: int) -> list[Path]:
+    per = max(1, (files + dirs - 1) // dirs)
+    return [root / "tree" / f"d{i // per:03d}" / f"f{i:05d}" for i in range(files)]
+
+
+def make_tree(root: Path, files: int, dirs: int) -> float:
+    t0 = time.perf_counter()
+    made: set[Path] = set()
+    for p in tree_paths(root, files, dirs):
+        if p.parent not in made:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            made.add(p.parent)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"x" * 100)
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def stat_all(paths: list[Path]) -> None:
+    for p in paths:
+        os.lstat(p)
+
+
+def ls_lr(root: Path) -> None:
+    subprocess.run(["ls", "-lR", str(root / "tree")], check=True, stdout=subprocess.DEVNULL,
+                   timeout=600)  # fmt: skip
+
+
+def write_big(path: Path, size: int, block: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = size
+        while left > 0:
+            n = os.write(fd, block[: min(len(block), left)])
+            left -= n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_big(path: Path, size: int) -> None:
+    buf = bytearray(MIB)
+    got = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            got += n
+    if got != size:
+        raise RuntimeError(f"read {got} bytes of {path}, expected {size}")
+
+
+def small_files(d: Path, n: int) -> None:
+    d.mkdir()
+    data = b"s" * 4096
+    for i in range(n):
+        fd = os.open(d / f"s{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+
+
+def rpc_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int]:
+    if before is None or after is None:
+        return {}
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def run_target(t: Target, args: argparse.Namespace, block: bytes) -> dict[str, Result]:
+    """All single-client workloads on ``t`` (already started)."""
+    out: dict[str, Result] = {}
+    reps, files = args.reps, args.files
+    big = args.big_mib * MIB
+    paths = tree_paths(t.root, files, args.dirs)
+    if t.name == "afsfuse" or t.name == "local":
+        # afsfuse has no backing dir; local builds the tree all others share.
+        secs = make_tree(t.root, files, args.dirs)
+        log.info("%s: made a %d-file tree in %.1f s", t.name, files, secs)
+    all_entries = paths + sorted({p.parent for p in paths}) + [t.root / "tree"]
+
+    # 1. warm metadata: one pass to warm, then timed passes.  The pause lets
+    # writeback of the tree just made finish, so it does not steal the core.
+    stat_all(all_entries)
+    os.sync()
+    time.sleep(1.0)
+    r = out["stat_warm"] = Result(unit="stats/s")
+    rpc_total: dict[str, int] = {}
+    stat_reps = max(reps, 5)  # cheap, and the noisiest row
+    for _ in range(stat_reps):
+        before = t.rpcs()
+        secs = timed(lambda: stat_all(all_entries))
+        for k, v in rpc_delta(before, t.rpcs()).items():
+            rpc_total[k] = rpc_total.get(k, 0) + v
+        r.samples.append(len(all_entries) / secs)
+    r.extra["entries"] = len(all_entries)
+    if t.rpcs() is not None:
+        r.extra["rpcs_per_pass"] = {k: v / stat_reps for k, v in rpc_total.items()}
+        r.extra["rpcs_total_per_pass"] = sum(rpc_total.values()) / stat_reps
+    log.info("%s: warm stat %.0f/s", t.name, r.median or 0)
+
+    # 2. ls -lR, cold (remount, empty client cache, dropped kernel caches) and warm.
+    cold = out["ls_cold"] = Result(unit="s", lower_better=True)
+    warm = out["ls_warm"] = Result(unit="s", lower_better=True)
+    for _ in range(reps):
+        t.cold()
+        before = t.rpcs()
+        cold.samples.append(timed(lambda: ls_lr(t.root)))
+        cold.extra.setdefault("rpcs", []).append(rpc_delta(before, t.rpcs()))
+        warm.samples.append(timed(lambda: ls_lr(t.root)))
+    log.info("%s: ls -lR cold %.2f s warm %.2f s", t.name, cold.median, warm.median)
+
+    # 4. sequential write + fsync + close (before the read: it makes the file).
+    bigpath = t.root / f"big-{t.name}"
+    w = out["write"] = Result(unit="MB/s")
+    for _ in range(reps):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bigpath)
+        w.samples.append(big / 1e6 / timed(lambda: write_big(bigpath, big, block)))
+    log.info("%s: write %.0f MB/s", t.name, w.median)
+
+    # 3. sequential read, cold then warm.
+    rc = out["read_cold"] = Result(unit="MB/s")
+    rw = out["read_warm"] = Result(unit="MB/s")
+    for _ in range(reps):
+        t.cold()
+        before = t.rpcs()
+        rc.samples.append(big / 1e6 / timed(lambda: read_big(bigpath, big)))
+        rc.extra.setdefault("rpcs", []).append(rpc_delta(before, t.rpcs()))
+        rw.samples.append(big / 1e6 / timed(lambda: read_big(bigpath, big)))
+    log.info("%s: read cold %.0f MB/s warm %.0f MB/s", t.name, rc.median, rw.median)
+    os.unlink(bigpath)
+
+    # 5. small files: create, write 4 KiB, close.
+    s = out["small"] = Result(unit="files/s")
+    for i in range(reps):
+        d = t.root / f"small-{t.name}-{i}"
+        s.samples.append(args.small / timed(lambda d=d: small_files(d, args.small)))
+    log.info("%s: small files %.0f/s", t.name, s.median)
+    if t.name != "afsfuse":  # a shared backing dir: leave it as the next target expects
+        for i in range(reps):
+            shutil.rmtree((t.backing or t.root) / f"small-{t.name}-{i}", ignore_errors=True)
+    return out
+
+
+def staleness(a_root: Path, b_root: Path, rounds: int, bound: float, budget: float) -> Result:
+    """Time from A's close() to B's stat() showing the new size."""
+    r = Result(unit="ms", lower_better=True)
+    pa, pb = a_root / "stale.dat", b_root / "stale.dat"
+    pa.write_bytes(b"")
+    deadline = time.monotonic() + bound
+    while not pb.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    timeouts = done = 0
+    end = time.monotonic() + budget
+    for i in range(rounds):
+        if time.monotonic() > end:
+            break
+        fd = os.open(pa, os.O_WRONLY | os.O_APPEND)
+        os.write(fd, b"z")
+        os.close(fd)
+        t0 = time.perf_counter()
+        want = i + 1
+        while True:
+            try:
+                size = os.stat(pb).st_size
+            except FileNotFoundError:
+                size = -1
+            el = time.perf_counter() - t0
+            if size == want:
+                r.samples.append(el * 1000)
+                break
+            if el > bound:
+                timeouts += 1
+                break
+            time.sleep(0.0002)  # leave the daemons a core
+        done += 1
+    r.extra.update(rounds=done, timeouts=timeouts, bound_s=bound)
+    if r.samples:
+        s = sorted(r.samples)
+        r.extra["p99"] = s[min(len(s) - 1, int(0.99 * len(s)))] if not timeouts else None
+    return r
+
+
+def p99(r: Result) -> str:
+    ex = r.extra
+    if not ex.get("rounds"):
+        return "n/a"
+    if ex.get("timeouts"):
+        return f"> {ex['bound_s']:g} s ({ex['timeouts']}/{ex['rounds']} timed out)"
+    return f"{ex['p99']:.1f} ms"
+
+
+# -- callback scaling (in-process, cache manager level) ----------------------------
+
+
+async def _cb_scaling(sizes: list[int], runs: int, cache_dir: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for n in sizes:
+        d = cache_dir / f"cb{n}"
+        cfg = CacheConfig(cells=CellDB.single(("127.0.0.1", 1)), cache_dir=d)
+        cm = CacheManager(cfg)
+        await cm.start()
+        try:
+            # A record with no connection: its handlers are what a server calls.
+            rec = ServerRecord(
+                "bench-server", [("127.0.0.1", 1)], client_uuid=cm.uuid,
+                connector=tcp_connector, handlers=cm.cb.handlers, stats=cm.stats,
+                rpc_timeout=30.0, connect_timeout=1.0, on_mass_break=cm._on_mass_break,
+            )  # fmt: skip
+            cm.servers[rec.uuid] = rec
+            vid = 536870912
+            vol = VolumeInstance("local", vid, "root.cell")
+            cm.volumes[vol.key] = vol
+            vol.attach(rec)
+            st = FileStatus(FileType.FILE, 0o644, 1, 0, 1, 0, 0, 0, 0, 1, 1)
+            now = trio.current_time()
+            for i in range(n):
+                v = vol.get(Fid(vid, i + 2, 1))
+                v.status = st
+                v.promise = Promise(1, CallBackType.SHARED, now + 3600, rec, rec.cb_s_break,
+                                    vol.cb_v_break)  # fmt: skip
+            handlers = rec._handlers(rec)
+            init, callback = handlers[M.CB_INIT_CALLBACK_STATE3], handlers[M.CB_CALLBACK]
+            rng = random.Random(n)
+            t_init: list[float] = []
+            t_cb: list[float] = []
+            for _ in range(runs):
+                while cm.invalidations.get_nowait() is not None:  # nothing drains it here
+                    pass
+                t0 = time.perf_counter_ns()
+                await init(None, rec.uuid)
+                t_init.append((time.perf_counter_ns() - t0) / 1000)
+                while cm.invalidations.get_nowait() is not None:
+                    pass
+                fid = [vid, rng.randrange(n) + 2, 1]
+                t0 = time.perf_counter_ns()
+                await callback(None, [fid])
+                t_cb.append((time.perf_counter_ns() - t0) / 1000)
+            assert cm.cb.vnodes_touched == runs, "a CB.CallBack missed a cached vnode"
+            out[str(n)] = {
+                "init_us": statistics.median(t_init),
+                "init_min": min(t_init),
+                "init_max": max(t_init),
+                "callback_us": statistics.median(t_cb),
+                "callback_min": min(t_cb),
+                "callback_max": max(t_cb),
+                "vnodes": len(vol.vnodes),
+            }
+            log.info("callbacks, %d vnodes: %s", n, out[str(n)])
+        finally:
+            await cm.close()
+    return out
+
+
+def cb_scaling(sizes: list[int], runs: int, cache_dir: Path) -> dict[str, dict[str, Any]]:
+    return trio.run(_cb_scaling, sizes, runs, cache_dir)
+
+
+# -- report ------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+        mem = f"{kb / (1 << 20):.1f} GiB"
+    pkgs = {}
+    for p in ("pyfuse3", "trio", "msgpack"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            pkgs[p] = metadata.version(p)
+    for deb in ("sshfs", "openssh-server", "fuse3"):
+        r = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", deb], capture_output=True, text=True
+        )
+        pkgs[deb] = r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "absent"
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "ram": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": ", ".join(f"{k} {v}" for k, v in pkgs.items()),
+    }
+
+
+ROWS = [
+    ("stat_warm", "warm `stat`, 2nd pass (stats/s)"),
+    ("ls_cold", "`ls -lR` cold (s)"),
+    ("ls_warm", "`ls -lR` warm (s)"),
+    ("read_cold", "seq read cold (MB/s)"),
+    ("read_warm", "seq read warm (MB/s)"),
+    ("write", "seq write + fsync + close (MB/s)"),
+    ("small", "small files: create+4 KiB+close (files/s)"),
+]
+COLS = ["local", "pt0", "ptlong", "afsfuse", "sshfs"]
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "—"
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}"
+
+
+def cell(res: dict[str, dict[str, Result]], col: str, key: str, why: dict[str, str]) -> str:
+    r = res.get(col, {}).get(key)
+    if r is None or not r.samples:
+        return f"n/a ({why[col]})" if col in why else "n/a"
+    return f"{fmt(r.median)} [{fmt(min(r.samples))}-{fmt(max(r.samples))}]"
+
+
+def ratio(res: dict[str, dict[str, Result]], key: str, other: str) -> float | None:
+    """How many times better afsfuse is than ``other`` (>1: afsfuse better)."""
+    a, b = res.get("afsfuse", {}).get(key), res.get(other, {}).get(key)
+    if a is None or b is None or not a.median or not b.median:
+        return None
+    return b.median / a.median if a.lower_better else a.median / b.median
+
+
+def goals(
+    res: dict[str, dict[str, Result]], stale: dict[str, Result], cbs: dict[str, dict[str, Any]]
+) -> list[tuple[str, str, str]]:
+    """(goal, measured, verdict) rows."""
+    out: list[tuple[str, str, str]] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("met" if ok else "MISSED")
+
+    afs = res.get("afsfuse", {})
+    st = afs.get("stat_warm")
+    if st is not None:
+        n = st.extra.get("rpcs_total_per_pass")
+        out.append(
+            (
+                "warm metadata sends 0 RPCs",
+                f"{n:g} RPCs per pass {st.extra.get('rpcs_per_pass') or ''}".rstrip(),
+                verdict(n == 0),
+            )
+        )
+    for other in ("sshfs", "ptlong"):
+        q = ratio(res, "stat_warm", other)
+        out.append(
+            (
+                f"warm stat within 1.3x of {other}",
+                "—" if q is None else f"afsfuse at {q:.2f}x of {other}'s rate",
+                verdict(None if q is None else q >= 1 / 1.3),
+            )
+        )
+    for key, what in (
+        ("read_cold", "cold seq read"),
+        ("write", "write+close"),
+        ("ls_cold", "cold `ls -lR`"),
+    ):
+        q = ratio(res, key, "sshfs")
+        out.append(
+            (
+                f"{what} beats sshfs by >= 1.5x",
+                "—" if q is None else f"{q:.2f}x",
+                verdict(None if q is None else q >= 1.5),
+            )
+        )
+    q = ratio(res, "read_warm", "local")
+    out.append(
+        (
+            "warm reread at page-cache speed (>= 0.5x local warm read)",
+            "—" if q is None else f"{q:.2f}x of local",
+            verdict(None if q is None else q >= 0.5),
+        )
+    )
+    sizes = sorted(cbs, key=int)
+    if len(sizes) >= 2:
+        lo, hi = cbs[sizes[0]], cbs[sizes[-1]]
+        gi, gc = hi["init_us"] / lo["init_us"], hi["callback_us"] / lo["callback_us"]
+        out.append(
+            (
+                f"callback handling grows < 2x from {sizes[0]} to {sizes[-1]} vnodes",
+                f"InitCallBackState3 {gi:.2f}x, CallBack {gc:.2f}x",
+                verdict(max(gi, gc) < 2),
+            )
+        )
+    s = stale.get("afsfuse")
+    if s is not None:
+        ok = (
+            None
+            if not s.extra.get("rounds")
+            else (not s.extra.get("timeouts") and s.extra["p99"] < 100)
+        )
+        out.append(("two-client staleness p99 < 100 ms", p99(s), verdict(ok)))
+    return out
+
+
+def render(
+    args: argparse.Namespace,
+    info: dict[str, str],
+    res: dict[str, dict[str, Result]],
+    why: dict[str, str],
+    stale: dict[str, Result],
+    cbs: dict[str, dict[str, Any]],
+    goal_rows: list[tuple[str, str, str]],
+    runtime: float,
+) -> str:
+    L: list[str] = []
+    L.append("# afsfuse benchmarks\n")
+    L.append(
+        f"Generated by `make bench` (`scripts/bench.py`) on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; the run took "
+        f"{runtime / 60:.1f} min.\n"
+    )
+    L.append("Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + ".\n")
+    L.append(
+        f"Sizes: {args.files:,}-file tree in {args.dirs} directories, "
+        f"{args.big_mib} MiB sequential file (1 MiB reads/writes), {args.small:,} small "
+        f"files; {args.reps} repetitions; cells show median [min-max].  Columns: "
+        "`local` = a local directory; `pt0`/`ptlong` = `scripts/passthrough.py` "
+        "(pyfuse3 + trio) of it with kernel timeouts 0 / 3600 s; `afsfuse` = fileserver + "
+        "client mount (default options: kernel timeouts 3600 s); `sshfs` = sshfs of the "
+        "local dir through sshd on 127.0.0.1.  Cold = after remount (afsfuse: with an "
+        "empty cache dir) and `drop_caches`.  Ratios > 1 mean afsfuse is better.\n"
+    )
+    L.append("| workload | " + " | ".join(COLS) + " | afsfuse/ptlong | afsfuse/sshfs |")
+    L.append("|---|" + "---:|" * (len(COLS) + 2))
+    for key, label in ROWS:
+        cells = [cell(res, c, key, why) for c in COLS]
+        rs = [ratio(res, key, o) for o in ("ptlong", "sshfs")]
+        L.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join("—" if q is None else f"{q:.2f}x" for q in rs)
+            + " |"
+        )
+    L.append("")
+    st = res.get("afsfuse", {}).get("stat_warm")
+    if st is not None:
+        L.append(
+            f"afsfuse RPCs per warm `stat` pass ({st.extra.get('entries')} entries): "
+            f"{st.extra.get('rpcs_per_pass') or 'none'}.\n"
+        )
+    L.append("## Two clients: A's `close()` to B's `stat()` showing the new size\n")
+    L.append(
+        f"{args.stale_rounds} rounds per system at most, each wait bounded at "
+        f"{args.stale_bound:g} s, at most {args.stale_budget:g} s per system.\n"
+    )
+    L.append("| system | rounds | timeouts | median | min | max | p99 |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    for name in ("afsfuse", "sshfs"):
+        s = stale.get(name)
+        if s is None:
+            L.append(f"| {name} | n/a ({why.get(name, 'not run')}) | | | | | |")
+            continue
+        med = f"{s.median:.1f} ms" if s.samples else "—"
+        mn = f"{min(s.samples):.1f} ms" if s.samples else "—"
+        mx = f"{max(s.samples):.1f} ms" if s.samples else "—"
+        L.append(
+            f"| {name} | {s.extra['rounds']} | {s.extra['timeouts']} | {med} | {mn} | "
+            f"{mx} | {p99(s)} |"
+        )
+    L.append("")
+    L.append("## Callback handling vs. cached vnodes (in-process, cache manager)\n")
+    L.append(
+        f"Median of {args.cb_runs} calls of the CB handlers bound to a server record "
+        "(`CallbackService.handlers`), one volume instance holding N promised vnodes; "
+        "µs per call [min-max].\n"
+    )
+    L.append("| cached vnodes | CB.InitCallBackState3 (µs) | CB.CallBack, 1 fid (µs) |")
+    L.append("|---:|---:|---:|")
+    for n in sorted(cbs, key=int):
+        c = cbs[n]
+        L.append(
+            f"| {int(n):,} | {c['init_us']:.1f} [{c['init_min']:.1f}-{c['init_max']:.1f}] "
+            f"| {c['callback_us']:.1f} [{c['callback_min']:.1f}-{c['callback_max']:.1f}] |"
+        )
+    L.append("")
+    L.append("## Goals\n")
+    L.append("| goal | measured | verdict |")
+    L.append("|---|---|---|")
+    for g, m, v in goal_rows:
+        L.append(f"| {g} | {m} | {v} |")
+    L.append("")
+    return "\n".join(L)
+
+
+# -- main ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def started(t: Target) -> Iterator[Target]:
+    t.start()
+    try:
+        yield t
+    finally:
+        t.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--files", type=int, default=10_000, help="files in the stat/ls tree")
+    ap.add_argument("--dirs", type=int, default=100, help="directories they are spread over")
+    ap.add_argument("--big-mib", type=int, default=512, help="sequential file size (MiB)")
+    ap.add_argument("--small", type=int, default=5_000, help="small files per repetition")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per workload")
+    ap.add_argument("--stale-rounds", type=int, default=200)
+    ap.add_argument("--stale-bound", type=float, default=5.0, help="max wait per round (s)")
+    ap.add_argument("--stale-budget", type=float, default=60.0, help="max seconds per system")
+    ap.add_argument("--cb-sizes", default="10,1000,100000")
+    ap.add_argument("--cb-runs", type=int, default=2000)
+    ap.add_argument("--targets", default=",".join(COLS), help="comma-separated subset")
+    ap.add_argument("--no-sshfs-install", action="store_true", help="never run apt-get")
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a new temp dir")
+    ap.add_argument("--out-md", type=Path, default=REPO / "BENCHMARKS.md")
+    ap.add_argument("--out-json", type=Path, default=REPO / "BENCHMARKS.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # The in-process callback benchmark measures the handlers, not log formatting.
+    for name in ("afsfuse", "protocol"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # SIGTERM ends the run like Ctrl-C, so the finally blocks unmount and stop.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    t_start = time.monotonic()
+    wanted = [c for c in args.targets.split(",") if c]
+    base = Path(tempfile.mkdtemp(prefix="afsbench-", dir=args.workdir))
+    data = base / "data"
+    data.mkdir()
+    block = os.urandom(MIB)
+    res: dict[str, dict[str, Result]] = {}
+    stale: dict[str, Result] = {}
+    why: dict[str, str] = {}
+    if not drop_caches():
+        log.warning("cannot drop kernel caches: cold runs only remount")
+    sshfs_problem = ensure_sshfs() if "sshfs" in wanted and not args.no_sshfs_install else None
+    if "sshfs" in wanted and args.no_sshfs_install and not shutil.which("sshfs"):
+        sshfs_problem = "sshfs not installed (--no-sshfs-install)"
+    if sshfs_problem:
+        why["sshfs"] = sshfs_problem
+        log.warning("sshfs column empty: %s", sshfs_problem)
+
+    server: ServerProcess | None = None
+    sshd: Sshd | None = None
+    try:
+        # The local tree (shared by local, pt0, ptlong, sshfs) is made by the
+        # local target, so it always runs first.
+        local = LocalTarget(data)
+        res["local"] = run_target(local, args, block)
+        for timeout in (0.0, LONG_TIMEOUT):
+            pt = PassthroughTarget(data, base / f"mnt-pt{timeout:g}", timeout, base)
+            if pt.name in wanted:
+                with started(pt):
+                    res[pt.name] = run_target(pt, args, block)
+        if "afsfuse" in wanted:
+            server = ServerProcess(base / "fs").start()
+            with started(AfsTarget(server, base / "afs-a")) as afs:
+                res["afsfuse"] = run_target(afs, args, block)
+                with started(AfsTarget(server, base / "afs-b")) as afs_b:
+                    stale["afsfuse"] = staleness(
+                        afs.root, afs_b.root, args.stale_rounds, args.stale_bound, args.stale_budget
+                    )
+            log.info("afsfuse staleness: %s", stale["afsfuse"].extra)
+        if "sshfs" in wanted and not sshfs_problem:
+            try:
+                sshd = Sshd(base / "sshd")
+                sshd.start()
+                a = SshfsTarget(sshd, data, base / "mnt-sshfs-a", base)
+                with started(a):
+                    res["sshfs"] = run_target(a, args, block)
+                    with started(SshfsTarget(sshd, data, base / "mnt-sshfs-b", base)) as b:
+                        stale["sshfs"] = staleness(
+                            a.root, b.root, args.stale_rounds, args.stale_bound, args.stale_budget
+                        )
+                log.info("sshfs staleness: %s", stale["sshfs"].extra)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                why["sshfs"] = f"sshfs run failed: {exc}"[:300]
+                log.error("%s", why["sshfs"])
+    finally:
+        if sshd is not None:
+            sshd.stop()
+        if server is not None:
+            server.stop()
+    sizes = [int(x) for x in args.cb_sizes.split(",") if x]
+    cbs = cb_scaling(sizes, args.cb_runs, base / "cb")
+    shutil.rmtree(base, ignore_errors=True)
+
+    runtime = time.monotonic() - t_start
+    info = machine()
+    goal_rows = goals(res, stale, cbs)
+    md = render(args, info, res, why, stale, cbs, goal_rows, runtime)
+    print(md)
+    args.out_md.write_text(md)
+    doc = {
+        "machine": info,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "runtime_s": runtime,
+        "results": {t: {k: vars(r) for k, r in rs.items()} for t, rs in res.items()},
+        "staleness": {t: vars(r) for t, r in stale.items()},
+        "callbacks": cbs,
+        "goals": [{"goal": g, "measured": m, "verdict": v} for g, m, v in goal_rows],
+        "unavailable": why,
+    }
+    args.out_json.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    for g, m, v in goal_rows:
+        print(f"{v:>6}  {g}: {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
