@@ -230,13 +230,16 @@ class ServerRecord:
         """Say Hello; returns the server's idle timeout (None if it has none)."""
         hello = {"uuid": self.client_uuid, "version": PROTOCOL_VERSION, "capabilities": []}
         self._stats.rpc[M.FS_HELLO] += 1
+        before = self.cb_s_break
         reply = await conn.call(M.FS_HELLO, hello, timeout=self.rpc_timeout)
         uuid, epoch = reply["uuid"], reply["epoch"]
         if uuid != self.uuid:
             raise ConnectionLost(f"server at {self.addrs} is {uuid}, not {self.uuid}")
         self.cell = reply.get("cell")
-        if self.epoch is not None and epoch != self.epoch:
-            # The server lost its callback state: every promise is void.
+        if self.epoch is not None and epoch != self.epoch and self.cb_s_break == before:
+            # The server lost its callback state: every promise is void.  If it
+            # already said so during this Hello (CB.InitCallBackState3, as a
+            # restarted server does), that one bump voided them all (P4).
             self.mass_break("epoch_changed")
         self.epoch = epoch
         self.connects += 1
