@@ -125,6 +125,7 @@ _RETRYABLE = frozenset(
 )
 RENAME_NOREPLACE = 1
 _MAX_NAMES = 4096  # lookup results cached per directory (per DV)
+_READDIR_TRIES = 3  # listings refetched when a child vanished under them
 _RELOCATE_INTERVAL = 10.0  # seconds between VL checks of one volume
 
 
@@ -675,10 +676,31 @@ class CacheManager:
         status (children with no valid promise are refreshed by
         FS.InlineBulkStatus, 50 at a time)."""
         wc = _wire_cred(cred)
+        for attempt in range(_READDIR_TRIES):
+            listing = await self._current_listing(dir, wc)
+            out = await self._listing_entries(dir, listing, wc)
+            if out is not None:
+                return out
+            # A child the listing names is gone: the listing predates a change
+            # (a rename over it, say) whose break may still be on its way to
+            # us.  Ask the server for the directory again instead of dropping
+            # a name that still exists.
+            dir.promise = None
+            log_event("readdir_retry", fid=dir.fid, attempt=attempt + 1)
+        return await self._listing_entries(dir, await self._current_listing(dir, wc), wc, True)
+
+    async def _current_listing(self, dir: Vnode, wc: Any) -> DirListing:
         dst = await self._dir_status(dir, wc)
         listing = dir.listing
         if listing is None or listing.dv != dst.data_version:
             listing = await self._fetch_listing(dir, wc)
+        return listing
+
+    async def _listing_entries(
+        self, dir: Vnode, listing: DirListing, wc: Any, last_try: bool = False
+    ) -> list[DirEntryPlus] | None:
+        """The listing's entries with statuses; None if a child has vanished
+        (unless ``last_try``: then it is left out)."""
         vol = dir.volume
         now = trio.current_time()
         stale: list[Vnode] = []
@@ -702,18 +724,19 @@ class CacheManager:
         out: list[DirEntryPlus] = []
         for ent in listing.sorted():
             child = vol.get(ent.fid)
-            if child.deleted:
-                continue
-            st = child.effective_status()
-            if st is None:
+            st = None if child.deleted else child.effective_status()
+            if st is None and not child.deleted:
                 # Primed by nobody (its lock was busy, or it was forgotten
                 # meanwhile): ask for it rather than drop it from the listing.
                 try:
                     st = await validate(self, child, wc)
                 except RpcError as exc:
-                    if exc.errno in (errno.ENOENT, errno.ESTALE):
-                        continue
-                    raise
+                    if exc.errno not in (errno.ENOENT, errno.ESTALE):
+                        raise
+            if st is None:
+                if not last_try:
+                    return None
+                continue
             out.append(DirEntryPlus(ent.name, child, st))
         return out
 
@@ -955,6 +978,7 @@ class CacheManager:
                 if new.data_version == old_dv + 1:
                     self.datacache.rekey(vnode.fid, old_dv, new.data_version)
                 vnode.local_size = None
+                vnode.truncated = False
             apply_reply(self, vnode, reply["status"], None, snap, own_from_dv=old_dv)
             vnode.touch()
             if size is not None:
@@ -984,15 +1008,30 @@ class CacheManager:
         st = await validate(self, vnode, wc)
         if st.type == FileType.DIRECTORY and flags & (os.O_WRONLY | os.O_RDWR):
             raise _err("EISDIR")
-        if flags & O_TRUNC and st.type == FileType.FILE and st.size:
-            st = await self.setattr(vnode, cred, size=0)
+        truncating = bool(flags & O_TRUNC) and st.type == FileType.FILE
+        if truncating:
+            await self._truncate_locally(vnode)
+            st = vnode.effective_status() or st
         # C1: the kernel keeps its pages only if the DV is the one it read.
-        keep = vnode.kernel_dv == st.data_version
+        keep = vnode.kernel_dv == st.data_version and not truncating
         vnode.kernel_dv = st.data_version
         handle = OpenFile(vnode, flags, keep)
         vnode.open_count += 1
         vnode.open_writers += handle.writable
         return handle
+
+    async def _truncate_locally(self, v: Vnode) -> None:
+        """open(O_TRUNC) under write-on-close: the truncation is a local write,
+        stored at close together with what follows it, so other clients go
+        straight from the old contents to the new ones and never see the file
+        empty in between (as OpenAFS does).  Until then none of the server's
+        old bytes are part of this file: nothing is fetched as a base for
+        writes, and holes read as zeros (see _fetch_runs)."""
+        async with v.io_lock:
+            self.datacache.drop(v.fid, keep_dirty=False)
+            v.local_size = 0
+            v.truncated = True
+            self._written.add(v.fid)
 
     @_maps_errors
     async def read(self, target: Vnode | OpenFile, offset: int, size: int,
@@ -1080,7 +1119,7 @@ class CacheManager:
         self, v: Vnode, cred: Any, dv: int, indices: list[int], sink: dict[int, bytes] | None
     ) -> bool:
         cs = self.datacache.chunk_size
-        server_size = v.status.size if v.status is not None else 0
+        server_size = v.status.size if v.status is not None and not v.truncated else 0
         per_call = max(1, MAX_IO // cs)
         runs: list[list[int]] = []
         for i in indices:
@@ -1134,7 +1173,8 @@ class CacheManager:
             for _attempt in range(6):
                 assert v.status is not None
                 dv = v.status.data_version
-                server_size = v.status.size
+                # After a local O_TRUNC none of the server's bytes are ours.
+                server_size = 0 if v.truncated else v.status.size
                 end = offset + len(data)
                 need = []
                 for i in {offset // cs, (end - 1) // cs}:
@@ -1174,6 +1214,13 @@ class CacheManager:
                     for d, _i in self.datacache.dirty_chunks(v.fid):
                         if d != dv:  # written under a DV that moved since
                             self.datacache.rekey(v.fid, d, dv)
+                    if v.truncated:
+                        # After a local O_TRUNC every byte on the server is
+                        # replaced: the holes we never wrote go as zeros.
+                        have = {i for d, i in self.datacache.dirty_chunks(v.fid) if d == dv}
+                        for i in range((v.size() + cs - 1) // cs):
+                            if i not in have:
+                                self.datacache.put(v.fid, dv, i, b"", dirty=True)
                     idx = [i for d, i in self.datacache.dirty_chunks(v.fid) if d == dv]
                     if not idx and v.local_size is None:
                         return
@@ -1190,9 +1237,11 @@ class CacheManager:
                             chunk = self.datacache.get(v.fid, dv, i)
                             if chunk is None:
                                 raise _err("EIO", f"{v.fid}: dirty chunk {i} lost")
-                            if i != run[-1]:
-                                chunk = chunk.ljust(cs, b"\0")
-                            parts.append(chunk)
+                            # A short cached chunk reads as zeros up to the
+                            # file size: send those zeros, so the server's
+                            # old bytes there are replaced too.
+                            span = max(0, min(cs, fsize - i * cs))
+                            parts.append(chunk[:span].ljust(span, b"\0"))
                         off = run[0] * cs
                         payload = b"".join(parts)[: max(0, fsize - off)]
                     else:
@@ -1227,6 +1276,7 @@ class CacheManager:
                               dv=new.data_version)  # fmt: skip
                     if not self.datacache.dirty_chunks(v.fid):
                         v.local_size = None
+                        v.truncated = False
                         return
 
     @_maps_errors

@@ -231,6 +231,7 @@ def mark_deleted(cm: CacheManager, v: Vnode) -> None:
     v.promise = None
     v.listing = None
     v.local_size = None
+    v.truncated = False
     cm.datacache.drop(v.fid, keep_dirty=False)
     cm.invalidations.put(Invalidate("inode", vnode=v))
 

@@ -59,6 +59,7 @@ class Vnode:
         self.fetch_error: BaseException | None = None
         self.mod_at = 0  # volume.mod_clock at our last completed change (stale guard)
         self.local_size: int | None = None  # size including unstored writes
+        self.truncated = False  # a local O_TRUNC not yet stored: no server bytes are ours
         self.listing: DirListing | None = None  # directories only
         self.old_listing: DirListing | None = None  # zapped one, to diff for the kernel
         self.symlink: tuple[int, bytes] | None = None  # (dv, target)

@@ -217,8 +217,8 @@ async def test_truncate_and_extend_through_setattr(tmp_path, autojump_clock):
         assert fake.calls["FS.FetchData"] == fetches
         st = await cm.setattr(f, mode=0o600)
         assert st.mode == 0o600
-        h = await cm.open(f, flags=2 | 0o1000)  # O_TRUNC
-        assert (await cm.getattr(f)).size == 0 and len(n.data) == 0
+        h = await cm.open(f, flags=2 | 0o1000)  # O_TRUNC: local until close
+        assert (await cm.getattr(f)).size == 0 and len(n.data) == 5000
         await cm.write(h, 100, b"tail")  # a hole, then data
         await cm.release(h)
         assert bytes(n.data) == bytes(100) + b"tail"

@@ -143,3 +143,56 @@ def test_vnode_cache_is_bounded_but_keeps_what_is_needed():
     for n in range(2000, 2300):
         vol.get(Fid(7, n, 1)).ino = 1
     assert len(vol.vnodes) >= 300 and scans <= 30
+
+
+async def test_o_trunc_is_stored_at_close_not_at_open(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        n = fake.add(ROOT, b"f")
+        n.data[:] = b"old contents " * 30_000  # several chunks
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        stores = fake.calls["FS.StoreData"] + fake.calls["FS.StoreStatus"]
+        h = await cm.open(f, None, os.O_RDWR | os.O_TRUNC)
+        assert (await cm.getattr(f)).size == 0
+        assert await cm.read(h, 0, 100) == b""
+        # Nothing reached the server yet: other clients still see the old file.
+        assert fake.calls["FS.StoreData"] + fake.calls["FS.StoreStatus"] == stores
+        assert bytes(n.data[:3]) == b"old"
+        await cm.write(h, 300_000, b"tail")  # leaves a hole over the old bytes
+        assert await cm.read(h, 0, 16) == bytes(16)  # zeros, never old bytes
+        await cm.release(h)
+        assert bytes(n.data) == bytes(300_000) + b"tail"
+        assert (await cm.getattr(f)).size == 300_004
+
+
+async def test_o_trunc_alone_empties_the_file_at_close(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        n = fake.add(ROOT, b"f")
+        n.data[:] = b"something"
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        h = await cm.open(f, None, os.O_WRONLY | os.O_TRUNC)
+        assert bytes(n.data) == b"something"
+        await cm.release(h)
+        assert bytes(n.data) == b"" and (await cm.getattr(f)).size == 0
+
+
+async def test_readdir_keeps_a_name_replaced_while_its_break_is_in_flight(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        old = fake.add(ROOT, b"doc")
+        fake.add(ROOT, b"other")
+        root = await cm.mount_volume("test", "root.cell")
+        assert [e.name for e in await cm.readdir(root)] == [b"doc", b"other"]
+        # Another client renames a new file over "doc"; the directory's break
+        # has not reached us yet (our promise on the directory still holds),
+        # and the promise on the old file has lapsed.
+        new = fake.add(ROOT, b"doc.tmp")
+        d = fake.nodes[ROOT]
+        d.entries[b"doc"] = d.entries.pop(b"doc.tmp")
+        del fake.nodes[old.fid]
+        cm.find_vnode("test", old.fid).promise = None
+        entries = await cm.readdir(root)
+        assert [(e.name, e.vnode.fid) for e in entries] == [
+            (b"doc", new.fid),
+            (b"other", entries[1].vnode.fid),
+        ]

@@ -176,3 +176,17 @@ def test_name_renamed_into_then_away_by_other_client(dirs):
     with pytest.raises(FileNotFoundError):
         (da / "x").read_text()
     assert (da / "z").read_text() == "A-data"
+
+
+def test_truncating_rewrite_is_seen_whole_by_other_client(dirs):
+    """Write-on-close: while A rewrites a file with O_TRUNC, B sees the old
+    contents, then the new ones; never an empty (or zero-filled) file."""
+    da, db = dirs
+    (da / "doc").write_bytes(b"version-1")
+    assert (db / "doc").read_bytes() == b"version-1"
+    with open(da / "doc", "wb") as f:  # O_TRUNC
+        f.write(b"version-2")
+        f.flush()
+        assert (db / "doc").read_bytes() == b"version-1"
+        assert (db / "doc").stat().st_size == 9
+    assert (db / "doc").read_bytes() == b"version-2"
