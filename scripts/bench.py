@@ -427,6 +427,7 @@ def run_target(t: Target, args: argparse.Namespace, block: bytes) -> dict[str, R
     if t.name == "afsfuse" or t.name == "local":
         # afsfuse has no backing dir; local builds the tree all others share.
         secs = make_tree(t.root, files, args.dirs)
+        out["tree_setup"] = Result([files / secs], unit="files/s")
         log.info("%s: made a %d-file tree in %.1f s", t.name, files, secs)
     all_entries = paths + sorted({p.parent for p in paths}) + [t.root / "tree"]
 
@@ -467,7 +468,9 @@ def run_target(t: Target, args: argparse.Namespace, block: bytes) -> dict[str, R
     for _ in range(reps):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(bigpath)
+        before = t.rpcs()
         w.samples.append(big / 1e6 / timed(lambda: write_big(bigpath, big, block)))
+        w.extra.setdefault("rpcs", []).append(rpc_delta(before, t.rpcs()))
     log.info("%s: write %.0f MB/s", t.name, w.median)
 
     # 3. sequential read, cold then warm.
@@ -486,7 +489,9 @@ def run_target(t: Target, args: argparse.Namespace, block: bytes) -> dict[str, R
     s = out["small"] = Result(unit="files/s")
     for i in range(reps):
         d = t.root / f"small-{t.name}-{i}"
+        before = t.rpcs()
         s.samples.append(args.small / timed(lambda d=d: small_files(d, args.small)))
+        s.extra.setdefault("rpcs", []).append(rpc_delta(before, t.rpcs()))
     log.info("%s: small files %.0f/s", t.name, s.median)
     if t.name != "afsfuse":  # a shared backing dir: leave it as the next target expects
         for i in range(reps):
@@ -609,6 +614,20 @@ def cb_scaling(sizes: list[int], runs: int, cache_dir: Path) -> dict[str, dict[s
 
 
 # -- report ------------------------------------------------------------------------
+
+
+def load_note(base: Path) -> str:
+    """Load average and FUSE mounts that are not ours: other work on the machine."""
+    load = "?"
+    with contextlib.suppress(OSError, IndexError):
+        load = Path("/proc/loadavg").read_text().split()[0]
+    others = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[2].startswith("fuse") and str(base) not in parts[1]:
+                others += 1
+    return f"load {load}, {others} other FUSE mounts"
 
 
 def machine() -> dict[str, str]:
@@ -797,6 +816,18 @@ def render(
             f"afsfuse RPCs per warm `stat` pass ({st.extra.get('entries')} entries): "
             f"{st.extra.get('rpcs_per_pass') or 'none'}.\n"
         )
+    setup = res.get("afsfuse", {}).get("tree_setup")
+    if setup is not None and setup.median:
+        L.append(
+            f"Making the tree through the afsfuse mount (create + write 100 B + close, "
+            f"one run): {setup.median:,.0f} files/s.\n"
+        )
+    for key, what, per in (("small", "small file", args.small), ("write", "write", 1)):
+        r = res.get("afsfuse", {}).get(key)
+        if r is not None and r.extra.get("rpcs"):
+            last = r.extra["rpcs"][-1]
+            shown = ", ".join(f"{k} {v / per:g}" for k, v in sorted(last.items()))
+            L.append(f"afsfuse RPCs per {what} (last repetition): {shown or 'none'}.\n")
     L.append("## Two clients: A's `close()` to B's `stat()` showing the new size\n")
     L.append(
         f"{args.stale_rounds} rounds per system at most, each wait bounded at "
@@ -879,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     t_start = time.monotonic()
+    load_start = load_note(Path("/nonexistent"))
     wanted = [c for c in args.targets.split(",") if c]
     base = Path(tempfile.mkdtemp(prefix="afsbench-", dir=args.workdir))
     data = base / "data"
@@ -943,6 +975,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runtime = time.monotonic() - t_start
     info = machine()
+    # Other processes share the cores: say how busy the machine was.
+    info["busy"] = f"at start {load_start}; at end {load_note(Path('/nonexistent'))}"
     goal_rows = goals(res, stale, cbs)
     md = render(args, info, res, why, stale, cbs, goal_rows, runtime)
     print(md)
