@@ -73,9 +73,14 @@ class Passthrough(pyfuse3.Operations):
         self._paths.setdefault(inode, set()).add(path)
 
     def _forget_path(self, inode: int, path: str) -> None:
+        """``path`` no longer names ``inode``.  With no name left the entry goes:
+        the source file system may reuse the inode number for a new file."""
         paths = self._paths.get(inode)
-        if paths is not None and len(paths) > 1:
-            paths.discard(path)
+        if paths is None or inode == pyfuse3.ROOT_INODE:
+            return
+        paths.discard(path)
+        if not paths:
+            del self._paths[inode]
 
     def _attrs(self, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -112,8 +117,8 @@ class Passthrough(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        fd = self._inode_fd.get(inode)
-        return self._attrs(self._stat(self._path(inode), fd))
+        fd = self._inode_fd.get(inode)  # an open file may have no name left
+        return self._attrs(self._stat("" if fd is not None else self._path(inode), fd))
 
     async def setattr(
         self,
@@ -235,9 +240,15 @@ class Passthrough(pyfuse3.Operations):
         new = self._child(parent_inode_new, name_new)
         try:
             st = os.lstat(old)
+            try:
+                replaced: int | None = self._ino(os.lstat(new).st_ino)
+            except FileNotFoundError:
+                replaced = None
             os.rename(old, new)
         except OSError as exc:
             raise _fuse_error(exc) from None
+        if replaced is not None and replaced != self._ino(st.st_ino):
+            self._forget_path(replaced, new)
         paths = self._paths.get(self._ino(st.st_ino))
         if paths is not None:
             paths.discard(old)

@@ -45,6 +45,14 @@ def test_passthrough_basic_ops(tmp_path: Path, require_fuse: None) -> None:
         os.unlink(mnt / "old")
         os.rmdir(mnt / "d")
         assert sorted(os.listdir(src)) == ["g", "s"]
+        for i in range(20):  # the source reuses inode numbers of removed files
+            (mnt / f"gone{i}").write_bytes(b"g")
+            os.unlink(mnt / f"gone{i}")
+            (mnt / f"dir{i}").mkdir()
+            (mnt / f"dir{i}" / "x").write_bytes(b"ok")
+            assert (mnt / f"dir{i}" / "x").read_bytes() == b"ok"
+            (mnt / f"dir{i}" / "x").unlink()
+            (mnt / f"dir{i}").rmdir()
         (src / "outside").write_bytes(b"new")  # timeouts 0: seen at once
         assert (mnt / "outside").read_bytes() == b"new"
     finally:
