@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from afsfuse.cache_manager import CacheManager, OpenFile
 from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable
@@ -50,6 +51,8 @@ _ERRNO_REMAP = {errno.ENOTCONN: errno.EIO, errno.ENODEV: errno.EIO}
 MOUNTPOINT_MODE = 0o644
 #: Kernel cache timeout for a mount point whose volume could not be reached.
 UNRESOLVED_TIMEOUT = 1.0
+#: A file broken this recently (seconds) is opened with direct_io.
+HOT_WINDOW = 2.0
 _MOUNTPOINT_RE = re.compile(rb"([#%])(?:([^:]+):)?([^:]+)\.")
 XATTRS = (b"afs.fid", b"afs.cell", b"afs.volume")
 
@@ -109,17 +112,20 @@ class AfsOperations(pyfuse3.Operations):
         *,
         attr_timeout: float = 3600.0,
         entry_timeout: float = 3600.0,
+        hot_window: float = HOT_WINDOW,
     ) -> None:
         super().__init__()
         self.cm = cm
+        self.hot_window = hot_window
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self.inodes = InodeTable()
         root.ino = self.inodes.set_root(inode_key(root), root, root.fid.unique).ino
         self.notifier = KernelNotifier(
             self.inodes, self._kernel_inval_inode, self._kernel_inval_entry,
-            is_open=self._is_open,
+            is_open=self._is_open, reading=self._is_reading,
         )  # fmt: skip
+        self._reads: dict[int, int] = {}  # read requests in flight, per inode
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._open_inos: dict[int, int] = {}
@@ -143,6 +149,9 @@ class AfsOperations(pyfuse3.Operations):
 
     def _is_open(self, ino: int) -> bool:
         return self._open_inos.get(ino, 0) > 0
+
+    def _is_reading(self, ino: int) -> bool:
+        return self._reads.get(ino, 0) > 0
 
     # -- helpers ----------------------------------------------------------------
 
@@ -462,7 +471,14 @@ class AfsOperations(pyfuse3.Operations):
         fh = self._new_fh()
         self._files[fh] = FileHandle(handle, ino, cred)
         self._track_open(ino, 1)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache)
+        # A file another client is changing right now (broken moments ago)
+        # is read around the page cache: the kernel would clamp reads to a
+        # size it caches, or zero-fill a read that came back short, mixing
+        # two versions.  Reads then return exactly one version.  Shared
+        # mmaps of such a file fail (ENODEV) for that window; private ones
+        # (exec) work.
+        hot = trio.current_time() - handle.vnode.last_break < self.hot_window
+        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache and not hot, direct_io=hot)
 
     def _file(self, fh: int) -> FileHandle:
         f = self._files.get(fh)
@@ -512,7 +528,16 @@ class AfsOperations(pyfuse3.Operations):
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         f = self._file(fh)
-        return await self.cm.read(f.handle, off, size, f.cred)
+        # Counted so a break's invalidation of this inode waits for the reply
+        # (see KernelNotifier._wait_reads).  pyfuse3 sends the reply right
+        # after this returns, before the notifier task can run again.
+        self._reads[f.ino] = self._reads.get(f.ino, 0) + 1
+        try:
+            return await self.cm.read(f.handle, off, size, f.cred)
+        finally:
+            n = self._reads.pop(f.ino) - 1
+            if n:
+                self._reads[f.ino] = n
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -32,6 +32,9 @@ from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("afsfuse.events")
 
+#: Milliseconds an inode invalidation waits at most for reads in flight.
+READ_WAIT_STEPS = 200
+
 InvalidateInode = Callable[[int, bool], None]
 InvalidateEntry = Callable[[int, bytes], None]
 
@@ -49,15 +52,20 @@ class KernelNotifier:
         invalidate_entry: InvalidateEntry,
         *,
         is_open: Callable[[int], bool] = lambda ino: False,
+        reading: Callable[[int], bool] = lambda ino: False,
     ) -> None:
         self.inodes = inodes
         self._inval_inode = invalidate_inode
         self._inval_entry = invalidate_entry
         self._is_open = is_open
+        self._reading = reading
+        self._deferred: set[int] = set()  # inodes waiting for their reads
+        self._nursery: trio.Nursery | None = None
         # Names the kernel resolved through us, per directory inode.
         self._names: dict[int, set[bytes]] = {}
         self._thread = trio.CapacityLimiter(1)
-        self.stats = {"inode": 0, "entry": 0, "sweeps": 0, "gone": 0, "failed": 0}
+        self.stats = {"inode": 0, "entry": 0, "sweeps": 0, "gone": 0, "failed": 0,
+                      "read_wait_timeouts": 0}  # fmt: skip
 
     # -- bookkeeping called by the FUSE adapter --------------------------------
 
@@ -76,11 +84,17 @@ class KernelNotifier:
     # -- the worker ------------------------------------------------------------
 
     async def run(self, events: AsyncIterable[Any]) -> None:
-        async for ev in events:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             try:
-                await self.handle(ev)
-            except Exception:  # one bad event must not end kernel notification
-                log.exception("kernel invalidation for %r failed", ev)
+                async for ev in events:
+                    try:
+                        await self.handle(ev)
+                    except Exception:  # one bad event must not end kernel notification
+                        log.exception("kernel invalidation for %r failed", ev)
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
 
     async def handle(self, ev: Any) -> None:
         kind = ev.kind
@@ -106,6 +120,13 @@ class KernelNotifier:
         # Dropping pages of an open file can hang with I/O in flight; such
         # files get attributes dropped now and keep_cache off at next open.
         attr_only = attr_only or self._is_open(entry.ino)
+        if self._reading(entry.ino) and self._nursery is not None:
+            # Reads in flight reply first (see _after_reads); the rest of the
+            # queue does not wait for them.
+            if entry.ino not in self._deferred:
+                self._deferred.add(entry.ino)
+                self._nursery.start_soon(self._after_reads, entry, attr_only)
+            return
         await self._call(self._inval_inode, entry.ino, attr_only)
         self.stats["inode"] += 1
         events_log.info(
@@ -117,6 +138,23 @@ class KernelNotifier:
         if getattr(entry.node, "is_dir", False):
             for name in self._names.pop(entry.ino, ()):
                 await self._entry(entry.ino, name, forget_name=False)
+
+    async def _after_reads(self, entry: InodeEntry, attr_only: bool) -> None:
+        """Invalidate ``entry`` once the reads in flight on it replied (bounded).
+        A read that comes back short because the file shrank makes the kernel
+        lower its size, but only if the inode's attributes did not change
+        while the read was in flight; an invalidation landing then leaves the
+        old size, and the kernel fills the gap with zeros the file never had."""
+        try:
+            for _ in range(READ_WAIT_STEPS):
+                if not self._reading(entry.ino):
+                    break
+                await trio.sleep(0.001)
+            else:
+                self.stats["read_wait_timeouts"] += 1
+        finally:
+            self._deferred.discard(entry.ino)
+        await self._inode(entry, attr_only)
 
     async def _entry(self, parent_ino: int, name: bytes, *, forget_name: bool = True) -> None:
         if forget_name:

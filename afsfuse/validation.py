@@ -123,6 +123,7 @@ def break_vnode(cm: CacheManager, v: Vnode, why: str = "callback") -> None:
     """A break on one cached vnode: the promise goes; no lock is taken (the
     server may be waiting for our CB reply while we hold a vnode lock)."""
     v.cb_break += 1
+    v.last_break = trio.current_time()
     v.volume.break_seq += 1
     v.broken_at = v.volume.break_seq
     v.promise = None

@@ -12,6 +12,7 @@ mass or whole-volume break is one increment, never a walk over vnodes.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,7 @@ class Vnode:
         self.status: FileStatus | None = None
         self.promise: Promise | None = None
         self.cb_break = 0  # breaks received for this fid (P4)
+        self.last_break = -math.inf  # trio time of the last break of this fid
         self.broken_at = 0  # volume.break_seq at the last break of this vnode
         self.lock = RWLock()  # status + promise (P6)
         self.io_lock = trio.Lock()  # serialises local writes and stores
