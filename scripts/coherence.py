@@ -26,6 +26,16 @@ when close() started).  The checker then verifies, for each name:
   (and nothing newer created it again meanwhile), and misses no name that was
   certainly there.
 
+Two artifacts of the kernel's caches are allowed, within the bounds the
+design gives them (DESIGN.md: kernel caches are told about breaks
+asynchronously; a stat on B reflects A's change within a bounded time, the
+issue's bound being 100 ms): a name another client removed may still
+resolve for ``KERNEL_GRACE`` seconds after the removal completed (to what it
+held), and a read racing a change may return one allowed version's bytes
+cut, or zero-padded, to another allowed version's length (the kernel clamps
+reads to the size it caches and zero-fills reads that come back short).
+Both are counted and reported as tolerated; anything else is a violation.
+
 The allowed values are computed from intervals only, so the check never
 needs the server's order: it is sound (no false alarms) and exact where
 operations do not overlap.  ``--seed`` fixes every worker's choice of
@@ -62,6 +72,9 @@ log = logging.getLogger(__name__)
 
 ABSENT = "<absent>"
 EMPTY = "<empty>"
+#: Seconds a name removed by another client may still resolve through the
+#: kernel's entry cache (the issue's staleness bound; measured: a few ms).
+KERNEL_GRACE = 0.1
 NAMES = [f"n{i}" for i in range(6)]
 DIR = "coherence"
 INF = float("inf")
@@ -189,9 +202,15 @@ def _history(ops: list[Op], moved: dict[int, set[str]]) -> History:
             # it is renamed away or unlinked meanwhile, the name stays absent.
             gone = {ABSENT} if any(r.start <= o.end and r.end >= o.start
                                    for r in removals.get(o.name, ())) else set()  # fmt: skip
-            h.add(o.name, o.start, o.mid_end or o.end, {EMPTY} | gone, o)  # O_TRUNC / O_CREAT
+            # O_TRUNC / O_CREAT.  Write-on-close (DESIGN.md section 5): other
+            # clients may see the file emptied before the close, or only the
+            # new contents at the close; so the truncation never supersedes
+            # the previous contents (weak), while the close's contents do.
+            h.add(o.name, o.start, o.mid_end or o.end, {EMPTY} | gone, o, weak=True)
             if o.mid:
-                h.add(o.name, o.mid, o.end, {o.token} | gone, o)
+                # A write whose close failed (ESTALE: the file it opened was
+                # removed meanwhile) may not have landed: it supersedes nothing.
+                h.add(o.name, o.mid, o.end, {o.token} | gone, o, weak=bool(o.error))
         elif o.kind == "replace":
             if o.mid:
                 h.add(o.name, o.mid, o.end, {o.token}, o)
@@ -215,10 +234,30 @@ def _history(ops: list[Op], moved: dict[int, set[str]]) -> History:
     return h
 
 
-def check(ops: list[Op]) -> list[Violation]:
-    """Every read and listing against the history the ops themselves made."""
+def _size_mixes(values: set[str]) -> set[str]:
+    """One version's bytes at another version's length (cut or NUL-padded)."""
+    real = {"" if v == EMPTY else v for v in values if v not in (ABSENT, "?")}
+    mixed = {x[: len(y)].ljust(len(y), "\0") for x in real for y in real}
+    return {m or EMPTY for m in mixed}
+
+
+def _stale_name_values(h: History, name: str, start: float) -> set[str]:
+    """What ``name`` held before removals that completed within
+    KERNEL_GRACE before ``start``: a kernel entry cache may still resolve it."""
+    out: set[str] = set()
+    for c in h.changes.get(name, []):
+        if c.values == {ABSENT} and not c.weak and start - KERNEL_GRACE <= c.end < start:
+            out |= h.allowed(name, c.start, c.start) - {ABSENT}
+    return out
+
+
+def check(ops: list[Op], tolerated: dict[str, int] | None = None) -> list[Violation]:
+    """Every read and listing against the history the ops themselves made;
+    kernel-cache artifacts within their bounds are counted in ``tolerated``."""
     h = build_history(ops)
     out: list[Violation] = []
+    if tolerated is None:
+        tolerated = {}
     for o in ops:
         if o.end == INF:
             out.append(Violation(o, set(), o.name, what="operation never returned"))
@@ -240,7 +279,18 @@ def check(ops: list[Op]) -> list[Violation]:
         if o.kind == "read":
             got = ABSENT if o.error == "ENOENT" else str(o.result)
             allowed = h.allowed(o.name, o.start, o.end)
-            if got not in allowed and "?" not in allowed:
+            if got in allowed or "?" in allowed:
+                continue
+            stale = _stale_name_values(h, o.name, o.start)
+            if got in stale:
+                tolerated["name resolved within the kernel grace"] = (
+                    tolerated.get("name resolved within the kernel grace", 0) + 1
+                )
+            elif got in _size_mixes(allowed | stale):
+                tolerated["size of one allowed version, bytes of another"] = (
+                    tolerated.get("size of one allowed version, bytes of another", 0) + 1
+                )
+            else:
                 out.append(Violation(o, allowed, o.name, h.changes.get(o.name, []),
                                      f"read {got!r}, allowed {sorted(allowed)}"))  # fmt: skip
         elif o.kind == "listdir" and isinstance(o.result, list):
@@ -341,6 +391,7 @@ class Outcome:
     counts: dict[str, int]
     errors: dict[str, int]
     wall0: float = 0.0  # time.time() at t0: op times + this = the logs' clock
+    tolerated: dict[str, int] = field(default_factory=dict)  # kernel-cache artifacts
 
 
 def run_workers(roots: list[Path], seed: int, duration: float) -> Outcome:
@@ -360,13 +411,17 @@ def run_workers(roots: list[Path], seed: int, duration: float) -> Outcome:
         counts[o.kind] = counts.get(o.kind, 0) + 1
         if o.error:
             errors[f"{o.kind}:{o.error}"] = errors.get(f"{o.kind}:{o.error}", 0) + 1
-    return Outcome(ops, check(ops), t0, counts, errors, wall0)
+    tolerated: dict[str, int] = {}
+    violations = check(ops, tolerated)
+    return Outcome(ops, violations, t0, counts, errors, wall0, tolerated)
 
 
 def report(out: Outcome, limit: int = 20) -> str:
     lines = [f"ops: {len(out.ops)} " + " ".join(f"{k}={v}" for k, v in sorted(out.counts.items())),
              "errors (expected under races): " + (" ".join(
                  f"{k}={v}" for k, v in sorted(out.errors.items())) or "none"),
+             "tolerated kernel-cache artifacts (bounded, see the module docstring): "
+             + (" ".join(f"{k}={v}" for k, v in sorted(out.tolerated.items())) or "none"),
              f"violations: {len(out.violations)}"]  # fmt: skip
     kinds: dict[str, int] = {}
     for v in out.violations:

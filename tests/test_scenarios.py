@@ -80,6 +80,56 @@ def test_checker_accepts_concurrent_and_current_values() -> None:
     assert coherence.check(ops) == []
 
 
+def test_checker_kernel_grace_for_removed_names_is_bounded() -> None:
+    ops = [
+        _write(0, 1, "n0", 0.0, 1.0),
+        _op(0, 2, "unlink", "n0", 2.0, 2.1),
+        # 50 ms after the removal completed: the kernel's entry cache may
+        # still resolve the name (within KERNEL_GRACE): tolerated, counted.
+        _op(1, 1, "read", "n0", 2.15, 2.16, result="w0.1"),
+        # 500 ms after: a violation.
+        _op(1, 2, "read", "n0", 2.6, 2.61, result="w0.1"),
+    ]
+    tolerated: dict[str, int] = {}
+    vs = coherence.check(ops, tolerated)
+    assert [v.op.seq for v in vs] == [2]
+    assert sum(tolerated.values()) == 1
+
+
+def test_checker_size_mix_only_between_allowed_versions() -> None:
+    ops = [
+        _write(0, 1, "n0", 0.0, 1.0),  # "w0.1"
+        _write(2, 7, "n0", 2.0, 3.0),  # "w2.7"
+        _write(0, 3, "n0", 4.0, 5.0),  # "w0.3"
+        # Racing w0.3's close: bytes of w0.3 at the cached length of w2.7
+        # (same length here: exact), and w2.7 zero-padded to a longer size.
+        _op(1, 1, "read", "n0", 4.85, 4.95, result="w0.3"),
+        _op(1, 2, "read", "n0", 4.85, 4.95, result="w2."),  # cut to... not a length
+        # A superseded version's bytes are never allowed, whatever the size.
+        _op(1, 3, "read", "n0", 6.0, 6.1, result="w2.7"),
+        _op(1, 4, "read", "n0", 6.0, 6.1, result="garbage"),
+    ]
+    ops.append(_op(1, 5, "read", "n0", 4.85, 4.95, result="w2.7\0"))  # not an allowed length
+    tolerated: dict[str, int] = {}
+    vs = coherence.check(ops, tolerated)
+    assert sorted(v.op.seq for v in vs) == [2, 3, 4, 5]
+    assert tolerated == {}
+
+
+def test_checker_tolerates_clamped_and_zero_filled_reads_of_racing_versions() -> None:
+    ops = [
+        _op(0, 1, "write", "n0", 0.0, 1.0, token="w0.1", mid=0.9, mid_end=0.1),
+        _op(2, 9, "write", "n0", 2.0, 3.0, token="w2.10", mid=2.9, mid_end=2.1),
+        # Racing the close of w2.10: its bytes at w0.1's cached length, and
+        # w0.1's bytes zero-filled to w2.10's length.
+        _op(1, 1, "read", "n0", 2.85, 2.95, result="w2.1"),
+        _op(1, 2, "read", "n0", 2.85, 2.95, result="w0.1\0"),
+    ]
+    tolerated: dict[str, int] = {}
+    assert coherence.check(ops, tolerated) == []
+    assert sum(tolerated.values()) == 2
+
+
 def test_checker_follows_renames_and_removals() -> None:
     ops = [
         _write(0, 1, "n0", 0.0, 1.0),
