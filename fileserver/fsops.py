@@ -461,41 +461,38 @@ class FsOps:
     async def remove_file(
         self, st: ClientState, cred: Any, dir_fid: Any, name: Any
     ) -> dict[str, Any]:
-        c = self.caller(cred)
-        d = Fid.from_wire(dir_fid)
-        name = check_name(name)
-        h = self._vol(d)
-        cbs: list[CallBack] = []
-
-        def write() -> tuple[Vnode, Vnode, VolSync]:
-            self._may_remove(h, d, name, c, "unlink")
-            v, dv = h.vol.remove_file(d.vnode, d.unique, name)
-            return v, dv, h.vol.volsync()
-
-        v, dv, vs = await h.run(write, then=lambda _: cbs.append(self.grant(st, d)))
-        f = Fid(d.volume, v.vnode, v.unique)
-        await self._changed(st, d, f)
+        c, f, v, dv, vs, cb = await self._remove(st, cred, dir_fid, name, "unlink")
         return {"fid": f, "status": _st(v, c), "dir_status": _st(dv, c),
-                "dir_callback": cbs[0], "volsync": vs}  # fmt: skip
+                "dir_callback": cb, "volsync": vs}  # fmt: skip
 
     async def remove_dir(
         self, st: ClientState, cred: Any, dir_fid: Any, name: Any
     ) -> dict[str, Any]:
+        c, f, _v, dv, vs, cb = await self._remove(st, cred, dir_fid, name, "rmdir")
+        return {"fid": f, "dir_status": _st(dv, c), "dir_callback": cb, "volsync": vs}
+
+    async def _remove(
+        self, st: ClientState, cred: Any, dir_fid: Any, name: Any, what: str
+    ) -> tuple[Caller, Fid, Vnode, Vnode, VolSync, CallBack]:
+        """unlink or rmdir: checked and applied under the volume lock, the
+        directory's promise granted to the caller, every other holder broken
+        before the reply."""
         c = self.caller(cred)
         d = Fid.from_wire(dir_fid)
         name = check_name(name)
         h = self._vol(d)
+        remove = h.vol.remove_file if what == "unlink" else h.vol.remove_dir
         cbs: list[CallBack] = []
 
         def write() -> tuple[Vnode, Vnode, VolSync]:
-            self._may_remove(h, d, name, c, "rmdir")
-            v, dv = h.vol.remove_dir(d.vnode, d.unique, name)
+            self._may_remove(h, d, name, c, what)
+            v, dv = remove(d.vnode, d.unique, name)
             return v, dv, h.vol.volsync()
 
         v, dv, vs = await h.run(write, then=lambda _: cbs.append(self.grant(st, d)))
         f = Fid(d.volume, v.vnode, v.unique)
         await self._changed(st, d, f)
-        return {"fid": f, "dir_status": _st(dv, c), "dir_callback": cbs[0], "volsync": vs}
+        return c, f, v, dv, vs, cbs[0]
 
     async def rename(
         self,
