@@ -220,6 +220,12 @@ class AfsTarget(Target):
         assert self.mount is not None
         return {k: int(v) for k, v in self.mount.stats()["rpc"].items()}
 
+    def daemon_reads(self) -> int:
+        """FUSE reads the daemon answered (cache hits + misses) so far."""
+        assert self.mount is not None
+        st = self.mount.stats()
+        return int(st.get("cache_hits", 0)) + int(st.get("cache_misses", 0))
+
 
 class Sshd:
     """An sshd on a free 127.0.0.1 port with throwaway host and user keys."""
@@ -481,7 +487,10 @@ def run_target(t: Target, args: argparse.Namespace, block: bytes) -> dict[str, R
         before = t.rpcs()
         rc.samples.append(big / 1e6 / timed(lambda: read_big(bigpath, big)))
         rc.extra.setdefault("rpcs", []).append(rpc_delta(before, t.rpcs()))
+        reads0 = t.daemon_reads() if isinstance(t, AfsTarget) else 0
         rw.samples.append(big / 1e6 / timed(lambda: read_big(bigpath, big)))
+        if isinstance(t, AfsTarget):  # 0: the reread never left the page cache
+            rw.extra.setdefault("daemon_reads", []).append(t.daemon_reads() - reads0)
     log.info("%s: read cold %.0f MB/s warm %.0f MB/s", t.name, rc.median, rw.median)
     os.unlink(bigpath)
 
@@ -739,12 +748,17 @@ def goals(
                 verdict(None if q is None else q >= 1.5),
             )
         )
-    q = ratio(res, "read_warm", "local")
+    q = ratio(res, "read_warm", "ptlong")
+    ql = ratio(res, "read_warm", "local")
+    rw = afs.get("read_warm")
+    nreads = max(rw.extra.get("daemon_reads", [0])) if rw is not None else None
     out.append(
         (
-            "warm reread at page-cache speed (>= 0.5x local warm read)",
-            "—" if q is None else f"{q:.2f}x of local",
-            verdict(None if q is None else q >= 0.5),
+            "warm reread at page-cache speed (no read reaches the daemon; >= 0.8x ptlong warm)",
+            "—"
+            if q is None
+            else f"{nreads} daemon reads; {q:.2f}x of ptlong, {ql or 0:.2f}x of local (no FUSE)",
+            verdict(None if q is None else (nreads == 0 and q >= 0.8)),
         )
     )
     sizes = sorted(cbs, key=int)
