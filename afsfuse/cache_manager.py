@@ -1038,6 +1038,11 @@ class CacheManager:
                    cred: Cred = None) -> bytes:  # fmt: skip
         v = target.vnode if isinstance(target, OpenFile) else target
         wc = _wire_cred(cred)
+        if v.storing:
+            # Our own store is under way: its chunks are filed under the DV it
+            # started from while the server's file is half stored.  Wait.
+            async with v.io_lock:
+                pass
         st = await validate(self, v, wc)
         if st.type == FileType.DIRECTORY:
             raise _err("EISDIR")
@@ -1200,20 +1205,35 @@ class CacheManager:
     async def _store(self, v: Vnode, cred: Any) -> None:
         """Store every dirty chunk (contiguous runs, <= MAX_IO per StoreData).
 
-        Our own store moves the DV by exactly one: the chunks are rekeyed to
-        the new DV, not dropped.  The vnode is locked for writing across each
-        call, so no status fetched meanwhile can interleave (P6)."""
+        Our own store moves the DV by exactly one per call: the chunks are
+        re-labelled to the final DV, not dropped.  The vnode is locked for
+        writing across each call, so no status fetched meanwhile can
+        interleave (P6).  Reads on this client wait for the store (``storing``)
+        rather than read the server's half-stored file."""
+        async with v.io_lock:
+            v.storing = True
+            try:
+                await self._store_runs(v, cred)
+            finally:
+                v.storing = False
+
+    async def _store_runs(self, v: Vnode, cred: Any) -> None:
         cs = self.datacache.chunk_size
         per_call = max(1, MAX_IO // cs)
-        async with v.io_lock:
-            while True:
-                async with v.lock.write():
-                    if v.status is None:
-                        raise _err("ESTALE")
-                    dv = v.status.data_version
+        # The chunks stay filed under one DV (key_dv) for the whole store and
+        # are re-labelled once at the end: re-labelling every chunk of the file
+        # after each StoreData would cost the square of its size.
+        key_dv: int | None = None
+        while True:
+            async with v.lock.write():
+                if v.status is None:
+                    raise _err("ESTALE")
+                dv = v.status.data_version
+                if key_dv is None:
                     for d, _i in self.datacache.dirty_chunks(v.fid):
                         if d != dv:  # written under a DV that moved since
                             self.datacache.rekey(v.fid, d, dv)
+                    key_dv = dv
                     if v.truncated:
                         # After a local O_TRUNC every byte on the server is
                         # replaced: the holes we never wrote go as zeros.
@@ -1221,63 +1241,69 @@ class CacheManager:
                         for i in range((v.size() + cs - 1) // cs):
                             if i not in have:
                                 self.datacache.put(v.fid, dv, i, b"", dirty=True)
-                    idx = [i for d, i in self.datacache.dirty_chunks(v.fid) if d == dv]
-                    if not idx and v.local_size is None:
-                        return
-                    fsize = v.size()
-                    run = idx[:1]
-                    for i in idx[1:]:
-                        if i == run[-1] + 1 and len(run) < per_call:
-                            run.append(i)
-                        else:
-                            break
-                    if run:
-                        parts = []
-                        for i in run:
-                            chunk = self.datacache.get(v.fid, dv, i)
-                            if chunk is None:
-                                raise _err("EIO", f"{v.fid}: dirty chunk {i} lost")
-                            # A short cached chunk reads as zeros up to the
-                            # file size: send those zeros, so the server's
-                            # old bytes there are replaced too.
-                            span = max(0, min(cs, fsize - i * cs))
-                            parts.append(chunk[:span].ljust(span, b"\0"))
-                        off = run[0] * cs
-                        payload = b"".join(parts)[: max(0, fsize - off)]
+                idx = [i for d, i in self.datacache.dirty_chunks(v.fid) if d == key_dv]
+                if not idx and v.local_size is None:
+                    return
+                fsize = v.size()
+                run = idx[:1]
+                for i in idx[1:]:
+                    if i == run[-1] + 1 and len(run) < per_call:
+                        run.append(i)
                     else:
-                        off, payload = fsize, b""
-                    server = v.volume.server
-                    snap = CallSnapshot(v.volume, server, (v,))
-                    try:
-                        reply = await self.rpc(
-                            server, M.FS_STORE_DATA, cred, v.fid, off, payload, fsize, None,
-                            snap=snap,
-                        )  # fmt: skip
-                    except RpcError as exc:
-                        if exc.code in ("ENOENT", "ESTALE"):
-                            # Removed by someone else: these writes can never land.
-                            mark_deleted(self, v)
-                            raise _err("ESTALE", f"{v.fid} was removed") from None
-                        raise
-                    self.stats.bytes_stored += len(payload)
-                    note_volsync(self, v.volume, reply.get("volsync"))
-                    new = FileStatus.from_wire(reply["status"])
+                        break
+                if run:
+                    parts = []
                     for i in run:
-                        self.datacache.mark_clean(v.fid, dv, i)
-                    if new.data_version == dv + 1:
-                        self.datacache.rekey(v.fid, dv, new.data_version)
-                    # C2: the kernel's pages hold the new data only if they held
-                    # the DV this store started from and nobody else wrote.
-                    pages_current = v.kernel_dv == dv and new.data_version == dv + 1
-                    apply_reply(self, v, reply["status"], None, snap, own_from_dv=dv)
-                    v.kernel_dv = new.data_version if pages_current else None
-                    v.touch()
-                    log_event("stored", fid=v.fid, offset=off, bytes=len(payload),
-                              dv=new.data_version)  # fmt: skip
-                    if not self.datacache.dirty_chunks(v.fid):
-                        v.local_size = None
-                        v.truncated = False
-                        return
+                        chunk = self.datacache.get(v.fid, key_dv, i)
+                        if chunk is None:
+                            raise _err("EIO", f"{v.fid}: dirty chunk {i} lost")
+                        # A short cached chunk reads as zeros up to the file
+                        # size: send those zeros, so the server's old bytes
+                        # there are replaced too.
+                        span = max(0, min(cs, fsize - i * cs))
+                        parts.append(chunk[:span].ljust(span, b"\0"))
+                    off = run[0] * cs
+                    payload = b"".join(parts)[: max(0, fsize - off)]
+                else:
+                    off, payload = fsize, b""
+                server = v.volume.server
+                snap = CallSnapshot(v.volume, server, (v,))
+                try:
+                    reply = await self.rpc(
+                        server, M.FS_STORE_DATA, cred, v.fid, off, payload, fsize, None,
+                        snap=snap,
+                    )  # fmt: skip
+                except RpcError as exc:
+                    if exc.code in ("ENOENT", "ESTALE"):
+                        # Removed by someone else: these writes can never land.
+                        mark_deleted(self, v)
+                        raise _err("ESTALE", f"{v.fid} was removed") from None
+                    raise
+                self.stats.bytes_stored += len(payload)
+                note_volsync(self, v.volume, reply.get("volsync"))
+                new = FileStatus.from_wire(reply["status"])
+                for i in run:
+                    self.datacache.mark_clean(v.fid, key_dv, i)
+                own = new.data_version == dv + 1
+                # C2: the kernel's pages hold the new data only if they held
+                # the DV this store started from and nobody else wrote.
+                pages_current = v.kernel_dv == dv and own
+                apply_reply(self, v, reply["status"], None, snap, own_from_dv=dv)
+                v.kernel_dv = new.data_version if pages_current else None
+                v.touch()
+                log_event("stored", fid=v.fid, offset=off, bytes=len(payload),
+                          dv=new.data_version)  # fmt: skip
+                if not own:
+                    # Someone else wrote too: their version's data replaced our
+                    # clean chunks (zapped above); what is still dirty is
+                    # re-filed under the current DV at the next pass.
+                    key_dv = None
+                if not self.datacache.dirty_chunks(v.fid):
+                    if key_dv is not None:
+                        self.datacache.rekey(v.fid, key_dv, new.data_version)
+                    v.local_size = None
+                    v.truncated = False
+                    return
 
     @_maps_errors
     async def flush(self, handle: OpenFile, cred: Cred = None) -> None:

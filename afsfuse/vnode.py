@@ -62,6 +62,7 @@ class Vnode:
         self.mod_at = 0  # volume.mod_clock at our last completed change (stale guard)
         self.local_size: int | None = None  # size including unstored writes
         self.truncated = False  # a local O_TRUNC not yet stored: no server bytes are ours
+        self.storing = False  # a store is under way (see CacheManager._store)
         self.listing: DirListing | None = None  # directories only
         self.old_listing: DirListing | None = None  # zapped one, to diff for the kernel
         self.symlink: tuple[int, bytes] | None = None  # (dv, target)
