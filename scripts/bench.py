@@ -164,20 +164,15 @@ class LocalTarget(Target):
         drop_caches()
 
 
-class PassthroughTarget(Target):
-    def __init__(self, data: Path, mnt: Path, timeout: float, logdir: Path) -> None:
-        super().__init__()
-        self.name = "pt0" if timeout == 0 else "ptlong"
-        self.label = f"passthrough t={timeout:g}s"
-        self.backing, self.root, self.timeout = data, mnt, timeout
-        self.log_path = logdir / f"{self.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+class DaemonTarget(Target):
+    """A FUSE daemon this benchmark starts in the foreground (its pid is the
+    daemon's) and always unmounts and stops, even after a failure."""
 
-    def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        t = str(self.timeout)
-        cmd = [sys.executable, str(PASSTHROUGH), str(self.backing), str(self.root),
-               "--attr-timeout", t, "--entry-timeout", t]  # fmt: skip
+    root: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, cmd: list[str]) -> None:
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
                                          stderr=subprocess.STDOUT)  # fmt: skip
@@ -190,6 +185,22 @@ class PassthroughTarget(Target):
             stop_proc(self.proc)
             unmount(self.root)  # a daemon killed mid-way leaves a dead mount
             self.proc = None
+
+
+class PassthroughTarget(DaemonTarget):
+    def __init__(self, data: Path, mnt: Path, timeout: float, logdir: Path) -> None:
+        super().__init__()
+        self.name = "pt0" if timeout == 0 else "ptlong"
+        self.label = f"passthrough t={timeout:g}s"
+        self.backing, self.root, self.timeout = data, mnt, timeout
+        self.log_path = logdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        t = str(self.timeout)
+        self.spawn([sys.executable, str(PASSTHROUGH), str(self.backing), str(self.root),
+                    "--attr-timeout", t, "--entry-timeout", t])  # fmt: skip
 
 
 class AfsTarget(Target):
@@ -285,7 +296,7 @@ class Sshd:
                 Path("/run/sshd").rmdir()
 
 
-class SshfsTarget(Target):
+class SshfsTarget(DaemonTarget):
     name, label = "sshfs", "sshfs"
 
     def __init__(self, sshd: Sshd, data: Path, mnt: Path, logdir: Path) -> None:
@@ -302,19 +313,7 @@ class SshfsTarget(Target):
             "LogLevel=ERROR",
         ])  # fmt: skip
         # -f: foreground, so the pid we hold is the daemon's.
-        cmd = ["sshfs", "-f", f"root@127.0.0.1:{self.backing}", str(self.root), "-o", opts]
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
-        wait_mount(self.root, self.proc)
-
-    def stop(self) -> None:
-        try:
-            unmount(self.root)
-        finally:
-            stop_proc(self.proc)
-            unmount(self.root)
-            self.proc = None
+        self.spawn(["sshfs", "-f", f"root@127.0.0.1:{self.backing}", str(self.root), "-o", opts])
 
 
 def ensure_sshfs() -> str | None:
