@@ -37,6 +37,7 @@ from afsfuse.kernel_notify import KernelNotifier, inode_key
 from afsfuse.vnode import Vnode
 from protocol.errors import RpcError
 from protocol.limits import MAX_NAME
+from protocol.methods import FS_GET_CAPABILITIES
 from protocol.records import FileStatus, FileType
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ MOUNTPOINT_MODE = 0o644
 UNRESOLVED_TIMEOUT = 1.0
 #: A file broken this recently (seconds) is opened with direct_io.
 HOT_WINDOW = 2.0
+#: Seconds `fs checkservers` waits for each server.
+PROBE_TIMEOUT = 5.0
 _MOUNTPOINT_RE = re.compile(rb"([#%])(?:([^:]+):)?([^:]+)\.")
 XATTRS = (b"afs.fid", b"afs.cell", b"afs.volume")
 
@@ -642,12 +645,28 @@ class AfsOperations(pyfuse3.Operations):
                 ],
             }
         if name == b"afs.checkservers":
-            return self.cm.stats_dict().get("servers", {})
+            return await self._probe_servers()
         if name == b"afs.lsmount":
             if v.fid != v.volume.root_fid or v.volume.key not in self._mount_parent:
                 raise pyfuse3.FUSEError(errno.EINVAL)  # not a mount point
             return {"cell": v.volume.cell, "volume": v.volume.name, "id": v.volume.volume_id}
         return None
+
+    async def _probe_servers(self) -> dict[str, Any]:
+        """``fs checkservers``: one round trip to every server this mount uses."""
+        out: dict[str, Any] = {}
+        for rec in list(self.cm.servers.values()):
+            info: dict[str, Any] = {"addrs": [list(a) for a in rec.addrs]}
+            t0 = trio.current_time()
+            try:
+                with trio.fail_after(PROBE_TIMEOUT):
+                    await rec.call(FS_GET_CAPABILITIES)
+            except (RpcError, OSError, trio.TooSlowError) as exc:
+                info.update(up=False, error=str(exc) or type(exc).__name__)
+            else:
+                info.update(up=True, rtt_ms=round((trio.current_time() - t0) * 1000, 2))
+            out[rec.uuid] = info
+        return out
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

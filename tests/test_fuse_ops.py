@@ -236,6 +236,9 @@ def test_xattrs_and_fs_commands(mount, d):
         assert key in stats
     out = subprocess.run([*cli, "whereis", str(p), "--json"], capture_output=True, text=True)
     assert json.loads(out.stdout)["servers"]
+    out = subprocess.run([*cli, "checkservers", str(p), "--json"], capture_output=True, text=True)
+    servers = json.loads(out.stdout)
+    assert len(servers) == 1 and all(s["up"] and s["rtt_ms"] >= 0 for s in servers.values())
     assert subprocess.run([*cli, "flush", str(p)]).returncode == 0
     assert p.read_text() == "x"
     raises_errno(errno.ENODATA, os.getxattr, p, "user.nothing")
