@@ -16,7 +16,6 @@ attributes the ``fs`` commands use, and the kernel cache timeouts.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import json
@@ -351,13 +350,15 @@ class AfsOperations(pyfuse3.Operations):
             entries = []
             for e in listing:
                 child, st, short = await self._entry_target(dh.ino, e.vnode, e.status, dh.cred)
-                with contextlib.suppress(RpcError, OSError):
-                    child, st = await self._adopt(child, st, dh.cred)
                 entries.append((e.name, child, st, short))
             dh.entries = entries
         for i in range(start_id, len(dh.entries)):
             name, child, st, short = dh.entries[i]
-            child.volume.adopt(child)
+            # Hand the kernel the vnode breaks reach (see VolumeInstance.adopt):
+            # a forget may have dropped ours since the snapshot was taken.
+            held = child.volume.adopt(child)
+            if held is not child:
+                child, st = held, held.effective_status() or st
             entry = self.inodes.remember(inode_key(child), child, child.fid.unique, count=0)
             attrs = self._attrs(entry.ino, child, st, short=short)
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
