@@ -29,10 +29,6 @@ class RWLock:
         self._wlot = trio.lowlevel.ParkingLot()
 
     @property
-    def locked_for_write(self) -> bool:
-        return self._writer
-
-    @property
     def readers(self) -> int:
         return self._readers
 

@@ -30,10 +30,6 @@ from typing import Any
 log = logging.getLogger("fileserver.events")
 
 
-def enabled() -> bool:
-    return log.isEnabledFor(logging.INFO)
-
-
 def event(name: str, **fields: Any) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
