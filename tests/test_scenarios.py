@@ -52,30 +52,35 @@ def _op(client: int, seq: int, kind: str, name: str, start: float, end: float, *
     return Op(client, seq, kind, name, start=start, end=end, **kw)
 
 
-def _write(client: int, seq: int, name: str, start: float, end: float) -> Op:
+def _write(client: int, seq: int, name: str, start: float, end: float, fid: str = "f1") -> Op:
     # open() returns at start + 0.1, close() starts at end - 0.1
     return _op(client, seq, "write", name, start, end, token=f"w{client}.{seq}",
-               mid=end - 0.1, mid_end=start + 0.1)  # fmt: skip
+               mid=end - 0.1, mid_end=start + 0.1, fid=fid)  # fmt: skip
+
+
+def _read(client: int, seq: int, name: str, start: float, end: float, got: str,
+          fid: str = "f1") -> Op:  # fmt: skip
+    return _op(client, seq, "read", name, start, end, result=got, fid=fid)
 
 
 def test_checker_flags_a_stale_read() -> None:
     ops = [
         _write(0, 1, "n0", 0.0, 1.0),
         _write(0, 2, "n0", 2.0, 3.0),
-        _op(1, 1, "read", "n0", 4.0, 4.5, result="w0.1"),  # w0.2 closed before the open
+        _read(1, 1, "n0", 4.0, 4.5, "w0.1"),  # w0.2 closed before the open
     ]
     [v] = coherence.check(ops)
-    assert v.op is ops[2] and v.allowed == {"w0.2"}
+    assert v.op is ops[2] and v.allowed == {"w0.2"} and v.name == "f1"
 
 
 def test_checker_accepts_concurrent_and_current_values() -> None:
     ops = [
         _write(0, 1, "n0", 0.0, 1.0),
         _write(0, 2, "n0", 2.0, 3.0),
-        _op(1, 1, "read", "n0", 2.02, 2.03, result="w0.1"),  # open of w0.2 truncating
-        _op(1, 2, "read", "n0", 2.5, 2.6, result=coherence.EMPTY),  # truncated, not stored
-        _op(1, 4, "read", "n0", 2.95, 2.97, result="w0.2"),  # while w0.2's close runs
-        _op(1, 3, "read", "n0", 3.5, 3.6, result="w0.2"),
+        _read(1, 1, "n0", 2.02, 2.03, "w0.1"),  # open of w0.2 truncating
+        _read(1, 2, "n0", 2.5, 2.6, coherence.EMPTY),  # truncated, not stored
+        _read(1, 4, "n0", 2.95, 2.97, "w0.2"),  # while w0.2's close runs
+        _read(1, 3, "n0", 3.5, 3.6, "w0.2"),
     ]
     assert coherence.check(ops) == []
 
@@ -86,14 +91,56 @@ def test_checker_kernel_grace_for_removed_names_is_bounded() -> None:
         _op(0, 2, "unlink", "n0", 2.0, 2.1),
         # 50 ms after the removal completed: the kernel's entry cache may
         # still resolve the name (within KERNEL_GRACE): tolerated, counted.
-        _op(1, 1, "read", "n0", 2.15, 2.16, result="w0.1"),
+        _read(1, 1, "n0", 2.15, 2.16, "w0.1"),
         # 500 ms after: a violation.
-        _op(1, 2, "read", "n0", 2.6, 2.61, result="w0.1"),
+        _read(1, 2, "n0", 2.6, 2.61, "w0.1"),
+        # The client that removed it: its own entry cache knows at once.
+        _read(0, 3, "n0", 2.15, 2.16, "w0.1"),
     ]
     tolerated: dict[str, int] = {}
     vs = coherence.check(ops, tolerated)
-    assert [v.op.seq for v in vs] == [2]
-    assert sum(tolerated.values()) == 1
+    assert [(v.op.client, v.op.seq) for v in vs] == [(1, 2), (0, 3)]
+    assert all(v.kind().startswith("read reached a file") for v in vs)
+    assert tolerated == {"name resolved within the kernel grace": 1}
+
+
+def test_checker_write_through_a_stale_name_lands_in_the_renamed_file() -> None:
+    # The kernel of client 2 still resolves n2 to f1 for a few ms after
+    # client 0 renamed f1 to n1: client 2's write lands in f1, now at n1.
+    ops = [
+        _write(0, 1, "n2", 0.0, 1.0),
+        _op(0, 2, "rename", "n2", 2.0, 2.1, name2="n1"),
+        _write(2, 1, "n2", 2.104, 2.15),  # reaches f1 through the stale name
+        _read(1, 1, "n1", 2.16, 2.17, "w2.1"),  # f1's contents, at its new name
+        _op(1, 2, "read", "n2", 2.18, 2.19, error="ENOENT"),  # n2 never re-created
+        _write(2, 2, "n2", 2.6, 2.7),  # 500 ms on: not the kernel grace
+    ]
+    tolerated: dict[str, int] = {}
+    vs = coherence.check(ops, tolerated)
+    assert [(v.op.client, v.op.seq) for v in vs] == [(2, 2)]
+    assert vs[0].kind().startswith("write reached a file")
+    assert tolerated == {"name resolved within the kernel grace": 1}
+
+
+def test_checker_read_follows_the_file_it_opened() -> None:
+    # A read that resolved n1 while client 0 renamed the file to n2 reads
+    # that file, including what client 0 then writes to it as n2 (POSIX
+    # does the same on a local disk); a read of another file than the one
+    # bound to the name, or of contents the file never held, is flagged.
+    ops = [
+        _write(0, 1, "n1", 0.0, 1.0),
+        _op(0, 2, "rename", "n1", 2.0, 2.1, name2="n2"),
+        _write(0, 3, "n2", 2.2, 2.3),
+        _read(1, 1, "n1", 2.05, 2.4, "w0.3"),
+        _write(2, 1, "n3", 3.0, 3.4, fid="f2"),
+        _read(1, 2, "n2", 4.0, 4.1, "w0.3"),
+        _read(1, 3, "n2", 4.0, 4.1, "w2.1", fid="f2"),  # f2 was never at n2
+        _read(1, 4, "n3", 4.0, 4.1, "w0.3", fid="f2"),  # f2 never held w0.3
+    ]
+    vs = coherence.check(ops)
+    assert [v.op.seq for v in vs if v.op.client == 1] == [3, 4]
+    assert vs[0].kind().startswith("read reached a file") and vs[0].name == "n2"
+    assert vs[1].name == "f2" and vs[1].allowed == {"w2.1"}
 
 
 def test_checker_size_mix_only_between_allowed_versions() -> None:
@@ -103,13 +150,13 @@ def test_checker_size_mix_only_between_allowed_versions() -> None:
         _write(0, 3, "n0", 4.0, 5.0),  # "w0.3"
         # Racing w0.3's close: bytes of w0.3 at the cached length of w2.7
         # (same length here: exact), and w2.7 zero-padded to a longer size.
-        _op(1, 1, "read", "n0", 4.85, 4.95, result="w0.3"),
-        _op(1, 2, "read", "n0", 4.85, 4.95, result="w2."),  # cut to... not a length
+        _read(1, 1, "n0", 4.85, 4.95, "w0.3"),
+        _read(1, 2, "n0", 4.85, 4.95, "w2."),  # cut to... not a length
         # A superseded version's bytes are never allowed, whatever the size.
-        _op(1, 3, "read", "n0", 6.0, 6.1, result="w2.7"),
-        _op(1, 4, "read", "n0", 6.0, 6.1, result="garbage"),
+        _read(1, 3, "n0", 6.0, 6.1, "w2.7"),
+        _read(1, 4, "n0", 6.0, 6.1, "garbage"),
     ]
-    ops.append(_op(1, 5, "read", "n0", 4.85, 4.95, result="w2.7\0"))  # not an allowed length
+    ops.append(_read(1, 5, "n0", 4.85, 4.95, "w2.7\0"))  # not an allowed length
     tolerated: dict[str, int] = {}
     vs = coherence.check(ops, tolerated)
     assert sorted(v.op.seq for v in vs) == [2, 3, 4, 5]
@@ -118,12 +165,12 @@ def test_checker_size_mix_only_between_allowed_versions() -> None:
 
 def test_checker_tolerates_clamped_and_zero_filled_reads_of_racing_versions() -> None:
     ops = [
-        _op(0, 1, "write", "n0", 0.0, 1.0, token="w0.1", mid=0.9, mid_end=0.1),
-        _op(2, 9, "write", "n0", 2.0, 3.0, token="w2.10", mid=2.9, mid_end=2.1),
+        _op(0, 1, "write", "n0", 0.0, 1.0, token="w0.1", mid=0.9, mid_end=0.1, fid="f1"),
+        _op(2, 9, "write", "n0", 2.0, 3.0, token="w2.10", mid=2.9, mid_end=2.1, fid="f1"),
         # Racing the close of w2.10: its bytes at w0.1's cached length, and
         # w0.1's bytes zero-filled to w2.10's length.
-        _op(1, 1, "read", "n0", 2.85, 2.95, result="w2.1"),
-        _op(1, 2, "read", "n0", 2.85, 2.95, result="w0.1\0"),
+        _read(1, 1, "n0", 2.85, 2.95, "w2.1"),
+        _read(1, 2, "n0", 2.85, 2.95, "w0.1\0"),
     ]
     tolerated: dict[str, int] = {}
     assert coherence.check(ops, tolerated) == []
@@ -134,7 +181,7 @@ def test_checker_follows_renames_and_removals() -> None:
     ops = [
         _write(0, 1, "n0", 0.0, 1.0),
         _op(0, 2, "rename", "n0", 1.1, 1.2, name2="n1"),
-        _op(1, 1, "read", "n1", 2.0, 2.1, result="w0.1"),
+        _read(1, 1, "n1", 2.0, 2.1, "w0.1"),
         _op(1, 2, "read", "n0", 2.0, 2.1, error="ENOENT"),
         _op(1, 3, "listdir", ".", 2.2, 2.3, result=["n0", "n1"]),  # n0 was gone
     ]
