@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import stat
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -56,14 +57,18 @@ HOT_WINDOW = 2.0
 #: Seconds `fs checkservers` waits for each server.
 PROBE_TIMEOUT = 5.0
 _MOUNTPOINT_RE = re.compile(rb"([#%])(?:([^:]+):)?([^:]+)\.")
+XATTR_PREFIX = b"afs."
 XATTRS = (b"afs.fid", b"afs.cell", b"afs.volume")
 
 
 def _handler(fn: _F) -> _F:
+    name = fn.__name__
+
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def wrapper(self: AfsOperations, *args: Any, **kwargs: Any) -> Any:
+        self.requests[name] += 1  # what the kernel asks of us, for `fs stats`
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except RpcError as exc:
@@ -72,7 +77,7 @@ def _handler(fn: _F) -> _F:
             num = exc.errno or errno.EIO
             raise pyfuse3.FUSEError(_ERRNO_REMAP.get(num, num)) from None
         except Exception:
-            log.exception("%s failed", fn.__name__)
+            log.exception("%s failed", name)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
@@ -122,6 +127,7 @@ class AfsOperations(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self.inodes = InodeTable()
+        self.requests: Counter[str] = Counter()  # FUSE requests by handler
         root.ino = self.inodes.set_root(inode_key(root), root, root.fid.unique).ino
         self.notifier = KernelNotifier(
             self.inodes, self._kernel_inval_inode, self._kernel_inval_entry,
@@ -612,6 +618,12 @@ class AfsOperations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(XATTR_PREFIX):
+            # Like the kernel AFS client: no handler for other namespaces.
+            # EOPNOTSUPP, not ENODATA, is what lets `ls -l` remember per
+            # device that there are no SELinux labels or POSIX ACLs here
+            # instead of asking twice for every file it lists.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         v = self._vnode(inode)
         fid = v.fid
         if name == b"afs.fid":  # as the Linux kernel AFS client formats it
@@ -634,7 +646,7 @@ class AfsOperations(pyfuse3.Operations):
             info["inode"] = ino
             return info
         if name == b"afs.stats":
-            return self.cm.stats_dict()
+            return {**self.cm.stats_dict(), "kernel_requests": dict(self.requests)}
         if name == b"afs.whereis":
             return {
                 "fid": str(v.fid),

@@ -127,6 +127,10 @@ class ClientMount:
     def stats(self) -> dict[str, Any]:
         return json.loads(os.getxattr(self.mnt, "afs.stats"))
 
+    def fuse_requests(self) -> dict[str, int]:
+        """FUSE requests the daemon has handled, by handler name."""
+        return dict(self.stats()["kernel_requests"])
+
     def rpc_count(self, method: str) -> int:
         return int(self.stats()["rpc"].get(method, 0))
 

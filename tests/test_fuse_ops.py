@@ -241,7 +241,25 @@ def test_xattrs_and_fs_commands(mount, d):
     assert len(servers) == 1 and all(s["up"] and s["rtt_ms"] >= 0 for s in servers.values())
     assert subprocess.run([*cli, "flush", str(p)]).returncode == 0
     assert p.read_text() == "x"
-    raises_errno(errno.ENODATA, os.getxattr, p, "user.nothing")
+    raises_errno(errno.ENODATA, os.getxattr, p, "afs.nothing")
+    # Other namespaces are not supported at all (as in the kernel AFS
+    # client), which is what lets `ls -l` stop asking for labels and ACLs.
+    for name in ("user.nothing", "security.selinux", "system.posix_acl_access"):
+        raises_errno(errno.EOPNOTSUPP, os.getxattr, p, name)
+
+
+def test_ls_l_asks_no_xattrs_after_the_first_file(mount, d):
+    for i in range(20):
+        (d / f"f{i}").write_text("x")
+    os.listdir(d)  # warm the kernel's entry and attribute caches
+    before = mount.fuse_requests()
+    out = subprocess.run(["ls", "-l", str(d)], capture_output=True, text=True, check=True)
+    assert out.stdout.count(" f") == 20
+    after = mount.fuse_requests()
+    # ls gets EOPNOTSUPP for the first file's label and ACL and skips them
+    # for the rest of the device (with ENODATA it would ask twice for each of
+    # the 20 files); one more is this stats read itself.
+    assert after["getxattr"] - before["getxattr"] <= 4
 
 
 def test_large_io_sizes(d):
