@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rpc-timeout", type=float, default=30.0)
     m.add_argument("-o", dest="fuse_options", action="append", default=[], help="FUSE options")
     m.add_argument("--log-file", type=Path, help="daemon log (default: CACHE_DIR/daemon.log)")
+    m.add_argument(
+        "--events",
+        action="store_true",
+        help="log cache-manager event lines (promises, breaks, validations) for timelines",
+    )
     m.add_argument("-v", "--verbose", action="store_true")
     m.add_argument("--debug", action="store_true")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -300,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "verbose", False) and not getattr(args, "debug", False):
         level = logging.WARNING if args.command != "mount" else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "mount" and not (args.events or args.verbose or args.debug):
+        # Event lines are a trace (one per promise installed, per validation):
+        # about a third of the daemon's CPU in a cold `ls -lR`.  Off unless asked.
+        logging.getLogger("afsfuse.events").setLevel(logging.WARNING)
     try:
         if args.command == "mount":
             return cmd_mount(args)

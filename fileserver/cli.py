@@ -31,13 +31,17 @@ def _hostport(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _setup_logging(verbose: bool, event_log: str | None) -> None:
+def _setup_logging(verbose: bool, event_log: str | None, events: bool = False) -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
                         stream=sys.stderr)  # fmt: skip
     if not verbose:
         # The RPC layer at DEBUG is very chatty; keep it at INFO unless asked.
         logging.getLogger("protocol").setLevel(logging.INFO)
+    if not (events or event_log or verbose):
+        # Event lines are a trace (one per promise granted, per break): about
+        # 40% of the server's CPU in a cold `ls -lR`.  Off unless asked for.
+        logging.getLogger("fileserver.events").setLevel(logging.WARNING)
     if event_log:
         h = logging.FileHandler(event_log)
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -125,7 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--metrics", type=_hostport, default=None, help="HOST:PORT for the Prometheus exporter"
     )
-    s.add_argument("--event-log", default=None, help="also append event lines to this file")
+    s.add_argument(
+        "--events",
+        action="store_true",
+        help="log callback event lines (grants, breaks, ...) for scenario timelines",
+    )
+    s.add_argument(
+        "--event-log", default=None, help="also append event lines to this file (implies --events)"
+    )
     s.add_argument(
         "--no-root-volume", action="store_true", help="do not create root.cell at first start"
     )
@@ -202,7 +213,7 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]
 def serve(args: argparse.Namespace) -> int:
     from fileserver.server import FileServer
 
-    _setup_logging(args.verbose, args.event_log)
+    _setup_logging(args.verbose, args.event_log, args.events)
     config = ServerConfig(
         data_dir=args.data_dir,
         host=args.listen[0],

@@ -213,7 +213,9 @@ class AfsTarget(Target):
         self.root = workdir / "mnt"
 
     def start(self) -> None:
-        self.mount = ClientMount(self.server, self.workdir, extra_args=self.extra).start()
+        # events=False: what a default deployment does (no trace lines).
+        m = ClientMount(self.server, self.workdir, extra_args=self.extra, events=False)
+        self.mount = m.start()
 
     def stop(self) -> None:
         if self.mount is not None:
@@ -954,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
                 with started(pt):
                     res[pt.name] = run_target(pt, args, block)
         if "afsfuse" in wanted:
-            server = ServerProcess(base / "fs").start()
+            server = ServerProcess(base / "fs", events=False).start()
             with started(AfsTarget(server, base / "afs-a")) as afs:
                 res["afsfuse"] = run_target(afs, args, block)
                 with started(AfsTarget(server, base / "afs-b")) as afs_b:

@@ -256,12 +256,12 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="afsfuse-load-"))
     work.mkdir(parents=True, exist_ok=True)
-    srv = ServerProcess(work / "fs")
+    srv = ServerProcess(work / "fs", events=False)  # a default deployment
     mounts: list[ClientMount] = []
     try:
         srv.start()
         for k in range(args.mounts):
-            mounts.append(ClientMount(srv, work / f"m{k}").start())
+            mounts.append(ClientMount(srv, work / f"m{k}", events=False).start())
         result = trio.run(run, args, srv, mounts)
     finally:
         for m in mounts:

@@ -57,6 +57,8 @@ def start(run_dir: Path, mount: Path, port: int) -> int:
                 str(run_dir / "data"),
                 "--listen",
                 f"127.0.0.1:{port}",
+                # Event lines, so scripts/scenario.py --server can narrate.
+                "--events",
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -89,6 +91,7 @@ def start(run_dir: Path, mount: Path, port: int) -> int:
                 # The cell key the fileserver created in its data dir.
                 "--key-file",
                 str(run_dir / "data" / "cell.key"),
+                "--events",
             ]
         )
         if res.returncode != 0:

@@ -65,6 +65,7 @@ class ClientMount:
         extra_args: tuple[str, ...] = (),
         cache_dir: Path | None = None,
         key_file: Path | bool | None = None,
+        events: bool = True,
     ) -> None:
         self.server = server
         self.workdir = Path(workdir)
@@ -72,7 +73,8 @@ class ClientMount:
         self.cache_dir = cache_dir or self.workdir / "cache"
         self.log_path = self.workdir / "client.log"
         self.volume = volume
-        self.extra_args = list(extra_args)
+        # Tests and scenarios read the event lines; benchmarks turn them off.
+        self.extra_args = list(extra_args) + (["--events"] if events else [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.key_file = key_file
 

@@ -74,9 +74,12 @@ class ServerProcess:
         extra_args: Sequence[str] = (),
         startup_timeout: float = 20.0,
         python: str = sys.executable,
+        events: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.extra_args = list(extra_args)
+        # Tests and scenarios read the event lines; benchmarks turn them off
+        # to measure what a default deployment does.
+        self.extra_args = list(extra_args) + (["--events"] if events else [])
         self.startup_timeout = startup_timeout
         self.python = python
         self.proc: subprocess.Popen[bytes] | None = None

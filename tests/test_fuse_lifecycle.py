@@ -152,3 +152,23 @@ def test_server_restart_under_live_mount(tmp_path, require_fuse):
             assert after["reconnects"] > before["reconnects"]
     finally:
         srv.stop()
+
+
+def test_event_lines_only_when_asked_for(tmp_path):
+    # Event lines are a trace (one per promise granted or installed), so a
+    # default server and mount write none; --events turns them on.
+    with (
+        ServerProcess(tmp_path / "fs", events=False) as srv,
+        ClientMount(srv, tmp_path / "quiet", events=False) as quiet,
+        ClientMount(srv, tmp_path / "loud") as loud,
+    ):
+        (quiet.mnt / "f").write_text("x")
+        assert (loud.mnt / "f").read_text() == "x"
+        os.listdir(quiet.mnt)
+    assert "listening on" in srv.log_path.read_text()
+    assert "event=" not in srv.log_path.read_text()
+    assert "event=" not in quiet.log_text()
+    assert "event=promise_installed" in loud.log_text()
+    with ServerProcess(tmp_path / "fs2") as srv2, ClientMount(srv2, tmp_path / "c"):
+        pass
+    assert "event=grant" in srv2.log_path.read_text()
