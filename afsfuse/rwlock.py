@@ -25,8 +25,10 @@ class RWLock:
         self._readers = 0
         self._writer = False
         self._waiting_writers = 0
-        self._rlot = trio.lowlevel.ParkingLot()
-        self._wlot = trio.lowlevel.ParkingLot()
+        # Parking lots only once someone waits: a vnode cache holds one lock
+        # per vnode (100,000s), and most are never contended.
+        self._rlot: trio.lowlevel.ParkingLot | None = None
+        self._wlot: trio.lowlevel.ParkingLot | None = None
 
     @property
     def readers(self) -> int:
@@ -35,6 +37,8 @@ class RWLock:
     async def acquire_read(self) -> None:
         await trio.lowlevel.checkpoint()
         while self._writer or self._waiting_writers:
+            if self._rlot is None:
+                self._rlot = trio.lowlevel.ParkingLot()
             await self._rlot.park()
         self._readers += 1
 
@@ -48,6 +52,8 @@ class RWLock:
         acquired = False
         try:
             while self._writer or self._readers:
+                if self._wlot is None:
+                    self._wlot = trio.lowlevel.ParkingLot()
                 await self._wlot.park()
             self._writer = acquired = True
         finally:
@@ -70,9 +76,9 @@ class RWLock:
         if self._writer:
             return
         if self._waiting_writers:
-            if not self._readers:
+            if not self._readers and self._wlot is not None:
                 self._wlot.unpark()
-        else:
+        elif self._rlot is not None:
             self._rlot.unpark_all()
 
     @asynccontextmanager

@@ -46,6 +46,14 @@ class Vnode:
     """A cached vnode.  ``status``/``promise`` change only together, under
     ``lock`` held for writing (P6)."""
 
+    @property
+    def io_lock(self) -> trio.Lock:
+        """Serialises local writes and stores; made at first use (most
+        cached vnodes are never written)."""
+        if self._io_lock is None:
+            self._io_lock = trio.Lock()
+        return self._io_lock
+
     def __init__(self, volume: VolumeInstance, fid: Fid) -> None:
         self.volume = volume
         self.fid = fid
@@ -55,7 +63,7 @@ class Vnode:
         self.last_break = -math.inf  # trio time of the last break of this fid
         self.broken_at = 0  # volume.break_seq at the last break of this vnode
         self.lock = RWLock()  # status + promise (P6)
-        self.io_lock = trio.Lock()  # serialises local writes and stores
+        self._io_lock: trio.Lock | None = None
         self.deleted = False  # the server no longer has it (ESTALE from now on)
         self.fetch_gen = 0  # completed status fetches, to collapse validations
         self.fetch_error: BaseException | None = None
