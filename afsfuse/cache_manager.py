@@ -1056,7 +1056,10 @@ class CacheManager:
             data = self.datacache.read(v.fid, dv, offset, length, fsize)
             if data is not None:
                 self.stats.cache_hits += 1
+                sequential = offset == v.next_read
                 v.next_read = offset + len(data)
+                if sequential:
+                    self._read_ahead(v, wc, dv, v.next_read, fsize)
                 return data
             self.stats.cache_misses += 1
             want = self.datacache.missing(v.fid, dv, offset, length, fsize)
@@ -1076,6 +1079,46 @@ class CacheManager:
             # fetched): read through, uncached.
             return await self._read_through(v, wc, st.data_version, offset, size)
         raise _err("EIO", f"{v.fid}: data kept changing while reading")
+
+    def _read_ahead(self, v: Vnode, cred: Any, dv: int, pos: int, fsize: int) -> None:
+        """A sequential reader at ``pos``: fetch the chunks of the next two
+        read-ahead windows it lacks in the background, a window at a time, so
+        the next FetchData overlaps the reads it will serve (a reader that
+        gets there first waits for the chunks in flight, never refetches)."""
+        n = self.config.readahead_chunks
+        if not n or pos >= fsize:
+            return
+        cs = self.datacache.chunk_size
+        first, eof = pos // cs, (fsize - 1) // cs
+        last = min(first + 2 * n - 1, eof)
+        want = [
+            i
+            for i in self.datacache.missing(v.fid, dv, first * cs, (last - first + 1) * cs, fsize)
+            if (dv, i) not in v.inflight
+        ]
+        if not want or (len(want) < n and want[-1] != eof):
+            return  # less than a window missing: wait until a whole one is
+        for i in want:  # claimed now, so no other reader fetches them meanwhile
+            v.inflight[(dv, i)] = trio.Event()
+        try:
+            self._spawn(self._read_ahead_task, v, cred, dv, want)
+        except RuntimeError:  # closing: release the claims
+            self._release_inflight(v, dv, want)
+
+    async def _read_ahead_task(self, v: Vnode, cred: Any, dv: int, want: list[int]) -> None:
+        try:
+            await self._fetch_runs(v, cred, dv, want, None)
+        except Exception as exc:  # a reader that needs these chunks fetches them itself
+            log.debug("%s: read-ahead of %d chunks failed: %r", v.fid, len(want), exc)
+        finally:
+            self._release_inflight(v, dv, want)
+
+    @staticmethod
+    def _release_inflight(v: Vnode, dv: int, indices: list[int]) -> None:
+        for i in indices:
+            ev = v.inflight.pop((dv, i), None)
+            if ev is not None:
+                ev.set()
 
     async def _read_through(self, v: Vnode, cred: Any, dv: int, offset: int, size: int) -> bytes:
         server = v.volume.server
@@ -1112,10 +1155,7 @@ class CacheManager:
         try:
             ok = await self._fetch_runs(v, cred, dv, mine, sink)
         finally:
-            for i in mine:
-                ev = v.inflight.pop((dv, i), None)
-                if ev is not None:
-                    ev.set()
+            self._release_inflight(v, dv, mine)
         for ev in waits:
             await ev.wait()
         return ok

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Awaitable
 
 import pytest
 import trio
@@ -202,6 +203,49 @@ async def test_sequential_reads_read_ahead_and_share_fetches(tmp_path, autojump_
             gate.release.set()
         assert results == [data[8192:8292]] * 3
         assert fake.calls["FS.FetchData"] == before + 1
+
+
+async def test_read_ahead_fetches_in_the_background_ahead_of_a_sequential_reader(
+    tmp_path, autojump_clock
+):
+    data = bytes(range(256)) * 256  # 64 KiB = 16 chunks of 4 KiB
+    cs = 4096
+    async with running(tmp_path, readahead_chunks=2) as (_net, fake, cm):
+        fake.add(ROOT, b"big", data=data)
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"big")
+
+        def missing() -> list[int]:
+            return cm.datacache.missing(f.fid, f.data_version, 0, len(data), len(data))
+
+        for k in range(6):
+            assert await cm.read(f, k * cs, cs) == data[k * cs : (k + 1) * cs]
+            await trio.testing.wait_all_tasks_blocked()
+        # Two windows (4 chunks) ahead of the reader are cached before it
+        # asks, fetched a window (2 chunks) per call.
+        assert missing() == list(range(10, 16))
+        assert fake.calls["FS.FetchData"] == 5
+        # Hold the next background fetch (chunks 10-11, started when the
+        # reader is at chunk 8) and read chunk 10 out of order: the reader
+        # waits for the chunk in flight instead of fetching it again.
+        gate = fake.gate("FS.FetchData")
+        for k in (6, 7):
+            assert await cm.read(f, k * cs, cs) == data[k * cs : (k + 1) * cs]
+        await gate.entered.wait()
+        assert sorted(f.inflight) == [(f.data_version, 10), (f.data_version, 11)]
+        got: list[bytes] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: _append(got, cm.read(f, 10 * cs, cs)))
+            await trio.sleep(1)
+            assert got == []
+            gate.release.set()
+        assert got == [data[10 * cs : 11 * cs]]
+        assert fake.calls["FS.FetchData"] == 6
+        assert missing() == list(range(12, 16))
+
+
+async def _append(out: list[bytes], aw: Awaitable[bytes]) -> None:
+    out.append(await aw)
 
 
 async def test_truncate_and_extend_through_setattr(tmp_path, autojump_clock):
