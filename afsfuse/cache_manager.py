@@ -1191,6 +1191,12 @@ class CacheManager:
                 got_dv = FileStatus.from_wire(reply["status"]).data_version
                 if got_dv != dv or v.data_version != dv:
                     return False
+                if v.truncated:
+                    # A local O_TRUNC while this fetch was in flight (a
+                    # read-ahead, say): none of these bytes are the file's
+                    # any more, and a later partial write must not start
+                    # from them.
+                    continue
                 dirty = set(self.datacache.dirty_chunks(v.fid))
                 for k, i in enumerate(run):
                     piece = data[k * cs : (k + 1) * cs]

@@ -244,6 +244,30 @@ async def test_read_ahead_fetches_in_the_background_ahead_of_a_sequential_reader
         assert missing() == list(range(12, 16))
 
 
+async def test_read_ahead_landing_after_a_local_truncate_is_not_cached(tmp_path, autojump_clock):
+    data = b"old!" * 4096  # 16 KiB = 4 chunks of 4 KiB
+    cs = 4096
+    async with running(tmp_path, readahead_chunks=1) as (_net, fake, cm):
+        fake.add(ROOT, b"f", data=data)
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        assert await cm.read(f, 0, cs) == data[:cs]
+        gate = fake.gate("FS.FetchData")
+        async with trio.open_nursery() as n:
+            n.start_soon(cm.read, f, cs, cs)  # sequential: chunks 2-3 read ahead
+            await gate.entered.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            h = await cm.open(f, flags=2 | 0o1000)  # O_WRONLY | O_TRUNC, local
+            gate.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        # A write past a hole: the hole reads as zeros, not as the old bytes
+        # the read-ahead brought back after the truncation.
+        await cm.write(h, 2 * cs + 4, b"new")
+        assert await cm.read(h, 0, 4 * cs) == bytes(2 * cs + 4) + b"new"
+        await cm.release(h)
+        assert bytes(fake.nodes[f.fid].data) == bytes(2 * cs + 4) + b"new"
+
+
 async def _append(out: list[bytes], aw: Awaitable[bytes]) -> None:
     out.append(await aw)
 
