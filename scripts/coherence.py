@@ -212,58 +212,94 @@ def _opened(o: Op) -> float:
     return o.mid_end or o.mid or o.end
 
 
-def _creations(ops: list[Op]) -> dict[str, list[Op]]:
-    """fid -> the writes that may have created it.  A write with O_CREAT does
-    not say whether it created the file; the creator started before any op
-    that reached the file had its open return, and of the writes that did,
-    the creator is one (usually the only one)."""
+@dataclass
+class Creation:
+    """A new file's name appearing: ``fid`` bound to ``name`` within [start, end]."""
+
+    fid: str
+    name: str
+    start: float
+    end: float
+    op: Op
+    weak: bool  # the creator is uncertain: may not have been this name
+
+
+def _creations(ops: list[Op]) -> list[Creation]:
+    """How the files reached by writes and reads came to be.  A write with
+    O_CREAT does not say whether it created the file; the creator started
+    before any op that reached the file had its open return, and of the
+    writes that did, the creator is one (usually the only one)."""
     reached: dict[str, list[Op]] = {}
+    failed: dict[str, list[Op]] = {}  # name -> writes whose open failed
     for o in ops:
         if o.fid:
             reached.setdefault(o.fid, []).append(o)
-    out: dict[str, list[Op]] = {}
+        elif o.kind == "write" and o.error and o.end < INF:
+            failed.setdefault(o.name, []).append(o)
+    out: list[Creation] = []
     for fid, os_ in reached.items():
         if any(o.kind == "replace" for o in os_):
             continue  # created by the replace, under a private name
         first = min(_opened(o) for o in os_)
-        out[fid] = [o for o in os_ if o.kind == "write" and o.start <= first]
+        creators = [o for o in os_ if o.kind == "write" and o.start <= first]
+        if creators:
+            # Several candidates: created while [first start, last open];
+            # under one name when they agree, else weakly under each.
+            names = {o.name for o in creators}
+            start, end = min(o.start for o in creators), max(_opened(o) for o in creators)
+            out += [Creation(fid, n, start, end, creators[0], len(names) > 1) for n in names]
+            continue
+        # Created by a write whose open then failed (another client removed
+        # the file between the create and the open): others may have
+        # reached it meanwhile, under that write's name.
+        for name in {o.name for o in os_}:
+            cands = [w for w in failed.get(name, ()) if w.start <= first]
+            if cands:
+                start = min(w.start for w in cands)
+                out.append(Creation(fid, name, start, first, cands[0], True))
     return out
+
+
+#: Rounds to settle what renames move; a chain of dependent renames longer
+#: than this is not settled and every rename then also moves "unknown".
+RENAME_ROUNDS = 50
 
 
 def build_history(ops: list[Op]) -> Histories:
     """The changes the ops made.  What a rename moves is what its source may
-    have been bound to meanwhile, which depends on other renames: iterate
-    until the moved sets stop growing (they only grow, so this ends)."""
+    have been bound to meanwhile, which depends on other renames: the least
+    fixpoint, from nothing moved, grown until the moved sets stop growing
+    (they only grow, so this ends).  Starting from "unknown" instead would
+    never settle where renames overlap in a cycle, and would blind the
+    check for those names."""
     renames = [o for o in ops if o.kind == "rename" and o.error != "ENOENT" and o.end < INF]
     moved: dict[int, set[str]] = {id(o): set() for o in renames}
     creations = _creations(ops)
-    for _round in range(20):
-        names = _names(ops, moved, creations)
+    for _round in range(RENAME_ROUNDS):
+        names = _names(ops, moved, creations, settled=False)
         new = {id(o): names.allowed(o.name, o.start, o.end) - {ABSENT} for o in renames}
         if new == moved:
             break
         moved = new
-    return Histories(names, _files(ops))
+    else:
+        log.warning("renames did not settle in %d rounds: treated as unknown", RENAME_ROUNDS)
+        moved = {k: m | {"?"} for k, m in moved.items()}
+    return Histories(_names(ops, moved, creations, settled=True), _files(ops))
 
 
-def _names(ops: list[Op], moved: dict[int, set[str]], creations: dict[str, list[Op]]) -> History:
+def _names(ops: list[Op], moved: dict[int, set[str]], creations: list[Creation],
+           settled: bool) -> History:  # fmt: skip
     h = History(ABSENT)
-    for fid, creators in creations.items():
-        if not creators:
-            continue  # its creating open failed after creating it: never seen
-        # Several candidates: the file was created while [first start, last
-        # open]; under one name when they agree, else weakly under each.
-        start = min(o.start for o in creators)
-        end = max(_opened(o) for o in creators)
-        names = {o.name for o in creators}
-        for name in names:
-            h.add(name, start, end, {fid}, creators[0], weak=len(names) > 1)
+    for c in creations:
+        h.add(c.name, c.start, c.end, {c.fid}, c.op, weak=c.weak)
     for o in ops:
         if o.kind == "replace":
             if o.mid and o.fid:  # the temporary file was written: renamed over the name
                 h.add(o.name, o.mid, o.end, {o.fid}, o, weak=bool(o.error))
         elif o.kind == "rename" and id(o) in moved:
-            m = moved[id(o)] or {"?"}
+            m = moved[id(o)]
+            if settled and not m:
+                m = {"?"}  # it succeeded, so it moved something: we cannot tell what
             if o.error:  # outcome unknown: either state
                 h.add(o.name2, o.start, o.end, m | {"?"}, o)
                 h.add(o.name, o.start, o.end, m | {ABSENT}, o)
@@ -341,8 +377,10 @@ def check(ops: list[Op], tolerated: dict[str, int] | None = None) -> list[Violat
             # open (or just before, within the kernel grace) may go stale;
             # with no change to the name meanwhile, no.
             racing = [c for c in h.names.changes.get(o.name, [])
-                      if c.op is not o and c.end >= o.start - KERNEL_GRACE
-                      and c.start <= o.end]  # fmt: skip
+                      if c.op is not o and c.start <= o.end
+                      and (c.end >= o.start or (c.end >= o.start - KERNEL_GRACE
+                                                and c.op is not None
+                                                and c.op.client != o.client))]  # fmt: skip
             if o.error != "ESTALE" or not racing:
                 out.append(Violation(o, set(), o.name, h.names.changes.get(o.name, []),
                                      f"unexpected error {o.error}"))  # fmt: skip

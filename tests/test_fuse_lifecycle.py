@@ -154,7 +154,7 @@ def test_server_restart_under_live_mount(tmp_path, require_fuse):
         srv.stop()
 
 
-def test_event_lines_only_when_asked_for(tmp_path):
+def test_event_lines_only_when_asked_for(tmp_path, require_fuse):
     # Event lines are a trace (one per promise granted or installed), so a
     # default server and mount write none; --events turns them on.
     with (

@@ -188,3 +188,48 @@ def test_checker_follows_renames_and_removals() -> None:
     vs = coherence.check(ops)
     assert [(v.op.seq, v.name) for v in vs] == [(3, "n0")]
     assert vs[0].allowed == {ABSENT}
+
+
+def test_checker_excuses_estale_after_another_clients_change_only() -> None:
+    ops = [
+        _write(0, 1, "n0", 0.0, 1.0),
+        _op(0, 2, "unlink", "n0", 2.0, 2.1),
+        # Another client's kernel may still hold the name: ESTALE is fair.
+        _op(1, 1, "read", "n0", 2.15, 2.16, error="ESTALE"),
+        # The client that removed it knows at once: ESTALE is a bug.
+        _op(0, 3, "read", "n0", 2.15, 2.16, error="ESTALE"),
+    ]
+    vs = coherence.check(ops)
+    assert [(v.op.client, v.op.seq) for v in vs] == [(0, 3)]
+
+
+def test_checker_still_checks_names_after_overlapping_renames() -> None:
+    # Two renames in opposite directions overlap: afterwards each name holds
+    # f1, f2 or nothing, and nothing else (an "unknown" seed of the rename
+    # fixpoint would feed itself here and stop checking both names).
+    ops = [
+        _write(0, 1, "n0", 0.0, 1.0, fid="f1"),
+        _write(1, 1, "n1", 0.0, 1.0, fid="f2"),
+        _write(2, 1, "n2", 0.0, 1.0, fid="f3"),
+        _op(0, 2, "rename", "n0", 2.0, 2.2, name2="n1"),
+        _op(1, 2, "rename", "n1", 2.1, 2.3, name2="n0"),
+        _read(2, 2, "n0", 3.0, 3.1, "w2.1", fid="f3"),
+        _read(2, 3, "n1", 3.0, 3.1, "w0.1", fid="f1"),
+    ]
+    vs = coherence.check(ops)
+    assert [v.op.seq for v in vs] == [2]
+    assert vs[0].allowed <= {"f1", "f2", ABSENT}
+
+
+def test_checker_binds_a_file_whose_creating_open_failed() -> None:
+    # Client 0's open(O_CREAT) created f9 and then failed (the file was
+    # removed before the open); client 1 reached f9 by the name meanwhile.
+    ops = [
+        _op(0, 1, "write", "n0", 0.0, 1.0, token="w0.1", error="ESTALE"),
+        _op(2, 1, "unlink", "n0", 0.0, 1.0),
+        _read(1, 1, "n0", 0.5, 0.6, coherence.EMPTY, fid="f9"),
+    ]
+    assert coherence.check(ops) == []
+    # With no such write, a file reached by a name nobody bound it to is flagged.
+    [v] = coherence.check(ops[1:])
+    assert v.kind().startswith("read reached a file")
