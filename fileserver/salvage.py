@@ -1,6 +1,7 @@
 """``afs-fileserver salvage``: check (and with ``--repair`` fix) a data directory.
 
-Checks per volume: SQLite integrity, unapplied redo records, directory
+Checks per volume: SQLite integrity, unapplied redo records and interrupted
+stores (settled by a DV bump on repair), directory
 entries naming missing vnodes, vnodes no entry names, link counts, directory
 sizes, data files whose length differs from the vnode's, orphan data files,
 header counters.  Exit code 0 when clean (or, with ``--repair``, when every
@@ -65,8 +66,8 @@ def run_salvage(data_dir: Path, repair: bool, as_json: bool) -> int:
         return 2
     unrepaired = [f for f in findings if not f.repaired]
     if not repair and DataDir(data_dir).in_use():
-        # A live server applies redo records itself and drops them lazily:
-        # pending ones are normal while it runs.
+        # A live server applies redo records itself and drops them lazily,
+        # and a store in progress holds an intent: normal while it runs.
         print(f"salvage: a fileserver is running on {data_dir}; pending stores are not errors")
         unrepaired = [f for f in unrepaired if f.kind != "pending"]
     if as_json:

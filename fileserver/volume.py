@@ -2,18 +2,24 @@
 
 Layout of a volume directory ``volumes/<id>/``::
 
-    volume.db        SQLite (WAL, synchronous=FULL): header, vnodes, dirents, pending
+    volume.db        SQLite (WAL, synchronous=FULL): header, vnodes, dirents, intents, pending
     data/<vnode>.<unique>   file contents (named by vnode + uniquifier, never by user names)
 
-Crash consistency.  A store first commits, in ONE transaction, the new
-metadata (size, DV, mtime) together with a redo record holding the bytes
-(table ``pending``); only then are the bytes applied to the data file in place
-and fsynced.  Replaying a redo record is idempotent (pwrite + set length), so
-after a crash at any point :meth:`Volume.recover` replays what is left and the
-file matches its committed metadata.  Applied records are deleted lazily in the
-next transaction.  Namespace changes are single transactions; a data file is
-unlinked only after the transaction that dropped its vnode committed, so a
-crash leaves at worst an orphan data file, which recovery and salvage remove.
+Crash consistency.  A store (``FS.StoreData``) first commits a small intent
+record (table ``intents``: which file, not the bytes), then writes the bytes
+into the data file in place and fsyncs it, then commits the new metadata
+(size, DV, mtime) and drops the intent in one transaction, and only then
+replies.  So the bytes are written once, and an acknowledged store is on
+stable storage.  After a crash between the intent and the metadata commit the
+data file may hold some of the new bytes: :meth:`Volume.recover` settles each
+intent left by bumping the file's DV (its bytes may have changed, so every
+cached copy must go) and taking the data file's length as its size.  A
+truncation (``FS.StoreStatus`` with a size) is instead committed with a redo
+record (table ``pending``) and applied after; replaying one is idempotent.
+Applied records are deleted lazily in the next transaction.  Namespace
+changes are single transactions; a data file is unlinked only after the
+transaction that dropped its vnode committed, so a crash leaves at worst an
+orphan data file, which recovery and salvage remove.
 
 Every method here blocks (SQLite, fsync): callers run them in a worker thread
 and serialize calls per volume (see ``VolumeHandle``).  Nothing in this module
@@ -85,6 +91,11 @@ CREATE TABLE IF NOT EXISTS dirents (
     PRIMARY KEY (dir, name)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dirents_by_vnode ON dirents (vnode);
+CREATE TABLE IF NOT EXISTS intents (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    vnode INTEGER NOT NULL,
+    uniq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pending (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     vnode INTEGER NOT NULL,
@@ -181,6 +192,8 @@ class Volume:
         if not db_path.exists():
             raise FileNotFoundError(f"no volume at {self.path}")
         self.db = self._connect(db_path)
+        # Tables added since a volume was created (every CREATE is IF NOT EXISTS).
+        self.db.executescript(SCHEMA)
         self._applied: list[int] = []  # pending seqs applied to data files, to delete
         self._load_header()
         if recover:
@@ -424,12 +437,23 @@ class Volume:
             raise RpcError("EFBIG", f"file would be larger than {MAX_FILE_SIZE} bytes")
         delta = new_size - v.size
         self._charge(delta)
-        now_ns = time.time_ns()
         with self._txn() as db:
             seq = db.execute(
-                "INSERT INTO pending (vnode, uniq, offset, data, new_size) VALUES (?,?,?,?,?)",
-                (v.vnode, v.unique, offset, data, new_size),
+                "INSERT INTO intents (vnode, uniq) VALUES (?,?)", (v.vnode, v.unique)
             ).lastrowid
+        # The intent is durable: from here on a crash ends in a DV bump at
+        # recovery, whatever part of the bytes reached the data file.
+        try:
+            self._apply(v.vnode, v.unique, offset, data, new_size)
+        except BaseException:
+            try:
+                self._settle_intents()  # the bytes may be half written: a new DV
+            except Exception:  # left for recovery at the next start
+                log.exception("volume %s: could not settle a failed store", self.name)
+            raise
+        now_ns = time.time_ns()
+        with self._txn() as db:
+            db.execute("DELETE FROM intents WHERE seq = ?", (seq,))
             v.size = new_size
             v.dv += 1
             v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
@@ -437,12 +461,32 @@ class Volume:
             self._put(db, v)
             self.bytes_used += delta
             self._bump_update(now_ns)
-        # Committed: the redo record guarantees the bytes survive a crash from
-        # here on.  Apply them in place now.
-        self._apply(v.vnode, v.unique, offset, data, new_size)
-        assert seq is not None
-        self._applied.append(seq)
         return v
+
+    def _settle_intents(self) -> int:
+        """Stores interrupted after their intent: each file's bytes may have
+        changed, so its DV goes up by one and its size is the data file's."""
+        rows = self.db.execute(
+            "SELECT DISTINCT i.vnode, i.uniq FROM intents i "
+            "JOIN vnodes v ON v.vnode = i.vnode AND v.uniq = i.uniq"
+        ).fetchall()
+        n = self.db.execute("SELECT COUNT(*) FROM intents").fetchone()[0]
+        if not n:
+            return 0
+        now_ns = time.time_ns()
+        with self._txn() as db:
+            for vn, uq in rows:
+                v = self.get(vn, uq)
+                path = self._data_path(vn, uq)
+                size = path.stat().st_size if path.exists() else 0
+                self.bytes_used += size - v.size
+                v.size = size
+                v.dv += 1
+                v.mtime_ns = v.ctime_ns = now_ns
+                self._put(db, v)
+            db.execute("DELETE FROM intents")
+            self._bump_update(now_ns)
+        return len(rows)
 
     def _apply(self, vnode: int, unique: int, offset: int, data: bytes, new_size: int) -> None:
         path = self._data_path(vnode, unique)
@@ -594,6 +638,7 @@ class Volume:
         v.nlink = 0
         db.execute("DELETE FROM vnodes WHERE vnode = ?", (v.vnode,))
         db.execute("DELETE FROM pending WHERE vnode = ?", (v.vnode,))
+        db.execute("DELETE FROM intents WHERE vnode = ?", (v.vnode,))
         self.files -= 1
         self.bytes_used -= v.size
         return [self._data_path(v.vnode, v.unique)] if v.type == FileType.FILE else []
@@ -734,13 +779,16 @@ class Volume:
     # -- recovery and consistency --------------------------------------------
 
     def recover(self) -> dict[str, int]:
-        """Replay redo records and drop leftovers of an interrupted run."""
+        """Replay redo records, settle interrupted stores, and drop leftovers
+        of an interrupted run."""
         n = self._replay_pending()
+        settled = self._settle_intents()
         orphans = self._remove_orphan_files()
-        if n or orphans:
-            log.info("volume %s: recovered: %d stores replayed, %d orphan data files removed",
-                     self.name, n, orphans)  # fmt: skip
-        return {"replayed": n, "orphans": orphans}
+        if n or settled or orphans:
+            log.info("volume %s: recovered: %d truncations replayed, %d interrupted "
+                     "stores settled, %d orphan data files removed",
+                     self.name, n, settled, orphans)  # fmt: skip
+        return {"replayed": n, "settled": settled, "orphans": orphans}
 
     def _replay_pending(self) -> int:
         rows = self.db.execute(
@@ -788,10 +836,12 @@ class Volume:
             return out  # nothing else can be trusted
         applied = set(self._applied)  # on disk already; their rows go at the next commit
         npending = sum(1 for (seq,) in db.execute("SELECT seq FROM pending") if seq not in applied)
+        npending += db.execute("SELECT COUNT(*) FROM intents").fetchone()[0]
         if npending:
             f = found("pending", f"{npending} stores not yet applied to data files")
             if repair:
                 self._replay_pending()
+                self._settle_intents()
                 f.repaired = True
         vnodes = {r[0]: Vnode(*r) for r in db.execute(f"SELECT {_VNODE_COLS} FROM vnodes")}
         ents = db.execute("SELECT dir, name, vnode FROM dirents").fetchall()
