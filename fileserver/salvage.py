@@ -1,10 +1,9 @@
 """``afs-fileserver salvage``: check (and with ``--repair`` fix) a data directory.
 
 Checks per volume: SQLite integrity, unapplied redo records and interrupted
-stores (settled by a DV bump on repair), directory
-entries naming missing vnodes, vnodes no entry names, link counts, directory
-sizes, data files whose length differs from the vnode's, orphan data files,
-header counters.  Exit code 0 when clean (or, with ``--repair``, when every
+stores (settled by a DV bump on repair), directory entries naming missing
+vnodes, vnodes no entry names, link counts, directory sizes, data files whose
+length differs from the vnode's, orphan data files, header counters.  Exit code 0 when clean (or, with ``--repair``, when every
 finding was repaired), 1 when findings remain, 2 when salvage could not run.
 """
 
