@@ -181,6 +181,7 @@ class AfsOperations(pyfuse3.Operations):
         a.st_mode = _TYPE_BITS[st.type] | st.mode
         a.st_nlink = max(st.nlink, 1)
         a.st_size = vnode.size() if st.type == FileType.FILE else st.size
+        vnode.kernel_attr_dv = st.data_version
         a.st_uid = st.owner
         a.st_gid = st.group
         a.st_mtime_ns = st.mtime_ns
@@ -500,11 +501,14 @@ class AfsOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         cred = cred_of(ctx)
         handle = await self.cm.open(self._vnode(inode), cred, flags)
-        if not handle.keep_cache:
-            # Close-to-open: the data changed since the kernel cached it, and
-            # the kernel clamps reads to the size it has cached until the
-            # (asynchronous) break invalidation lands.  Dropping attributes
-            # only takes no page locks, so it is safe inside this handler.
+        v = handle.vnode
+        if not handle.keep_cache and v.status and v.kernel_attr_dv != v.status.data_version:
+            # Close-to-open: the data changed since the kernel cached its
+            # attributes, and the kernel clamps reads to the size it has
+            # cached until the (asynchronous) break invalidation lands.
+            # Dropping attributes takes no page locks, so it is safe inside
+            # this handler.  Not when they are current (a first open): the
+            # GETATTR it causes mid-read can cost pages already read.
             self._drop_kernel_attrs(inode)
         return self._file_info(inode, handle, cred)
 

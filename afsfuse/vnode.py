@@ -79,6 +79,7 @@ class Vnode:
         self.open_count = 0
         self.open_writers = 0  # open handles with write access
         self.kernel_dv: int | None = None  # DV the kernel's page cache was filled at
+        self.kernel_attr_dv: int | None = None  # DV of the attributes last given the kernel
         self.status_creation: int | None = None  # volume creation stamp when status was set
         self.next_read = -1  # offset a sequential reader asks for next
         self.ino = 0  # the inode the kernel holds it under (0: none); set by the adapter
