@@ -3,8 +3,9 @@
 Checks per volume: SQLite integrity, unapplied redo records and interrupted
 stores (settled by a DV bump on repair), directory entries naming missing
 vnodes, vnodes no entry names, link counts, directory sizes, data files whose
-length differs from the vnode's, orphan data files, header counters.  Exit code 0 when clean (or, with ``--repair``, when every
-finding was repaired), 1 when findings remain, 2 when salvage could not run.
+length differs from the vnode's, orphan data files, header counters.  Exit
+code 0 when clean (or, with ``--repair``, when every finding was repaired), 1
+when findings remain, 2 when salvage could not run.
 """
 
 from __future__ import annotations
