@@ -445,22 +445,25 @@ class Volume:
         # recovery, whatever part of the bytes reached the data file.
         try:
             self._apply(v.vnode, v.unique, offset, data, new_size)
+            now_ns = time.time_ns()
+            with self._txn() as db:
+                db.execute("DELETE FROM intents WHERE seq = ?", (seq,))
+                v.size = new_size
+                v.dv += 1
+                v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
+                v.ctime_ns = now_ns
+                self._put(db, v)
+                self.bytes_used += delta
+                self._bump_update(now_ns)
         except BaseException:
+            # The bytes may be half written (or written, with the metadata
+            # commit failed): a new DV now, so nobody serves the old one's
+            # cached copy as current.
             try:
-                self._settle_intents()  # the bytes may be half written: a new DV
+                self._settle_intents()
             except Exception:  # left for recovery at the next start
                 log.exception("volume %s: could not settle a failed store", self.name)
             raise
-        now_ns = time.time_ns()
-        with self._txn() as db:
-            db.execute("DELETE FROM intents WHERE seq = ?", (seq,))
-            v.size = new_size
-            v.dv += 1
-            v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
-            v.ctime_ns = now_ns
-            self._put(db, v)
-            self.bytes_used += delta
-            self._bump_update(now_ns)
         return v
 
     def _settle_intents(self) -> int:

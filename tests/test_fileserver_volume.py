@@ -202,6 +202,31 @@ def test_quota_and_counters(tmp_path):
     vol.close()
 
 
+def test_store_whose_metadata_commit_fails_still_moves_the_dv(tmp_path, monkeypatch):
+    vol = Volume.create(tmp_path / "v", 7, "v")
+    f, _ = vol.create_vnode(1, 1, b"f", FileType.FILE, 0o644, 0, 0)
+    vol.store_data(f.vnode, f.unique, 0, b"old contents", None, None)
+
+    put = vol._put
+    calls = []
+
+    def fail_once(db: object, v: object) -> None:
+        calls.append(v)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "metadata commit failed")
+        put(db, v)
+
+    monkeypatch.setattr(vol, "_put", fail_once)
+    with pytest.raises(OSError):
+        vol.store_data(f.vnode, f.unique, 0, b"NEW", None, None)
+    monkeypatch.undo()
+    # The bytes are in the data file: they must not pass for DV 2's.
+    v, data = vol.fetch_data(f.vnode, f.unique, 0, 100)
+    assert data == b"NEW contents" and v.dv == 3
+    assert vol.check() == []
+    vol.close()
+
+
 def test_volume_from_before_the_intents_table_opens_and_stores(tmp_path):
     vol = Volume.create(tmp_path / "v", 7, "v")
     f, _ = vol.create_vnode(1, 1, b"f", FileType.FILE, 0o644, 0, 0)
