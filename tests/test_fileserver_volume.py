@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -138,18 +141,28 @@ TestVolumeMachine.settings = settings(max_examples=40, stateful_step_count=25, d
                                       suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 
 
-def test_store_interrupted_after_its_intent_gets_a_new_dv_at_recovery(tmp_path, monkeypatch):
-    vol = Volume.create(tmp_path / "v", 7, "v")
+def _volume_with_a_file(path: Path) -> tuple[Volume, Any]:
+    vol = Volume.create(path, 7, "v")
     f, _ = vol.create_vnode(1, 1, b"f", FileType.FILE, 0o644, 0, 0)
-    vol.store_data(f.vnode, f.unique, 0, b"old contents", None, None)
+    vol.store_data(f.vnode, f.unique, 0, b"old contents", None, None)  # DV 2
+    return vol, f
 
-    def crash(vn: int, uq: int, off: int, data: bytes, new_size: int) -> None:
+
+def _apply_part_then(vol: Volume, exc: BaseException) -> Callable[..., None]:
+    """An ``_apply`` that writes two of the bytes, then fails with ``exc``."""
+
+    def apply(vn: int, uq: int, off: int, data: bytes, new_size: int) -> None:
         fd = os.open(vol._data_path(vn, uq), os.O_WRONLY)
-        os.pwrite(fd, data[:2], off)  # part of the bytes reached the file...
+        os.pwrite(fd, data[:2], off)
         os.close(fd)
-        raise SystemExit("...then the power went")
+        raise exc
 
-    monkeypatch.setattr(vol, "_apply", crash)
+    return apply
+
+
+def test_store_interrupted_after_its_intent_gets_a_new_dv_at_recovery(tmp_path, monkeypatch):
+    vol, f = _volume_with_a_file(tmp_path / "v")
+    monkeypatch.setattr(vol, "_apply", _apply_part_then(vol, SystemExit("power cut")))
     monkeypatch.setattr(vol, "_settle_intents", lambda: 0)  # the process is gone
     with pytest.raises(SystemExit):
         vol.store_data(f.vnode, f.unique, 4, b"NEW", 20, None)
@@ -168,17 +181,8 @@ def test_store_interrupted_after_its_intent_gets_a_new_dv_at_recovery(tmp_path, 
 
 
 def test_store_failing_midway_moves_the_dv_at_once(tmp_path, monkeypatch):
-    vol = Volume.create(tmp_path / "v", 7, "v")
-    f, _ = vol.create_vnode(1, 1, b"f", FileType.FILE, 0o644, 0, 0)
-    vol.store_data(f.vnode, f.unique, 0, b"old contents", None, None)
-
-    def full(vn: int, uq: int, off: int, data: bytes, new_size: int) -> None:
-        fd = os.open(vol._data_path(vn, uq), os.O_WRONLY)
-        os.pwrite(fd, data[:2], off)
-        os.close(fd)
-        raise OSError(errno.ENOSPC, "disk full")
-
-    monkeypatch.setattr(vol, "_apply", full)
+    vol, f = _volume_with_a_file(tmp_path / "v")
+    monkeypatch.setattr(vol, "_apply", _apply_part_then(vol, OSError(errno.ENOSPC, "disk full")))
     with pytest.raises(OSError):
         vol.store_data(f.vnode, f.unique, 4, b"NEW", 20, None)
     monkeypatch.undo()
@@ -203,9 +207,7 @@ def test_quota_and_counters(tmp_path):
 
 
 def test_store_whose_metadata_commit_fails_still_moves_the_dv(tmp_path, monkeypatch):
-    vol = Volume.create(tmp_path / "v", 7, "v")
-    f, _ = vol.create_vnode(1, 1, b"f", FileType.FILE, 0o644, 0, 0)
-    vol.store_data(f.vnode, f.unique, 0, b"old contents", None, None)
+    vol, f = _volume_with_a_file(tmp_path / "v")
 
     put = vol._put
     calls = []
