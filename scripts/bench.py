@@ -7,8 +7,8 @@ Sets up on 127.0.0.1, in a temporary directory:
 - ``pt0`` / ``ptlong``: ``scripts/passthrough.py``, a minimal pyfuse3 + trio
   passthrough of that directory, with kernel timeouts 0 and long (the
   FUSE-plus-Python floor);
-- ``afsfuse``: a fileserver subprocess and a client mount (tests/serverproc.py,
-  tests/mountproc.py);
+- ``afsfuse``: a fileserver subprocess and a client mount (``afsfuse.lab.server``,
+  ``afsfuse.lab.mount``);
 - ``sshfs``: Debian's sshfs of the local directory through an sshd started
   here on a free 127.0.0.1 port with throwaway keys (installed with apt if
   missing; if that fails, the table says so).
@@ -51,14 +51,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import trio  # noqa: E402
-from mountproc import ClientMount, unmount  # noqa: E402
-from serverproc import ServerProcess  # noqa: E402
 
 from afsfuse.cache_manager import CacheConfig, CacheManager  # noqa: E402
 from afsfuse.cells import CellDB  # noqa: E402
+from afsfuse.lab.mount import ClientMount, unmount  # noqa: E402
+from afsfuse.lab.server import ServerProcess  # noqa: E402
 from afsfuse.server_record import ServerRecord, tcp_connector  # noqa: E402
 from afsfuse.vnode import Promise  # noqa: E402
 from afsfuse.volume import VolumeInstance  # noqa: E402

@@ -77,8 +77,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.mountproc import ClientMount, unmount  # noqa: E402
-from tests.serverproc import ServerProcess  # noqa: E402
+from afsfuse.lab.mount import ClientMount, unmount  # noqa: E402
+from afsfuse.lab.server import ServerProcess  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,10 @@ from pathlib import Path
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
-from mountproc import ClientMount  # noqa: E402
-from serverproc import ServerProcess, fs_client  # noqa: E402
-
+from afsfuse.lab.mount import ClientMount  # noqa: E402
+from afsfuse.lab.server import ServerProcess, fs_client  # noqa: E402
 from protocol.errors import RpcError  # noqa: E402
 
 log = logging.getLogger(__name__)

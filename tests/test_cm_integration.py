@@ -6,11 +6,11 @@ from __future__ import annotations
 import socket
 
 import trio
-from serverproc import running_server
 from test_cm_fakeserver import until
 
 from afsfuse.cache_manager import CacheConfig, CacheManager
 from afsfuse.cells import CellDB
+from afsfuse.lab.server import running_server
 from fileserver.config import ServerConfig
 from fileserver.server import FileServer
 

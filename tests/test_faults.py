@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mountproc import ClientMount
-from serverproc import REPO, ServerProcess
+from afsfuse.lab.mount import ClientMount
+from afsfuse.lab.server import REPO, ServerProcess
 
 
 def clients(data_dir: Path) -> dict[str, dict[str, Any]]:

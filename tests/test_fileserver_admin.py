@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 import trio
-from serverproc import REPO, ServerProcess, fs_client, running_server
 
+from afsfuse.lab.server import REPO, ServerProcess, fs_client, running_server
 from fileserver.admin import ADMIN_AUTH
 from protocol.connection import open_connection
 from protocol.errors import RpcError

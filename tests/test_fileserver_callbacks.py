@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import trio
-from serverproc import fs_client, running_server, wait_until
 
+from afsfuse.lab.server import fs_client, running_server, wait_until
 from protocol.errors import RpcError
 from protocol.records import Fid
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 
 import trio
-from serverproc import ServerProcess, fs_client
 
+from afsfuse.lab.server import ServerProcess, fs_client
 from fileserver.cli import main as cli_main
 from fileserver.salvage import salvage
 from protocol.errors import RpcError

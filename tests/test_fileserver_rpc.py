@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from serverproc import fs_client, running_server
 
+from afsfuse.lab.server import fs_client, running_server
 from protocol.errors import RpcError
 from protocol.limits import MAX_IO
 

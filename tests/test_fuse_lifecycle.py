@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from tests.fsadmin import rpc_count
-from tests.mountproc import REPO, ClientMount, unmount
-from tests.serverproc import ServerProcess
+from afsfuse.lab.admin import rpc_count
+from afsfuse.lab.mount import REPO, ClientMount, unmount
+from afsfuse.lab.server import ServerProcess
 
 pytestmark = pytest.mark.mount
 

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests.mountproc import REPO, ClientMount
-from tests.serverproc import ServerProcess
+from afsfuse.lab.mount import REPO, ClientMount
+from afsfuse.lab.server import ServerProcess
 
 pytestmark = pytest.mark.mount
 

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from tests.mountproc import ClientMount
-from tests.serverproc import ServerProcess
+from afsfuse.lab.mount import ClientMount
+from afsfuse.lab.server import ServerProcess
 
 pytestmark = pytest.mark.mount
 

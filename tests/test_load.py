@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from serverproc import REPO
+from afsfuse.lab.server import REPO
 
 
 def test_load_short_run(require_fuse):

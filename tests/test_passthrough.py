@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mountproc import unmount
+
+from afsfuse.lab.mount import unmount
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.mount

@@ -15,10 +15,10 @@ from functools import partial
 import msgpack
 import pytest
 import trio
-from serverproc import ServerProcess, fs_client, running_server
 
 from afsfuse.cache_manager import CacheConfig, CacheManager
 from afsfuse.cells import CellDB
+from afsfuse.lab.server import ServerProcess, fs_client, running_server
 from afsfuse.server_record import ServerRecord
 from afsfuse.stats import Stats
 from fileserver.admin import ADMIN_AUTH
@@ -252,7 +252,7 @@ def test_mount_with_wrong_key_fails(tmp_path, require_fuse):
     import subprocess
     import sys
 
-    from serverproc import REPO
+    from afsfuse.lab.server import REPO
 
     bad = tmp_path / "bad.key"
     bad.write_text(os.urandom(32).hex())

@@ -24,11 +24,12 @@ from typing import Any
 
 import msgpack
 import pytest
-from fsadmin import server_stats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mountproc import ClientMount
-from serverproc import REPO, ServerProcess
+
+from afsfuse.lab.admin import server_stats
+from afsfuse.lab.mount import ClientMount
+from afsfuse.lab.server import REPO, ServerProcess
 
 #: Wall-clock bound for all the fuzzing in this module (seconds).
 FUZZ_BUDGET = 25.0

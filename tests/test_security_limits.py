@@ -9,8 +9,8 @@ import logging
 import msgpack
 import pytest
 import trio
-from serverproc import fs_client, running_server
 
+from afsfuse.lab.server import fs_client, running_server
 from protocol.connection import ConnectionLost
 from protocol.errors import RpcError
 

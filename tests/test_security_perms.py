@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mountproc import ClientMount
-from serverproc import ServerProcess, fs_client, running_server
 
+from afsfuse.lab.mount import ClientMount
+from afsfuse.lab.server import ServerProcess, fs_client, running_server
 from protocol.errors import RpcError
 
 U1, U2, G_SHARED, G_U1_EXTRA = 1001, 1002, 1003, 1004

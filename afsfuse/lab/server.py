@@ -1,6 +1,7 @@
-"""Run a fileserver for tests: as a subprocess (``ServerProcess``) or inside
-the test's trio loop (``running_server``), plus ``fs_client``, a
-protocol-level client that records the CB.* calls it receives.
+"""Run a fileserver for scenarios, benchmarks and tests: as a subprocess
+(``ServerProcess``) or inside the caller's trio loop (``running_server``),
+plus ``fs_client``, a protocol-level client that records the CB.* calls it
+receives.
 
 Subprocess::
 
@@ -50,7 +51,9 @@ from protocol.auth import KEY_FILE, client_handshake, load_key
 from protocol.connection import Connection, open_connection
 from protocol.records import Fid
 
-REPO = Path(__file__).resolve().parent.parent
+# The checkout this package runs from (editable install): subprocesses start
+# there, and tests find scripts/ under it.
+REPO = Path(__file__).resolve().parents[2]
 
 #: Cell key files of the servers started here, by (host, port).
 KEY_FILES: dict[tuple[str, int], Path] = {}

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+# The checkout this package runs from (editable install): subprocesses start
+# there, and tests find scripts/ under it.
+REPO = Path(__file__).resolve().parents[2]
 
 
 def server_stats(data_dir: Path) -> dict[str, Any]:

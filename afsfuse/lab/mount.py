@@ -1,4 +1,4 @@
-"""Run real afsfuse client mounts for integration tests.
+"""Run real afsfuse client mounts (for scenarios, benchmarks and tests).
 
 Each ``ClientMount`` is its own daemon process (``afsfuse mount -f``), since
 a process may serve one FUSE session and must never touch its own mount.
@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+# The checkout this package runs from (editable install): subprocesses start
+# there, and tests find scripts/ under it.
+REPO = Path(__file__).resolve().parents[2]
 
 
 def is_mounted(mnt: Path) -> bool:
