@@ -630,3 +630,35 @@ def admin_context(data_dir: Path | str) -> ssl.SSLContext | None:
     if (Path(data_dir) / INSECURE_MARK).exists():
         return None
     return client_context(Path(data_dir) / SERVER_CERT)
+
+
+def cert_command(args: Any, ca_file: Path) -> int:
+    """``afs-fileserver issue-client-cert`` / ``revoke-client-cert``."""
+    import sys
+
+    try:
+        ca = CellCA.load(ca_file)
+    except FileNotFoundError:
+        print(f"error: no cell CA at {ca_file}: start the fileserver once (it creates "
+              "one), or pass --ca-file / --key-file", file=sys.stderr)  # fmt: skip
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "issue-client-cert":
+        if args.days <= 0:
+            print("error: --days must be positive", file=sys.stderr)
+            return 1
+        cert = write_client_bundle(ca, args.out, days=args.days, name=args.name)
+        print(f"serial {cert.serial_number:x}, valid until "
+              f"{_not_after(cert):%Y-%m-%d %H:%M} UTC, written to {args.out}")  # fmt: skip
+        return 0
+    try:
+        serial = parse_serial(args.serial)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    added = revoke(ca.revoked_file, serial)
+    print(f"serial {serial:x} {'revoked' if added else 'was already revoked'} "
+          f"({ca.revoked_file}; running servers of this cell reload it)")  # fmt: skip
+    return 0
