@@ -576,13 +576,20 @@ async def open_connection(
     with trio.fail_after(connect_timeout):
         stream = await tcp_connect(host, port, tls)
     conn = Connection(stream, handlers, name=kwargs.pop("name", f"{host}:{port}"), **kwargs)
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(conn.run)
         try:
             yield conn
+        except Exception as exc:
+            # Carried out of the nursery, so the caller gets the RpcError
+            # itself and not an ExceptionGroup around it.
+            failure = exc
         finally:
             await conn.aclose()
             nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 async def serve_tcp(
