@@ -464,7 +464,7 @@ class TLSStream(trio.abc.Stream):
         obj, out = self._obj, self._out
         if not first or obj is None or out is None:
             return first
-        limit = max_bytes or 16 * RECORD
+        limit = max_bytes or TRANSPORT_READ
         parts, n = [first], len(first)
         while n < limit and not out.pending:
             try:
@@ -498,7 +498,7 @@ def _reason(exc: BaseException) -> str:
 
 async def wrap_client(stream: trio.abc.Stream, ctx: ssl.SSLContext, peer: str) -> TLSStream:
     """TLS handshake as the client; a failure is a ``TLSRefused`` that says why."""
-    s = trio.SSLStream(stream, ctx, server_hostname=None)
+    s = trio.SSLStream(PrefixedStream(b"", stream), ctx, server_hostname=None)
     try:
         await s.do_handshake()
     except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
@@ -543,8 +543,16 @@ def refusing_connector(why: str) -> Connector:
     return connect
 
 
+#: Bytes asked of the socket per read under TLS (trio's default is 64 KiB).
+TRANSPORT_READ = 256 * 1024
+
+
 class PrefixedStream(trio.abc.Stream):
-    """A stream whose first bytes were already read (to tell TLS from not)."""
+    """A stream whose first bytes were already read (to tell TLS from not).
+
+    Reads without a size (as ``trio.SSLStream`` makes them) ask for
+    ``TRANSPORT_READ`` bytes: a 256 KiB reply then takes one trip through
+    SSLStream instead of four."""
 
     def __init__(self, prefix: bytes, stream: trio.abc.Stream) -> None:
         self._prefix = prefix
@@ -557,7 +565,7 @@ class PrefixedStream(trio.abc.Stream):
             else:
                 data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
             return data
-        return await self.stream.receive_some(max_bytes)
+        return await self.stream.receive_some(max_bytes or TRANSPORT_READ)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
