@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
 
 from afsfuse.lab.mount import ClientMount, unmount  # noqa: E402
 from afsfuse.lab.server import ServerProcess  # noqa: E402
-from scripts.timeline import CLIENT_SLACK, Event, Timeline, render, write_json  # noqa: E402
+from afsfuse.lab.timeline import CLIENT_SLACK, Event, Timeline, render, write_json  # noqa: E402
 
 log = logging.getLogger(__name__)
 
