@@ -49,12 +49,17 @@ class Event:
     name: str
     fields: dict[str, str] = field(default_factory=dict)
     seq: int = 0  # position in its source: a stable tie-break
+    end: float | None = None  # when an app or lab action returned
 
     def get(self, key: str, default: str = "") -> str:
         return self.fields.get(key, default)
 
     def to_json(self) -> dict[str, Any]:
-        return {"t": self.t, "actor": self.actor, "event": self.name, **self.fields}
+        out: dict[str, Any] = {"t": self.t, "actor": self.actor, "event": self.name}
+        if self.end is not None:
+            out["end"] = self.end
+        out.update(self.fields)
+        return out
 
 
 def _asctime(text: str) -> float:
@@ -126,13 +131,18 @@ class Timeline:
         if uuid:
             self.names[uuid] = actor
 
-    def note(self, actor: str, name: str, t: float | None = None, **fields: Any) -> Event:
-        ev = Event(time.time() if t is None else t, f"app:{actor}", name,
-                   {k: str(v) for k, v in fields.items()}, len(self.app))  # fmt: skip
+    def add(self, actor: str, name: str, t: float | None = None, **fields: Any) -> Event:
+        """Record an event of the lab's own (``app:A``, ``lab``) now."""
+        ev = Event(time.time() if t is None else t, actor, name,
+                   {k: logfmt.to_text(v) for k, v in fields.items()}, len(self.app))  # fmt: skip
         if self.t0 is None:
             self.t0 = ev.t
         self.app.append(ev)
         return ev
+
+    def note(self, actor: str, name: str, t: float | None = None, **fields: Any) -> Event:
+        """``add`` for application actor ``actor`` (recorded as ``app:ACTOR``)."""
+        return self.add(f"app:{actor}", name, t, **fields)
 
     def events(self) -> list[Event]:
         """Every event so far (logs re-read), merged by time; UUIDs named."""
@@ -200,6 +210,8 @@ def render(
             f"{k}={_label(v, fids) if k in ('fid', 'fids') else logfmt.quote(v)}"
             for k, v in ev.fields.items()
         )
+        if ev.end is not None:
+            detail += f" (returned {ev.end - t0:+.4f})"
         lines.append(f"  {ev.t - t0:+9.4f}  {ev.actor:<8} {ev.name:<22} {detail}".rstrip())
     if hidden:
         what = ", ".join(f"{n} {k}" for k, n in sorted(hidden.items()))
