@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from fileserver.nemesis import admin_handlers as nemesis_handlers
 from fileserver.store import DataDir, VolumeHandle
 from protocol.connection import Connection, open_connection
 from protocol.errors import RpcError
@@ -187,6 +188,7 @@ class AdminService:
             "Admin.BreakVolume": self.break_volume,
             "Admin.Reset": self.reset,
             "Admin.Stats": self.stats,
+            **nemesis_handlers(self.server.breaker, self.server.table, self._check),
         }
 
 
