@@ -117,7 +117,52 @@ def test_coherence_short_run(tmp_path, require_fuse) -> None:
     assert not out.violations, coherence.report(out, limit=8)
 
 
+@pytest.mark.mount
+def test_coherence_under_every_nemesis(tmp_path, require_fuse) -> None:
+    kinds = list(coherence.NEMESES)
+    out = coherence.run(clients=3, duration=20.0, seed=20261201, tmp=str(tmp_path),
+                        nemesis=kinds)  # fmt: skip
+    assert not out.nemesis_errors, out.nemesis_errors
+    assert len(out.ops) > 100, f"only {len(out.ops)} operations ran"
+    assert len(out.faults) >= 3 and len({f.kind for f in out.faults}) >= 2, coherence.report(out)
+    assert all(f.kind in kinds and f.end < coherence.INF for f in out.faults)
+    assert not out.violations, coherence.report(out, limit=8)
+
+
 # -- the checker itself ---------------------------------------------------------
+
+
+def test_faults_excuse_only_their_client_within_their_window() -> None:
+    ops = [
+        _write(0, 1, "n0", 0.0, 1.0),
+        _write(0, 2, "n0", 2.0, 3.0),
+        _read(1, 1, "n0", 4.0, 4.5, "w0.1"),  # stale: c1 was paused
+        _read(2, 1, "n0", 4.0, 4.5, "w0.1"),  # stale: c2 was not
+        _read(1, 2, "n0", 6.0, 6.5, "w0.1"),  # stale after the window closed
+        _read(0, 3, "n0", 4.0, 4.5, "w0.1"),  # stale under delayed breaks: no excuse
+    ]
+    faults = [
+        coherence.Fault("pause", 1, 1.5, 3.5, excused_until=5.0),
+        coherence.Fault("delay-breaks", 0, 1.5, 4.6, excused_until=1.5),
+    ]
+    tolerated: dict[str, int] = {}
+    vs = coherence.excuse(coherence.check(ops), faults, tolerated)
+    assert sorted((v.op.client, v.op.seq) for v in vs) == [(0, 3), (1, 2), (2, 1)]
+    assert tolerated == {"excused by pause": 1}
+
+
+def test_restart_excuses_errors_only() -> None:
+    ops = [
+        _write(0, 1, "n0", 0.0, 1.0),
+        _op(1, 1, "read", "n0", 2.0, 2.5, error="EIO"),  # the server was down
+        _write(0, 2, "n0", 3.0, 4.0),
+        _read(1, 2, "n0", 4.2, 4.3, "w0.1"),  # stale: no restart excuses that
+    ]
+    faults = [coherence.Fault("restart", None, 1.8, 2.6, excused_until=4.5)]
+    tolerated: dict[str, int] = {}
+    vs = coherence.excuse(coherence.check(ops), faults, tolerated)
+    assert [(v.op.client, v.op.seq) for v in vs] == [(1, 2)]
+    assert tolerated == {"excused by restart": 1}
 
 
 def _op(client: int, seq: int, kind: str, name: str, start: float, end: float, **kw) -> Op:
