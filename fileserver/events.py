@@ -19,6 +19,10 @@ these lines, so keys are stable:
 - ``event=revoke client= promises=``  (table full)
 - ``event=sweep expired=``
 - ``event=forget client=``  (client idle past every promise: state dropped)
+- ``event=nemesis_inject kind= client= seconds=`` / ``event=nemesis_heal kind= client=``
+  and ``event=nemesis_effect kind= client= ...`` (a fault applied: ``fids=`` of a
+  delayed or dropped break, ``action=closed|refused`` of a partition); see
+  ``fileserver/nemesis.py``
 """
 
 from __future__ import annotations

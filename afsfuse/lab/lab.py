@@ -641,20 +641,17 @@ class Lab:
         count: int = 1,
         **fields: Any,
     ) -> list[Event]:
-        """As ``expect``, returning every matching event once ``count`` came."""
-        since = self.mark if since is None else since
-        deadline = time.monotonic() + within
-        while True:
-            evs = self.events(actor, event, since=since, **fields)
-            if len(evs) >= count:
-                return evs
-            if time.monotonic() > deadline:
-                what = " ".join(f"{k}={v}" for k, v in fields.items())
-                msg = (f"expected {count if count > 1 else 'an'} {actor} {event} {what}".rstrip()
-                       + f" within {within} s (saw {len(evs)})")  # fmt: skip
-                self.checks.append((False, msg))
-                raise ScenarioFailed(msg, self.render_tail())
-            time.sleep(0.03)
+        """As ``expect``, returning every matching event once ``count`` came.
+        Either way the outcome is one of the run's checks."""
+        evs = self.wait_for(actor, event, within, since=since, count=count, **fields)
+        what = " ".join(f"{k}={v}" for k, v in fields.items())
+        if len(evs) >= count:
+            self.checks.append((True, f"{actor} logged {event} {what}".rstrip()))
+            return evs
+        msg = (f"expected {count if count > 1 else 'an'} {actor} {event} {what}".rstrip()
+               + f" within {within} s (saw {len(evs)})")  # fmt: skip
+        self.checks.append((False, msg))
+        raise ScenarioFailed(msg, self.render_tail())
 
     def wait_for(
         self,

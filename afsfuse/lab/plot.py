@@ -210,7 +210,8 @@ def figure(run: Run) -> Any:
             ax.plot(xa, y, marker=marker, color=color, ms=6, zorder=3)
             label = what + (f" ({e.get('why')})" if e.get("why") else "")
         if label:
-            ax.text(xa + 0.12, y + 0.25, _short(label, 40), fontsize=7, va="bottom")
+            width = 90 if e.name == "phase" else 40
+            ax.text(xa + 0.12, y + 0.25, _short(label, width), fontsize=7, va="bottom")
     ax.set_xlim(-0.7, len(lanes) - 0.3)
     ax.set_ylim(rows + 0.5, -1.5)
     ax.set_yticks(range(len(evs)))
@@ -288,8 +289,9 @@ def _fields(e: Event) -> str:
     return out
 
 
-def plot(result: Any, path: Path | str) -> Path:
-    """Draw ``result`` (a Result or its JSON dict) to ``path`` (.svg, .png, .html)."""
+def plot(result: Any, path: Path | str, dpi: int = 110) -> Path:
+    """Draw ``result`` (a Result or its JSON dict) to ``path`` (.svg, .png, .html);
+    ``dpi`` is the PNG's resolution."""
     path = Path(path)
     run = as_run(result)
     suffix = path.suffix.lower()
@@ -301,7 +303,7 @@ def plot(result: Any, path: Path | str) -> Path:
         from matplotlib import pyplot as plt
 
         fig = figure(run)
-        fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
         plt.close(fig)
     else:
         raise ValueError(f"cannot plot to {path.name}: use .svg, .png or .html")

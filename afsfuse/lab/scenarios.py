@@ -63,9 +63,7 @@ def single_break(lab: Lab) -> None:
     lab.require(change is not None, "server logged A's change to the file")
     assert change is not None
     sent = lab.expect("server", "break", within=2, since=t, fid=fid, client="B", result="sent")
-    lab.check(True, "server sent the break to B")
     got = lab.expect("B", "break_received", within=2, since=t, fid=fid)
-    lab.check(True, "B logged break_received for the file")
     stored = lab.events("A", "stored", since=t, fid=fid)
     lab.check(bool(stored), "A logged its store of the file")
     lab.check(
@@ -170,7 +168,6 @@ def mass_break(lab: Lab) -> None:
     for label in ("A", "B"):
         # Reconnect backoff doubles from 0.1 s; no use of the mount meanwhile.
         lab.expect(label, "server_connected", within=20, since=t_restart)
-        lab.check(True, f"{label} reconnected by itself")
     time.sleep(0.5)  # let a second bump, if any, be logged
     for label, m in lab.mounts.items():
         bumps = lab.events(label, "mass_break", since=t_restart)
@@ -324,7 +321,6 @@ def dead_client(lab: Lab) -> None:
     b.resume()
     t_cont = lab.mark
     lab.expect("B", "break_received", within=5, fid=fid)
-    lab.check(True, "B processed the break after it resumed")
     lab.check(b.read(f) == b"after!", "B reads the new data")
     redo = lab.wait_for("server", "break", within=3 * bound + 3, since=t_cont, fid=fid,
                         client="B", result="sent", delayed="1")  # fmt: skip
