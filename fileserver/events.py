@@ -23,6 +23,8 @@ these lines, so keys are stable:
   and ``event=nemesis_effect kind= client= ...`` (a fault applied: ``fids=`` of a
   delayed or dropped break, ``action=closed|refused`` of a partition); see
   ``fileserver/nemesis.py``
+
+Imports: the standard library and ``protocol.logfmt``.
 """
 
 from __future__ import annotations
