@@ -63,6 +63,20 @@ def gluster_version() -> str:
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "absent"
 
 
+def loopback_volfile(vol: str, working_dir: Path) -> str:
+    """Debian's ``glusterd.vol`` with glusterd (and through it the bricks it
+    spawns) bound to 127.0.0.1 and its state in ``working_dir``."""
+    vol, n = re.subn(
+        r"option working-directory \S+", f"option working-directory {working_dir}", vol
+    )
+    if n != 1:
+        raise RuntimeError("glusterd.vol has no working-directory option to replace")
+    vol = re.sub(r"^\s*option transport\.socket\.bind-address .*\n", "", vol, flags=re.M)
+    return vol.replace(
+        "end-volume", "    option transport.socket.bind-address 127.0.0.1\nend-volume", 1
+    )
+
+
 def _pid_alive(pid: int, needle: str) -> bool:
     """True if ``pid`` runs and its command line names ``needle`` (so a pid
     reused by someone else's process is never signalled)."""
@@ -175,13 +189,8 @@ class Gluster:
         wd = self.dir / "glusterd"
         for d in (wd, self.brick, self.dir / "log"):
             d.mkdir(parents=True, exist_ok=True)
-        vol = GLUSTERD_VOL.read_text()
-        vol = re.sub(r"option working-directory \S+", f"option working-directory {wd}", vol)
-        vol = vol.replace(
-            "end-volume", "    option transport.socket.bind-address 127.0.0.1\nend-volume", 1
-        )
         cfg = self.dir / "glusterd.vol"
-        cfg.write_text(vol)
+        cfg.write_text(loopback_volfile(GLUSTERD_VOL.read_text(), wd))
         with open(self.dir / "log" / "glusterd.out", "ab") as out:
             self.glusterd = subprocess.Popen(
                 ["glusterd", "-N", "-f", str(cfg), "-p", str(self.dir / "glusterd.pid"),
