@@ -380,12 +380,20 @@ def run_tools(
     home: Path,
     cold: Callable[[], None] = lambda: None,
     commit_bound: float = 60.0,
+    budget: float | None = None,
 ) -> dict[str, Step]:
     """Every workload ``reps`` times on one target; ``cold`` runs before each
-    repetition (drop the kernel caches)."""
+    repetition (drop the kernel caches).  With a ``budget`` (seconds), no
+    repetition starts that would, at the pace so far, end past it (the
+    first always runs); ``extra["reps"]`` says how many ran."""
     t = Tools(home)
     out = {key: Step() for key, _ in STEPS if b is not None or key not in TWO_MOUNT_STEPS}
+    t_start = time.monotonic()
     for rep in range(reps):
+        spent = time.monotonic() - t_start
+        if rep and budget is not None and spent + spent / rep > budget:
+            log.info("%s: %d of %d repetitions fit the %g s budget", name, rep, reps, budget)
+            break
         cold()
         a_clone = a / f"clone-{rep}"
         log.info("%s: real tools, repetition %d", name, rep + 1)
@@ -417,4 +425,7 @@ def run_tools(
                 for k, s in out.items()
             ),
         )
+    for s in out.values():
+        s.extra["reps"] = len(s.ok)
+        s.extra["reps_wanted"] = reps
     return out

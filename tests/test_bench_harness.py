@@ -113,3 +113,12 @@ def test_glusterd_config_binds_loopback_and_keeps_state_in_workdir(tmp_path: Pat
     assert "/var/lib/glusterd" not in vol
     assert vol.count("option transport.socket.bind-address 127.0.0.1\n") == 1
     assert vol.rstrip().endswith("end-volume")
+
+
+def test_budget_stops_new_repetitions_but_runs_the_first(tmp_path: Path, fx: bt.Fixtures) -> None:
+    a = tmp_path / "a"
+    a.mkdir()
+    steps = bt.run_tools("slow", a, None, fx, 5, home=fx.repo.parent / "home", budget=1e-6)
+    assert set(steps) == {key for key, _ in bt.STEPS} - bt.TWO_MOUNT_STEPS
+    for s in steps.values():
+        assert s.ok == [True] and s.extra["reps"] == 1 and s.extra["reps_wanted"] == 5
