@@ -858,7 +858,7 @@ def tool_cell(tools: dict[str, dict[str, Step]], col: str, key: str, why: dict[s
     if s is None:
         return "n/a (no second mount)" if key in TWO_MOUNT_STEPS else "n/a"
     bad = len(s.ok) - sum(s.ok)
-    good = [x for x, k in zip(s.samples, s.ok, strict=True) if k]
+    good = [x for x, k in zip(s.samples, s.ok, strict=True) if k and x is not None]
     text = f"{fmt(s.median)} [{fmt(min(good))}-{fmt(max(good))}]" if good else ""
     if len(s.ok) < s.extra.get("reps_wanted", 0):
         text += f" (n={len(s.ok)})"
@@ -937,9 +937,10 @@ def render_tools(
     L.append("")
     fails = [
         f"- {col}, {key}, repetition {i + 1}: {note}"
+        + ("" if secs is None else f" (the tool itself ran in {secs:.2f} s)")
         for col in cols
         for key, s in tools.get(col, {}).items()
-        for i, (ok, note) in enumerate(zip(s.ok, s.notes, strict=True))
+        for i, (secs, ok, note) in enumerate(zip(s.samples, s.ok, s.notes, strict=True))
         if not ok
     ]
     if fails:

@@ -25,6 +25,7 @@ May import only the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -32,7 +33,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,14 +79,14 @@ class Step:
     """Seconds per repetition of one workload on one target (lower is better);
     ``ok``/``notes`` say, per repetition, whether its check passed and why not."""
 
-    samples: list[float] = field(default_factory=list)
+    samples: list[float | None] = field(default_factory=list)  # None: the tool did not finish
     ok: list[bool] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def median(self) -> float | None:
-        good = [s for s, k in zip(self.samples, self.ok, strict=True) if k]
+        good = [s for s, k in zip(self.samples, self.ok, strict=True) if k and s is not None]
         return statistics.median(good) if good else None
 
     @property
@@ -93,13 +94,30 @@ class Step:
         return bool(self.ok) and all(self.ok)
 
     def record(self, secs: float | None, ok: bool, note: str = "") -> None:
-        self.samples.append(secs if secs is not None else float("nan"))
+        self.samples.append(secs)
         self.ok.append(ok)
         self.notes.append(note)
 
 
 class ToolFailure(Exception):
-    """A tool erred or its result was wrong; the message says how."""
+    """A tool erred or its result was wrong; the message says how, ``secs``
+    how long the tool ran if it finished and only its check failed."""
+
+    def __init__(self, msg: str, secs: float | None = None) -> None:
+        super().__init__(msg)
+        self.secs = secs
+
+
+@contextlib.contextmanager
+def checking(secs: float) -> Iterator[None]:
+    """Checks of a tool that ran in ``secs``: a failure keeps the time."""
+    try:
+        yield
+    except ToolFailure as exc:
+        exc.secs = secs
+        raise
+    except OSError as exc:
+        raise ToolFailure(f"check: {exc}", secs) from exc
 
 
 # -- fixtures --------------------------------------------------------------------
@@ -272,7 +290,8 @@ def timed_step(step: Step, fn: Callable[[], float | None]) -> bool:
     try:
         secs = fn()
     except (ToolFailure, OSError) as exc:
-        step.record(None, False, str(exc)[:300])
+        secs = exc.secs if isinstance(exc, ToolFailure) else None
+        step.record(secs, False, str(exc)[:300])
         log.warning("  failed: %s", exc)
         return False
     step.record(secs, True)
@@ -287,14 +306,15 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def clone(t: Tools, fx: Fixtures, dst: Path) -> float:
     secs = _timed(lambda: t.run("git", "clone", "-q", fx.repo, dst))
-    if t.git(dst, "rev-parse", "HEAD").strip() != fx.head:
-        raise ToolFailure("clone's HEAD is not the source's")
-    if t.git(dst, "status", "--porcelain").strip():
-        raise ToolFailure("clone's `git status` not clean")
-    t.git(dst, "fsck", "--no-progress", "--no-dangling")
-    n = int(t.git(dst, "ls-files", "-z").count("\0"))
-    if n != fx.files:
-        raise ToolFailure(f"clone has {n} files, expected {fx.files}")
+    with checking(secs):
+        if t.git(dst, "rev-parse", "HEAD").strip() != fx.head:
+            raise ToolFailure("clone's HEAD is not the source's")
+        if t.git(dst, "status", "--porcelain").strip():
+            raise ToolFailure("clone's `git status` not clean")
+        t.git(dst, "fsck", "--no-progress", "--no-dangling")
+        n = int(t.git(dst, "ls-files", "-z").count("\0"))
+        if n != fx.files:
+            raise ToolFailure(f"clone has {n} files, expected {fx.files}")
     return secs
 
 
@@ -305,10 +325,11 @@ def status_b(t: Tools, fx: Fixtures, b_clone: Path) -> float:
     t0 = time.perf_counter()
     st, head = both()
     secs = time.perf_counter() - t0
-    if head.strip() != fx.head:
-        raise ToolFailure(f"B's `git log -1` shows {head.strip()[:12]}, not {fx.head[:12]}")
-    if st.strip():
-        raise ToolFailure(f"B's `git status` not clean: {st.strip().splitlines()[0]}")
+    with checking(secs):
+        if head.strip() != fx.head:
+            raise ToolFailure(f"B's `git log -1` shows {head.strip()[:12]}, not {fx.head[:12]}")
+        if st.strip():
+            raise ToolFailure(f"B's `git status` not clean: {st.strip().splitlines()[0]}")
     return secs
 
 
@@ -336,9 +357,9 @@ def commit_b(t: Tools, a_clone: Path, b_clone: Path, rep: int, bound: float) -> 
         if time.perf_counter() - t0 > bound:
             raise ToolFailure(f"B did not show the commit within {bound:g} s ({last})")
         time.sleep(0.02)
-    a_text, b_text = f.read_bytes(), (b_clone / tree_path(rep)).read_bytes()
-    if a_text != b_text:
-        raise ToolFailure("B reads other contents than A wrote")
+    with checking(secs):
+        if f.read_bytes() != (b_clone / tree_path(rep)).read_bytes():
+            raise ToolFailure("B reads other contents than A wrote")
     return secs
 
 
@@ -346,27 +367,30 @@ def build(t: Tools, fx: Fixtures, dst: Path) -> float:
     shutil.copytree(fx.cproj, dst)  # untimed: the copy is not the build
     os.sync()
     secs = _timed(lambda: t.run("make", "-s", "-j2", "-C", dst))
-    out = t.run(dst / "prog")
-    if out != fx.prog_output:
-        raise ToolFailure(f"the built prog printed {out.strip()!r}, not {fx.prog_output.strip()}")
-    try:
-        t.run("make", "-q", "-C", dst, "prog")
-    except ToolFailure as exc:
-        raise ToolFailure("`make -q` after the build says it is out of date") from exc
+    with checking(secs):
+        out = t.run(dst / "prog")
+        if out != fx.prog_output:
+            raise ToolFailure(f"the built prog printed {out.strip()!r}, not {fx.prog_output!r}")
+        try:
+            t.run("make", "-q", "-C", dst, "prog")
+        except ToolFailure as exc:
+            raise ToolFailure("`make -q` after the build says it is out of date") from exc
     return secs
 
 
 def untar(t: Tools, fx: Fixtures, dst: Path) -> float:
     dst.mkdir()
     secs = _timed(lambda: t.run("tar", "xf", fx.tarball, "-C", dst))
-    t.run("tar", "df", fx.tarball, "-C", dst)  # every file's contents, size, mode, mtime
+    with checking(secs):
+        t.run("tar", "df", fx.tarball, "-C", dst)  # every file's contents, size, mode, mtime
     return secs
 
 
 def remove(t: Tools, dst: Path) -> float:
     secs = _timed(lambda: t.run("rm", "-rf", dst))
-    if dst.exists() or dst.name in os.listdir(dst.parent):
-        raise ToolFailure("the clone is still there after `rm -rf`")
+    with checking(secs):
+        if dst.exists() or dst.name in os.listdir(dst.parent):
+            raise ToolFailure("the clone is still there after `rm -rf`")
     return secs
 
 
@@ -421,7 +445,7 @@ def run_tools(
             "%s: %s",
             name,
             ", ".join(
-                f"{k} {s.samples[-1]:.2f}s" + ("" if s.ok[-1] else " FAILED")
+                f"{k} {s.samples[-1] or 0:.2f}s" + ("" if s.ok[-1] else " FAILED")
                 for k, s in out.items()
             ),
         )

@@ -122,3 +122,16 @@ def test_budget_stops_new_repetitions_but_runs_the_first(tmp_path: Path, fx: bt.
     assert set(steps) == {key for key, _ in bt.STEPS} - bt.TWO_MOUNT_STEPS
     for s in steps.values():
         assert s.ok == [True] and s.extra["reps"] == 1 and s.extra["reps_wanted"] == 5
+
+
+def test_a_failed_check_keeps_the_tools_time() -> None:
+    step = bt.Step()
+
+    def tool() -> float:
+        with bt.checking(2.5):
+            raise bt.ToolFailure("Mod time differs")
+        return 0.0
+
+    assert bt.timed_step(step, tool) is False
+    assert step.samples == [2.5] and step.ok == [False] and "Mod time" in step.notes[0]
+    assert step.median is None, "a failed repetition is not a sample of the median"
