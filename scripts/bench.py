@@ -1,26 +1,31 @@
 #!/usr/bin/env python3
-"""afsfuse benchmarks against the floor and against sshfs, in one run.
+"""afsfuse benchmarks against the floor, sshfs and GlusterFS, in one run.
 
-Sets up on 127.0.0.1, in a temporary directory:
+The driver: sets up on 127.0.0.1, in a temporary directory:
 
 - ``local``: a plain local directory (the floor of the floor);
 - ``pt0`` / ``ptlong``: ``scripts/passthrough.py``, a minimal pyfuse3 + trio
   passthrough of that directory, with kernel timeouts 0 and long (the
   FUSE-plus-Python floor);
-- ``afsfuse``: a fileserver subprocess and a client mount (``afsfuse.lab.server``,
-  ``afsfuse.lab.mount``);
-- ``sshfs``: Debian's sshfs of the local directory through an sshd started
-  here on a free 127.0.0.1 port with throwaway keys (installed with apt if
-  missing; if that fails, the table says so).
+- ``afsfuse``: a fileserver subprocess and client mounts (``afsfuse.lab.server``,
+  ``afsfuse.lab.mount``); one column per ``AfsVariant`` (extra server and
+  mount arguments), e.g. a TLS-vs-``--insecure`` pair via ``main(variants=...)``;
+- ``sshfs``: Debian's sshfs of a local directory through an sshd started
+  here on a free 127.0.0.1 port with throwaway keys;
+- ``glusterfs``: a one-brick GlusterFS volume on 127.0.0.1 through its FUSE
+  client (``scripts/bench_gluster.py``);
 
-and runs the same workloads on each: warm ``stat`` of a tree, ``ls -lR`` cold
-and warm, sequential read cold and warm, sequential write + fsync + close,
-small-file creation; then two-client staleness (afsfuse, sshfs) and callback
-handling time against the number of cached vnodes (in-process, at the cache
-manager level).  Prints a markdown table with goals met/missed, and writes
-``BENCHMARKS.md`` and ``BENCHMARKS.json``.
+(sshfs and GlusterFS are installed with apt if missing; if that fails, the
+table says so) and runs on each the micro workloads: warm ``stat`` of a tree,
+``ls -lR`` cold and warm, sequential read cold and warm, sequential write +
+fsync + close, small-file creation; two-client staleness; callback handling
+time against the number of cached vnodes (in-process, at the cache manager
+level); then the real tools of ``scripts/bench_tools.py`` (git clone, a
+second mount's git status, a commit seen by the second mount, make -j2, tar
+x, rm -rf, each checked).  Prints a markdown table with goals met/missed,
+and writes ``BENCHMARKS.md`` and ``BENCHMARKS.json``.
 
-    .venv/bin/python scripts/bench.py [--files 10000] [--big-mib 512] [--reps 3] ...
+    .venv/bin/python scripts/bench.py [--quick] [--reps 3] [--tools-reps 3] ...
 
 Every process started here is stopped by its pid and every mount made here
 is unmounted in a ``finally``, also on Ctrl-C.

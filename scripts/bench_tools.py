@@ -272,10 +272,11 @@ class Tools:
         except subprocess.TimeoutExpired as exc:
             raise ToolFailure(f"`{' '.join(map(str, cmd[:3]))}` timed out") from exc
         if r.returncode != 0:
-            err = (r.stderr or r.stdout).strip().splitlines()
+            lines = (r.stdout + r.stderr).strip().splitlines()
+            more = f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else ""
             raise ToolFailure(
                 f"`{' '.join(map(str, cmd[:3]))}` exited {r.returncode}: "
-                + (err[-1] if err else "")
+                + (lines[0] + more if lines else "")
             )
         return r.stdout
 
