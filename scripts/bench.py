@@ -886,7 +886,9 @@ def tool_ratio(
         return f"{other} failed", "n/a"
     assert a.median is not None
     q = b.median / a.median
-    return f"{q:.2f}x", verdict(q >= GOAL_RATIO)
+    bad = len(b.ok) - sum(b.ok)
+    failed = f" ({other} failed {bad}/{len(b.ok)})" if bad else ""
+    return f"{q:.2f}x{failed}", verdict(q >= GOAL_RATIO)
 
 
 def tool_goals(

@@ -135,3 +135,30 @@ def test_a_failed_check_keeps_the_tools_time() -> None:
     assert bt.timed_step(step, tool) is False
     assert step.samples == [2.5] and step.ok == [False] and "Mod time" in step.notes[0]
     assert step.median is None, "a failed repetition is not a sample of the median"
+
+
+def test_real_tool_goals_compare_seconds_and_judge_failures() -> None:
+    import bench
+
+    def step(*runs: tuple[float | None, bool]) -> bt.Step:
+        s = bt.Step()
+        for secs, ok in runs:
+            s.record(secs, ok, "" if ok else "broke")
+        return s
+
+    tools = {
+        "afsfuse": {"clone": step((1.0, True), (1.2, True)), "rm": step((None, False))},
+        "glusterfs": {"clone": step((3.0, True), (None, False)), "rm": step((None, False))},
+        "sshfs": {"clone": step((1.4, True)), "rm": step((0.5, True))},
+    }
+    assert bench.tool_ratio(tools, "clone", "glusterfs", "afsfuse") == (
+        "2.73x (glusterfs failed 1/2)",
+        "met",
+    )
+    assert bench.tool_ratio(tools, "clone", "sshfs", "afsfuse") == ("1.27x", "MISSED")
+    assert bench.tool_ratio(tools, "rm", "sshfs", "afsfuse") == ("afsfuse failed", "MISSED")
+    tools["afsfuse"]["rm"] = step((1.0, True))
+    assert bench.tool_ratio(tools, "rm", "glusterfs", "afsfuse") == ("glusterfs failed", "n/a")
+    assert bench.tool_ratio(tools, "status_b", "sshfs", "afsfuse") is None
+    assert "FAILED 1/2" in bench.tool_cell(tools, "glusterfs", "clone", {})
+    assert bench.tool_cell(tools, "local", "clone", {"local": "why"}) == "n/a (why)"
