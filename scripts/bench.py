@@ -1086,6 +1086,17 @@ def render(
 # -- main ----------------------------------------------------------------------------
 
 
+def remove_workdir(base: Path) -> None:
+    """Delete the temp dir, unless a mount under it survived its unmount
+    (deleting through a live mount would delete the mounted files)."""
+    with open("/proc/self/mountinfo") as f:
+        left = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(base) + "/")]
+    if left:
+        log.error("not removing %s: still mounted there: %s", base, ", ".join(left))
+        return
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def started(t: Target) -> Iterator[Target]:
     t.start()
@@ -1366,11 +1377,11 @@ def main(argv: list[str] | None = None, variants: tuple[AfsVariant, ...] | None 
             res, stale = run_micro(args, svc, variants, wanted, why)
         if not args.no_tools:
             tools, loads = run_all_tools(args, svc, variants, wanted, why, sizes)
+        sizes_cb = [int(x) for x in args.cb_sizes.split(",") if x]
+        cbs = cb_scaling(sizes_cb, args.cb_runs, base / "cb") if not args.no_micro else {}
     finally:
         svc.close()
-    sizes_cb = [int(x) for x in args.cb_sizes.split(",") if x]
-    cbs = cb_scaling(sizes_cb, args.cb_runs, base / "cb") if not args.no_micro else {}
-    shutil.rmtree(base, ignore_errors=True)
+        remove_workdir(base)
 
     runtime = time.monotonic() - t_start
     info = machine()
