@@ -27,6 +27,7 @@ from pathlib import Path
 VOL = "afsbench"
 BRICK_HOST = "127.1"  # glusterd refuses the literal 127.0.0.1 as a brick host
 GLUSTERD_VOL = Path("/etc/glusterfs/glusterd.vol")
+BRICK_LOG_DIR = Path("/var/log/glusterfs/bricks")
 OPTIONS = (
     ("features.cache-invalidation", "on"),
     ("performance.cache-invalidation", "on"),
@@ -166,7 +167,8 @@ class Gluster:
     except what glusterd insists on: its management port 24007 (the brick
     processes it spawns find it there, so it cannot be ephemeral; it is bound
     to 127.0.0.1 only), its CLI socket, brick pid files under /run/gluster,
-    and brick logs under /var/log/glusterfs/bricks."""
+    and the brick's log under /var/log/glusterfs/bricks (moved into
+    ``workdir`` by ``stop``)."""
 
     def __init__(self, workdir: Path, volume: str = VOL) -> None:
         self.dir, self.volume = workdir, volume
@@ -253,3 +255,10 @@ class Gluster:
                 self.glusterd.kill()
                 self.glusterd.wait(10)
             self.glusterd = None
+        # glusterd puts the brick's log and pid dir outside our workdir: move
+        # the log in (it goes with the temp dir), drop the emptied pid dir.
+        brick_log = BRICK_LOG_DIR / (str(self.brick).strip("/").replace("/", "-") + ".log")
+        with contextlib.suppress(OSError):
+            shutil.move(brick_log, self.dir / "log" / "brick.log")
+        with contextlib.suppress(OSError):
+            Path("/run/gluster/vols", self.volume).rmdir()
