@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fileserver.store import DataDir, VolumeHandle
+from fileserver.vldb import vol_location
 from protocol.connection import Connection, open_connection
 from protocol.errors import RpcError
 from protocol.records import Fid
@@ -67,9 +68,11 @@ class AdminService:
         self._check(conn)
         if volume_id is not None and type(volume_id) is not int:
             raise RpcError("EINVAL", "volume_id must be an int")
+        cfg = self.server.config
+        await self.server.vldb.check_new(name, volume_id)  # unique in the cell
         h = await self.server.store.create(
             name, quota_bytes=quota_bytes, volume_id=volume_id,
-            random_ids=self.server.config.vl is not None,
+            random_ids=cfg.vl is not None or cfg.vldb is not None,
         )  # fmt: skip
         return await h.run(h.vol.volume_status)
 
@@ -79,6 +82,9 @@ class AdminService:
 
     async def vol_examine(self, conn: Connection, vol: Any) -> dict[str, Any]:
         self._check(conn)
+        located = await vol_location(self.server.vldb, vol)
+        if located is not None and located["volume_id"] not in self.server.store.by_id:
+            return located  # held by another server of the cell
         h = self._vol(vol)
         info = await h.run(h.vol.volume_status)
         vh = self.server.table._vol_holders.get(h.id, {})
@@ -88,6 +94,7 @@ class AdminService:
             "update": h.vol.update_s,
             "promises": sum(vh.values()),
             "clients_holding": len(vh),
+            "servers": located["servers"] if located else [],
         })  # fmt: skip
         return info
 
@@ -221,7 +228,17 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 def _human(cmd: str, result: Any) -> str:
     vol_cols = ["volume_id", "name", "online", "bytes_used", "quota_bytes", "files"]
     if cmd in ("vol create", "vol examine"):
-        return "\n".join(f"{k:14} {v}" for k, v in result.items())
+        shown = dict(result)
+        if "servers" in shown:  # where the VLDB says it lives, and whether that server is up
+            shown["servers"] = (
+                ", ".join(
+                    f"{s['uuid']} at {' '.join(f'{h}:{p}' for h, p in s['addrs'])} "
+                    f"({'up' if s.get('up', True) else 'DOWN'})"
+                    for s in result["servers"]
+                )
+                or "(none)"
+            )
+        return "\n".join(f"{k:14} {v}" for k, v in shown.items())
     if cmd == "vol list":
         return _table(result, vol_cols)
     if cmd == "clients":

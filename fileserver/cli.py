@@ -31,6 +31,16 @@ def _hostport(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _vldb_url(text: str) -> str:
+    from fileserver.etcd import parse_endpoints
+
+    try:
+        parse_endpoints(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _setup_logging(verbose: bool, event_log: str | None, events: bool = False) -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
@@ -119,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_hostport,
         default=None,
         help="HOST:PORT of the VL service to register our volumes with",
+    )
+    s.add_argument("--vldb", type=_vldb_url, default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                   help="keep the cell's volume locations in etcd (default: this server's "
+                        "own VL service)")  # fmt: skip
+    s.add_argument(
+        "--vldb-ttl",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="lease of this server's VLDB registration (shown down after it)",
     )
     s.add_argument(
         "--advertise",
@@ -225,6 +245,8 @@ def serve(args: argparse.Namespace) -> int:
         max_delayed=args.max_delayed,
         sweep_interval=args.sweep_interval,
         vl=args.vl,
+        vldb=args.vldb,
+        vldb_ttl=args.vldb_ttl,
         advertise=args.advertise,
         metrics=args.metrics,
         create_root=False if args.no_root_volume else None,

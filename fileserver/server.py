@@ -40,6 +40,7 @@ from fileserver.fsops import CAPABILITIES, FsOps
 from fileserver.metrics import Metrics
 from fileserver.store import DataDir, VolumeStore
 from fileserver.vl import VLRegistrar, VLService
+from fileserver.vldb import VLDB, LocalVLDB, make_vldb
 from protocol.auth import AUTH_CHALLENGE, AUTH_PROVE, ServerAuth, create_key
 from protocol.connection import Connection, serve_tcp
 from protocol.errors import RpcError
@@ -95,10 +96,13 @@ class FileServer:
         self.started_at = 0.0
         self.connections: set[Connection] = set()
         self.registrar: VLRegistrar | None = None
+        self.first_start = False
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
         self.fsops = FsOps(self)
         self.vl = VLService(self.store, config.cell, "", self.advertised_addrs)
+        self.vldb: VLDB = make_vldb(self) if config.vldb else LocalVLDB(self.vl)
+        self.vl.vldb = self.vldb
         self.admin = AdminService(self)
         self.handlers = self._build_handlers()
         self.metrics.gauge("promises", "Callback promises held", lambda: self.table.count)
@@ -125,7 +129,9 @@ class FileServer:
             self.admin_secret = self.datadir.read_secret()
             self.auth.key = create_key(cfg.key_file)  # type: ignore[arg-type]
             self.store.open_all()
-            if first and cfg.create_root and ROOT_VOLUME_NAME not in self.store.by_name:
+            self.first_start = first  # an etcd VLDB creates root.cell only if the cell has none
+            if (first and cfg.create_root and cfg.vldb is None
+                    and ROOT_VOLUME_NAME not in self.store.by_name):  # fmt: skip
                 self.store.create_sync(ROOT_VOLUME_NAME)
         except BaseException:
             self.store.close_all()
@@ -193,6 +199,7 @@ class FileServer:
                         key=self.auth.key,
                     )
                     nursery.start_soon(self.registrar.run)
+                await nursery.start(self.vldb.run)
                 log.info("fileserver %s (cell %s, epoch %d) listening on %s:%d, data dir %s",
                          self.uuid, self.cell, self.epoch, self.host, self.port,
                          cfg.data_dir)  # fmt: skip
