@@ -50,6 +50,15 @@ def eventually(fn, bound):
     return value
 
 
+async def until(fetch, pred, bound=10.0):
+    """Fetch (``await fetch()``) until ``pred`` holds of the value, within ``bound`` s."""
+    with trio.fail_after(bound):
+        while True:
+            if pred(await fetch()):
+                return
+            await trio.sleep(0.05)
+
+
 def examine_up(srv, volume):
     return admin(srv.data_dir, "vol", "examine", volume)["servers"][0]["up"]
 
@@ -93,9 +102,7 @@ async def test_etcd_client_keys_txn_and_leases(etcd):
         await c.revoke(lease)  # already gone: not an error
         lease = await c.grant(2)
         await c.put(b"/t/lapse", b"x", lease=lease)
-        with trio.fail_after(15):
-            while await c.get(b"/t/lapse") is not None:
-                await trio.sleep(0.2)
+        await until(lambda: c.get(b"/t/lapse"), lambda v: v is None, 15)
         with pytest.raises(EtcdError):
             await c.put(b"/t/k", b"v", lease=lease)  # lease not found
 
@@ -124,9 +131,7 @@ async def test_two_servers_share_the_cells_vldb(tmp_path, etcd, cell):
         assert "root.cell" in a.store.by_name
         assert "root.cell" not in b.store.by_name
         h = await b.store.create("bvol", random_ids=True)
-        with trio.fail_after(10):
-            while not any(e["name"] == "bvol" for e in await a.vldb.entries()):
-                await trio.sleep(0.05)
+        await until(a.vldb.entries, lambda es: any(e["name"] == "bvol" for e in es))
         # Either server answers VL.* for the whole cell, before authentication.
         for srv in (a, b):
             async with fs_client(srv.host, srv.port, auth=False, hello=False) as c:
@@ -146,9 +151,7 @@ async def test_two_servers_share_the_cells_vldb(tmp_path, etcd, cell):
             assert ex["servers"][0]["uuid"] == b.uuid and ex["servers"][0]["up"]
         # A removed volume leaves the VLDB.
         await b.store.remove(h)
-        with trio.fail_after(10):
-            while any(e["name"] == "bvol" for e in await a.vldb.entries()):
-                await trio.sleep(0.05)
+        await until(a.vldb.entries, lambda es: all(e["name"] != "bvol" for e in es))
         # A cleanly stopped server is shown down at once (its lease revoked).
         b.stop()
     e = None
@@ -174,3 +177,21 @@ def test_lapsed_lease_is_reported_down(tmp_path, etcd, cell):
             # It comes back up when the server does.
             b.start()
             assert eventually(lambda: examine_up(a, "bvol"), 30)
+
+
+async def test_three_member_cluster_survives_losing_one(tmp_path):
+    with EtcdCluster(tmp_path / "etcd3", size=3) as cluster:
+        async with running_server(tmp_path / "a", vldb=cluster.url, vldb_ttl=3) as a:
+            await a.store.create("before", random_ids=True)
+            await until(a.vldb.entries, lambda es: {e["name"] for e in es} >= {"before"})
+            # The member the server talks to first dies.
+            cluster.members[0].kill()
+            async with fs_client(a.host, a.port, auth=False, hello=False) as c:
+                e = await c.call("VL.GetEntryByName", "before")
+                assert e["servers"][0]["uuid"] == a.uuid and e["servers"][0]["up"]
+                # Writes still reach a quorum: a new volume is registered.
+                await a.store.create("after", random_ids=True)
+                await until(a.vldb.entries, lambda es: any(e["name"] == "after" for e in es))
+                assert (await c.call("VL.GetEntryByName", "after"))["servers"][0]["up"]
+            # Its lease is still kept alive by the two members left.
+            assert a.vldb.last_error == ""

@@ -53,7 +53,7 @@ class EtcdMember:
     def peer_url(self) -> str:
         return f"http://127.0.0.1:{self.peer_port}"
 
-    def start(self, initial_cluster: str, state: str = "new") -> None:
+    def start(self, initial_cluster: str, token: str, state: str = "new") -> None:
         binary = shutil.which(ETCD)
         if binary is None:
             raise RuntimeError("no etcd binary: `make setup` installs Debian's etcd-server")
@@ -63,7 +63,7 @@ class EtcdMember:
                "--listen-peer-urls", self.peer_url,
                "--initial-advertise-peer-urls", self.peer_url,
                "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
-               "--initial-cluster-token", f"afsfuse-{os.getpid()}-{self.peer_port}",
+               "--initial-cluster-token", token,
                # Small timings: a test cluster elects a leader in well under a second.
                "--heartbeat-interval", "50", "--election-timeout", "500"]  # fmt: skip
         logf = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
@@ -124,8 +124,9 @@ class EtcdCluster:
             for i in range(self.size)
         ]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        token = f"afsfuse-{os.getpid()}-{self.members[0].peer_port}"  # one per cluster
         for m in self.members:
-            m.start(initial)
+            m.start(initial, token)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             dead = [m for m in self.members if not m.running()]
