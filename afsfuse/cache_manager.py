@@ -440,11 +440,16 @@ class CacheManager:
         return vol
 
     @_maps_errors
-    async def mount_volume(self, cell: str | None, volume: str, cred: Cred = None) -> Vnode:
+    async def mount_volume(
+        self, cell: str | None, volume: str, cred: Cred = None, *, crossing: bool = False
+    ) -> Vnode:
         """Find ``volume`` through the cell's VL servers; return its root vnode.
 
         A volume already mounted through this cell is not looked up again
-        (mount points are crossed often); each call counts one mount."""
+        (mount points are crossed often).  Each call counts one mount, except
+        a mount-point ``crossing``: that volume is in use while the kernel
+        holds its root, and released when the kernel forgets it (``forget``),
+        so its server record can go idle (P2)."""
         try:
             c = self.cells.get(cell)
         except KeyError:
@@ -457,12 +462,16 @@ class CacheManager:
                 entry = await self._vl_call(c, M.VL_GET_ENTRY_BY_NAME, volume)
             vol = self._volume_from_entry(c.name, entry)
             self._by_name[(c.name, volume)] = vol
-        vol.mounts += 1
+        if not crossing:
+            vol.mounts += 1
         root = vol.get(vol.root_fid)
         try:
             await validate(self, root, _wire_cred(cred))
         except BaseException:
-            self.unmount_volume(vol)
+            if crossing:
+                self._release_crossed(vol)
+            else:
+                self.unmount_volume(vol)
             raise
         log_event("volume_mounted", cell=c.name, volume=vol.name, id=vol.volume_id)
         return root
@@ -514,6 +523,22 @@ class CacheManager:
         """The kernel forgot ``vnode``: drop it locally.  P1: nothing is sent;
         the promise is not given back (it expires or is broken on the server)."""
         vnode.volume.forget(vnode)
+        if vnode.fid == vnode.volume.root_fid:
+            # The kernel holds nothing below a root it forgot (dentries pin
+            # their parents): a volume only crossed into is no longer used.
+            self._release_crossed(vnode.volume)
+
+    def _release_crossed(self, vol: VolumeInstance) -> None:
+        """Drop a volume reached only through mount points, with its
+        interests (sends nothing; an idle record is destroyed later, P2)."""
+        if vol.mounts > 0 or vol.busy():
+            return
+        vol.detach_all()
+        if self.volumes.get(vol.key) is vol:
+            del self.volumes[vol.key]
+        for k in [k for k, v in self._by_name.items() if v is vol]:
+            del self._by_name[k]
+        log_event("volume_released", cell=vol.cell, volume=vol.volume_id)
 
     # -- status -----------------------------------------------------------------
 

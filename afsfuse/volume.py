@@ -135,6 +135,14 @@ class VolumeInstance:
             del self.vnodes[key]
         return True
 
+    def busy(self) -> bool:
+        """Whether a vnode is open, holds unstored writes or has a fetch in
+        flight (the instance must then stay).  Called when the kernel forgot
+        the root, so a walk here is rare."""
+        return any(
+            v.open_count or v.local_size is not None or v.inflight for v in self.vnodes.values()
+        )
+
     def attach(self, server: ServerRecord) -> None:
         if server not in self.servers:
             self.servers.append(server)

@@ -1,0 +1,56 @@
+"""A volume reached through mount points on another server: crossing it many
+times keeps one use, and once the kernel forgot its root the instance goes,
+so that server's record becomes idle, is destroyed after the idle lifetime
+and sends GiveUpAllCallBacks once (P2), while the mounted volume's record
+stays.  Fake servers on memory streams, mock clock."""
+
+from __future__ import annotations
+
+import trio
+from test_cm_fakeserver import VOL, FakeServer, Network, make_cm
+
+from protocol.records import Fid
+
+VOL2 = VOL + 1
+
+
+async def test_crossed_volume_released_when_root_forgotten(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        net = Network(nursery)
+        fs1 = net.add(FakeServer(volumes={VOL: "root.cell", VOL2: "other"}))
+        fs2 = net.add(FakeServer(uuid="22222222-2222-2222-2222-222222222222",
+                                 volumes={VOL2: "other"}, addr=("fs2", 7000)))  # fmt: skip
+        fs1.vl_moved[VOL2] = (fs2.uuid, fs2.addr)  # the cell's VL: "other" lives on fs2
+        f_node = fs2.add(Fid(VOL2, 1, 1), b"f", data=b"on fs2")
+        async with make_cm(net, tmp_path, idle_record_lifetime=60) as cm:
+            root = await cm.mount_volume("test", "root.cell")
+            rec1 = root.volume.server
+            roots = [await cm.mount_volume("test", "other", crossing=True) for _ in range(5)]
+            o = roots[0]
+            assert all(r is o for r in roots)  # one instance, looked up once
+            rec2 = o.volume.server
+            assert rec2.uuid == fs2.uuid and rec2 is not rec1
+            f = await cm.lookup(o, b"f")
+            assert f.fid == f_node.fid
+            h = await cm.open(f)
+            assert await cm.read(h, 0, 100) == b"on fs2"
+            # While a file is open the root cannot have been forgotten, but
+            # even if it were, the instance stays.
+            cm.forget(o)
+            assert cm.volumes.get(o.volume.key) is o.volume and rec2.interests
+            await cm.release(h)
+            # The kernel forgets the file, then the root it hangs under.
+            cm.forget(f)
+            cm.forget(o)
+            assert o.volume.key not in cm.volumes and not rec2.interests
+            await trio.sleep(30)  # idle, not yet for long enough
+            assert not rec2.destroyed and not fs2.give_ups
+            await trio.sleep(60)
+            assert rec2.destroyed and fs2.give_ups[cm.uuid] == 1
+            assert not rec1.destroyed and not fs1.give_ups  # root.cell stays mounted
+            # Crossing again finds it anew, on a new record for fs2.
+            again = await cm.mount_volume("test", "other", crossing=True)
+            assert again.volume.server is not rec2 and again.volume.server.uuid == fs2.uuid
+            assert (await cm.lookup(again, b"f")).fid == f_node.fid
+        assert fs2.give_ups[cm.uuid] == 2  # the new record, destroyed at close
+        nursery.cancel_scope.cancel()
