@@ -102,7 +102,7 @@ from afsfuse.volume import VolumeInstance
 from protocol import methods as M
 from protocol.auth import load_key
 from protocol.connection import Connection, ConnectionLost, RpcTimeout
-from protocol.errors import RpcError
+from protocol.errors import MOVED, RpcError
 from protocol.limits import MAX_BULKSTAT_FIDS, MAX_IO, MAX_READDIR_ENTRIES, MAX_SYMLINK
 from protocol.names import check_name
 from protocol.records import Fid, FileStatus, FileType
@@ -369,8 +369,11 @@ class CacheManager:
         """One call on ``server``'s connection (counted per method).
 
         ``snap`` is re-taken at the moment the call is issued, after any wait
-        for a (re)connection, whose Hello may itself bring breaks."""
+        for a (re)connection, whose Hello may itself bring breaks.  A server
+        answering "moved" (EREMCHG: it did not run the call) sends us to VL
+        and the call to the volume's new server."""
         retries = 1 if method in _RETRYABLE else 0
+        follows = 2  # "moved" answers followed (the call did not run there)
         while True:
             try:
                 return await server.call(method, *params, on_issue=snap.retake if snap else None)
@@ -385,6 +388,14 @@ class CacheManager:
                     raise
                 retries -= 1
                 log.info("%s: connection lost, retrying after reconnect", method)
+            except RpcError as exc:
+                if exc.code != MOVED or follows <= 0:
+                    raise
+                follows -= 1
+                moved_to = await self._follow_move(server, params, snap)
+                if moved_to is None:
+                    raise
+                server = moved_to
             except OSError as exc:
                 raise ConnectionLost(f"{method}: {exc!r}") from exc
 
@@ -476,12 +487,13 @@ class CacheManager:
         log_event("volume_mounted", cell=c.name, volume=vol.name, id=vol.volume_id)
         return root
 
-    async def relocate_volume(self, vol: VolumeInstance) -> bool:
+    async def relocate_volume(self, vol: VolumeInstance, *, force: bool = False) -> bool:
         """Ask VL where ``vol`` lives now; True if it moved (its instance now
         uses the new servers and every promise on it is void).  At most one
-        VL query per volume per ``_RELOCATE_INTERVAL`` seconds."""
+        VL query per volume per ``_RELOCATE_INTERVAL`` seconds, unless
+        ``force`` (the server said the volume moved)."""
         now = trio.current_time()
-        if now - vol.located_at < _RELOCATE_INTERVAL:
+        if now - vol.located_at < _RELOCATE_INTERVAL and not force:
             return False
         vol.located_at = now
         try:
@@ -504,6 +516,27 @@ class CacheManager:
         volume_break(self, vol, "moved")
         log_event("volume_moved", cell=vol.cell, volume=vol.volume_id, servers=",".join(uuids))
         return True
+
+    async def _follow_move(
+        self, server: ServerRecord, params: tuple[Any, ...], snap: CallSnapshot | None
+    ) -> ServerRecord | None:
+        """``server`` answered "moved" (EREMCHG) for the volume of a call: ask
+        VL again (a whole-volume break, interests on the new record, P3) and
+        return the record to send the call to, None if VL knows no better."""
+        if snap is not None:
+            vols = [snap.volume]
+        else:
+            vid = params[1] if len(params) > 1 and isinstance(params[1], int) else None
+            fid = next((p for p in params if isinstance(p, Fid)), None)
+            vid = fid.volume if fid is not None else vid
+            vols = list(server.instances(vid)) if vid is not None else []
+        for vol in vols:
+            await self.relocate_volume(vol, force=True)
+        if not vols or vols[0].server is server:
+            return None
+        if snap is not None:
+            snap.server = vols[0].server  # the promise names the record it came from
+        return vols[0].server
 
     def unmount_volume(self, vol: VolumeInstance) -> None:
         """Drop a mount of ``vol``; at the last, its interests go (sends nothing)."""

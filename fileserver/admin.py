@@ -21,6 +21,7 @@ import trio
 
 from fileserver.store import DataDir, VolumeHandle
 from fileserver.vldb import vol_location
+from fileserver.volmove import move_volume
 from protocol.connection import Connection, open_connection
 from protocol.errors import RpcError
 from protocol.records import Fid
@@ -123,6 +124,13 @@ class AdminService:
         await self.server.breaker.break_volume_all(h.id)
         return {"volume_id": h.id, "name": h.name, "online": online}
 
+    async def vol_move(self, conn: Connection, vol: Any, host: Any, port: Any) -> dict[str, Any]:
+        """Move a volume to the fileserver at host:port (fileserver.volmove)."""
+        self._check(conn)
+        if type(host) is not str or type(port) is not int or not 0 < port < 65536:
+            raise RpcError("EINVAL", "target must be a host str and a port int")
+        return await move_volume(self.server, self._vol(vol), host, port)
+
     async def clients(self, conn: Connection) -> list[dict[str, Any]]:
         self._check(conn)
         t = self.server.table
@@ -188,6 +196,7 @@ class AdminService:
             "Admin.VolRemove": self.vol_remove,
             "Admin.VolSetQuota": self.vol_set_quota,
             "Admin.VolSetOnline": self.vol_set_online,
+            "Admin.VolMove": self.vol_move,
             "Admin.Clients": self.clients,
             "Admin.Callbacks": self.callbacks,
             "Admin.Break": self.break_fid,
@@ -268,7 +277,8 @@ def run_admin(args: Any) -> int:
     """Run one admin subcommand parsed by ``fileserver.cli``."""
     cmd, method, params = args.admin_call
     try:
-        result = trio.run(lambda: admin_call(Path(args.data_dir), method, *params))
+        timeout = 3600 if method == "Admin.VolMove" else 30  # a move copies a whole volume
+        result = trio.run(lambda: admin_call(Path(args.data_dir), method, *params, timeout=timeout))
     except RpcError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 1

@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     vol.add_parser("remove", parents=[admin]).add_argument("volume")
     vol.add_parser("offline", parents=[admin]).add_argument("volume")
     vol.add_parser("online", parents=[admin]).add_argument("volume")
+    mv = vol.add_parser("move", parents=[admin], help="move a volume to another fileserver")
+    mv.add_argument("volume")
+    mv.add_argument("--to", type=_hostport, required=True, metavar="HOST:PORT",
+                    help="the target fileserver (same cell and cell key)")  # fmt: skip
     q = vol.add_parser("quota", parents=[admin])
     q.add_argument("volume")
     q.add_argument("bytes", type=int)
@@ -210,6 +214,8 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]
             "remove": ("Admin.VolRemove", (_vol_arg(getattr(args, "volume", "")),)),
             "offline": ("Admin.VolSetOnline", (_vol_arg(getattr(args, "volume", "")), False)),
             "online": ("Admin.VolSetOnline", (_vol_arg(getattr(args, "volume", "")), True)),
+            "move": ("Admin.VolMove", (_vol_arg(getattr(args, "volume", "")),
+                                       *(getattr(args, "to", None) or ("", 0)))),
             "quota": ("Admin.VolSetQuota",
                       (_vol_arg(getattr(args, "volume", "")), getattr(args, "bytes", 0))),
         }  # fmt: skip

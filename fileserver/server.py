@@ -41,6 +41,7 @@ from fileserver.metrics import Metrics
 from fileserver.store import DataDir, VolumeStore
 from fileserver.vl import VLRegistrar, VLService
 from fileserver.vldb import VLDB, LocalVLDB, make_vldb
+from fileserver.volmove import MovedVolumes, Receiver
 from protocol.auth import AUTH_CHALLENGE, AUTH_PROVE, ServerAuth, create_key
 from protocol.connection import Connection, serve_tcp
 from protocol.errors import RpcError
@@ -103,6 +104,7 @@ class FileServer:
         self.vl = VLService(self.store, config.cell, "", self.advertised_addrs)
         self.vldb: VLDB = make_vldb(self) if config.vldb else LocalVLDB(self.vl)
         self.vl.vldb = self.vldb
+        self.moved = MovedVolumes(config.data_dir)  # volumes moved away: EREMCHG
         self.admin = AdminService(self)
         self.handlers = self._build_handlers()
         self.metrics.gauge("promises", "Callback promises held", lambda: self.table.count)
@@ -391,10 +393,13 @@ class FileServer:
                 if not lo <= len(params) <= hi:
                     raise RpcError("EINVAL", f"{method}: {len(params)} params, want {lo}..{hi}")
                 if kind == "fs":
+                    self.moved.check(params, self.store.by_id.__contains__)
                     st = await self._session(conn)
                     return await fn(st, *params)
                 return await fn(conn, *params)
             except RpcError as exc:
+                if kind == "fs" and exc.code in ("ESTALE", "ENOENT"):
+                    self.moved.check(params, self.store.by_id.__contains__)  # moved meanwhile
                 err = exc.code
                 raise
             except (TypeError, ValueError, KeyError, IndexError):
@@ -419,6 +424,8 @@ class FileServer:
         for name, fn in self.vl.handlers().items():
             h[name] = self._wrap(name, fn, "conn")
         for name, fn in self.admin.handlers().items():
+            h[name] = self._wrap(name, fn, "conn")
+        for name, fn in Receiver(self).handlers().items():  # vol move, cell-key authenticated
             h[name] = self._wrap(name, fn, "conn")
         return h
 

@@ -1,14 +1,16 @@
-"""A volume reached through mount points on another server: crossing it many
-times keeps one use, and once the kernel forgot its root the instance goes,
-so that server's record becomes idle, is destroyed after the idle lifetime
-and sends GiveUpAllCallBacks once (P2), while the mounted volume's record
-stays.  Fake servers on memory streams, mock clock."""
+"""The client with several fileservers (fake servers on memory streams, mock
+clock): a volume reached through mount points on another server is one use,
+released when the kernel forgot its root, so that server's record becomes
+idle, is destroyed after the idle lifetime and sends GiveUpAllCallBacks once
+(P2); and a server answering "moved" (EREMCHG) sends the client to VL and
+the call to the new server, writes included."""
 
 from __future__ import annotations
 
 import trio
-from test_cm_fakeserver import VOL, FakeServer, Network, make_cm
+from test_cm_fakeserver import ROOT, VOL, FakeServer, Network, make_cm
 
+from protocol.errors import MOVED, RpcError
 from protocol.records import Fid
 
 VOL2 = VOL + 1
@@ -53,4 +55,41 @@ async def test_crossed_volume_released_when_root_forgotten(tmp_path, autojump_cl
             assert again.volume.server is not rec2 and again.volume.server.uuid == fs2.uuid
             assert (await cm.lookup(again, b"f")).fid == f_node.fid
         assert fs2.give_ups[cm.uuid] == 2  # the new record, destroyed at close
+        nursery.cancel_scope.cancel()
+
+
+async def test_moved_answer_sends_calls_to_the_new_server(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        net = Network(nursery)
+        old = net.add(FakeServer())
+        new = net.add(FakeServer(uuid="33333333-3333-3333-3333-333333333333", addr=("fs2", 7000)))
+        n = old.add(ROOT, b"f", data=b"old bytes")
+        async with make_cm(net, tmp_path) as cm:
+            root = await cm.mount_volume("test", "root.cell")
+            f = await cm.lookup(root, b"f")
+            rec_old = root.volume.server
+            h = await cm.open(f, flags=2)
+            await cm.write(h, 0, b"new bytes, written across the move")
+            v_break = root.volume.cb_v_break
+            # The volume moves; this client missed the whole-volume break, so
+            # its next call goes to the old server, which answers "moved".
+            new.nodes = dict(old.nodes)
+            new.next_vnode = old.next_vnode
+
+            def moved(fid_wire):
+                raise RpcError(MOVED, "volume moved")
+
+            old.node = moved
+            old.vl_moved[VOL] = (new.uuid, new.addr)
+            await cm.release(h)  # the store lands on the new server
+            assert bytes(n.data) == b"new bytes, written across the move"
+            assert new.calls["FS.StoreData"] == 1 and old.calls["FS.StoreData"] == 1
+            assert root.volume.server.uuid == new.uuid and not rec_old.interests
+            assert root.volume.cb_v_break == v_break + 1  # a whole-volume break
+            assert new.uuid in {r.uuid for r in cm.servers.values()}
+            # Breaks from the new server reach the instance (P3 across servers).
+            await new.break_fids([f.fid])
+            assert f.promise is None
+            st = await cm.getattr(f)
+            assert st.size == len(n.data) and new.calls["FS.FetchStatus"] >= 1
         nursery.cancel_scope.cancel()

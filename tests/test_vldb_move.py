@@ -1,0 +1,139 @@
+"""``Admin.VolMove`` at the protocol level, with in-process fileservers: the
+copy keeps fids, DVs and bytes; the VLDB (etcd, or the embedded VL) points
+at the target; the source answers EREMCHG for the volume, also after a
+restart; a volume name or id already on the target is refused."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from afsfuse.lab.etcd import EtcdCluster
+from afsfuse.lab.server import fs_client, running_server
+from protocol.errors import MOVED, RpcError
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    with EtcdCluster(tmp_path_factory.mktemp("etcd"), size=1) as cluster:
+        yield cluster
+
+
+async def _fill(srv, name: str) -> tuple[list[int], list[int], bytes]:
+    """A volume with a directory and a 5 MiB file (two FetchData calls' worth)."""
+    h = await srv.store.create(name, random_ids=True)
+    data = bytes(range(256)) * (5 * 4096)
+    async with fs_client(srv.host, srv.port) as c:
+        root = [h.id, 1, 1]
+        d = await c.call("FS.MakeDir", None, root, b"dir", 0o755)
+        f = await c.call("FS.CreateFile", None, d["fid"], b"file", 0o644)
+        for off in range(0, len(data), 4 << 20):
+            await c.call("FS.StoreData", None, f["fid"], off, data[off : off + (4 << 20)],
+                         None, None)  # fmt: skip
+        await c.call("FS.Symlink", None, root, b"link", b"dir/file", 0o777)
+    return root, f["fid"], data
+
+
+async def _admin(srv, method, *params):
+    error: RpcError | None = None
+    async with fs_client(srv.host, srv.port, auth=False, hello=False) as c:
+        await c.call("Admin.Auth", srv.admin_secret)
+        try:
+            return await c.call(method, *params, timeout=60)
+        except RpcError as exc:
+            error = exc  # raised outside the connection's nursery: not in a group
+    raise error
+
+
+async def _read_all(c, fid, size):
+    out = b""
+    while len(out) < size:
+        r = await c.call("FS.FetchData", None, fid, len(out), 4 << 20)
+        out += r["data"]
+    return out
+
+
+async def test_move_with_etcd_vldb(tmp_path, etcd):
+    cell = "movecell"
+    key = tmp_path / "a" / "cell.key"
+    async with (
+        running_server(tmp_path / "a", vldb=etcd.url, cell=cell) as a,
+        running_server(tmp_path / "b", vldb=etcd.url, cell=cell, key_file=key,
+                       create_root=False) as b,
+    ):  # fmt: skip
+        root, fid, data = await _fill(a, "proj")
+        async with fs_client(a.host, a.port) as ca:
+            before = await ca.call("FS.FetchStatus", None, fid)
+            res = await _admin(a, "Admin.VolMove", "proj", b.host, b.port)
+            assert res["to"] == b.uuid and res["bytes_sent"] >= len(data)
+            # The source answers "moved" for every call naming the volume.
+            for method, params in [("FS.FetchStatus", (None, fid)),
+                                       ("FS.Lookup", (None, root, b"dir")),
+                                       ("FS.InlineBulkStatus", (None, [fid, root])),
+                                       ("FS.GetVolumeStatus", (None, root[0]))]:  # fmt: skip
+                with pytest.raises(RpcError) as exc:
+                    await ca.call(method, *params)
+                assert exc.value.code == MOVED
+            # ... and it told the clients holding promises (whole-volume break).
+            await ca.wait_for(lambda: any(f.vnode == 0 for f in ca.breaks))
+        # Both VL services now say: on b.
+        for srv in (a, b):
+            async with fs_client(srv.host, srv.port, auth=False, hello=False) as c:
+                e = await c.call("VL.GetEntryByName", "proj")
+                assert e["volume_id"] == root[0]
+                assert [s["uuid"] for s in e["servers"]] == [b.uuid]
+        # The copy on b: same fids, DVs and bytes.
+        async with fs_client(b.host, b.port) as cb:
+            after = await cb.call("FS.FetchStatus", None, fid)
+            assert after["status"] == before["status"]
+            assert after["volsync"][0] == before["volsync"][0]  # same creation stamp
+            assert await _read_all(cb, fid, len(data)) == data
+            lk = await cb.call("FS.Lookup", None, root, b"link")
+            assert (await cb.call("FS.FetchData", None, lk["fid"], 0, 100))["data"] == (b"dir/file")
+            # A second move to where it already is is refused.
+            with pytest.raises(RpcError, match="ENOENT"):
+                await _admin(a, "Admin.VolMove", "proj", b.host, b.port)
+    # The source still says "moved" after a restart (moved.json).
+    async with (
+        running_server(tmp_path / "a", vldb=etcd.url, cell=cell) as a2,
+        fs_client(a2.host, a2.port) as c,
+    ):
+        with pytest.raises(RpcError) as exc:
+            await c.call("FS.FetchStatus", None, fid)
+        assert exc.value.code == MOVED
+
+
+async def test_move_refused_when_the_target_has_the_volume(tmp_path, etcd):
+    cell = "refusecell"
+    key = tmp_path / "a" / "cell.key"
+    async with (
+        running_server(tmp_path / "a", vldb=etcd.url, cell=cell) as a,
+        running_server(tmp_path / "b", vldb=etcd.url, cell=cell, key_file=key,
+                       create_root=False) as b,
+    ):  # fmt: skip
+        h = await a.store.create("dup", random_ids=True)
+        # b holds a volume of that id already (e.g. an earlier copy).
+        await b.store.create("other", volume_id=h.id)
+        with pytest.raises(RpcError, match="EEXIST"):
+            await _admin(a, "Admin.VolMove", "dup", b.host, b.port)
+        assert "dup" in a.store.by_name  # still served here
+        async with fs_client(a.host, a.port) as c:
+            await c.call("FS.FetchStatus", None, [h.id, 1, 1])
+        with pytest.raises(RpcError, match="EINVAL"):
+            await _admin(a, "Admin.VolMove", "dup", a.host, a.port)  # to itself
+
+
+async def test_move_with_the_embedded_vl(tmp_path):
+    async with running_server(tmp_path / "a") as a:  # noqa: SIM117 - b needs a's address
+        async with running_server(tmp_path / "b", vl=(a.host, a.port),
+                                  vl_register_interval=60) as b:  # fmt: skip
+            _root, fid, data = await _fill(a, "proj")
+            await _admin(a, "Admin.VolMove", "proj", b.host, b.port)
+            async with fs_client(a.host, a.port, auth=False, hello=False) as c:
+                e = await c.call("VL.GetEntryByName", "proj")
+                assert e["servers"][0]["uuid"] == b.uuid
+                assert e["servers"][0]["addrs"] == [[b.host, b.port]]
+            async with fs_client(b.host, b.port) as cb:
+                assert await _read_all(cb, fid, len(data)) == data
+            with trio.fail_after(10):
+                await b.registrar.registered.wait()
