@@ -17,7 +17,7 @@ fetched before one of them is stale).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from afsfuse.vnode import Vnode
@@ -53,6 +53,9 @@ class VolumeInstance:
         self.mounts = 0
         self.located_at = -1e18  # trio time of the last VL check (moves)
         self.on_new_vnode: Callable[[Vnode], None] | None = None
+        #: Asks VL where the volume lives now (a server answered "moved");
+        #: True if it moved.  Set by the manager that made the instance.
+        self.relocate: Callable[[], Awaitable[bool]] | None = None
 
     def __repr__(self) -> str:
         return f"<VolumeInstance {self.cell}:{self.name}({self.volume_id})>"

@@ -17,6 +17,9 @@ Hello a client the server has no state for gets ``CB.InitCallBackState3``
 and a returning client gets its delayed breaks, both before the reply; a
 second connection with the same UUID replaces the first; a dropped
 connection marks the client down until it says Hello again.
+
+Imports: every other fileserver module except cli and salvage (it wires
+them); ``protocol``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from fileserver.metrics import Metrics
 from fileserver.store import DataDir, VolumeStore
 from fileserver.vl import VLRegistrar, VLService
 from fileserver.vldb import VLDB, LocalVLDB, make_vldb
-from fileserver.volmove import MovedVolumes, Receiver
+from fileserver.volmove import MovedVolumes, Receiver, move_volume
 from protocol.auth import AUTH_CHALLENGE, AUTH_PROVE, ServerAuth, create_key
 from protocol.connection import Connection, serve_tcp
 from protocol.errors import RpcError
@@ -100,12 +103,19 @@ class FileServer:
         self.first_start = False
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
-        self.fsops = FsOps(self)
+        self.fsops = FsOps(self.store, self.table, self.breaker, self.metrics, config)
         self.vl = VLService(self.store, config.cell, "", self.advertised_addrs)
         self.vldb: VLDB = make_vldb(self) if config.vldb else LocalVLDB(self.vl)
         self.vl.vldb = self.vldb
         self.moved = MovedVolumes(config.data_dir)  # volumes moved away: EREMCHG
-        self.admin = AdminService(self)
+        self.admin = AdminService(
+            self.store, self.table, self.breaker, config,
+            identity=lambda: {"server_uuid": self.uuid, "cell": self.cell, "epoch": self.epoch},
+            secret=lambda: self.admin_secret,
+            stats=self.stats,
+            vldb=self.vldb,
+            move=partial(move_volume, self),
+        )  # fmt: skip
         self.handlers = self._build_handlers()
         self.metrics.gauge("promises", "Callback promises held", lambda: self.table.count)
         self.metrics.gauge("clients", "Clients known", lambda: len(self.breaker.clients))
