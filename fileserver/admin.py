@@ -107,8 +107,19 @@ class AdminService:
         return await h.run(h.vol.volume_status)
 
     async def vol_list(self, conn: Connection) -> list[dict[str, Any]]:
+        """This server's volumes; with an etcd VLDB also the cell's others,
+        each with the server the VLDB names and whether it is up."""
         self._check(conn)
-        return [await h.run(h.vol.volume_status) for h in self.store.list()]
+        me = self._identity()["server_uuid"]
+        out = [dict(await h.run(h.vol.volume_status), server=me) for h in self.store.list()]
+        if self.vldb is not None and self.config.vldb is not None:
+            local = {v["volume_id"] for v in out}
+            for e in await self.vldb.entries():
+                if e["volume_id"] not in local and e["servers"]:
+                    s = e["servers"][0]
+                    out.append({"volume_id": e["volume_id"], "name": e["name"],
+                                "server": s["uuid"], "up": s.get("up", True)})  # fmt: skip
+        return out
 
     async def vol_examine(self, conn: Connection, vol: Any) -> dict[str, Any]:
         self._check(conn)
@@ -266,7 +277,7 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 def _human(cmd: str, result: Any) -> str:
-    vol_cols = ["volume_id", "name", "online", "bytes_used", "quota_bytes", "files"]
+    vol_cols = ["volume_id", "name", "online", "bytes_used", "quota_bytes", "files", "server"]
     if cmd in ("vol create", "vol examine"):
         shown = dict(result)
         if "servers" in shown:  # where the VLDB says it lives, and whether that server is up

@@ -8,12 +8,16 @@ authenticated connection to the target, which runs ``Vol.Move*``:
 2. A consistent snapshot, taken under the volume lock in a moment (the
    SQLite database through the backup API, and the list of data files
    with their DV and size), is sent while the volume keeps serving; data
-   files are read live, so a file changed meanwhile is sent again below.
-3. Under the volume lock, held to the end (calls wait, none fails): a new
-   snapshot; the files whose DV or size changed since the first one, the
+   files are read live, so a file changed meanwhile is sent again: in
+   further rounds while serving, as long as fewer files changed each
+   round (at most ``CATCH_UP_ROUNDS``), then
+3. under the volume lock, held to the end (calls wait, none fails): a new
+   snapshot; the files whose DV or size changed since they were sent, the
    files gone, and the database are sent; ``Vol.MoveCommit`` makes the
    target open the volume; the VLDB entry is switched to the target; the
-   volume leaves the source's store and is recorded as moved.
+   volume leaves the source's store and is recorded as moved.  If the
+   switch fails, ``Vol.MoveAbort`` drops the target's copy and the source
+   goes on serving.
 4. The lock is released: every call for the volume, including those that
    waited, gets ``EREMCHG`` ("moved"; SPEC section 7) and the client asks
    VL again.  A whole-volume break tells clients holding promises from the
@@ -61,6 +65,10 @@ VOL_MOVE_ABORT = "Vol.MoveAbort"
 _PATH = re.compile(r"^(volume\.db|data/[0-9]{1,10}\.[0-9]{1,10})$")
 
 Files = dict[str, tuple[int, int]]  # "data/V.U" -> (dv, size)
+#: Rounds sent while the volume keeps serving, and the number of changed
+#: files at which the final (volume-holding) round starts at once.
+CATCH_UP_ROUNDS = 4
+FINAL_ROUND_FILES = 16
 
 
 def _vid(v: Any) -> int:
@@ -152,6 +160,8 @@ class Receiver:
     def __init__(self, server: FileServer) -> None:
         self.server = server
         self.incoming: dict[int, Path] = {}
+        #: Committed here, the source not yet switched over: an abort drops it.
+        self.committed: dict[int, VolumeHandle] = {}
 
     def _staging(self, vid: int) -> Path:
         d = self.incoming.get(vid)
@@ -176,6 +186,7 @@ class Receiver:
 
         await trio.to_thread.run_sync(prep)
         self.incoming[vid] = d
+        self.committed.pop(vid, None)
         log.info("receiving volume %s (%d) from %s", name, vid, conn.name)
         return {"uuid": self.server.uuid, "addrs": self.server.advertised_addrs()}
 
@@ -232,6 +243,7 @@ class Receiver:
         vol = await trio.to_thread.run_sync(install)
         del self.incoming[vid]
         h = VolumeHandle(vol)
+        self.committed[vid] = h
         self.server.moved.discard(vid)  # moved back here
         self.server.store._add(h)
         self.server.store._signal_change()  # the VLDB registrar sees it
@@ -239,10 +251,16 @@ class Receiver:
         return await h.run(vol.volume_status)
 
     async def abort(self, conn: Connection, volume_id: Any) -> None:
+        """Forget a move: the staging copy, or the volume committed here if the
+        source could not switch the VLDB (nobody was sent here for it)."""
         vid = _vid(volume_id)
         d = self.incoming.pop(vid, None)
         if d is not None:
             await trio.to_thread.run_sync(lambda: shutil.rmtree(d, ignore_errors=True))
+        h = self.committed.pop(vid, None)
+        if h is not None and self.server.store.by_id.get(vid) is h:
+            log.warning("move of volume %s (%d) aborted after commit: copy dropped", h.name, vid)
+            await self.server.store.remove(h)
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         return {
@@ -312,19 +330,29 @@ async def _copy(server: FileServer, h: VolumeHandle, conn: Connection) -> dict[s
     sent = 0
     target = await conn.call(VOL_MOVE_BEGIN, vid, name, server.uuid)
     try:
-        # Round 1: a snapshot taken in a moment, sent while serving.
-        first = await h.run(snapshot, h.vol, work)
-        for path in sorted(first):
-            sent += await _send(conn, vid, h.vol.path / path, path)
-        # Round 2: what changed meanwhile, with the volume held still.
+        # A snapshot taken in a moment, sent while serving; then, while
+        # serving still, what changed during the previous round, as long as
+        # that shrinks (so the final round, which holds the volume, is short).
+        have: Files = {}  # what the target holds: (dv, size) when it was read
+        todo = await h.run(snapshot, h.vol, work)
+        changed = sorted(todo)
+        for _round in range(CATCH_UP_ROUNDS):
+            for path in changed:
+                sent += await _send(conn, vid, h.vol.path / path, path)
+                have[path] = todo[path]
+            todo = await h.run(snapshot, h.vol, work)
+            was, changed = len(changed), sorted(p for p, v in todo.items() if have.get(p) != v)
+            if len(changed) <= FINAL_ROUND_FILES or len(changed) >= was:
+                break
+        # The final round, with the volume held still.
         async with h.lock:
             if h.removed:
                 raise RpcError("ESTALE", f"volume {vid} was removed")
-            second = await trio.to_thread.run_sync(snapshot, h.vol, work)
-            changed = sorted(p for p, v in second.items() if first.get(p) != v)
+            final = await trio.to_thread.run_sync(snapshot, h.vol, work)
+            changed = sorted(p for p, v in final.items() if have.get(p) != v)
             for path in changed:
                 sent += await _send(conn, vid, h.vol.path / path, path)
-            for path in sorted(set(first) - set(second)):
+            for path in sorted(set(have) - set(final)):
                 await conn.call(VOL_MOVE_DELETE, vid, path)
             sent += await _send(conn, vid, work / "volume.db", "volume.db")
             status = await conn.call(VOL_MOVE_COMMIT, vid)

@@ -84,7 +84,9 @@ def test_move_a_mounted_volume(tmp_path, require_fuse):
                 # The VLDB and the servers agree on where it is.
                 ex = admin(b, "vol", "examine", "proj")
                 assert ex["servers"][0]["uuid"] == b_uuid and ex["servers"][0]["up"]
-                assert "proj" not in {v["name"] for v in admin(a, "vol", "list")}
+                listed = {v["name"]: v for v in admin(a, "vol", "list")}
+                assert listed["proj"]["server"] == b_uuid and "files" not in listed["proj"]
+                assert listed["root.cell"]["server"] == a_uuid
                 assert admin(a, "vol", "examine", "proj")["servers"][0]["uuid"] == b_uuid
                 # No acknowledged file is lost, on either client.
                 for m in (ma, mb):

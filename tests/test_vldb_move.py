@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from afsfuse.lab.etcd import EtcdCluster
-from afsfuse.lab.server import fs_client, running_server
+from afsfuse.lab.server import fs_client, running_server, wait_until
 from protocol.errors import MOVED, RpcError
 
 
@@ -137,3 +137,68 @@ async def test_move_with_the_embedded_vl(tmp_path):
                 assert await _read_all(cb, fid, len(data)) == data
             with trio.fail_after(10):
                 await b.registrar.registered.wait()
+
+
+async def test_calls_waiting_on_the_final_round_get_moved(tmp_path, etcd):
+    cell = "waitcell"
+    key = tmp_path / "a" / "cell.key"
+    async with (
+        running_server(tmp_path / "a", vldb=etcd.url, cell=cell) as a,
+        running_server(tmp_path / "b", vldb=etcd.url, cell=cell, key_file=key,
+                       create_root=False) as b,
+    ):  # fmt: skip
+        _root, fid, _data = await _fill(a, "proj")
+        switching, go_on = trio.Event(), trio.Event()
+        real = a.vldb.set_location
+
+        async def held_switch(*args):
+            switching.set()  # the final round holds the volume here
+            await go_on.wait()
+            await real(*args)
+
+        a.vldb.set_location = held_switch
+        results: list = []
+        async with fs_client(a.host, a.port) as c, trio.open_nursery() as n:
+
+            async def fetch():
+                try:
+                    results.append(await c.call("FS.FetchStatus", None, fid))
+                except RpcError as exc:
+                    results.append(exc.code)
+
+            n.start_soon(_admin, a, "Admin.VolMove", "proj", b.host, b.port)
+            await switching.wait()
+            h = a.store.by_id[fid[0]]
+            n.start_soon(fetch)
+            await wait_until(lambda: h.lock.statistics().tasks_waiting == 1)
+            assert results == []  # it waits for the volume; it did not fail
+            go_on.set()
+        assert results == [MOVED]
+
+
+async def test_failed_switch_keeps_the_volume_on_the_source(tmp_path, etcd):
+    cell = "abortcell"
+    key = tmp_path / "a" / "cell.key"
+    async with (
+        running_server(tmp_path / "a", vldb=etcd.url, cell=cell) as a,
+        running_server(tmp_path / "b", vldb=etcd.url, cell=cell, key_file=key,
+                       create_root=False) as b,
+    ):  # fmt: skip
+        _root, fid, data = await _fill(a, "proj")
+
+        async def unavailable(*args):
+            raise RpcError("EAGAIN", "VLDB unavailable")
+
+        a.vldb.set_location = unavailable
+        with pytest.raises(RpcError, match="EAGAIN"):
+            await _admin(a, "Admin.VolMove", "proj", b.host, b.port)
+        # The target dropped its copy; the source serves the volume as before.
+        assert "proj" not in b.store.by_name and "proj" in a.store.by_name
+        async with fs_client(a.host, a.port) as c:
+            assert await _read_all(c, fid, len(data)) == data
+        e = next(e for e in await a.vldb.entries() if e["name"] == "proj")
+        assert e["servers"][0]["uuid"] == a.uuid
+        # And a later move goes through.
+        del a.vldb.set_location
+        await _admin(a, "Admin.VolMove", "proj", b.host, b.port)
+        assert "proj" in b.store.by_name and "proj" not in a.store.by_name
