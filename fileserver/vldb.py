@@ -58,6 +58,9 @@ class VLDB(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep this server registered until cancelled."""
 
+    def volume_arrived(self, volume_id: int) -> None:
+        """A volume was moved (back) to this server."""
+
 
 def entry(cell: str, vid: int, name: str, servers: list[dict[str, Any]]) -> Entry:
     return {"volume_id": vid, "name": name, "type": "rw", "cell": cell, "servers": servers}
@@ -90,6 +93,9 @@ class LocalVLDB:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+
+    def volume_arrived(self, volume_id: int) -> None:
+        return None
 
 
 class EtcdVLDB:
@@ -173,6 +179,9 @@ class EtcdVLDB:
             raise RpcError("EAGAIN", f"VLDB unavailable: {exc}") from None
         self.moved_out.add(volume_id)
         log.info("VLDB: volume %s (%d) now on server %s", name, volume_id, uuid)
+
+    def volume_arrived(self, volume_id: int) -> None:
+        self.moved_out.discard(volume_id)  # ours to register again
 
     async def _register_server(self) -> None:
         uuid = self._uuid()

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -245,6 +246,7 @@ class Receiver:
         h = VolumeHandle(vol)
         self.committed[vid] = h
         self.server.moved.discard(vid)  # moved back here
+        self.server.vldb.volume_arrived(vid)
         self.server.store._add(h)
         self.server.store._signal_change()  # the VLDB registrar sees it
         log.info("received volume %s (%d)", vol.name, vid)
@@ -317,9 +319,10 @@ async def move_volume(server: FileServer, h: VolumeHandle, host: str, port: int)
         shutil.rmtree(trash, ignore_errors=True)
 
     await trio.to_thread.run_sync(drop)
-    log.info("moved volume %s (%d) to server %s: %d bytes sent, %d files changed meanwhile",
-             h.name, vid, result["to"], result["bytes_sent"],
-             result["changed_meanwhile"])  # fmt: skip
+    log.info("moved volume %s (%d) to server %s: %d bytes sent in %d rounds, the last "
+             "(%d files) holding the volume %.1f ms", h.name, vid, result["to"],
+             result["bytes_sent"], result["rounds"], result["changed_meanwhile"],
+             result["held_ms"])  # fmt: skip
     return result
 
 
@@ -346,6 +349,7 @@ async def _copy(server: FileServer, h: VolumeHandle, conn: Connection) -> dict[s
                 break
         # The final round, with the volume held still.
         async with h.lock:
+            held_from = time.monotonic()
             if h.removed:
                 raise RpcError("ESTALE", f"volume {vid} was removed")
             final = await trio.to_thread.run_sync(snapshot, h.vol, work)
@@ -362,6 +366,7 @@ async def _copy(server: FileServer, h: VolumeHandle, conn: Connection) -> dict[s
             h.removed = True  # calls waiting on the lock get ESTALE -> EREMCHG
             server.store.by_id.pop(vid, None)
             server.store.by_name.pop(name, None)
+            held = time.monotonic() - held_from
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
@@ -372,4 +377,5 @@ async def _copy(server: FileServer, h: VolumeHandle, conn: Connection) -> dict[s
     finally:
         await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
     return {"volume_id": vid, "name": name, "to": target["uuid"], "addrs": target["addrs"],
-            "bytes_sent": sent, "changed_meanwhile": len(changed), "status": status}  # fmt: skip
+            "bytes_sent": sent, "changed_meanwhile": len(changed), "rounds": _round + 2,
+            "held_ms": round(held * 1000, 1), "status": status}  # fmt: skip

@@ -202,3 +202,27 @@ async def test_failed_switch_keeps_the_volume_on_the_source(tmp_path, etcd):
         del a.vldb.set_location
         await _admin(a, "Admin.VolMove", "proj", b.host, b.port)
         assert "proj" in b.store.by_name and "proj" not in a.store.by_name
+
+
+async def test_move_there_and_back(tmp_path, etcd):
+    cell = "backcell"
+    key = tmp_path / "a" / "cell.key"
+    async with (
+        running_server(tmp_path / "a", vldb=etcd.url, cell=cell) as a,
+        running_server(tmp_path / "b", vldb=etcd.url, cell=cell, key_file=key,
+                       create_root=False) as b,
+    ):  # fmt: skip
+        root, fid, data = await _fill(a, "proj")
+        await _admin(a, "Admin.VolMove", "proj", b.host, b.port)
+        res = await _admin(b, "Admin.VolMove", "proj", a.host, a.port)
+        assert res["to"] == a.uuid
+        async with fs_client(a.host, a.port) as c:
+            assert await _read_all(c, fid, len(data)) == data
+        async with fs_client(b.host, b.port) as c:
+            with pytest.raises(RpcError) as exc:
+                await c.call("FS.FetchStatus", None, fid)
+            assert exc.value.code == MOVED
+        # Back home, it is a's to register again (and b's no longer).
+        assert root[0] not in a.vldb.moved_out and root[0] in b.vldb.moved_out
+        e = next(e for e in await a.vldb.entries() if e["name"] == "proj")
+        assert e["servers"][0]["uuid"] == a.uuid and e["volume_id"] == root[0]
