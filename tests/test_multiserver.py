@@ -72,3 +72,13 @@ def test_two_servers_two_mounts_through_mount_points(tmp_path, cell2, require_fu
         holders_a = {c["fid"].split(".")[0] for c in admin(a, "callbacks")["callbacks"]}
         assert holders_b == {str(ex_b["volume_id"])}
         assert holders_a == {"536870912"}
+
+        # A whole-volume break from B reaches only bvol's instance (P3).
+        def volume_breaks(vid):
+            return ma.log_text().count(f"event=volume_break cell=localcell volume={vid} ")
+
+        before_b, before_a = volume_breaks(ex_b["volume_id"]), volume_breaks(536870912)
+        admin(b, "break-volume", "bvol")
+        assert volume_breaks(ex_b["volume_id"]) == before_b + 1
+        assert volume_breaks(536870912) == before_a
+        assert (ma.mnt / "b" / "f.txt").read_text() == "changed by mb"

@@ -15,9 +15,10 @@ import pytest
 import trio
 
 from afsfuse.lab.etcd import EtcdCluster
-from afsfuse.lab.server import REPO, ServerProcess, fs_client, running_server
+from afsfuse.lab.server import REPO, ServerProcess, fs_client, running_server, wait_until
 from fileserver.etcd import EtcdClient, EtcdError, EtcdUnavailable, parse_endpoints, prefix_end
 from fileserver.vldb import EtcdVLDB
+from protocol.errors import RpcError
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +196,27 @@ async def test_three_member_cluster_survives_losing_one(tmp_path):
                 assert (await c.call("VL.GetEntryByName", "after"))["servers"][0]["up"]
             # Its lease is still kept alive by the two members left.
             assert a.vldb.last_error == ""
+
+
+async def test_server_registers_again_after_losing_etcd(tmp_path):
+    with EtcdCluster(tmp_path / "etcd1") as cluster:
+        async with running_server(tmp_path / "a", vldb=cluster.url, vldb_ttl=2) as a:
+            await a.vldb.registered.wait()
+            lease = a.vldb.lease
+            member = cluster.members[0]
+            member.kill()  # etcd gone for longer than the lease lasts
+            await wait_until(lambda: a.vldb.last_error != "", 20)
+            async with fs_client(a.host, a.port, auth=False, hello=False) as c:
+                with pytest.raises(RpcError, match="EAGAIN"):  # VL cannot answer now
+                    await c.call("VL.GetEntryByName", "root.cell")
+            member.start(f"{member.name}={member.peer_url}", "unused")  # its data dir is kept
+            await wait_until(member.healthy, 30, interval=0.1)
+            # Back: the registration goes on (the same lease if etcd kept it alive,
+            # a new one if it lapsed), and VL answers again.
+            await until(
+                a.vldb.entries,
+                lambda es: any(e["name"] == "root.cell" and e["servers"][0]["up"] for e in es),
+                30,
+            )
+            await wait_until(lambda: a.vldb.last_error == "", 20)
+            assert a.vldb.lease in (lease, a.vldb.lease)
