@@ -218,11 +218,11 @@ class EtcdVLDB:
     async def _maybe_create_root(self) -> None:
         """First start of a server that may create root.cell: only when the
         cell has none (the first server of the cell creates it)."""
-        self._create_root = lambda: False
-        if any(e["name"] == ROOT_VOLUME_NAME for e in await self.entries()):
-            return
-        if ROOT_VOLUME_NAME not in self.store.by_name:
+        if not any(e["name"] == ROOT_VOLUME_NAME for e in await self.entries()) and (
+            ROOT_VOLUME_NAME not in self.store.by_name
+        ):
             await self.store.create(ROOT_VOLUME_NAME, volume_id=ROOT_VOLUME_ID)
+        self._create_root = lambda: False  # done (retried while this failed)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
@@ -237,8 +237,8 @@ class EtcdVLDB:
                             log.warning("VLDB: lease lapsed; registering again")
                         await self._register_server()
                         pending = True
-                        if self._create_root():
-                            await self._maybe_create_root()
+                    if self._create_root():
+                        await self._maybe_create_root()
                     if pending:
                         await self._register_volumes()
                         pending = False
@@ -248,7 +248,7 @@ class EtcdVLDB:
                     self.last_error = ""
                     backoff = 0.2
                     wait = self.ttl / 3
-                except (EtcdError, KeyError, ValueError, TypeError) as exc:
+                except (EtcdError, RpcError, KeyError, ValueError, TypeError) as exc:
                     if str(exc) != self.last_error:
                         log.warning("VLDB registration failed: %s", exc)
                     self.last_error = str(exc)

@@ -28,10 +28,23 @@ from pathlib import Path
 ETCD = os.environ.get("AFSFUSE_ETCD", "etcd")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now (all held open while picking, so
+    the kernel cannot hand one out twice)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class PortTaken(RuntimeError):
+    """A member could not bind its port."""
 
 
 class EtcdMember:
@@ -117,10 +130,24 @@ class EtcdCluster:
         """The ``--vldb`` value naming every member."""
         return "etcd://" + ",".join(m.endpoint for m in self.members)
 
-    def start(self) -> EtcdCluster:
+    def start(self, attempts: int = 3) -> EtcdCluster:
+        """Start every member; a port taken by someone else between picking it
+        and etcd binding it means a new try on other ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except PortTaken:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> EtcdCluster:
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        for m in self.members:
+            shutil.rmtree(m.data_dir, ignore_errors=True)
+        ports = _free_ports(2 * self.size)
         self.members = [
-            EtcdMember(f"m{i}", self.base_dir / f"m{i}", _free_port(), _free_port())
+            EtcdMember(f"m{i}", self.base_dir / f"m{i}", ports[2 * i], ports[2 * i + 1])
             for i in range(self.size)
         ]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
@@ -132,7 +159,10 @@ class EtcdCluster:
             dead = [m for m in self.members if not m.running()]
             if dead:
                 self.stop()
-                raise RuntimeError(f"etcd {dead[0].name} exited:\n{dead[0].log_text()[-3000:]}")
+                text = dead[0].log_text()[-3000:]
+                if "address already in use" in text:
+                    raise PortTaken(text)
+                raise RuntimeError(f"etcd {dead[0].name} exited:\n{text}")
             if all(m.healthy() for m in self.members):
                 return self
             time.sleep(0.05)
