@@ -173,6 +173,7 @@ class CacheManager:
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         self.vl.start(self._nursery)
         self._nursery.start_soon(self.registry.reaper)
+        self._nursery.start_soon(self.mounts.expire_unused, self.config.idle_record_lifetime)
         return self
 
     async def close(self) -> None:

@@ -8,7 +8,8 @@ and validates the root.  When a server says a vnode is gone, ``relocate``
 asks VL again (at most once per ``RELOCATE_INTERVAL`` per volume; at once
 when a server answered "moved"); a moved volume is re-attached to its new
 servers and gets a whole-volume break.  A volume reached only through mount
-points is released when the kernel forgets its root.
+points is released once the kernel forgot its root and nothing crossed
+into it again for the idle lifetime.
 
 May import: ``afsfuse.cells``, ``afsfuse.context``, ``afsfuse.rpc``,
 ``afsfuse.server_registry``, ``afsfuse.stats``, ``afsfuse.validation``,
@@ -100,6 +101,7 @@ class VolumeMounts:
             self._by_name[(c.name, volume)] = vol
         if not crossing:
             vol.mounts += 1
+        vol.unused_since = None  # crossed (again): in use
         root = vol.get(vol.root_fid)
         try:
             await validate(self.ctx, root, wire_cred(cred))
@@ -155,14 +157,32 @@ class VolumeMounts:
     def forgot(self, vnode: Vnode) -> None:
         """The kernel forgot ``vnode``.  It holds nothing below a root it
         forgot (dentries pin their parents): a volume only crossed into is
-        then no longer used."""
-        if vnode.fid == vnode.volume.root_fid:
-            self._release_crossed(vnode.volume)
+        unused from then on, and released if nothing crosses into it again
+        for a while (``expire_unused``; the kernel drops a mount point's
+        dentries on any invalidation of it, which must not cost the
+        volume's cache)."""
+        vol = vnode.volume
+        if vnode.fid == vol.root_fid and vol.mounts <= 0:
+            vol.unused_since = trio.current_time()
+
+    async def expire_unused(self, lifetime: float) -> None:
+        """Release volumes unused (see ``forgot``) for ``lifetime`` seconds, as
+        the kernel AFS client expires automounts; their server records can
+        then go idle (P2)."""
+        interval = max(min(lifetime / 4, 30.0), 0.01)
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for vol in list(self.volumes.values()):
+                since = vol.unused_since
+                if since is not None and now - since >= lifetime:
+                    self._release_crossed(vol)
 
     def _release_crossed(self, vol: VolumeInstance) -> None:
         """Drop a volume reached only through mount points, with its
         interests (sends nothing; an idle record is destroyed later, P2)."""
         if vol.mounts > 0 or vol.busy():
+            vol.unused_since = None  # in use after all
             return
         vol.detach_all()
         if self.volumes.get(vol.key) is vol:

@@ -52,6 +52,8 @@ class VolumeInstance:
         self.evicted = 0
         self.mounts = 0
         self.located_at = -1e18  # trio time of the last VL check (moves)
+        #: Since when a volume only crossed into has had its root forgotten.
+        self.unused_since: float | None = None
         self.on_new_vnode: Callable[[Vnode], None] | None = None
         #: Asks VL where the volume lives now (a server answered "moved");
         #: True if it moved.  Set by the manager that made the instance.

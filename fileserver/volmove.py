@@ -199,6 +199,8 @@ class Receiver:
             raise RpcError("EINVAL", f"bad path {path!r:.100}")
         if type(offset) is not int or type(size) is not int or not 0 <= offset <= size:
             raise RpcError("EINVAL", "offset and size must be ints, offset <= size")
+        if size > self.server.config.max_file_size:
+            raise RpcError("EFBIG", f"{size} bytes is over this server's file size limit")
         if not isinstance(data, bytes):
             raise RpcError("EINVAL", "data must be bin")
 

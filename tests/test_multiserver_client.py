@@ -1,9 +1,10 @@
 """The client with several fileservers (fake servers on memory streams, mock
 clock): a volume reached through mount points on another server is one use,
-released when the kernel forgot its root, so that server's record becomes
-idle, is destroyed after the idle lifetime and sends GiveUpAllCallBacks once
-(P2); and a server answering "moved" (EREMCHG) sends the client to VL and
-the call to the new server, writes included."""
+released when the kernel forgot its root and nothing crossed into it for the
+idle lifetime, so that server's record becomes idle, is destroyed after the
+idle lifetime and sends GiveUpAllCallBacks once (P2); and a server answering
+"moved" (EREMCHG) sends the client to VL and the call to the new server,
+writes included."""
 
 from __future__ import annotations
 
@@ -39,15 +40,23 @@ async def test_crossed_volume_released_when_root_forgotten(tmp_path, autojump_cl
             # While a file is open the root cannot have been forgotten, but
             # even if it were, the instance stays.
             cm.forget(o)
+            await trio.sleep(120)
             assert cm.volumes.get(o.volume.key) is o.volume and rec2.interests
             await cm.release(h)
-            # The kernel forgets the file, then the root it hangs under.
+            # The kernel forgets the file, then the root it hangs under; a
+            # crossing soon after finds the same instance (its cache kept).
             cm.forget(f)
             cm.forget(o)
+            await trio.sleep(30)
+            o = await cm.mount_volume("test", "other", crossing=True)
+            assert o.volume is roots[0].volume
+            cm.forget(o)
+            await trio.sleep(30)  # unused, not yet for long enough
+            assert cm.volumes.get(o.volume.key) is o.volume and rec2.interests
+            await trio.sleep(60)  # released: the record is idle from now on
             assert o.volume.key not in cm.volumes and not rec2.interests
-            await trio.sleep(30)  # idle, not yet for long enough
             assert not rec2.destroyed and not fs2.give_ups
-            await trio.sleep(60)
+            await trio.sleep(90)
             assert rec2.destroyed and fs2.give_ups[cm.uuid] == 1
             assert not rec1.destroyed and not fs1.give_ups  # root.cell stays mounted
             # Crossing again finds it anew, on a new record for fs2.
