@@ -294,7 +294,9 @@ async def move_volume(server: FileServer, h: VolumeHandle, host: str, port: int)
     """Move ``h`` to the fileserver at ``host:port`` (see the module doc)."""
     failure: BaseException | None = None
     try:
-        async with open_connection(host, port, connect_timeout=10, default_timeout=60) as conn:
+        async with open_connection(
+            host, port, connect_timeout=10, default_timeout=60, tls=server.client_tls
+        ) as conn:
             # Nothing is raised inside the connection's nursery (it would come
             # out wrapped in an ExceptionGroup): a failure is carried out.
             try:
