@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break"]
+CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break", "locks"]
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
