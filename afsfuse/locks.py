@@ -378,10 +378,12 @@ class LockManager:
     async def run(self) -> None:
         """Extend every held server lock, a third of its lifetime apart."""
         while True:
-            with trio.move_on_after(self.interval):
-                await self._kick.wait()
             self._kick = trio.Event()
-            await self.extend_all()
+            with trio.move_on_after(self.interval) as waited:
+                await self._kick.wait()
+            if waited.cancelled_caught:
+                await self.extend_all()
+            # else: a grant shortened the interval; wait the new one from now
 
     async def extend_all(self) -> None:
         for fl in list(self.files.values()):
