@@ -585,12 +585,12 @@ class AfsOperations(pyfuse3.Operations):
 
     # -- locks and fallocate (afsfuse.locks; needs the patched pyfuse3) ----------
 
-    async def _drop_pages(self, v: Vnode) -> None:
+    async def _drop_pages(self, v: Vnode, attr_only: bool) -> None:
         """Lock-to-unlock: the kernel's pages of ``v`` are from an old DV.
         From a worker thread, awaited (the requester is blocked in fcntl)."""
         if v.ino:
             try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, v.ino, False)
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, v.ino, attr_only)
             except OSError:
                 pass  # the kernel no longer knows the inode: nothing cached
 

@@ -79,7 +79,9 @@ class LockContext(Protocol):
         """Store this client's unstored writes of ``vnode``."""
 
 
-DropPages = Callable[["Vnode"], Awaitable[None]]
+#: Drop the kernel's cached pages and attributes of a vnode (``attr_only``:
+#: attributes only), and return once the kernel did.
+DropPages = Callable[["Vnode", bool], Awaitable[None]]
 
 
 @dataclass
@@ -355,10 +357,16 @@ class LockManager:
         v = fl.vnode
         dv = await self.ctx.revalidate(v, cred)
         self.stats["revalidated"] += 1
-        if self.drop_pages is not None and getattr(v, "kernel_dv", None) != dv:
-            await self.drop_pages(v)
+        if self.drop_pages is None:
+            return
+        if getattr(v, "kernel_dv", None) != dv:
+            await self.drop_pages(v, False)
             v.kernel_dv = dv
             self.stats["pages_dropped"] += 1
+        elif getattr(v, "kernel_attr_dv", dv) != dv:
+            # Pages are current but the kernel may still clamp reads to an
+            # old size until the (asynchronous) break invalidation lands.
+            await self.drop_pages(v, True)
 
     def _granted(self, reply: Any) -> None:
         life = reply.get("expires_in") if isinstance(reply, dict) else None

@@ -77,8 +77,8 @@ def env() -> tuple[LockManager, FakeServer, Any, list[Any]]:
     srv = FakeServer()
     dropped: list[Any] = []
 
-    async def drop(v: Any) -> None:
-        dropped.append(v)
+    async def drop(v: Any, attr_only: bool) -> None:
+        dropped.append((v, attr_only))
 
     return LockManager(srv, drop), srv, vnode(), dropped
 
@@ -127,7 +127,11 @@ async def test_acquiring_drops_stale_kernel_pages(env) -> None:
     await lm.setlk(v, P1, flock=True, type_=F_UNLCK)
     srv.dv = 6  # another client stored meanwhile
     await lm.setlk(v, P1, flock=True, type_=F_RDLCK)
-    assert dropped == [v] and v.kernel_dv == 6
+    assert dropped == [(v, False)] and v.kernel_dv == 6
+    await lm.setlk(v, P1, flock=True, type_=F_UNLCK)
+    v.kernel_attr_dv = 5  # the kernel's attributes are older than its pages
+    await lm.setlk(v, P1, flock=True, type_=F_RDLCK)
+    assert dropped[1:] == [(v, True)]
 
 
 async def test_setlkw_backs_off_until_the_other_client_lets_go(env, autojump_clock) -> None:
