@@ -31,9 +31,10 @@ before the request returns: the new holder reads what the last holder
 stored.  Dropping the server lock, or downgrading it, first stores this
 client's dirty data of the file.
 
-Imports: trio, ``protocol``, and ``afsfuse.validation`` through the narrow
-``LockContext`` below; never pyfuse3 (the kernel page drop is a callable the
-FUSE adapter passes in).
+Imports: trio, ``protocol`` and ``afsfuse.stats``; the cache manager only
+through the narrow ``LockContext`` (``CacheManagerLocks`` adapts its public
+``rpc``, ``getattr`` and ``fsync``); never pyfuse3 (the kernel page drop is a
+callable the FUSE adapter passes in).
 """
 
 from __future__ import annotations
@@ -470,11 +471,8 @@ class CacheManagerLocks:
         return await self.cm.rpc(vnode.volume.server, method, *params)
 
     async def revalidate(self, vnode: Vnode, cred: Any) -> int:
-        from afsfuse.cache_manager import _wire_cred
-        from afsfuse.validation import validate
-
         vnode.promise = None  # a break may still be on its way: ask the server
-        st = await validate(self.cm, vnode, _wire_cred(cred))
+        st = await self.cm.getattr(vnode, cred)
         return st.data_version
 
     async def store_dirty(self, vnode: Vnode, cred: Any) -> None:

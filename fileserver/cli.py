@@ -8,6 +8,9 @@
 
 Admin subcommands find the running server through ``--data-dir`` (its
 address file and admin secret) and accept ``--json``.
+
+Imports: ``fileserver.config``; the server, salvage and admin modules lazily,
+for the subcommand that runs.
 """
 
 from __future__ import annotations

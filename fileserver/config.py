@@ -2,6 +2,8 @@
 
 Everything the server needs to start lives here so an in-process test can build
 a ``ServerConfig`` directly instead of going through argparse.
+
+Imports: ``protocol`` only.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ lock still alive before the restart, and never two exclusive holders: a
 reclaim that conflicts gets ENOLCK, as does an extension after grace of a
 lock that expired.
 
-Imports only ``protocol`` (records, errors) and the fileserver's ClientState
-and permission helpers; volume access goes through the FileServer handed in.
+Imports ``protocol`` (records, errors, methods) and, from the fileserver,
+events, the permission helpers and (for types) ClientState and the volume
+store it is handed.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from protocol.records import Fid
 
 if TYPE_CHECKING:
     from fileserver.breaker import ClientState
-    from fileserver.server import FileServer
+    from fileserver.perms import Caller
+    from fileserver.store import VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +201,14 @@ class LockService:
     """The RPC handlers over one LockTable."""
 
     def __init__(
-        self, server: FileServer, lifetime: float = DEFAULT_LIFETIME, data_dir: Path | None = None
+        self,
+        store: VolumeStore,
+        caller: Callable[[Any], Caller],
+        lifetime: float = DEFAULT_LIFETIME,
+        data_dir: Path | None = None,
     ) -> None:
-        self.server = server
+        self.store = store
+        self.caller = caller  # cred -> Caller (root squash applied)
         self.marker = Path(data_dir) / MARKER if data_dir is not None else None
         grace = self.marker is not None and self.marker.exists()
         self.table = LockTable(lifetime, grace=grace, on_first_grant=self._mark)
@@ -218,10 +225,8 @@ class LockService:
     async def _check_file(self, cred: Any, fid: Fid, exclusive: bool) -> None:
         """The fid must be a file the caller may read (shared) or write
         (exclusive), as open(2) would require before flock(2)."""
-        from fileserver.fsops import parse_cred
-
-        c = self.server.fsops.caller(cred) if cred is not None else parse_cred(None)
-        h = self.server.store.get(fid.volume)
+        c = self.caller(cred)
+        h = self.store.get(fid.volume)
         v = await h.run(lambda: h.vol.get(fid.vnode, fid.unique))
         if v.is_dir:
             raise RpcError("EISDIR", f"{fid} is a directory")
@@ -245,7 +250,8 @@ class LockService:
         self.table.release(_fid(fid), _holder(st, holder))
 
     async def admin_locks(self, conn: Any) -> dict[str, Any]:
-        self.server.admin._check(conn)
+        if not conn.context.get("admin"):  # the rule of every Admin.* call
+            raise RpcError("EACCES", "admin call on a connection that did not Admin.Auth")
         t = self.table
         return {"locks": t.listing(), "lifetime": t.lifetime,
                 "grace_remaining": round(max(0.0, t.grace_until - t.clock()), 1),

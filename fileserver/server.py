@@ -17,6 +17,9 @@ Hello a client the server has no state for gets ``CB.InitCallBackState3``
 and a returning client gets its delayed breaks, both before the reply; a
 second connection with the same UUID replaces the first; a dropped
 connection marks the client down until it says Hello again.
+
+Imports: every other fileserver module except cli and salvage (it wires
+them); ``protocol``.
 """
 
 from __future__ import annotations
@@ -98,10 +101,16 @@ class FileServer:
         self.registrar: VLRegistrar | None = None
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
-        self.fsops = FsOps(self)
-        self.locks = LockService(self, config.lock_lifetime, config.data_dir)
+        self.fsops = FsOps(self.store, self.table, self.breaker, self.metrics, config)
+        self.locks = LockService(self.store, self.fsops.caller, config.lock_lifetime,
+                                 config.data_dir)  # fmt: skip
         self.vl = VLService(self.store, config.cell, "", self.advertised_addrs)
-        self.admin = AdminService(self)
+        self.admin = AdminService(
+            self.store, self.table, self.breaker, config,
+            identity=lambda: {"server_uuid": self.uuid, "cell": self.cell, "epoch": self.epoch},
+            secret=lambda: self.admin_secret,
+            stats=self.stats,
+        )  # fmt: skip
         self.handlers = self._build_handlers()
         self.metrics.gauge("promises", "Callback promises held", lambda: self.table.count)
         self.metrics.gauge("clients", "Clients known", lambda: len(self.breaker.clients))

@@ -8,6 +8,8 @@ so a restarted VL server learns them again within one interval.
 ``VLRegistrar`` is the other side: a server started with ``--vl HOST:PORT``
 registers its volumes there at start, whenever its volumes change, and
 periodically.
+
+Imports: ``fileserver.store``, ``protocol``, trio.
 """
 
 from __future__ import annotations
