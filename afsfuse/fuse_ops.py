@@ -255,6 +255,8 @@ class AfsOperations(pyfuse3.Operations):
 
     def init(self) -> None:
         log.info("FUSE session initialised")
+        if not getattr(pyfuse3, "AFSFUSE_EXTENSION", 0):
+            log.warning("pyfuse3 lacks patches/pyfuse3: locks stay local to this machine")
 
     # -- names ----------------------------------------------------------------
 
