@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # requests and fallocate); rebuilt only when those files change.
 PYFUSE3_STAMP := $(VENV)/.pyfuse3-built
 PYFUSE3_FILES := $(wildcard patches/pyfuse3/*)
-APT_PKGS := fuse3 libfuse3-dev pkg-config patch
+APT_PKGS := fuse3 libfuse3-dev pkg-config patch gcc python3-dev
 RUN_DIR ?= $(CURDIR)/.run
 MNT ?= $(CURDIR)/mnt
 PORT ?= 7000
