@@ -260,3 +260,15 @@ def test_fallocate_extends_and_punches_holes(files) -> None:
     r = subprocess.run(["fallocate", "--collapse-range", "-o", "0", "-l", "4096", str(fa)],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode != 0  # other modes: EOPNOTSUPP
+
+
+def test_a_lock_request_without_the_server_fails_with_enolck(tmp_path, require_fuse) -> None:
+    with ServerProcess(tmp_path / "fs") as srv, ClientMount(srv, tmp_path / "a") as a:
+        p = a.mnt / "f"
+        p.write_bytes(b"x")
+        with open(p, "r+b") as f:
+            srv.stop()
+            # After the client's connect timeout (10 s): an error, never a lock.
+            with pytest.raises(OSError) as ei:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert ei.value.errno == errno.ENOLCK
