@@ -42,7 +42,8 @@ from __future__ import annotations
 import errno
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -105,6 +106,7 @@ class FileLocks:
     server: int | None = None  # SHARED / EXCLUSIVE held on the server, or None
     cred: Any = None  # the credentials the server lock was taken with
     lost: bool = False
+    users: int = 0  # requests in progress on it
     mutex: trio.Lock = field(default_factory=trio.Lock)  # server transitions
     changed: trio.Event = field(default_factory=trio.Event)
 
@@ -166,16 +168,20 @@ class LockManager:
         if type_ not in (F_RDLCK, F_WRLCK):
             raise OSError(errno.EINVAL, "bad lock type")
         write = type_ == F_WRLCK
+        with self._using(vnode) as fl:
+            await self._take(fl, LocalLock(owner, flock, write, lo, hi, pid), sleep, cred)
+
+    async def _take(self, fl: FileLocks, new: LocalLock, sleep: bool, cred: Any) -> None:
+        owner, flock, write, lo, hi = new.owner, new.flock, new.write, new.start, new.end
         delay = BACKOFF_MIN
         while True:
-            fl = self._file(vnode)
             if fl.conflict(owner, flock, write, lo, hi) is None:
                 want = EXCLUSIVE if write or fl.need() == EXCLUSIVE else SHARED
                 with trio.CancelScope(shield=True):
                     granted = await self._acquire(fl, want, cred)
                     # Another local owner may have locked while we asked.
                     if granted and fl.conflict(owner, flock, write, lo, hi) is None:
-                        self._apply(fl, LocalLock(owner, flock, write, lo, hi, pid))
+                        self._apply(fl, new)
                         self.stats["set"] += 1
                         return
                     if granted:
@@ -196,9 +202,15 @@ class LockManager:
         """``F_GETLK``: (type, start, length, pid) of a conflicting lock, or
         ``F_UNLCK`` and the range asked for.  A conflicting lock on another
         client is reported as the whole file, pid 0."""
+        with self._using(vnode) as fl:
+            return await self._test(fl, owner, flock, type_, start, length, cred)
+
+    async def _test(
+        self, fl: FileLocks, owner: int, flock: bool, type_: int, start: int, length: int,
+        cred: Any,
+    ) -> tuple[int, int, int, int]:  # fmt: skip
         lo, hi = _range(start, length)
         write = type_ == F_WRLCK
-        fl = self._file(vnode)
         other = fl.conflict(owner, flock, write, lo, hi)
         if other is not None:
             return (F_WRLCK if other.write else F_RDLCK, other.start,
@@ -234,12 +246,22 @@ class LockManager:
     def _key(vnode: Vnode) -> Any:
         return (vnode.volume.key, vnode.fid)
 
-    def _file(self, vnode: Vnode) -> FileLocks:
+    @contextmanager
+    def _using(self, vnode: Vnode) -> Iterator[FileLocks]:
+        """The file's entry, kept while a request uses it (so a server lock is
+        never taken on an entry already dropped) and dropped once idle (so a
+        vnode the cache evicts is not kept here)."""
         k = self._key(vnode)
         fl = self.files.get(k)
         if fl is None:
             fl = self.files[k] = FileLocks(vnode)
-        return fl
+        fl.users += 1
+        try:
+            yield fl
+        finally:
+            fl.users -= 1
+            if not fl.users and not fl.locks and fl.server is None and self.files.get(k) is fl:
+                del self.files[k]
 
     @staticmethod
     def _cut(fl: FileLocks, owner: int, flock: bool, lo: int, hi: int) -> None:
@@ -261,12 +283,9 @@ class LockManager:
         fl.wake()  # a conversion (write -> read) may let a waiter in
 
     async def _unlock(self, vnode: Vnode, owner: int, flock: bool, lo: int, hi: int) -> None:
-        # Entries are kept (one per file locked in this run): a request in
-        # flight may hold one, and must not take a server lock on a detached one.
-        fl = self.files.get(self._key(vnode))
-        if fl is None:
+        if self._key(vnode) not in self.files:
             return
-        with trio.CancelScope(shield=True):
+        with self._using(vnode) as fl, trio.CancelScope(shield=True):
             self._cut(fl, owner, flock, lo, hi)
             self.stats["released"] += 1
             try:
@@ -396,23 +415,27 @@ class LockManager:
 
     async def extend_all(self) -> None:
         for fl in list(self.files.values()):
-            if fl.server is None or fl.lost:
-                continue
-            try:
-                r = await self.ctx.call(fl.vnode, M.FS_EXTEND_LOCK, fl.vnode.fid, fl.server,
-                                        self.holder)  # fmt: skip
-                self.stats["extended"] += 1
-                self._granted(r)
-            except RpcError as exc:
-                if exc.code == "ENOLCK":
-                    fl.lost = True
-                    self.stats["lost"] += 1
-                    log.warning("%s: the server no longer has our lock: lost", fl.vnode.fid)
-                    log_event("lock_lost", fid=fl.vnode.fid)
-                else:
-                    log.info("%s: extending the lock failed (will retry): %s", fl.vnode.fid, exc)
-            except (OSError, trio.TooSlowError) as exc:
+            async with fl.mutex:  # not racing a release or a change of mode
+                await self._extend(fl)
+
+    async def _extend(self, fl: FileLocks) -> None:
+        if fl.server is None or fl.lost:
+            return
+        try:
+            r = await self.ctx.call(fl.vnode, M.FS_EXTEND_LOCK, fl.vnode.fid, fl.server,
+                                    self.holder)  # fmt: skip
+            self.stats["extended"] += 1
+            self._granted(r)
+        except RpcError as exc:
+            if exc.code != "ENOLCK":
                 log.info("%s: extending the lock failed (will retry): %s", fl.vnode.fid, exc)
+                return
+            fl.lost = True
+            self.stats["lost"] += 1
+            log.warning("%s: the server no longer has our lock: lost", fl.vnode.fid)
+            log_event("lock_lost", fid=fl.vnode.fid)
+        except (OSError, trio.TooSlowError) as exc:
+            log.info("%s: extending the lock failed (will retry): %s", fl.vnode.fid, exc)
 
     def listing(self) -> list[dict[str, Any]]:
         return [{"fid": str(fl.vnode.fid), "server": fl.server, "lost": fl.lost,
