@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -90,10 +91,23 @@ def lockf(path: Path, op: int, length: int = 0, start: int = 0) -> int:
     return subprocess.run([sys.executable, "-c", code], timeout=60).returncode
 
 
-def test_exclusive_flock_on_a_stops_b_and_b_waits_for_it(files) -> None:
+def locks_listed(srv: ServerProcess) -> list[dict[str, object]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "fileserver.cli", "locks", "--json", "--data-dir",
+         str(srv.data_dir)], capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    return json.loads(out)["locks"]
+
+
+def test_exclusive_flock_on_a_stops_b_and_b_waits_for_it(env, files) -> None:
+    srv, a, _, _ = env
     fa, fb = files
     h = Holder(fa, "fcntl.flock(f, fcntl.LOCK_EX)")
     try:
+        fid = ".".join(str(int(x, 16)) for x in os.getxattr(fa, "afs.fid").decode().split(":"))
+        uuid = (a.cache_dir / "client-uuid").read_text().strip()
+        held = [(x["fid"], x["client"], x["type"]) for x in locks_listed(srv)]
+        assert (fid, uuid, "exclusive") in held  # `afs-fileserver locks` shows it
         assert flock_cmd("-n", "-x", fb) == 1  # B cannot have it
         assert flock_cmd("-n", "-s", fb) == 1
         waiter = subprocess.Popen(["flock", "-x", str(fb), "true"])
