@@ -129,6 +129,22 @@ async def test_lock_rpcs_conflict_between_clients_and_list_in_admin(tmp_path) ->
     assert (tmp_path / "fs" / MARKER).exists()
 
 
+async def test_a_lock_outlives_its_holders_connection(tmp_path) -> None:
+    """A dropped connection may be a network blip: the lock stays until it
+    expires (or the client's next daemon run takes a lock)."""
+    async with running_server(tmp_path / "fs", lock_lifetime=30) as srv:
+        async with fs_client(srv.host, srv.port) as a:
+            root = await a.root_fid()
+            fid = (await a.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
+            await a.call("FS.SetLock", None, fid, 1, 11)
+        async with fs_client(srv.host, srv.port) as b:
+            with pytest.raises(RpcError) as ei:
+                await b.call("FS.SetLock", None, fid, 0, 22)
+            assert ei.value.code == "EAGAIN"
+        async with fs_client(srv.host, srv.port, uuid=a.uuid) as a2:
+            await a2.call("FS.ExtendLock", fid, 1, 11)  # the same run reconnected: still its
+
+
 async def test_a_restarted_server_holds_a_grace_period(tmp_path) -> None:
     async with (
         running_server(tmp_path / "fs", lock_lifetime=30) as srv,
