@@ -698,7 +698,8 @@ class AfsOperations(pyfuse3.Operations):
             info["inode"] = ino
             return info
         if name == b"afs.stats":
-            return {**self.cm.stats_dict(), "kernel_requests": dict(self.requests)}
+            return {**self.cm.stats_dict(), "kernel_requests": dict(self.requests),
+                    "locks": {**self.locks.stats, "files": self.locks.listing()}}  # fmt: skip
         if name == b"afs.whereis":
             return {
                 "fid": str(v.fid),

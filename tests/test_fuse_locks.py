@@ -203,8 +203,10 @@ def test_kill_9_of_the_holder_daemon_frees_after_the_lifetime(env, files) -> Non
         c.stop()
 
 
-def test_lock_to_unlock_consistency_with_files_kept_open(files) -> None:
+def test_lock_to_unlock_consistency_with_files_kept_open(env, files) -> None:
+    _, _, b, _ = env
     fa, fb = files
+    dropped = b.stats()["locks"]["pages_dropped"]
     with open(fa, "r+b") as wa, open(fb, "r+b") as rb:
         assert rb.read() == b"0123456789"  # B's kernel now caches these pages
         fcntl.lockf(wa, fcntl.LOCK_EX)
@@ -215,6 +217,7 @@ def test_lock_to_unlock_consistency_with_files_kept_open(files) -> None:
         fcntl.lockf(rb, fcntl.LOCK_SH)  # revalidates and drops B's stale pages
         rb.seek(0)
         assert rb.read() == b"ABCDEFGHIJ"
+        assert b.stats()["locks"]["pages_dropped"] == dropped + 1  # it was B's lock that did it
         fcntl.lockf(rb, fcntl.LOCK_UN)
 
 
