@@ -22,7 +22,7 @@ from afsfuse.lab.server import ServerProcess
 pytestmark = pytest.mark.mount
 
 LIFETIME = 3  # --lock-lifetime: the expiry test waits about this long
-SQLITE_INCREMENTS = 250  # per writer (2000 each passed too, in 277 s: too long for make test)
+SQLITE_INCREMENTS = 200  # per writer (2000 each passed too, in 277 s: too long for make test)
 
 
 @pytest.fixture(scope="module")
