@@ -83,6 +83,7 @@ class LockTable:
         self.grace_until = clock() + lifetime if grace else 0.0
         self._on_first_grant: Callable[[], None] | None = on_first_grant
         self.locks: dict[Fid, FileLock] = {}
+        self._runs: dict[str, int] = {}  # client uuid -> holder id of its latest SetLock
         self.stats = {"set": 0, "conflicts": 0, "extended": 0, "reclaimed": 0, "released": 0,
                       "expired": 0, "superseded": 0}  # fmt: skip
 
@@ -105,8 +106,12 @@ class LockTable:
         return lk
 
     def _supersede(self, holder: Holder) -> None:
-        """A new daemon run of the same client: its predecessor's locks die."""
+        """A new daemon run of the same client: its predecessor's locks die.
+        The table is scanned only when a client's holder id changes."""
         uuid, lid = holder
+        if self._runs.get(uuid) == lid:
+            return
+        self._runs[uuid] = lid
         for fid in list(self.locks):
             lk = self.locks[fid]
             for h in [h for h in lk.holders if h[0] == uuid and h[1] != lid]:
