@@ -169,6 +169,12 @@ class LockManager:
             raise OSError(errno.EINVAL, "bad lock type")
         write = type_ == F_WRLCK
         with self._using(vnode) as fl:
+            if flock and any(lk.owner == owner and lk.flock and lk.write != write
+                             for lk in fl.locks):  # fmt: skip
+                # flock(2) converts by dropping the old lock first (so two
+                # holders upgrading shared to exclusive cannot deadlock), as
+                # Linux does; a failed LOCK_NB conversion leaves no lock.
+                await self._unlock(vnode, owner, True, 0, INF)
             await self._take(fl, LocalLock(owner, flock, write, lo, hi, pid), sleep, cred)
 
     async def _take(self, fl: FileLocks, new: LocalLock, sleep: bool, cred: Any) -> None:

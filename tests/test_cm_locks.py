@@ -153,6 +153,25 @@ async def test_setlkw_backs_off_until_the_other_client_lets_go(env, autojump_clo
     assert trio.current_time() >= 5
 
 
+async def test_flock_conversion_drops_the_old_lock_first(env, autojump_clock) -> None:
+    lm, srv, v, _ = env
+    await lm.setlk(v, P1, flock=True, type_=F_RDLCK)
+    srv.others = 0  # another client holds it shared too: our upgrade must wait
+    srv.calls.clear()
+
+    async def free_later() -> None:
+        await trio.sleep(2)
+        # While waiting we hold nothing, so the other client could upgrade.
+        assert lm.files[lm._key(v)].locks == [] and lm.files[lm._key(v)].server is None
+        srv.others = None
+
+    async with trio.open_nursery() as n:
+        n.start_soon(free_later)
+        await lm.setlk(v, P1, flock=True, type_=F_WRLCK, sleep=True)
+    assert srv.methods()[:2] == ["store", "FS.ReleaseLock"]
+    assert lm.files[lm._key(v)].server == 1
+
+
 async def test_a_cancelled_wait_leaves_nothing_held(env, autojump_clock) -> None:
     lm, srv, v, _ = env
     srv.others = 1
