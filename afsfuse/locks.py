@@ -320,7 +320,12 @@ class LockManager:
             self._granted(r)
             log_event("lock_set", fid=fl.vnode.fid, exclusive=want)
             if first:
-                await self._revalidate(fl, cred)
+                try:
+                    await self._revalidate(fl, cred)
+                except (RpcError, OSError, trio.TooSlowError) as exc:
+                    # No lock without a current view of the file: give it back.
+                    await self._server_release(fl)
+                    raise self._error(fl, exc) from None
             return True
 
     async def _probe(self, fl: FileLocks, want: int, cred: Any) -> bool:

@@ -208,6 +208,20 @@ async def test_unreachable_server_is_enolck_never_success(env) -> None:
     assert lm.stats["unreachable"] == 2
 
 
+async def test_a_failed_revalidation_gives_the_server_lock_back(env) -> None:
+    lm, srv, v, _ = env
+
+    async def stale(vnode: Any, cred: Any) -> int:
+        raise RpcError("ESTALE", "removed on the server")
+
+    srv.revalidate = stale  # type: ignore[method-assign]
+    with pytest.raises(OSError) as ei:
+        await lm.setlk(v, P1, flock=True, type_=F_WRLCK)
+    assert ei.value.errno == errno.ESTALE
+    assert srv.methods() == [("set", 1), "FS.ReleaseLock"]
+    assert lm.files == {}
+
+
 async def test_locks_are_extended_and_a_lost_one_is_retaken(env, autojump_clock) -> None:
     lm, srv, v, _ = env
     async with trio.open_nursery() as n:
