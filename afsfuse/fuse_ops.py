@@ -620,9 +620,14 @@ class AfsOperations(pyfuse3.Operations):
                                sleep=sleep, cred=f.cred)  # fmt: skip
 
     async def release_locks(self, fh: int, owner: int, flock: bool) -> None:
+        """Called inside pyfuse3's flush/release: must never raise."""
         f = self._files.get(fh)
-        if f is not None:  # release_owner never raises
+        if f is None:
+            return
+        try:
             await self.locks.release_owner(f.handle.vnode, owner, flock=flock)
+        except Exception:
+            log.exception("dropping locks of owner %#x at close failed", owner)
 
     @_handler
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
