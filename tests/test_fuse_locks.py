@@ -289,3 +289,28 @@ def test_a_lock_request_without_the_server_fails_with_enolck(tmp_path, require_f
             with pytest.raises(OSError) as ei:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             assert ei.value.errno == errno.ENOLCK
+
+
+def test_a_held_lock_survives_a_server_restart_by_reclaim(tmp_path, require_fuse) -> None:
+    import time
+
+    life = 8  # the grace period after the restart lasts this long
+    with (
+        ServerProcess(tmp_path / "fs", extra_args=["--lock-lifetime", str(life)]) as srv,
+        ClientMount(srv, tmp_path / "a") as a,
+        ClientMount(srv, tmp_path / "b") as b,
+    ):
+        (a.mnt / "f").write_bytes(b"x")
+        h = Holder(a.mnt / "f", "fcntl.flock(f, fcntl.LOCK_EX)")
+        try:
+            srv.stop()
+            srv.start(srv.port)  # locks are not stored: A must reclaim its own
+            assert flock_cmd("-n", "-x", b.mnt / "f") == 1  # grace: no new locks
+            deadline = time.monotonic() + 60
+            while not [x for x in locks_listed(srv) if x["type"] == "exclusive"]:
+                assert time.monotonic() < deadline, "A did not reclaim its lock"
+                time.sleep(0.2)
+            h.release()
+            assert flock_cmd("-w", "60", "-x", b.mnt / "f") == 0
+        finally:
+            h.kill()
