@@ -14,6 +14,7 @@ import pytest
 from afsfuse.lab.etcd import EtcdCluster
 from afsfuse.lab.mount import REPO, ClientMount
 from afsfuse.lab.server import ServerProcess
+from protocol import logfmt
 
 pytestmark = pytest.mark.mount
 
@@ -75,7 +76,12 @@ def test_two_servers_two_mounts_through_mount_points(tmp_path, cell2, require_fu
 
         # A whole-volume break from B reaches only bvol's instance (P3).
         def volume_breaks(vid):
-            return ma.log_text().count(f"event=volume_break cell=localcell volume={vid} ")
+            events = [
+                logfmt.parse(line[line.index("event=") :])
+                for line in ma.log_text().splitlines()
+                if "event=volume_break " in line
+            ]
+            return sum(1 for e in events if e.get("volume") == str(vid))
 
         before_b, before_a = volume_breaks(ex_b["volume_id"]), volume_breaks(536870912)
         admin(b, "break-volume", "bvol")
