@@ -44,7 +44,7 @@ stop: setup
 	@$(BIN)/python scripts/run_local.py stop --run-dir $(RUN_DIR) --mount $(MNT)
 
 bench: setup
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean: stop
 	rm -rf $(VENV) $(RUN_DIR)
