@@ -30,6 +30,7 @@ from fileserver.store import DataDir, VolumeHandle, VolumeStore
 from protocol.connection import Connection, open_connection
 from protocol.errors import RpcError
 from protocol.records import Fid
+from protocol.tls import admin_context
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +227,11 @@ async def admin_call(data_dir: Path, method: str, *params: Any, timeout: float =
     try:
         host, port = dd.read_address()
         secret = dd.read_secret()
+        tls = admin_context(data_dir)  # the server's own certificate (TLS)
     except FileNotFoundError as exc:
         raise SystemExit(f"no running fileserver found in {data_dir} ({exc.filename})") from None
     try:
-        async with open_connection(host, port, default_timeout=timeout) as conn:
+        async with open_connection(host, port, default_timeout=timeout, tls=tls) as conn:
             await conn.call(ADMIN_AUTH, secret)
             return await conn.call(method, *params)
     except OSError as exc:
