@@ -1,7 +1,7 @@
 """Counters for ``afsfuse fs stats`` and the structured event log.
 
 Event lines go to the ``afsfuse.events`` logger at INFO as
-``event=NAME key=value ... t=SECONDS`` (the shared writer of
+``event=NAME t=SECONDS key=value ...`` (the shared writer of
 ``protocol/logfmt.py``, as the fileserver's) so the lab's timeline parses them.
 """
 

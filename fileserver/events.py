@@ -1,7 +1,7 @@
 """Structured event log lines for scenario timelines.
 
 Every callback-relevant event is one INFO line on logger ``fileserver.events``:
-``event=NAME key=value ... t=SECONDS`` written by the shared logfmt writer
+``event=NAME t=SECONDS key=value ...`` written by the shared logfmt writer
 (``protocol/logfmt.py``: one quoting rule for client and server; fids as
 ``VOL.VNODE.UNIQUE``, clients as their UUID).  The lab's timeline parses
 these lines, so keys are stable:

@@ -1,6 +1,6 @@
 """The one logfmt writer and parser of the event logs (client and server).
 
-An event line is ``event=NAME key=value ... t=SECONDS``: ``t`` is the wall
+An event line is ``event=NAME t=SECONDS key=value ...``: ``t`` is the wall
 clock (``time.time()``, microseconds) when the event was logged, so lines of
 different processes merge by time.  Values are written bare when they hold
 only printable characters other than space, ``"``, ``=`` and ``\\``;
@@ -68,11 +68,10 @@ def format_fields(fields: Mapping[str, Any]) -> str:
 
 
 def format_event(name: str, t: float | None = None, /, **fields: Any) -> str:
-    """One event line: ``event=NAME``, the ``fields``, then ``t=SECONDS``
-    (last, so a line starts with its name and first field as before)."""
+    """One event line: ``event=NAME t=SECONDS`` and then ``fields``."""
     stamp = time.time() if t is None else t
-    body = f" {format_fields(fields)}" if fields else ""
-    return f"event={quote(name)}{body} t={stamp:.6f}"
+    head = f"event={quote(name)} t={stamp:.6f}"
+    return f"{head} {format_fields(fields)}" if fields else head
 
 
 def parse(text: str) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Event timelines of a lab run, built from the processes' own logs.
 
-The fileserver writes ``event=NAME k=v ... t=SECONDS`` lines on logger
+The fileserver writes ``event=NAME t=SECONDS k=v ...`` lines on logger
 ``fileserver.events`` (``fileserver/events.py``); each client daemon writes
 the same shape on ``afsfuse.events`` (``afsfuse/stats.py``); both use the one
 writer of ``protocol/logfmt.py``, whose parser reads them back here.  A line
@@ -68,7 +68,7 @@ def _asctime(text: str) -> float:
 
 
 def parse_event_line(asctime: str, text: str, actor: str, seq: int = 0) -> Event | None:
-    """One ``event=NAME k=v ... [t=SECONDS]`` text (``asctime`` is its log stamp)."""
+    """One ``event=NAME [t=SECONDS] k=v ...`` text (``asctime`` is its log stamp)."""
     f = logfmt.parse(text)
     name = f.pop("event", "")
     if not name:
