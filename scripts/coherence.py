@@ -40,7 +40,7 @@ With ``--nemesis pause,partition,restart,delay-breaks,drop-breaks`` a
 nemesis thread injects faults of those kinds during the run, one at a time,
 seeded and bounded (each 0.4-1.2 s, every 0.5-1.5 s; the server's break
 timeout is 1 s): SIGSTOP of a client daemon, the fileserver's own nemeses
-(``afs-fileserver inject``: partition a client, delay breaks to it by 0.3 s,
+(``Admin.Inject``, as ``afs-fileserver inject``: partition a client, delay breaks to it by 0.3 s,
 drop breaks to it) and a fileserver restart on the same port.  Each fault is
 logged with its times.  The model knows what a fault excuses:
 
@@ -89,14 +89,16 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+
+import trio
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -105,6 +107,7 @@ if str(REPO) not in sys.path:
 from afsfuse.lab.mount import ClientMount, unmount  # noqa: E402
 from afsfuse.lab.server import ServerProcess  # noqa: E402
 from afsfuse.lab.timeline import parse_server_log  # noqa: E402
+from fileserver.admin import admin_call  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -601,12 +604,13 @@ class Nemesis:
         self.errors: list[str] = []
         self.stop = threading.Event()
 
-    def _admin(self, *argv: str) -> None:
-        cmd = [sys.executable, "-m", "fileserver.cli", "inject", *argv, "--data-dir",
-               str(self.srv.data_dir), "--json"]  # fmt: skip
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
-        if res.returncode != 0:
-            raise RuntimeError(f"inject {' '.join(argv)}: {res.stderr.strip()[-300:]}")
+    def _admin(self, method: str, *params: object) -> None:
+        """One admin RPC from this thread (its own trio loop): a subprocess per
+        call would take seconds on a loaded machine and stretch every fault."""
+        try:
+            trio.run(partial(admin_call, self.srv.data_dir, method, *params, timeout=30))
+        except SystemExit as exc:  # admin_call's way to say it found no server
+            raise RuntimeError(f"{method}{params}: {exc}") from None
 
     def run(self, deadline: float) -> None:
         while not self.stop.wait(self.rng.uniform(0.5, 1.5)):
@@ -639,14 +643,12 @@ class Nemesis:
             finally:
                 os.kill(pid, signal.SIGCONT)
             return
-        args = {"partition": ["partition", uuid, f"{hold:.3f}"],
-                "delay-breaks": ["delay-breaks", uuid, str(BREAK_DELAY)],
-                "drop-breaks": ["drop-breaks", uuid]}[f.kind]  # fmt: skip
-        self._admin(*args)
+        seconds = {"partition": round(hold, 3), "delay-breaks": BREAK_DELAY}.get(f.kind)
+        self._admin("Admin.Inject", f.kind, uuid, seconds)
         try:
             self.stop.wait(hold)
         finally:
-            self._admin("heal", uuid)
+            self._admin("Admin.Heal", uuid)
 
 
 def excuse_windows(faults: list[Fault], server_log: Path, uuids: list[str], t0: float,
