@@ -6,8 +6,8 @@ secret file in the data dir, mode 0600).  A connection that said
 connection may not say ``FS.Hello`` either.  The CLI finds the running server
 through the data dir (address file + secret).  See SPEC section 8.
 
-Imports: the parts it administers (store, callback table, breaker, config)
-and ``protocol``; never ``fileserver.server``.
+Imports: the parts it administers (store, callback table, breaker, config,
+nemeses) and ``protocol``; never ``fileserver.server``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import trio
 from fileserver.breaker import Breaker
 from fileserver.callback import CallbackTable
 from fileserver.config import ServerConfig
+from fileserver.nemesis import admin_handlers as nemesis_handlers
 from fileserver.store import DataDir, VolumeHandle, VolumeStore
 from protocol.connection import Connection, open_connection
 from protocol.errors import RpcError
@@ -213,6 +214,7 @@ class AdminService:
             "Admin.BreakVolume": self.break_volume,
             "Admin.Reset": self.reset,
             "Admin.Stats": self.stats,
+            **nemesis_handlers(self.breaker, self.table, self._check),
         }
 
 

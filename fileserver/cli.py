@@ -6,6 +6,7 @@
     afs-fileserver revoke-client-cert --data-dir DIR SERIAL
     afs-fileserver vol create|list|examine|remove|quota|offline|online ...
     afs-fileserver clients | callbacks | break FID | break-volume VOL | reset CLIENT | stats
+    afs-fileserver inject delay-breaks|drop-breaks|partition|shorten-promises|heal|show ...
 
 Admin subcommands find the running server through ``--data-dir`` (its
 address file and admin secret) and accept ``--json``.
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reset", parents=[admin], help="InitCallBackState3 a client").add_argument(
         "client")  # fmt: skip
     sub.add_parser("stats", parents=[admin], help="counters and RPCs by method")
+    from fileserver.nemesis import add_cli
+
+    add_cli(sub, admin)
     return p
 
 
@@ -230,6 +234,10 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]
         return cmd, "Admin.Reset", (args.client,)
     if cmd == "stats":
         return cmd, "Admin.Stats", ()
+    if cmd == "inject":
+        from fileserver.nemesis import cli_call
+
+        return cli_call(args)
     raise SystemExit(f"unknown command {cmd}")
 
 

@@ -337,6 +337,8 @@ class FileServer:
         version = hello.get("version", PROTOCOL_VERSION)
         if type(version) is not int:
             raise RpcError("EINVAL", "version must be an int")
+        if self.breaker.nemesis.refuses(uuid):
+            raise RpcError("ECONNREFUSED", "partitioned by the nemesis")
         cur: ClientState | None = conn.context.get("session")
         if cur is not None and cur.uuid != uuid:
             raise RpcError("EINVAL", "a connection cannot change its client UUID")
