@@ -39,6 +39,7 @@ import os
 import re
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -698,8 +699,6 @@ def admin_context(data_dir: Path | str) -> ssl.SSLContext | None:
 
 def cert_command(args: Any, ca_file: Path) -> int:
     """``afs-fileserver issue-client-cert`` / ``revoke-client-cert``."""
-    import sys
-
     try:
         ca = CellCA.load(ca_file)
     except FileNotFoundError:

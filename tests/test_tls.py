@@ -32,6 +32,7 @@ from afsfuse.lab.server import (
     key_for,
     running_server,
     tls_for,
+    wait_until,
 )
 from protocol.connection import ConnectionLost, open_connection
 from protocol.errors import RpcError
@@ -301,3 +302,16 @@ def test_mount_refuses_wrong_cell_expired_and_revoked(tmp_path, require_fuse):
         # The lab's own bundle still mounts (nothing above broke the server).
         with ClientMount(srv, tmp_path / "ok") as ok:
             assert (ok.mnt).is_dir() and os.listdir(ok.mnt) == []
+
+
+async def test_a_server_of_another_ca_cannot_register_with_the_vl(tmp_path):
+    """The cell key alone is not enough: a second server needs the cell CA."""
+    async with running_server(tmp_path / "vl") as vl:
+        key = vl.config.key_file
+        async with running_server(
+            tmp_path / "fs2", vl=(vl.host, vl.port), key_file=key, ca_file=tmp_path / "own-ca.pem"
+        ) as fs2:
+            await fs2.store.create("vol2")
+            await wait_until(lambda: "not from this cell's CA" in fs2.registrar.last_error, 10)
+            assert not fs2.registrar.registered.is_set()
+        assert "vol2" not in [e["name"] for e in await vl.vl.list_entries(None)]

@@ -103,6 +103,17 @@ class ClientMount:
         if getattr(self.server, "insecure", False) or (addr in CERT_FILES and not CERT_FILES[addr]):
             return ["--insecure"]
         path = CERT_FILES.get(addr) or path
+        data_dir = getattr(self.server, "data_dir", None)
+        if path is None and data_dir is not None:
+            # A server started elsewhere (scenario.py --server): its mode, and
+            # a bundle from its cell CA.
+            from afsfuse.lab.server import issue_bundle
+            from protocol.tls import CA_FILE, INSECURE_MARK
+
+            if (Path(data_dir) / INSECURE_MARK).exists():
+                return ["--insecure"]
+            if (Path(data_dir) / CA_FILE).exists():
+                path = issue_bundle(Path(data_dir) / CA_FILE, self.workdir / "client.pem")
         return ["--cert", str(path)] if path is not None else []
 
     @property
