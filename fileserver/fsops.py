@@ -71,6 +71,10 @@ from protocol.records import CallBack, CallBackType, Fid, FileType, VolSync
 log = logging.getLogger(__name__)
 
 CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break"]
+#: Stores up to this size go into their commit as a redo record (bytes
+#: written twice, no data fsync on the reply's path); larger ones are written
+#: into the data file beside other commits and fdatasynced.
+SMALL_STORE = 64 * 1024
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -367,7 +371,7 @@ class FsOps:
             require_write(h.vol.get(f.vnode, f.unique), c, "write")
             return h.vol.store_begin(f.vnode, f.unique, offset, len(data), new_length)
 
-        v = await self._store(h, f, begin, data, offset, mtime_ns)
+        v = await self._store(h, f, begin, data, offset, new_length, mtime_ns)
         vs = h.vol.volsync()
         self.metrics.inc("bytes_stored", len(data))
         await self._changed(st, f)
@@ -380,6 +384,7 @@ class FsOps:
         begin: Callable[[], tuple[Vnode, int]],
         data: bytes,
         offset: int,
+        new_length: int | None,
         mtime_ns: int | None,
     ) -> Vnode:
         """Checks, intent (unless the file is armed), bytes, metadata commit.
@@ -388,6 +393,15 @@ class FsOps:
         a store that started finishes (or settles) even when the server stops.
         """
         vol, vn = h.vol, f.vnode
+        if len(data) <= SMALL_STORE:
+            # Into the commit itself (Volume.store_small): one WAL sync, shared.
+            def small() -> Vnode:
+                begin()
+                return vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns)
+
+            async with h.file_lock(vn):
+                with h.writing(vn):
+                    return await h.commit(small, op=m.FS_STORE_DATA)
         async with h.file_lock(vn):
             with trio.CancelScope(shield=True):
                 vol._storing.add(vn)  # before the checks: see Volume.run_batch

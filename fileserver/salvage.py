@@ -56,7 +56,8 @@ def check_volume(vol: Volume, repair: bool = False) -> list[Finding]:
     if res != [("ok",)]:
         found("sqlite", "; ".join(r[0] for r in res[:10]))
         return out  # nothing else can be trusted
-    applied = set(vol._applied)  # on disk already; their rows go at the next commit
+    # On disk already (their rows go at the next commit, or once synced).
+    applied = set(vol._applied) | set(vol._redo_unsynced)
     npending = sum(1 for (seq,) in db.execute("SELECT seq FROM pending") if seq not in applied)
     # Intents this process holds on purpose (armed files) are not leftovers.
     known = vol.known_intents()

@@ -191,6 +191,7 @@ class FileServer:
                 if cfg.metrics is not None:
                     self.metrics_port = self.metrics.serve(*cfg.metrics)
                 nursery.start_soon(self._sweeper)
+                nursery.start_soon(self._redo_syncer)
                 if cfg.sync == "batch":
                     nursery.start_soon(self._flusher)
                 nursery.start_soon(self._retry_down_clients)
@@ -240,6 +241,16 @@ class FileServer:
             for st in list(self.breaker.clients.values()):
                 if st.down and st.conn is None and now - st.last_seen > idle:
                     self.breaker.forget(st)
+
+    async def _redo_syncer(self) -> None:
+        """Small stores and truncations reach their data files unsynced, their
+        redo records committed: sync those files off the reply path, in bulk,
+        so the records can go."""
+        while True:
+            await trio.sleep(0.2)
+            for h in self.store.list():
+                if h.vol.redo_unsynced and not h.removed:
+                    await trio.to_thread.run_sync(h.vol.sync_redo)
 
     async def _flusher(self) -> None:
         """``--sync batch``: make what was written durable about once a second."""

@@ -212,6 +212,9 @@ class Volume:
         # Tables added since a volume was created (every CREATE is IF NOT EXISTS).
         self.db.executescript(SCHEMA)
         self._applied: list[int] = []  # pending seqs applied to data files, to delete
+        self._applied_lock = threading.Lock()
+        # Redo records applied to data files not yet synced: seq -> (vnode, path).
+        self._redo_unsynced: dict[int, tuple[int, Path]] = {}
         self._tl = threading.local()  # .db: this thread's read connection while reading
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -300,6 +303,7 @@ class Volume:
         try:
             if self.sync != "always":
                 self.flush()
+            self.sync_redo()
             # A clean stop leaves no intent behind (nothing to settle at the next start).
             self._armed = OrderedDict((v, 0.0) for v in self._armed)
             try:
@@ -357,12 +361,14 @@ class Volume:
                     # here, riding on a commit we pay for anyway.
                     if self._unsynced:
                         self._dir_sync_needed = True  # their files' names first
-                    applied, self._applied = self._applied, []
+                    with self._applied_lock:
+                        applied, self._applied = self._applied, []
                     try:
                         db.executemany("DELETE FROM pending WHERE seq = ?",
                                        [(s,) for s in applied])  # fmt: skip
                     except BaseException:
-                        self._applied += applied
+                        with self._applied_lock:
+                            self._applied += applied
                         raise
                 self._disarm_idle()
             yield db
@@ -801,6 +807,11 @@ class Volume:
         return len(rows)
 
     def _apply(self, vnode: int, unique: int, offset: int, data: bytes, new_size: int) -> None:
+        self._write(vnode, unique, offset, data, new_size, self._sync_data)
+
+    def _write(
+        self, vnode: int, unique: int, offset: int, data: bytes, new_size: int, sync: bool
+    ) -> None:
         path = self._data_path(vnode, unique)
         existed = path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -809,9 +820,9 @@ class Volume:
                 _write_all(fd, data, offset)
             if os.fstat(fd).st_size != new_size:
                 os.ftruncate(fd, new_size)
-            if self._sync_data:
+            if sync:
                 os.fdatasync(fd)
-            else:
+            elif not self._sync_data:
                 self._dirty.add(path)
         finally:
             os.close(fd)
@@ -867,11 +878,82 @@ class Volume:
         return v
 
     def _truncate(self, vnode: int, unique: int, new_size: int, seq: int | None) -> None:
-        self._apply(vnode, unique, 0, b"", new_size)
-        if self._sync_data:
-            self.stats.fsync("FS.StoreStatus", "data")
+        self._redo_applied(seq, vnode, unique, 0, b"", new_size)
+
+    def _redo_applied(
+        self, seq: int | None, vnode: int, unique: int, offset: int, data: bytes, new_size: int
+    ) -> None:
+        """Apply a committed redo record to the data file, unsynced: the
+        record stays until ``sync_redo`` (off every reply's path) synced the
+        file, and replays at recovery if a crash comes first."""
+        self._write(vnode, unique, offset, data, new_size, False)
         if seq is not None:
-            self._applied.append(seq)
+            self._redo_unsynced[seq] = (vnode, self._data_path(vnode, unique))
+
+    def store_small(
+        self,
+        vnode: int,
+        unique: int,
+        offset: int,
+        data: bytes,
+        new_length: int | None,
+        mtime_ns: int | None,
+    ) -> Vnode:
+        """A store small enough to go into the commit itself: its bytes are a
+        redo record committed with the new metadata (one WAL sync makes both
+        durable, no intent, no data fsync on the reply's path); the data file
+        gets them right after the commit."""
+        v, new_size = self.store_begin(vnode, unique, offset, len(data), new_length)
+        now_ns = time.time_ns()
+        with self._txn() as db:
+            seq = db.execute(
+                "INSERT INTO pending (vnode, uniq, offset, data, new_size) VALUES (?,?,?,?,?)",
+                (vnode, unique, offset, data, new_size),
+            ).lastrowid
+            self.bytes_used += new_size - v.size
+            v.size = new_size
+            v.dv += 1
+            v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
+            v.ctime_ns = now_ns
+            self._put(db, v)
+            self._bump_update(now_ns)
+        self._later(lambda: self._redo_applied(seq, vnode, unique, offset, data, new_size))
+        return v
+
+    @property
+    def redo_unsynced(self) -> int:
+        """Applied redo records whose data files are not synced yet."""
+        return len(self._redo_unsynced)
+
+    def sync_redo(self) -> int:
+        """Sync the data files that applied redo records were written to (and
+        new names), then let the records go with the next commit.  Runs in any
+        thread beside the writer.  Returns the fsyncs made."""
+        batch = dict(self._redo_unsynced)
+        if not batch:
+            return 0
+        n = 0
+        for path in {p for _vn, p in batch.values()}:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # removed since: its records went with its vnode
+            try:
+                os.fdatasync(fd)
+                n += 1
+            finally:
+                os.close(fd)
+        if self._unsynced:
+            names = set(self._unsynced)
+            _fsync_dir(self.data_dir)
+            self._unsynced -= names
+            n += 1
+        with self._applied_lock:
+            for seq in batch:
+                self._redo_unsynced.pop(seq, None)
+                self._applied.append(seq)
+        self.stats.fsync("", "redo", n)
+        return n
 
     def _later(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once the change being made is committed."""
@@ -974,6 +1056,9 @@ class Volume:
         db.execute("DELETE FROM pending WHERE vnode = ?", (v.vnode,))
         db.execute("DELETE FROM intents WHERE vnode = ?", (v.vnode,))
         self._armed.pop(v.vnode, None)
+        self._unsynced.discard(v.vnode)  # its name needs no sync any more
+        for seq in [s for s, (vn, _p) in list(self._redo_unsynced.items()) if vn == v.vnode]:
+            self._redo_unsynced.pop(seq, None)
         self.files -= 1
         self.bytes_used -= v.size
         return [self._data_path(v.vnode, v.unique)] if v.type == FileType.FILE else []

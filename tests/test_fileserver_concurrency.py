@@ -29,7 +29,10 @@ async def _listing(c: FsTestClient, d: list[int]) -> dict[bytes, list[int]]:
 
 
 async def test_reads_and_changes_complete_while_a_store_is_parked(tmp_path):
+    """A large store parked while its bytes go in: reads of every kind, and
+    changes of other files, complete meanwhile."""
     parked, release = threading.Event(), threading.Event()
+    new = b"new data" * 20_000  # large: written beside the commits, not in one
     async with (
         running_server(tmp_path / "fs") as srv,
         fs_client(srv.host, srv.port) as x,
@@ -53,11 +56,11 @@ async def test_reads_and_changes_complete_while_a_store_is_parked(tmp_path):
         stored: dict[str, Any] = {}
 
         async def store() -> None:
-            stored["r"] = await x.call("FS.StoreData", None, fid, 0, b"new data", None, None)
+            stored["r"] = await x.call("FS.StoreData", None, fid, 0, new, None, None)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store)
-            await trio.to_thread.run_sync(parked.wait, HANG)
+            assert await trio.to_thread.run_sync(parked.wait, HANG)
             with trio.fail_after(HANG):
                 st = await y.call("FS.FetchStatus", None, fid)
                 assert st["status"][4] == 2  # the committed DV: the store is not done
@@ -77,8 +80,50 @@ async def test_reads_and_changes_complete_while_a_store_is_parked(tmp_path):
         assert stored["r"]["status"][4] == 3
         # Y held a promise on the file from the read while parked: broken.
         assert Fid(*fid) in y.breaks
-        assert (await y.call("FS.FetchData", None, fid, 0, 100))["data"] == b"new data"
+        assert (await y.call("FS.FetchData", None, fid, 0, len(new)))["data"] == new
         assert h.vol.check() == []
+
+
+async def test_reads_complete_while_a_group_commit_is_parked(tmp_path):
+    """The commit thread itself parked (a slow fsync): reads do not queue behind it."""
+    parked, release = threading.Event(), threading.Event()
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        root = await x.root_fid()
+        fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
+        g = (await x.call("FS.CreateFile", None, root, b"g", 0o644))["fid"]
+        await x.call("FS.StoreData", None, fid, 0, b"small", None, None)
+        await x.call("FS.StoreData", None, g, 0, b"gee", None, None)
+        h = srv.store.get(root[0])
+        real = h.vol.run_batch
+
+        def parking_batch(jobs: Any) -> Any:
+            parked.set()
+            release.wait(HANG)
+            return real(jobs)
+
+        h.vol.run_batch = parking_batch  # type: ignore[method-assign]
+        done: dict[str, Any] = {}
+
+        async def store() -> None:
+            done["r"] = await x.call("FS.StoreData", None, fid, 0, b"SMALL!", None, None)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store)
+            assert await trio.to_thread.run_sync(parked.wait, HANG)
+            with trio.fail_after(HANG):
+                assert (await y.call("FS.FetchStatus", None, fid))["status"][4] == 2
+                assert (await y.call("FS.FetchData", None, g, 0, 100))["data"] == b"gee"
+                assert set(await _listing(y, root)) == {b"f", b"g"}
+                await y.call("FS.InlineBulkStatus", None, [fid, g])
+            assert "r" not in done
+            release.set()
+        h.vol.run_batch = real  # type: ignore[method-assign]
+        assert Fid(*fid) in y.breaks
+        assert (await y.call("FS.FetchData", None, fid, 0, 100))["data"] == b"SMALL!"
 
 
 async def test_renames_in_opposite_directions_finish(tmp_path):
