@@ -11,6 +11,11 @@ Handlers take no vnode locks and never touch the kernel: the server may be
 waiting for this reply while one of our requests holds a lock, and kernel
 invalidations go to the queue the FUSE adapter drains.  The reply is sent
 after the daemon-side break is complete (the handler returns then).
+
+The service is handed a ``CacheContext`` (counters, invalidation queue) and
+the client's UUID, nothing more.  May import: ``afsfuse.context`` (types),
+``afsfuse.invalidation``, ``afsfuse.stats``, ``afsfuse.validation``,
+``protocol``.
 """
 
 from __future__ import annotations
@@ -29,15 +34,16 @@ from protocol.limits import MAX_CALLBACK_FIDS
 from protocol.records import Fid
 
 if TYPE_CHECKING:
-    from afsfuse.cache_manager import CacheManager
+    from afsfuse.context import CacheContext
     from afsfuse.server_record import ServerRecord
 
 log = logging.getLogger(__name__)
 
 
 class CallbackService:
-    def __init__(self, cm: CacheManager) -> None:
-        self.cm = cm
+    def __init__(self, ctx: CacheContext, client_uuid: str) -> None:
+        self.ctx = ctx
+        self.client_uuid = client_uuid
         # Instrumentation for the O(1) tests: vnodes a handler touched.
         self.vnodes_touched = 0
 
@@ -54,7 +60,7 @@ class CallbackService:
             return None
 
         async def probe_uuid(conn: Connection, uuid: Any) -> bool:
-            return isinstance(uuid, str) and uuid == self.cm.uuid
+            return isinstance(uuid, str) and uuid == self.client_uuid
 
         return {
             M.CB_CALLBACK: callback,
@@ -78,17 +84,17 @@ class CallbackService:
             for vol in tuple(instances):
                 for fid in fids:
                     if fid.is_volume:
-                        volume_break(self.cm, vol, "callback")
+                        volume_break(self.ctx, vol, "callback")
                         continue
                     v = vol.find(fid)  # never creates (ilookup_nowait)
                     if v is None:
                         vol.cb_miss_break += 1
                         vol.break_seq += 1
                         vol.miss_at = vol.break_seq
-                        self.cm.stats.breaks_uncached += 1
+                        self.ctx.stats.breaks_uncached += 1
                         continue
                     self.vnodes_touched += 1
-                    break_vnode(self.cm, v)
+                    break_vnode(self.ctx, v)
 
     def init_callback_state(self, record: ServerRecord, server_uuid: Any) -> None:
         if server_uuid is not None and server_uuid != record.uuid:

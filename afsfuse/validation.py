@@ -11,6 +11,11 @@ otherwise undo our own change (and zap freshly written data).
 
 The caller holds the vnode's write lock around ``apply_reply`` so status and
 promise change together (P6).
+
+Every function takes a ``CacheContext`` (counters, invalidation queue, data
+cache, VL relocation), never the manager.  May import: ``afsfuse.context``,
+``afsfuse.invalidation``, ``afsfuse.rpc``, ``afsfuse.stats``,
+``afsfuse.vnode``, ``protocol``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from afsfuse.invalidation import Invalidate
+from afsfuse.rpc import call
 from afsfuse.stats import log_event
 from afsfuse.vnode import Promise, Vnode
 from protocol import methods as M
@@ -28,7 +34,7 @@ from protocol.errors import RpcError
 from protocol.records import CallBack, CallBackType, FileStatus, VolSync
 
 if TYPE_CHECKING:
-    from afsfuse.cache_manager import CacheManager
+    from afsfuse.context import CacheContext
     from afsfuse.server_record import ServerRecord
     from afsfuse.volume import VolumeInstance
 
@@ -101,25 +107,25 @@ class CallSnapshot:
         return v.mod_at > self.mod_clock
 
 
-def note_volsync(cm: CacheManager, volume: VolumeInstance, volsync: Any) -> None:
+def note_volsync(ctx: CacheContext, volume: VolumeInstance, volsync: Any) -> None:
     """A changed volume creation stamp voids every promise on it."""
     if volsync is None:
         return
     vs = VolSync.from_wire(volsync)
     if volume.creation is not None and vs.creation != volume.creation:
-        volume_break(cm, volume, "volume_replaced")
+        volume_break(ctx, volume, "volume_replaced")
     volume.creation = vs.creation
 
 
-def volume_break(cm: CacheManager, volume: VolumeInstance, why: str) -> None:
+def volume_break(ctx: CacheContext, volume: VolumeInstance, why: str) -> None:
     """Void every promise of one volume instance: one increment (P4)."""
     volume.cb_v_break += 1
-    cm.stats.volume_breaks += 1
+    ctx.stats.volume_breaks += 1
     log_event("volume_break", cell=volume.cell, volume=volume.volume_id, why=why)
-    cm.invalidations.put(Invalidate("volume", volume=volume))
+    ctx.invalidations.put(Invalidate("volume", volume=volume))
 
 
-def break_vnode(cm: CacheManager, v: Vnode, why: str = "callback") -> None:
+def break_vnode(ctx: CacheContext, v: Vnode, why: str = "callback") -> None:
     """A break on one cached vnode: the promise goes; no lock is taken (the
     server may be waiting for our CB reply while we hold a vnode lock)."""
     v.cb_break += 1
@@ -127,12 +133,12 @@ def break_vnode(cm: CacheManager, v: Vnode, why: str = "callback") -> None:
     v.volume.break_seq += 1
     v.broken_at = v.volume.break_seq
     v.promise = None
-    cm.stats.breaks += 1
+    ctx.stats.breaks += 1
     log_event("break_received", fid=v.fid, cell=v.volume.cell, why=why, cb_break=v.cb_break)
-    cm.invalidations.put(Invalidate("inode", vnode=v, attr_only=False))
+    ctx.invalidations.put(Invalidate("inode", vnode=v, attr_only=False))
 
 
-def zap_data(cm: CacheManager, v: Vnode, old_dv: int, new_dv: int) -> None:
+def zap_data(ctx: CacheContext, v: Vnode, old_dv: int, new_dv: int) -> None:
     """C1: the DV moved under us; cached data of the old DV goes.
 
     Unstored local writes are kept and carried to the new DV (last writer
@@ -141,15 +147,15 @@ def zap_data(cm: CacheManager, v: Vnode, old_dv: int, new_dv: int) -> None:
         v.old_listing, v.listing = v.listing, None
     v.symlink = None
     v.kernel_dv = None  # C2: whatever pages the kernel has are of an old DV
-    cm.datacache.drop(v.fid, keep_dv=new_dv, keep_dirty=True)
-    if cm.datacache.dirty_chunks(v.fid):
-        cm.datacache.rekey(v.fid, old_dv, new_dv)
+    ctx.datacache.drop(v.fid, keep_dv=new_dv, keep_dirty=True)
+    if ctx.datacache.dirty_chunks(v.fid):
+        ctx.datacache.rekey(v.fid, old_dv, new_dv)
     log_event("data_zapped", fid=v.fid, old_dv=old_dv, new_dv=new_dv)
-    cm.invalidations.put(Invalidate("inode", vnode=v, attr_only=False))
+    ctx.invalidations.put(Invalidate("inode", vnode=v, attr_only=False))
 
 
 def apply_reply(
-    cm: CacheManager,
+    ctx: CacheContext,
     v: Vnode,
     status_wire: Any,
     callback_wire: Any,
@@ -180,18 +186,18 @@ def apply_reply(
         )
     ):
         # Fetched before a local change that completed meanwhile.
-        cm.stats.statuses_stale_ignored += 1
+        ctx.stats.statuses_stale_ignored += 1
         log_event("status_stale", fid=v.fid, dv=status.data_version, have=old.data_version)
         return False
     if old is not None and (replaced or status.data_version != old.data_version):
         own = own_from_dv is not None and own_from_dv == old.data_version and not replaced
         if not (own and status.data_version == old.data_version + 1) or v.type_changed(status):
-            zap_data(cm, v, old.data_version, status.data_version)
+            zap_data(ctx, v, old.data_version, status.data_version)
     v.status = status
     v.status_creation = v.volume.creation
     v.deleted = False
     if own_from_dv is not None:
-        break_aliases(cm, v)
+        break_aliases(ctx, v)
     if cb is not None:
         why = snap.broken(v)
         if cb.type == CallBackType.DROPPED:
@@ -205,16 +211,16 @@ def apply_reply(
                 snap.cb_s_break,
                 snap.cb_v_break,
             )
-            cm.stats.promises_installed += 1
+            ctx.stats.promises_installed += 1
             log_event("promise_installed", fid=v.fid, expires_in=cb.expires_in)
         else:
             v.promise = None
-            cm.stats.promises_discarded += 1
+            ctx.stats.promises_discarded += 1
             log_event("promise_discarded", fid=v.fid, why=why)
     return True
 
 
-def break_aliases(cm: CacheManager, v: Vnode) -> None:
+def break_aliases(ctx: CacheContext, v: Vnode) -> None:
     """Our own change: the server breaks every client but us, so other
     instances of this volume here (reached through an aliased cell) hear of
     it from us.  Found without creating vnodes (P3); usually one instance."""
@@ -224,20 +230,20 @@ def break_aliases(cm: CacheManager, v: Vnode) -> None:
             if inst is not vol:
                 other = inst.find(v.fid)
                 if other is not None:
-                    break_vnode(cm, other, "alias_own_change")
+                    break_vnode(ctx, other, "alias_own_change")
 
 
-def mark_deleted(cm: CacheManager, v: Vnode) -> None:
+def mark_deleted(ctx: CacheContext, v: Vnode) -> None:
     v.deleted = True
     v.promise = None
     v.listing = None
     v.local_size = None
     v.truncated = False
-    cm.datacache.drop(v.fid, keep_dirty=False)
-    cm.invalidations.put(Invalidate("inode", vnode=v))
+    ctx.datacache.drop(v.fid, keep_dirty=False)
+    ctx.invalidations.put(Invalidate("inode", vnode=v))
 
 
-async def validate(cm: CacheManager, v: Vnode, cred: Any) -> FileStatus:
+async def validate(ctx: CacheContext, v: Vnode, cred: Any) -> FileStatus:
     """Make ``v``'s status trustworthy and return it (with local size).
 
     Fast path, no RPC: the promise holds (P4).  Otherwise one FS.FetchStatus
@@ -248,7 +254,7 @@ async def validate(cm: CacheManager, v: Vnode, cred: Any) -> FileStatus:
         raise RpcError("ESTALE", f"{v.fid} was deleted")
     async with v.lock.read():
         if v.promise_state(trio.current_time()) == "ok":
-            cm.stats.validations_fast += 1
+            ctx.stats.validations_fast += 1
             log_event("validate_fast", fid=v.fid)
             st = v.effective_status()
             assert st is not None
@@ -261,25 +267,25 @@ async def validate(cm: CacheManager, v: Vnode, cred: Any) -> FileStatus:
         else:
             state = v.promise_state(trio.current_time())
             if state == "ok":
-                cm.stats.validations_fast += 1
+                ctx.stats.validations_fast += 1
                 log_event("validate_fast", fid=v.fid)
             else:
-                cm.stats.validations_slow += 1
+                ctx.stats.validations_slow += 1
                 log_event("validate_slow", fid=v.fid, why=state)
                 try:
-                    reply, snap = await _fetch_status(cm, v, cred)
+                    reply, snap = await _fetch_status(ctx, v, cred)
                 except RpcError as exc:
                     err: RpcError = exc
                     if exc.code in ("ENOENT", "ESTALE"):
-                        mark_deleted(cm, v)
+                        mark_deleted(ctx, v)
                         err = RpcError("ESTALE", f"{v.fid}: {exc.message}")
                     v.fetch_gen += 1
                     v.fetch_error = err
                     raise err from None
                 v.fetch_gen += 1
                 v.fetch_error = None
-                note_volsync(cm, v.volume, reply.get("volsync"))
-                apply_reply(cm, v, reply["status"], reply.get("callback"), snap)
+                note_volsync(ctx, v.volume, reply.get("volsync"))
+                apply_reply(ctx, v, reply["status"], reply.get("callback"), snap)
         if v.deleted:
             raise RpcError("ESTALE", f"{v.fid} was deleted")
         st = v.effective_status()
@@ -287,7 +293,7 @@ async def validate(cm: CacheManager, v: Vnode, cred: Any) -> FileStatus:
         return st
 
 
-async def _fetch_status(cm: CacheManager, v: Vnode, cred: Any) -> tuple[Any, CallSnapshot]:
+async def _fetch_status(ctx: CacheContext, v: Vnode, cred: Any) -> tuple[Any, CallSnapshot]:
     """One FS.FetchStatus.  ENOENT/ESTALE may mean the volume moved to another
     server rather than the vnode being gone: VL decides, and after a move
     the call is sent once more, to the new server."""
@@ -295,10 +301,10 @@ async def _fetch_status(cm: CacheManager, v: Vnode, cred: Any) -> tuple[Any, Cal
         server = v.volume.server
         snap = CallSnapshot(v.volume, server, (v,))
         try:
-            return await cm.rpc(server, M.FS_FETCH_STATUS, cred, v.fid, snap=snap), snap
+            return await call(server, M.FS_FETCH_STATUS, cred, v.fid, snap=snap), snap
         except RpcError as exc:
             if attempt or exc.code not in ("ENOENT", "ESTALE"):
                 raise
-            if not await cm.relocate_volume(v.volume):
+            if not await ctx.relocate(v.volume):
                 raise
     raise AssertionError("unreachable")

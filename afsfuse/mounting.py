@@ -1,0 +1,153 @@
+"""Volume mounting and relocation (kAFS volume.c).
+
+``VolumeMounts`` holds the volume instances of a cache manager, keyed by
+(cell, volume id), and the (cell, volume name) mounts already resolved.  It
+asks VL for a volume's entry, makes or reuses the instance, attaches it to
+the server records the entry names (each attach registers an interest, P3),
+and validates the root.  When a server says a vnode is gone, ``relocate``
+asks VL again (at most once per ``RELOCATE_INTERVAL`` per volume); a moved
+volume is re-attached to its new servers and gets a whole-volume break.
+
+May import: ``afsfuse.cells``, ``afsfuse.context``, ``afsfuse.rpc``,
+``afsfuse.server_registry``, ``afsfuse.stats``, ``afsfuse.validation``,
+``afsfuse.vl_client``, ``afsfuse.vnode``, ``afsfuse.volume``, ``protocol``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from afsfuse.cells import CellDB
+from afsfuse.context import CacheContext
+from afsfuse.rpc import Cred, err, wire_cred
+from afsfuse.server_registry import ServerRegistry
+from afsfuse.stats import log_event
+from afsfuse.validation import validate, volume_break
+from afsfuse.vl_client import VLClient
+from afsfuse.vnode import Vnode
+from afsfuse.volume import VolumeInstance
+from protocol import methods as M
+from protocol.errors import RpcError
+from protocol.records import Fid
+
+log = logging.getLogger(__name__)
+
+RELOCATE_INTERVAL = 10.0  # seconds between VL checks of one volume
+
+
+class VolumeMounts:
+    def __init__(
+        self,
+        ctx: CacheContext,
+        cells: CellDB,
+        vl: VLClient,
+        registry: ServerRegistry,
+        on_new_vnode: Callable[[Vnode], None],
+    ) -> None:
+        self.ctx = ctx
+        self.cells = cells
+        self.vl = vl
+        self.registry = registry
+        self.on_new_vnode = on_new_vnode
+        self.volumes: dict[tuple[str, int], VolumeInstance] = {}
+        self._by_name: dict[tuple[str, str], VolumeInstance] = {}  # (cell, name) mounted
+
+    def _volume_from_entry(self, cell: str, entry: dict[str, Any]) -> VolumeInstance:
+        volume_id = int(entry["volume_id"])
+        vol = self.volumes.get((cell, volume_id))
+        if vol is None:
+            vol = VolumeInstance(cell, volume_id, str(entry.get("name", volume_id)))
+            vol.on_new_vnode = self.on_new_vnode
+            vol.located_at = trio.current_time()
+            self.volumes[vol.key] = vol
+        servers = entry.get("servers") or []
+        if not servers and not vol.servers:
+            raise err("ENXIO", f"volume {vol.name} has no servers")
+        for s in servers:
+            addrs = [(str(h), int(p)) for h, p in s["addrs"]]
+            vol.attach(self.registry.record(str(s["uuid"]), addrs, cell))  # interest (P3)
+        return vol
+
+    async def mount(self, cell: str | None, volume: str, cred: Cred = None) -> Vnode:
+        """Find ``volume`` through the cell's VL servers; return its root vnode.
+
+        A volume already mounted through this cell is not looked up again
+        (mount points are crossed often); each call counts one mount."""
+        try:
+            c = self.cells.get(cell)
+        except KeyError:
+            raise err("ENOENT", f"unknown cell {cell!r}") from None
+        vol = self._by_name.get((c.name, volume))
+        if vol is None or self.volumes.get(vol.key) is not vol:
+            if volume.isdigit():
+                entry = await self.vl.call(c, M.VL_GET_ENTRY_BY_ID, int(volume))
+            else:
+                entry = await self.vl.call(c, M.VL_GET_ENTRY_BY_NAME, volume)
+            vol = self._volume_from_entry(c.name, entry)
+            self._by_name[(c.name, volume)] = vol
+        vol.mounts += 1
+        root = vol.get(vol.root_fid)
+        try:
+            await validate(self.ctx, root, wire_cred(cred))
+        except BaseException:
+            self.unmount(vol)
+            raise
+        log_event("volume_mounted", cell=c.name, volume=vol.name, id=vol.volume_id)
+        return root
+
+    async def relocate(self, vol: VolumeInstance) -> bool:
+        """Ask VL where ``vol`` lives now; True if it moved (its instance now
+        uses the new servers and every promise on it is void).  At most one
+        VL query per volume per ``RELOCATE_INTERVAL`` seconds."""
+        now = trio.current_time()
+        if now - vol.located_at < RELOCATE_INTERVAL:
+            return False
+        vol.located_at = now
+        try:
+            entry = await self.vl.call(
+                self.cells.get(vol.cell), M.VL_GET_ENTRY_BY_ID, vol.volume_id
+            )
+            uuids = [str(s["uuid"]) for s in entry.get("servers") or []]
+            if not uuids or uuids == [r.uuid for r in vol.servers]:
+                return False
+            records = [
+                self.registry.record(
+                    str(s["uuid"]), [(str(h), int(p)) for h, p in s["addrs"]], vol.cell
+                )
+                for s in entry["servers"]
+            ]
+        except (RpcError, KeyError, TypeError, ValueError) as exc:
+            log.info("relocating %r failed: %r", vol, exc)
+            return False
+        vol.detach_all()
+        for rec in records:
+            vol.attach(rec)
+        volume_break(self.ctx, vol, "moved")
+        log_event("volume_moved", cell=vol.cell, volume=vol.volume_id, servers=",".join(uuids))
+        return True
+
+    def unmount(self, vol: VolumeInstance) -> None:
+        """Drop a mount of ``vol``; at the last, its interests go (sends nothing)."""
+        vol.mounts -= 1
+        if vol.mounts <= 0:
+            vol.detach_all()
+            if self.volumes.get(vol.key) is vol:
+                del self.volumes[vol.key]
+
+    def find_vnode(self, cell: str, fid: Fid) -> Vnode | None:
+        """The cached vnode of ``fid`` in ``cell``; never creates one (P3)."""
+        vol = self.volumes.get((cell, fid.volume))
+        return vol.find(fid) if vol is not None else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            f"{c}:{vid}": {"cb_v_break": vol.cb_v_break, "vnodes": len(vol.vnodes)}
+            for (c, vid), vol in self.volumes.items()
+        }
+
+
+__all__ = ["RELOCATE_INTERVAL", "VolumeMounts"]
