@@ -198,7 +198,7 @@ class FsOps:
             return h.vol.get(f.vnode, f.unique), h.vol.volsync()
 
         v, vs = await h.read(read, lambda _: (f.vnode,),
-                             then=lambda _: cb.append(self.grant(st, f)))  # fmt: skip
+                             then=lambda _: cb.append(self.grant(st, f)), inline=True)  # fmt: skip
         return {"status": _st(v, c), "callback": cb[0], "volsync": vs}
 
     async def fetch_data(
@@ -242,7 +242,7 @@ class FsOps:
             cbs.append(self.grant(st, Fid(d.volume, r[0].vnode, r[0].unique)))
             cbs.append(self.grant(st, d))
 
-        v, dv, vs = await h.read(read, lambda r: (r[0].vnode, d.vnode), then=then)
+        v, dv, vs = await h.read(read, lambda r: (r[0].vnode, d.vnode), then=then, inline=True)
         return {"fid": Fid(d.volume, v.vnode, v.unique), "status": _st(v, c),
                 "callback": cbs[0], "dir_status": _st(dv, c), "dir_callback": cbs[1],
                 "volsync": vs}  # fmt: skip
@@ -326,7 +326,7 @@ class FsOps:
             def keys(r: tuple[list[Any], VolSync]) -> list[int]:
                 return [v.vnode for v in r[0] if not isinstance(v, RpcError)]
 
-            _, vs = await h.read(read, keys, then=then)
+            _, vs = await h.read(read, keys, then=then, inline=True)
             if parsed and vol_id == parsed[0].volume:
                 volsync = vs
         return {"results": results, "volsync": volsync or VolSync(0, 0)}

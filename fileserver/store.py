@@ -311,10 +311,21 @@ class VolumeHandle:
         *,
         then: Callable[[T], None] | None = None,
         file: int | None = None,
+        inline: bool = False,
     ) -> T:
         """Run read-only ``fn`` beside any commit; ``then(result)`` (the
         grants) runs only when none of ``keys(result)`` changed meanwhile.
-        With ``file``, a store of that file in progress is waited out first."""
+        With ``file``, a store of that file in progress is waited out first.
+
+        ``inline`` runs a small read (a few indexed rows) in the trio thread on
+        its own read connection: no thread hop to wait for, and nothing can
+        change between it and its grants."""
+        if inline:
+            self._check()
+            result = self._read_sync(fn)
+            if then is not None:
+                then(result)
+            return result
         for _ in range(8):
             self._check()
             if file is not None:
