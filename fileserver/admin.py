@@ -6,8 +6,8 @@ secret file in the data dir, mode 0600).  A connection that said
 connection may not say ``FS.Hello`` either.  The CLI finds the running server
 through the data dir (address file + secret).  See SPEC section 8.
 
-Imports: the parts it administers (store, callback table, breaker, config)
-and ``protocol``; never ``fileserver.server``.
+Imports: the parts it administers (store, callback table, breaker, config,
+nemeses) and ``protocol``; never ``fileserver.server``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import trio
 from fileserver.breaker import Breaker
 from fileserver.callback import CallbackTable
 from fileserver.config import ServerConfig
+from fileserver.nemesis import admin_handlers as nemesis_handlers
 from fileserver.store import DataDir, VolumeHandle, VolumeStore
 from protocol.connection import Connection, open_connection
 from protocol.errors import RpcError
 from protocol.records import Fid
+from protocol.tls import admin_context
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,7 @@ class AdminService:
             "Admin.BreakVolume": self.break_volume,
             "Admin.Reset": self.reset,
             "Admin.Stats": self.stats,
+            **nemesis_handlers(self.breaker, self.table, self._check),
         }
 
 
@@ -224,10 +227,11 @@ async def admin_call(data_dir: Path, method: str, *params: Any, timeout: float =
     try:
         host, port = dd.read_address()
         secret = dd.read_secret()
+        tls = admin_context(data_dir)  # the server's own certificate (TLS)
     except FileNotFoundError as exc:
         raise SystemExit(f"no running fileserver found in {data_dir} ({exc.filename})") from None
     try:
-        async with open_connection(host, port, default_timeout=timeout) as conn:
+        async with open_connection(host, port, default_timeout=timeout, tls=tls) as conn:
             await conn.call(ADMIN_AUTH, secret)
             return await conn.call(method, *params)
     except OSError as exc:

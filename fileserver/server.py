@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable
 from functools import partial
@@ -48,6 +49,7 @@ from protocol.connection import Connection, serve_tcp
 from protocol.errors import RpcError
 from protocol.limits import PROTOCOL_VERSION
 from protocol.methods import FS_HELLO, VL_GET_ENTRY_BY_ID, VL_GET_ENTRY_BY_NAME, VL_LIST_ENTRIES
+from protocol.tls import ServerTLS, note_mode, server_tls
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,9 @@ class FileServer:
         self.epoch = 0
         self.admin_secret = ""
         self.auth = ServerAuth(b"")
+        #: TLS (protocol.tls): ours as a server, and our certificate as a client.
+        self.tls: ServerTLS | None = None
+        self.client_tls: ssl.SSLContext | None = None
         self._per_peer: dict[str, int] = {}
         self.host = ""
         self.port = 0
@@ -133,6 +138,9 @@ class FileServer:
             self.uuid, self.cell = self.datadir.uuid, self.datadir.cell
             self.admin_secret = self.datadir.read_secret()
             self.auth.key = create_key(cfg.key_file)  # type: ignore[arg-type]
+            if not cfg.insecure:
+                self.tls, self.client_tls = server_tls(cfg, self.cell, self.uuid)
+            note_mode(cfg.data_dir, cfg.insecure)
             self.store.open_all()
             if first and cfg.create_root and ROOT_VOLUME_NAME not in self.store.by_name:
                 self.store.create_sync(ROOT_VOLUME_NAME)
@@ -165,10 +173,14 @@ class FileServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if cfg.insecure:
+                    log.warning("*** --insecure: connections are NOT encrypted or "
+                                "integrity-protected (plaintext, for benchmarks) ***")  # fmt: skip
                 if cfg.host not in ("127.0.0.1", "::1", "localhost"):
                     log.warning("listening on %s: reachable from other machines; only the "
-                                "cell key keeps strangers out, traffic is not encrypted",
-                                cfg.host)  # fmt: skip
+                                "cell key and client certificates keep strangers out%s",
+                                cfg.host, ", traffic is NOT encrypted" if cfg.insecure
+                                else "")  # fmt: skip
                 listeners = await nursery.start(
                     partial(
                         serve_tcp,
@@ -176,6 +188,7 @@ class FileServer:
                         cfg.host,
                         cfg.port,
                         self.handlers,
+                        tls=self.tls,
                         allow_unauthenticated=allowed_before_auth,
                         handshake_timeout=cfg.handshake_timeout,
                         idle_timeout=cfg.idle_timeout,
@@ -194,6 +207,8 @@ class FileServer:
                 nursery.start_soon(self._redo_syncer)
                 if cfg.sync == "batch":
                     nursery.start_soon(self._flusher)
+                if self.tls is not None:
+                    nursery.start_soon(self.tls.watch_revocations)
                 nursery.start_soon(self._retry_down_clients)
                 if cfg.vl is not None:
                     self.registrar = VLRegistrar(
@@ -203,6 +218,7 @@ class FileServer:
                         self.advertised_addrs,
                         cfg.vl_register_interval,
                         key=self.auth.key,
+                        tls=self.client_tls,
                     )
                     nursery.start_soon(self.registrar.run)
                 log.info("fileserver %s (cell %s, epoch %d) listening on %s:%d, data dir %s",
@@ -343,6 +359,8 @@ class FileServer:
         version = hello.get("version", PROTOCOL_VERSION)
         if type(version) is not int:
             raise RpcError("EINVAL", "version must be an int")
+        if self.breaker.nemesis.refuses(uuid):
+            raise RpcError("ECONNREFUSED", "partitioned by the nemesis")
         cur: ClientState | None = conn.context.get("session")
         if cur is not None and cur.uuid != uuid:
             raise RpcError("EINVAL", "a connection cannot change its client UUID")
