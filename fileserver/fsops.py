@@ -21,7 +21,7 @@ caller's ``access`` bits.  Server limits (name length, directory entries, file s
 are checked here too.
 
 Imports: the parts it uses (store, callback table, breaker, metrics,
-config, perms, volume records) and ``protocol``; never ``fileserver.server``.
+config, perms, volume records), ``protocol`` and trio; never ``fileserver.server``.
 """
 
 from __future__ import annotations

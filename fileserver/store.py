@@ -8,7 +8,7 @@ that runs every change of the volume in a commit thread, reads beside it in
 worker threads, and the per-file locks of stores, so the trio loop never
 stalls on disk and a read never waits behind a commit.
 
-Imports: ``fileserver.volume``, ``.config``, ``protocol``, trio.
+Imports: ``fileserver.volume``, ``.durability``, ``.config``, ``protocol``, trio.
 """
 
 from __future__ import annotations

@@ -2,30 +2,39 @@
 
 Layout of a volume directory ``volumes/<id>/``::
 
-    volume.db        SQLite (WAL, synchronous=FULL): header, vnodes, dirents, intents, pending
+    volume.db        SQLite (WAL; synchronous=FULL under --sync always): header, vnodes,
+                     dirents, intents, pending
     data/<vnode>.<unique>   file contents (named by vnode + uniquifier, never by user names)
 
-Crash consistency.  A store (``FS.StoreData``) first commits a small intent
-record (table ``intents``: which file, not the bytes), then writes the bytes
-into the data file in place and fsyncs it, then commits the new metadata
-(size, DV, mtime) and drops the intent in one transaction, and only then
-replies.  So the bytes are written once, and an acknowledged store is on
-stable storage.  After a crash between the intent and the metadata commit the
-data file may hold some of the new bytes: :meth:`Volume.recover` settles each
-intent left by bumping the file's DV (its bytes may have changed, so every
-cached copy must go) and taking the data file's length as its size.  A
-truncation (``FS.StoreStatus`` with a size) is instead committed with a redo
-record (table ``pending``) and applied after; replaying one is idempotent.
-Applied records are deleted lazily in the next transaction.  Namespace
-changes are single transactions; a data file is unlinked only after the
-transaction that dropped its vnode committed, so a crash leaves at worst an
-orphan data file, which recovery and salvage remove.
+Crash consistency.  A store of a file writes its bytes into the data file
+only while the file has a committed intent record (table ``intents``: which
+file, not the bytes).  Files are *armed*: the CreateFile commit writes the
+intent and a store keeps it (it is dropped, riding on a later commit, once
+the file was idle for ``ARMED_IDLE_S``), so a store commits an intent of its
+own only for a file idle since; then it writes the bytes (in place, or, when
+they replace the whole contents, into a new file renamed over the old one, so
+a kill -9 leaves old or new bytes, never a mix), fdatasyncs them, and commits
+the new metadata (size, DV, mtime), and only then replies.  After a crash,
+:meth:`Volume.recover` settles every intent left by bumping the file's DV (its
+bytes may have changed, so every cached copy must go) and taking the data
+file's length as its size.  A small store (``store_small``) and a truncation
+(``FS.StoreStatus`` with a size) are instead committed with a redo record
+(table ``pending``: the bytes and the new length) and applied to the data
+file after the commit, unsynced; ``sync_redo`` syncs those files off the
+reply path and the records are deleted lazily in a later transaction;
+replaying one at recovery is idempotent.  A new data file's name is made
+durable by one directory sync in the first commit that relies on it.
+Namespace changes are single transactions; a data file is unlinked only
+after the transaction that dropped its vnode committed, so a crash leaves at
+worst an orphan data file, which recovery and salvage remove.
 
-Every method here blocks (SQLite, fsync): callers run them in a worker thread
-and serialize calls per volume (see ``VolumeHandle``).  Nothing in this module
-knows about trio.
+Every change runs on the writer connection, one at a time: alone (its own
+transaction, as tests call it) or as a job of a group commit
+(``run_batch``: one transaction, a savepoint per job, one COMMIT).  Reads may
+run beside it in other threads (``reading()``).  Nothing in this module knows
+about trio.
 
-Imports: ``protocol`` and the standard library (no trio); salvage's check
+Imports: ``fileserver.durability``, ``protocol`` and the standard library (no trio); salvage's check
 lives in ``fileserver.salvage`` (``Volume.check`` calls it).
 """
 
