@@ -37,6 +37,16 @@ def _hostport(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _vldb_url(text: str) -> str:
+    from fileserver.etcd import parse_endpoints
+
+    try:
+        parse_endpoints(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _setup_logging(verbose: bool, event_log: str | None, events: bool = False) -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
@@ -135,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="HOST:PORT of the VL service to register our volumes with",
     )
+    s.add_argument("--vldb", type=_vldb_url, default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                   help="keep the cell's volume locations in etcd (default: this server's "
+                        "own VL service)")  # fmt: skip
+    s.add_argument(
+        "--vldb-ttl",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="lease of this server's VLDB registration (shown down after it)",
+    )
     s.add_argument(
         "--advertise",
         type=_hostport,
@@ -185,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     vol.add_parser("remove", parents=[admin]).add_argument("volume")
     vol.add_parser("offline", parents=[admin]).add_argument("volume")
     vol.add_parser("online", parents=[admin]).add_argument("volume")
+    mv = vol.add_parser("move", parents=[admin], help="move a volume to another fileserver")
+    mv.add_argument("volume")
+    mv.add_argument("--to", type=_hostport, required=True, metavar="HOST:PORT",
+                    help="the target fileserver (same cell and cell key)")  # fmt: skip
     q = vol.add_parser("quota", parents=[admin])
     q.add_argument("volume")
     q.add_argument("bytes", type=int)
@@ -221,6 +245,8 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]
             "remove": ("Admin.VolRemove", (_vol_arg(getattr(args, "volume", "")),)),
             "offline": ("Admin.VolSetOnline", (_vol_arg(getattr(args, "volume", "")), False)),
             "online": ("Admin.VolSetOnline", (_vol_arg(getattr(args, "volume", "")), True)),
+            "move": ("Admin.VolMove", (_vol_arg(getattr(args, "volume", "")),
+                                       *(getattr(args, "to", None) or ("", 0)))),
             "quota": ("Admin.VolSetQuota",
                       (_vol_arg(getattr(args, "volume", "")), getattr(args, "bytes", 0))),
         }  # fmt: skip
@@ -260,6 +286,8 @@ def serve(args: argparse.Namespace) -> int:
         max_delayed=args.max_delayed,
         sweep_interval=args.sweep_interval,
         vl=args.vl,
+        vldb=args.vldb,
+        vldb_ttl=args.vldb_ttl,
         advertise=args.advertise,
         metrics=args.metrics,
         create_root=False if args.no_root_volume else None,
