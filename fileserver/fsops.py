@@ -399,10 +399,10 @@ class FsOps:
                 begin()
                 return vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns)
 
-            async with h.file_lock(vn):
+            async with h.active(), h.file_lock(vn):
                 with h.writing(vn):
                     return await h.commit(small, op=m.FS_STORE_DATA)
-        async with h.file_lock(vn):
+        async with h.active(), h.file_lock(vn):
             with trio.CancelScope(shield=True):
                 vol._storing.add(vn)  # before the checks: see Volume.run_batch
                 try:
@@ -461,7 +461,7 @@ class FsOps:
 
         if "size" in clean:
             # A truncation changes the data file after its commit: not beside a store.
-            async with h.file_lock(f.vnode):
+            async with h.active(), h.file_lock(f.vnode):
                 with h.writing(f.vnode):
                     v, vs = await h.commit(write, op=m.FS_STORE_STATUS)
         else:

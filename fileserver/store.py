@@ -213,35 +213,83 @@ class VolumeHandle:
         self._changes: dict[int, int] = {}  # vnode -> seq of its last change
         self._seq = 0
         self._floor = 0  # every vnode not in _changes changed at most at this seq
+        self._active: dict[Any, int] = {}  # task -> depth of its operations in progress
+        #: Held by ``hold()`` (the volume kept still); operations that find it
+        #: held queue on it, so its statistics count them.
+        self.lock = trio.Lock()
+        self._idle = trio.Event()
 
     def _check(self) -> None:
         if self.removed:
             raise RpcError("ESTALE", f"volume {self.id} was removed")
+
+    @asynccontextmanager
+    async def active(self) -> AsyncIterator[None]:
+        """One operation on the volume (reentrant per task): waits while the
+        volume is held, and is waited for by ``hold()``."""
+        task = trio.lowlevel.current_task()
+        depth = self._active.get(task, 0)
+        if not depth:
+            while self.lock.locked():
+                async with self.lock:
+                    pass
+            self._check()
+        self._active[task] = depth + 1
+        try:
+            yield
+        finally:
+            if depth:
+                self._active[task] = depth
+            else:
+                del self._active[task]
+                if not self._active:
+                    self._idle.set()
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """Keep the volume still: wait for every operation in progress (stores
+        included) to finish, and make new ones wait until the end of the
+        block (``vol move``'s final round).  Those that waited then see
+        ``removed`` if it was set meanwhile."""
+        async with self.lock:
+            while self._active:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            yield
 
     # -- changes -----------------------------------------------------------------
 
     async def run(
         self, fn: Callable[..., T], *args: Any, then: Callable[[T], None] | None = None
     ) -> T:
-        """Run ``fn(*args)`` (a blocking Volume method) as a change in the next
-        group commit; ``then(result)`` runs in the trio thread right after it
-        committed.  Not abandoned on cancellation: a change that was queued
-        commits (and is durable) even when the server is shutting down."""
-        return await self.commit(partial(fn, *args) if args else fn, then=then, op="admin")
+        """Run ``fn(*args)`` (a blocking Volume method: admin changes, a move's
+        snapshot) in a worker thread with the volume held still (``hold()``),
+        outside any group commit; ``then(result)`` runs in the trio thread
+        before anything else touches the volume.  Not abandoned on
+        cancellation: a change that started finishes (and is durable) even
+        when the server is shutting down."""
+        async with self.hold():
+            self._check()
+            with trio.CancelScope(shield=True):
+                result = await trio.to_thread.run_sync(partial(fn, *args))
+            if then is not None:
+                then(result)
+            return result
 
     async def commit(
         self, fn: Callable[[], T], *, then: Callable[[T], None] | None = None, op: str = ""
     ) -> T:
         job = _Job(fn, then, op)
-        with trio.CancelScope(shield=True):
-            self._check()
-            self._queue.append(job)
-            while not job.finished:
-                if not self._leading:
-                    await self._lead()
-                else:
-                    await job.wake.wait()
-                    job.wake = trio.Event()
+        async with self.active():
+            with trio.CancelScope(shield=True):
+                self._check()
+                self._queue.append(job)
+                while not job.finished:
+                    if not self._leading:
+                        await self._lead()
+                    else:
+                        await job.wake.wait()
+                        job.wake = trio.Event()
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[no-any-return]
@@ -320,12 +368,22 @@ class VolumeHandle:
         ``inline`` runs a small read (a few indexed rows) in the trio thread on
         its own read connection: no thread hop to wait for, and nothing can
         change between it and its grants."""
-        if inline:
+        if inline and not self.lock.locked():
             self._check()
             result = self._read_sync(fn)
             if then is not None:
                 then(result)
             return result
+        async with self.active():
+            return await self._read(fn, keys, then, file)
+
+    async def _read(
+        self,
+        fn: Callable[[], T],
+        keys: Callable[[T], Iterable[int]],
+        then: Callable[[T], None] | None,
+        file: int | None,
+    ) -> T:
         for _ in range(8):
             self._check()
             if file is not None:
@@ -456,10 +514,10 @@ class VolumeStore:
         return h
 
     async def remove(self, h: VolumeHandle) -> None:
-        await h.commit(lambda: None)  # what was queued before commits first
-        h.removed = True
-        self.by_id.pop(h.id, None)
-        self.by_name.pop(h.name, None)
+        async with h.hold():  # what is in progress finishes first
+            h.removed = True
+            self.by_id.pop(h.id, None)
+            self.by_name.pop(h.name, None)
 
         def _rm() -> None:
             h.vol.close()

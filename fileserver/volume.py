@@ -428,6 +428,11 @@ class Volume:
         self._unlink_files(doomed)
 
     def _flush_applied_now(self) -> None:
+        """Bring the database to rest: applied redo records and the intents of
+        idle armed files go (a copy of it, as ``vol move`` takes, then opens
+        with nothing to settle)."""
+        self._armed = OrderedDict((v, 0.0) for v in self._armed)
+        self._disarm_idle(limit=None)
         if self._applied:
             with self._txn():
                 pass
