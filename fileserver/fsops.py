@@ -70,7 +70,7 @@ from protocol.records import CallBack, CallBackType, Fid, FileType, VolSync
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break"]
+CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break", "locks"]
 #: Stores up to this size go into their commit as a redo record (bytes
 #: written twice, no data fsync on the reply's path); larger ones are written
 #: into the data file beside other commits and fdatasynced.
