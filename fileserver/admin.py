@@ -312,6 +312,14 @@ def _human(cmd: str, result: Any) -> str:
         for section in ("counters", "gauges", "table", "rpcs", "rpc_errors"):
             lines.append(f"[{section}]")
             lines += [f"  {k:28} {v}" for k, v in result.get(section, {}).items()]
+        dur = result.get("durability", {})
+        if dur:
+            lines.append(f"[durability] sync={dur.get('sync')} group_commits="
+                         f"{dur.get('group_commits')} ops/commit={dur.get('ops_per_commit')} "
+                         f"fsyncs/op={dur.get('fsyncs_per_op')}")  # fmt: skip
+            for op, row in dur.get("by_op", {}).items():
+                lines.append(f"  {op:28} ops={row['ops']} commits={row['commits']} "
+                             f"fsyncs={row['fsyncs']}")  # fmt: skip
         for k in ("server_uuid", "cell", "epoch", "uptime"):
             if k in result:
                 lines.append(f"{k}: {result[k]}")

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cell key (default DATA_DIR/cell.key, created 0600 at first start); "
                         "clients and servers of one cell share it")  # fmt: skip
     s.add_argument("--root-squash", action="store_true", help="treat uid 0 of clients as nobody")
+    s.add_argument("--sync", choices=("always", "batch", "none"), default="always",
+                   help="always (default): a reply means the change survives power loss; "
+                        "batch: it survives a server crash and is synced within ~1 s; "
+                        "none: never synced by the server")  # fmt: skip
     s.add_argument("--ca-file", type=Path, default=None,
                    help="cell CA, certificate + key (default: cell-ca.pem next to the cell key, "
                         "created 0600 at first start); servers of one cell share it")  # fmt: skip
@@ -309,6 +313,7 @@ def serve(args: argparse.Namespace) -> int:
         max_name=args.max_name,
         max_dir_entries=args.max_dir_entries,
         max_file_size=args.max_file_size,
+        sync=args.sync,
     )
     server = FileServer(config)
 

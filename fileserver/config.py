@@ -128,6 +128,10 @@ class ServerConfig:
     max_dir_entries: int = 100_000
     #: Bytes in one file.
     max_file_size: int = MAX_FILE_SIZE
+    #: When a reply may go out (``fileserver.durability``): ``always`` (after
+    #: the change is on stable storage), ``batch`` (after it is written; synced
+    #: within about a second), ``none`` (never synced by the server).
+    sync: str = "always"
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -137,3 +141,5 @@ class ServerConfig:
         self.ca_file = Path(self.ca_file) if self.ca_file else ca_file_for(self.key_file)
         self.max_name = min(self.max_name, MAX_NAME)
         self.max_file_size = min(self.max_file_size, MAX_FILE_SIZE)
+        if self.sync not in ("always", "batch", "none"):
+            raise ValueError(f"sync must be always, batch or none, not {self.sync!r}")

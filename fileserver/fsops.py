@@ -1,27 +1,37 @@
 """FS.* request handlers (SPEC section 5), apart from FS.Hello.
 
 Each handler validates its params (EINVAL for wrong types, names through
-``check_name``), runs the volume work in a worker thread under the volume
-lock, grants promises while that lock is still held (``VolumeHandle.run(...,
-then=...)``) and, for changes, breaks every other holder's promises on the
-changed fids before returning, so the reply to the caller goes out only after
-the other clients were told (or the break timeout passed).
+``check_name``), then:
+
+- a read runs in a worker thread beside any commit (``VolumeHandle.read``)
+  and grants its promises only if nothing it returns changed meanwhile;
+- a change runs as one job of the volume's group commit
+  (``VolumeHandle.commit``): its checks and its SQL run in the commit thread
+  in order with every other change, its grants right after the commit, and
+  then every other holder's promises on the changed fids are broken before
+  the reply (or the break timeout passed).  ``_changed`` tells the handle
+  first, so reads that overlapped the change read again;
+- a store holds its file's lock: checks, the bytes into the data file (in a
+  worker thread, beside other commits), then its metadata in a group commit.
 
 ``cred`` is the caller (uid, gid, groups) on the client machine; the
 permission checks of ``fileserver.perms`` run inside the volume operation
-(under the volume lock) and every returned status carries the caller's
-``access`` bits.  Server limits (name length, directory entries, file size)
+(in the commit thread for changes) and every returned status carries the
+caller's ``access`` bits.  Server limits (name length, directory entries, file size)
 are checked here too.
 
 Imports: the parts it uses (store, callback table, breaker, metrics,
-config, perms, volume records) and ``protocol``; never ``fileserver.server``.
+config, perms, volume records), ``protocol`` and trio; never ``fileserver.server``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
+
+import trio
 
 from fileserver.breaker import Breaker, ClientState
 from fileserver.callback import CallbackTable
@@ -44,6 +54,7 @@ from fileserver.perms import (
 )
 from fileserver.store import VolumeHandle, VolumeStore
 from fileserver.volume import Vnode
+from protocol import methods as m
 from protocol.errors import RpcError
 from protocol.limits import (
     MAX_BULKSTAT_FIDS,
@@ -60,6 +71,10 @@ from protocol.records import CallBack, CallBackType, Fid, FileType, VolSync
 log = logging.getLogger(__name__)
 
 CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break", "locks"]
+#: Stores up to this size go into their commit as a redo record (bytes
+#: written twice, no data fsync on the reply's path); larger ones are written
+#: into the data file beside other commits and fdatasynced.
+SMALL_STORE = 64 * 1024
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -165,6 +180,10 @@ class FsOps:
     async def _changed(self, st: ClientState, *fids: Fid | None) -> None:
         changed = [f for f in fids if f is not None]
         event("change", client=st.uuid, fids=[str(f) for f in changed])
+        for f in changed:
+            h = self.store.by_id.get(f.volume)
+            if h is not None:
+                h.changed((f.vnode,))
         await self.breaker.break_fids(changed, st)
 
     # -- reads -------------------------------------------------------------------
@@ -178,7 +197,8 @@ class FsOps:
         def read() -> tuple[Vnode, VolSync]:
             return h.vol.get(f.vnode, f.unique), h.vol.volsync()
 
-        v, vs = await h.run(read, then=lambda _: cb.append(self.grant(st, f)))
+        v, vs = await h.read(read, lambda _: (f.vnode,),
+                             then=lambda _: cb.append(self.grant(st, f)), inline=True)  # fmt: skip
         return {"status": _st(v, c), "callback": cb[0], "volsync": vs}
 
     async def fetch_data(
@@ -200,7 +220,9 @@ class FsOps:
             v, data = h.vol.fetch_data(f.vnode, f.unique, offset, length)
             return v, data, h.vol.volsync()
 
-        v, data, vs = await h.run(read, then=lambda _: cb.append(self.grant(st, f)))
+        v, data, vs = await h.read(
+            read, lambda _: (f.vnode,), then=lambda _: cb.append(self.grant(st, f)), file=f.vnode
+        )
         self.metrics.inc("bytes_fetched", len(data))
         return {"status": _st(v, c), "callback": cb[0], "volsync": vs, "data": data}
 
@@ -220,7 +242,7 @@ class FsOps:
             cbs.append(self.grant(st, Fid(d.volume, r[0].vnode, r[0].unique)))
             cbs.append(self.grant(st, d))
 
-        v, dv, vs = await h.run(read, then=then)
+        v, dv, vs = await h.read(read, lambda r: (r[0].vnode, d.vnode), then=then, inline=True)
         return {"fid": Fid(d.volume, v.vnode, v.unique), "status": _st(v, c),
                 "callback": cbs[0], "dir_status": _st(dv, c), "dir_callback": cbs[1],
                 "volsync": vs}  # fmt: skip
@@ -260,7 +282,10 @@ class FsOps:
                     out.append([name, fid, v.type])
             dir_cb.append(self.grant(st, d))
 
-        _, nxt, dv, vs = await h.run(read, then=then)
+        def keys(r: tuple[list[tuple[bytes, Vnode]], bytes | None, Vnode, VolSync]) -> list[int]:
+            return [d.vnode, *(v.vnode for _, v in r[0])] if with_status else [d.vnode]
+
+        _, nxt, dv, vs = await h.read(read, keys, then=then)
         return {"entries": out, "next": nxt, "dir_status": _st(dv, c),
                 "dir_callback": dir_cb[0], "volsync": vs}  # fmt: skip
 
@@ -298,7 +323,10 @@ class FsOps:
                     else:
                         results[i] = [None, _st(v, c), self.grant(st, parsed[i])]
 
-            _, vs = await h.run(read, then=then)
+            def keys(r: tuple[list[Any], VolSync]) -> list[int]:
+                return [v.vnode for v in r[0] if not isinstance(v, RpcError)]
+
+            _, vs = await h.read(read, keys, then=then, inline=True)
             if parsed and vol_id == parsed[0].volume:
                 volsync = vs
         return {"results": results, "volsync": volsync or VolSync(0, 0)}
@@ -309,7 +337,7 @@ class FsOps:
         h = self.store.by_id.get(vid)
         if h is None:
             raise RpcError("ENOENT", f"no volume {vid}")
-        return await h.run(h.vol.volume_status)
+        return h.vol.volume_status()  # in memory
 
     # -- data changes ----------------------------------------------------------
 
@@ -339,15 +367,69 @@ class FsOps:
         if offset + len(data) > limit or (new_length is not None and new_length > limit):
             raise self._over("EFBIG", f"file would be larger than {limit} bytes")
 
-        def write() -> tuple[Vnode, VolSync]:
+        def begin() -> tuple[Vnode, int]:
             require_write(h.vol.get(f.vnode, f.unique), c, "write")
-            v = h.vol.store_data(f.vnode, f.unique, offset, data, new_length, mtime_ns)
-            return v, h.vol.volsync()
+            return h.vol.store_begin(f.vnode, f.unique, offset, len(data), new_length)
 
-        v, vs = await h.run(write)
+        v = await self._store(h, f, begin, data, offset, new_length, mtime_ns)
+        vs = h.vol.volsync()
         self.metrics.inc("bytes_stored", len(data))
         await self._changed(st, f)
         return {"status": _st(v, c), "volsync": vs}
+
+    async def _store(
+        self,
+        h: VolumeHandle,
+        f: Fid,
+        begin: Callable[[], tuple[Vnode, int]],
+        data: bytes,
+        offset: int,
+        new_length: int | None,
+        mtime_ns: int | None,
+    ) -> Vnode:
+        """Checks, intent (unless the file is armed), bytes, metadata commit.
+
+        Under the file's lock; the bytes go in beside other commits.  Shielded:
+        a store that started finishes (or settles) even when the server stops.
+        """
+        vol, vn = h.vol, f.vnode
+        if len(data) <= SMALL_STORE:
+            # Into the commit itself (Volume.store_small): one WAL sync, shared.
+            def small() -> Vnode:
+                begin()
+                return vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns)
+
+            async with h.active(), h.file_lock(vn):
+                with h.writing(vn):
+                    return await h.commit(small, op=m.FS_STORE_DATA)
+        async with h.active(), h.file_lock(vn):
+            with trio.CancelScope(shield=True):
+                vol._storing.add(vn)  # before the checks: see Volume.run_batch
+                try:
+                    _v, new_size = await h.read(begin, lambda _: ())
+                    try:
+                        if vn not in vol._armed:
+                            await h.commit(partial(vol.arm, vn, f.unique), op="FS.StoreData:intent")
+                        with h.writing(vn):
+                            await trio.to_thread.run_sync(
+                                vol.store_write,
+                                vn,
+                                f.unique,
+                                offset,
+                                data,
+                                new_size,
+                                m.FS_STORE_DATA,
+                            )
+                            return await h.commit(
+                                partial(vol.store_finish, vn, f.unique, new_size, mtime_ns),
+                                op=m.FS_STORE_DATA,
+                            )
+                    except BaseException:
+                        # Bytes may have changed: a new DV now (see Volume.store_data).
+                        await h.commit(partial(vol.store_failed, vn), op="FS.StoreData:settle")
+                        raise
+                finally:
+                    vol._storing.discard(vn)
 
     async def store_status(
         self, st: ClientState, cred: Any, fid: Any, attrs: Any
@@ -377,7 +459,13 @@ class FsOps:
             allowed = check_store_status(h.vol.get(f.vnode, f.unique), c, clean)
             return h.vol.store_status(f.vnode, f.unique, allowed), h.vol.volsync()
 
-        v, vs = await h.run(write)
+        if "size" in clean:
+            # A truncation changes the data file after its commit: not beside a store.
+            async with h.active(), h.file_lock(f.vnode):
+                with h.writing(f.vnode):
+                    v, vs = await h.commit(write, op=m.FS_STORE_STATUS)
+        else:
+            v, vs = await h.commit(write, op=m.FS_STORE_STATUS)
         await self._changed(st, f)
         return {"status": _st(v, c), "volsync": vs}
 
@@ -419,7 +507,10 @@ class FsOps:
             cbs.append(self.grant(st, Fid(d.volume, r[0].vnode, r[0].unique)))
             cbs.append(self.grant(st, d))
 
-        v, dv, vs = await h.run(write, then=then)
+        op = {FileType.FILE: m.FS_CREATE_FILE, FileType.DIRECTORY: m.FS_MAKE_DIR}.get(
+            ftype, m.FS_SYMLINK
+        )
+        v, dv, vs = await h.commit(write, then=then, op=op)
         await self._changed(st, d)
         return {"fid": Fid(d.volume, v.vnode, v.unique), "status": _st(v, c),
                 "callback": cbs[0], "dir_status": _st(dv, c), "dir_callback": cbs[1],
@@ -464,7 +555,8 @@ class FsOps:
             v, dv = h.vol.link(d.vnode, d.unique, name, f.vnode, f.unique)
             return v, dv, h.vol.volsync()
 
-        v, dv, vs = await h.run(write, then=lambda _: cbs.append(self.grant(st, d)))
+        v, dv, vs = await h.commit(write, then=lambda _: cbs.append(self.grant(st, d)),
+                                   op=m.FS_LINK)  # fmt: skip
         await self._changed(st, d, f)
         return {"status": _st(v, c), "dir_status": _st(dv, c), "dir_callback": cbs[0],
                 "volsync": vs}  # fmt: skip
@@ -500,7 +592,8 @@ class FsOps:
             v, dv = remove(d.vnode, d.unique, name)
             return v, dv, h.vol.volsync()
 
-        v, dv, vs = await h.run(write, then=lambda _: cbs.append(self.grant(st, d)))
+        op = m.FS_REMOVE_FILE if what == "unlink" else m.FS_REMOVE_DIR
+        v, dv, vs = await h.commit(write, then=lambda _: cbs.append(self.grant(st, d)), op=op)
         f = Fid(d.volume, v.vnode, v.unique)
         await self._changed(st, d, f)
         return c, f, v, dv, vs, cbs[0]
@@ -531,7 +624,7 @@ class FsOps:
             r = h.vol.rename(od.vnode, od.unique, old_name, nd.vnode, nd.unique, new_name, flags)
             return r, h.vol.volsync()
 
-        r, vs = await h.run(write)
+        r, vs = await h.commit(write, op=m.FS_RENAME)
         vol = od.volume
         moved = Fid(vol, r.moved.vnode, r.moved.unique)
         repl = Fid(vol, r.replaced.vnode, r.replaced.unique) if r.replaced is not None else None
@@ -597,8 +690,6 @@ class FsOps:
         return {"capabilities": list(CAPABILITIES)}
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
-        from protocol import methods as m
-
         return {
             m.FS_FETCH_STATUS: self.fetch_status,
             m.FS_FETCH_DATA: self.fetch_data,

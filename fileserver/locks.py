@@ -232,7 +232,7 @@ class LockService:
         (exclusive), as open(2) would require before flock(2)."""
         c = self.caller(cred)
         h = self.store.get(fid.volume)
-        v = await h.run(lambda: h.vol.get(fid.vnode, fid.unique))
+        v = await h.read(lambda: h.vol.get(fid.vnode, fid.unique), lambda _: (), inline=True)
         if v.is_dir:
             raise RpcError("EISDIR", f"{fid} is a directory")
         need = W if exclusive else R

@@ -1,10 +1,13 @@
 """Counters for admin ``stats`` and the Prometheus exporter.
 
+Commit and fsync counters per operation kind come from the volumes'
+``durability.SyncStats``, exported by a collector read at scrape time.
+
 Each server has its own ``CollectorRegistry`` (several servers run in one test
 process), and a plain dict mirror of every counter so admin ``stats`` and
 tests read exact numbers without parsing the exposition format.
 
-Imports: prometheus_client and the standard library.
+Imports: prometheus_client, ``fileserver.durability`` and the standard library.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+
+from fileserver.durability import SyncStats
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,10 @@ class Metrics:
             "rpc_errors": dict(sorted(self.rpc_errors.items())),
         }
 
+    def durability(self, stats: SyncStats) -> None:
+        """Export the volumes' commit and fsync counters (read at each scrape)."""
+        self.registry.register(_SyncCollector(stats))
+
     def serve(self, host: str, port: int) -> int:
         """Start the Prometheus HTTP exporter in a thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -98,3 +108,34 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _SyncCollector:
+    """Prometheus view of ``SyncStats``: per operation kind, how many ran and
+    their shares of group commits and fsyncs; fsync calls by what was synced."""
+
+    def __init__(self, stats: SyncStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Any:
+        s = self.stats
+        ops = CounterMetricFamily("afs_fileserver_mutations", "Changes committed", labels=["op"])
+        commits = CounterMetricFamily(
+            "afs_fileserver_op_commits", "Group commits, shared among their changes", labels=["op"]
+        )
+        fsyncs = CounterMetricFamily(
+            "afs_fileserver_op_fsyncs", "Fsyncs, shared among the changes they cover", labels=["op"]
+        )
+        calls = CounterMetricFamily(
+            "afs_fileserver_fsync_calls", "Fsync calls by what was synced", labels=["what"]
+        )
+        snap = s.snapshot()
+        for op, row in snap["by_op"].items():
+            ops.add_metric([op], row["ops"])
+            commits.add_metric([op], row["commits"])
+            fsyncs.add_metric([op], row["fsyncs"])
+        for what, n in snap["fsync_calls"].items():
+            calls.add_metric([what], n)
+        group = CounterMetricFamily("afs_fileserver_group_commits", "Group commits")
+        group.add_metric([], snap["group_commits"])
+        yield from (ops, commits, fsyncs, calls, group)

@@ -56,9 +56,12 @@ def check_volume(vol: Volume, repair: bool = False) -> list[Finding]:
     if res != [("ok",)]:
         found("sqlite", "; ".join(r[0] for r in res[:10]))
         return out  # nothing else can be trusted
-    applied = set(vol._applied)  # on disk already; their rows go at the next commit
+    # On disk already (their rows go at the next commit, or once synced).
+    applied = set(vol._applied) | set(vol._redo_unsynced)
     npending = sum(1 for (seq,) in db.execute("SELECT seq FROM pending") if seq not in applied)
-    npending += db.execute("SELECT COUNT(*) FROM intents").fetchone()[0]
+    # Intents this process holds on purpose (armed files) are not leftovers.
+    known = vol.known_intents()
+    npending += sum(1 for (vn,) in db.execute("SELECT vnode FROM intents") if vn not in known)
     if npending:
         f = found("pending", f"{npending} stores not yet applied to data files")
         if repair:

@@ -3,11 +3,12 @@
 ``DataDir`` owns the files at the top of the data directory (persistent
 server UUID and cell, admin secret, the address file admin tools and tests
 read, the flock that keeps two servers off one directory).  ``VolumeStore``
-holds the open volumes, each behind a ``VolumeHandle`` whose trio lock
-serializes the blocking SQLite/file work it runs in worker threads, so the
-trio loop never stalls on disk.
+holds the open volumes, each behind a ``VolumeHandle``: the group commit
+that runs every change of the volume in a commit thread, reads beside it in
+worker threads, and the per-file locks of stores, so the trio loop never
+stalls on disk and a read never waits behind a commit.
 
-Imports: ``fileserver.volume``, ``.config``, ``protocol``, trio.
+Imports: ``fileserver.volume``, ``.durability``, ``.config``, ``protocol``, trio.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import re
 import secrets
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +40,7 @@ from fileserver.config import (
     SECRET_FILE,
     VOLUMES_DIR,
 )
+from fileserver.durability import SyncStats
 from fileserver.volume import Volume, fsync_dir
 from protocol.errors import RpcError
 from protocol.limits import MAX_UINT32
@@ -163,42 +167,272 @@ class DataDir:
         return out
 
 
+class _Job:
+    """One change waiting for (or in) a group commit."""
+
+    __slots__ = ("error", "finished", "fn", "op", "result", "then", "wake")
+
+    def __init__(self, fn: Callable[[], Any], then: Callable[[Any], None] | None, op: str) -> None:
+        self.fn = fn
+        self.then = then
+        self.op = op
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self.wake = trio.Event()
+
+
 class VolumeHandle:
-    """A volume and the lock serializing its worker-thread calls."""
+    """A volume, its group commit, and what keeps reads beside it coherent.
+
+    - ``commit(fn)``: a change.  Changes queue; one caller at a time leads a
+      *batch*: it runs every queued change in the commit thread in one SQLite
+      transaction, COMMITs once, then completes each change in order (its
+      ``then``, e.g. its grants, runs in the trio thread right after the
+      commit, before any later batch's breaks), and hands the lead on.  Under
+      one client a batch holds one change and costs nothing extra.
+    - ``read(fn, keys)``: a read in a worker thread on a read connection of its
+      own (never behind a commit).  Its promises are granted only if none of
+      the vnodes it returns changed while it ran (``changed()`` is called
+      before a change's breaks); otherwise it reads again.
+    - ``file_lock(vnode)``: held by a store (and a truncation) from its checks
+      to its commit, so stores of one file do not interleave; ``storing``
+      marks a store whose bytes are being written, which a FetchData of that
+      file waits out (it never sees half-written bytes).
+    """
 
     def __init__(self, vol: Volume) -> None:
         self.vol = vol
         self.id: int = vol.id
         self.name: str = vol.name
-        self.lock = trio.Lock()
         self.removed = False
+        self._queue: list[_Job] = []
+        self._leading = False
+        self._file_locks: dict[int, list[Any]] = {}  # vnode -> [lock, users]
+        self.storing: dict[int, trio.Event] = {}
+        self._changes: dict[int, int] = {}  # vnode -> seq of its last change
+        self._seq = 0
+        self._floor = 0  # every vnode not in _changes changed at most at this seq
+        self._active: dict[Any, int] = {}  # task -> depth of its operations in progress
+        #: Held by ``hold()`` (the volume kept still); operations that find it
+        #: held queue on it, so its statistics count them.
+        self.lock = trio.Lock()
+        self._idle = trio.Event()
+
+    def _check(self) -> None:
+        if self.removed:
+            raise RpcError("ESTALE", f"volume {self.id} was removed")
+
+    @asynccontextmanager
+    async def active(self) -> AsyncIterator[None]:
+        """One operation on the volume (reentrant per task): waits while the
+        volume is held, and is waited for by ``hold()``."""
+        task = trio.lowlevel.current_task()
+        depth = self._active.get(task, 0)
+        if not depth:
+            while self.lock.locked():
+                async with self.lock:
+                    pass
+            self._check()
+        self._active[task] = depth + 1
+        try:
+            yield
+        finally:
+            if depth:
+                self._active[task] = depth
+            else:
+                del self._active[task]
+                if not self._active:
+                    self._idle.set()
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """Keep the volume still: wait for every operation in progress (stores
+        included) to finish, and make new ones wait until the end of the
+        block (``vol move``'s final round).  Those that waited then see
+        ``removed`` if it was set meanwhile."""
+        async with self.lock:
+            while self._active:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            yield
+
+    # -- changes -----------------------------------------------------------------
 
     async def run(
         self, fn: Callable[..., T], *args: Any, then: Callable[[T], None] | None = None
     ) -> T:
-        """Run ``fn(*args)`` (a blocking Volume method) in a worker thread.
-
-        ``then(result)`` runs in the trio thread while the volume lock is still
-        held: grants go there, so a change (which commits under this lock and
-        breaks after it) can never slip between a read and its grant.
-
-        Not abandoned on cancellation: a store that started finishes (and is
-        durable) even when the server is shutting down.
-        """
-        async with self.lock:
-            if self.removed:
-                raise RpcError("ESTALE", f"volume {self.id} was removed")
-            result = await trio.to_thread.run_sync(fn, *args)
+        """Run ``fn(*args)`` (a blocking Volume method: admin changes, a move's
+        snapshot) in a worker thread with the volume held still (``hold()``),
+        outside any group commit; ``then(result)`` runs in the trio thread
+        before anything else touches the volume.  Not abandoned on
+        cancellation: a change that started finishes (and is durable) even
+        when the server is shutting down."""
+        async with self.hold():
+            self._check()
+            with trio.CancelScope(shield=True):
+                result = await trio.to_thread.run_sync(partial(fn, *args))
             if then is not None:
                 then(result)
             return result
+
+    async def commit(
+        self, fn: Callable[[], T], *, then: Callable[[T], None] | None = None, op: str = ""
+    ) -> T:
+        job = _Job(fn, then, op)
+        async with self.active():
+            with trio.CancelScope(shield=True):
+                self._check()
+                self._queue.append(job)
+                while not job.finished:
+                    if not self._leading:
+                        await self._lead()
+                    else:
+                        await job.wake.wait()
+                        job.wake = trio.Event()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[no-any-return]
+
+    async def _lead(self) -> None:
+        self._leading = True
+        batch, self._queue = self._queue, []
+        busy: list[Path] = []
+        try:
+            results, busy = await trio.to_thread.run_sync(
+                self.vol.run_batch, [(j.op, j.fn) for j in batch]
+            )
+            for j, (ok, value) in zip(batch, results, strict=True):
+                if ok:
+                    j.result = value
+                    if j.then is not None:
+                        try:
+                            j.then(value)
+                        except BaseException as exc:
+                            j.error = exc
+                else:
+                    j.error = value
+        except BaseException as exc:
+            for j in batch:
+                if j.error is None and not j.finished:
+                    j.error = exc
+            raise
+        finally:
+            for j in batch:
+                j.finished = True
+                j.wake.set()
+            self._leading = False
+            if self._queue:
+                self._queue[0].wake.set()  # it leads the next batch
+        for path in busy:
+            # A store of this file is still writing: unlink once it is done.
+            async with self.file_lock(int(path.name.partition(".")[0])):
+                await trio.to_thread.run_sync(partial(path.unlink, missing_ok=True))
+
+    def changed(self, vnodes: Iterable[int]) -> None:
+        """These vnodes changed (committed): reads that ran meanwhile retry."""
+        self._seq += 1
+        seq = self._seq
+        ch = self._changes
+        for vn in vnodes:
+            ch[vn] = seq
+        if len(ch) > 100_000:  # bounded: forget, and make every older read retry once
+            ch.clear()
+            self._floor = seq
+
+    def _changed_since(self, seq: int, vnodes: Iterable[int]) -> bool:
+        if seq < self._floor:
+            return True
+        ch = self._changes
+        return any(ch.get(vn, 0) > seq for vn in vnodes)
+
+    # -- reads -------------------------------------------------------------------
+
+    def _read_sync(self, fn: Callable[[], T]) -> T:
+        with self.vol.reading():
+            return fn()
+
+    async def read(
+        self,
+        fn: Callable[[], T],
+        keys: Callable[[T], Iterable[int]],
+        *,
+        then: Callable[[T], None] | None = None,
+        file: int | None = None,
+        inline: bool = False,
+    ) -> T:
+        """Run read-only ``fn`` beside any commit; ``then(result)`` (the
+        grants) runs only when none of ``keys(result)`` changed meanwhile.
+        With ``file``, a store of that file in progress is waited out first.
+
+        ``inline`` runs a small read (a few indexed rows) in the trio thread on
+        its own read connection: no thread hop to wait for, and nothing can
+        change between it and its grants."""
+        if inline and not self.lock.locked():
+            self._check()
+            result = self._read_sync(fn)
+            if then is not None:
+                then(result)
+            return result
+        async with self.active():
+            return await self._read(fn, keys, then, file)
+
+    async def _read(
+        self,
+        fn: Callable[[], T],
+        keys: Callable[[T], Iterable[int]],
+        then: Callable[[T], None] | None,
+        file: int | None,
+    ) -> T:
+        for _ in range(8):
+            self._check()
+            if file is not None:
+                while (ev := self.storing.get(file)) is not None:
+                    await ev.wait()
+            seq = self._seq
+            result = await trio.to_thread.run_sync(self._read_sync, fn)
+            if not self._changed_since(seq, keys(result)):
+                if then is not None:
+                    then(result)
+                return result
+        # Changing all the time: read in order with the changes instead.
+        return await self.commit(fn, then=then, op="read")
+
+    # -- stores ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def file_lock(self, vnode: int) -> AsyncIterator[None]:
+        ent = self._file_locks.get(vnode)
+        if ent is None:
+            ent = self._file_locks[vnode] = [trio.Lock(), 0]
+        ent[1] += 1
+        try:
+            async with ent[0]:
+                yield
+        finally:
+            ent[1] -= 1
+            if not ent[1]:
+                del self._file_locks[vnode]
+
+    @contextmanager
+    def writing(self, vnode: int) -> Iterator[None]:
+        """A store's bytes are going into this file's data file."""
+        ev = self.storing[vnode] = trio.Event()
+        self.changed((vnode,))  # a FetchData that overlapped the start reads again
+        try:
+            yield
+        finally:
+            del self.storing[vnode]
+            ev.set()
 
 
 class VolumeStore:
     """All volumes of this server, by id and by name."""
 
-    def __init__(self, datadir: DataDir) -> None:
+    def __init__(self, datadir: DataDir, *, sync: str = "always") -> None:
         self.datadir = datadir
+        self.sync = sync
+        self.sync_stats = SyncStats()  # shared by every volume
         self.by_id: dict[int, VolumeHandle] = {}
         self.by_name: dict[str, VolumeHandle] = {}
         self.changed = trio.Event()  # set when volumes come or go (VL re-registers)
@@ -206,7 +440,7 @@ class VolumeStore:
     def open_all(self) -> None:
         """Open (and recover) every volume; blocking, call from a thread or at start."""
         for p in self.datadir.volume_paths(cleanup=True):
-            vol = Volume(p)
+            vol = Volume(p, sync=self.sync, stats=self.sync_stats)
             self._add(VolumeHandle(vol))
 
     def _add(self, h: VolumeHandle) -> None:
@@ -267,7 +501,8 @@ class VolumeStore:
         if type(quota_bytes) is not int or quota_bytes < 0:
             raise RpcError("EINVAL", "quota must be a non-negative int")
         vol = Volume.create(self.datadir.volumes_dir / str(volume_id), volume_id, name,
-                            quota_bytes=quota_bytes)  # fmt: skip
+                            quota_bytes=quota_bytes, sync=self.sync,
+                            stats=self.sync_stats)  # fmt: skip
         h = VolumeHandle(vol)
         self._add(h)
         log.info("created volume %s (%d)", name, volume_id)
@@ -279,19 +514,19 @@ class VolumeStore:
         return h
 
     async def remove(self, h: VolumeHandle) -> None:
-        async with h.lock:
+        async with h.hold():  # what is in progress finishes first
             h.removed = True
             self.by_id.pop(h.id, None)
             self.by_name.pop(h.name, None)
 
-            def _rm() -> None:
-                h.vol.close()
-                trash = self.datadir.volumes_dir / f".trash-{h.id}"
-                os.rename(h.vol.path, trash)
-                fsync_dir(self.datadir.volumes_dir)
-                shutil.rmtree(trash, ignore_errors=True)
+        def _rm() -> None:
+            h.vol.close()
+            trash = self.datadir.volumes_dir / f".trash-{h.id}"
+            os.rename(h.vol.path, trash)
+            fsync_dir(self.datadir.volumes_dir)
+            shutil.rmtree(trash, ignore_errors=True)
 
-            await trio.to_thread.run_sync(_rm)
+        await trio.to_thread.run_sync(_rm)
         log.info("removed volume %s (%d)", h.name, h.id)
         self._signal_change()
 

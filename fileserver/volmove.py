@@ -241,7 +241,9 @@ class Receiver:
             fsync_dir(d)
             os.rename(d, final)  # the volume appears whole or not at all
             fsync_dir(final.parent)
-            return Volume(final)  # recovery settles what the copy carried
+            store = self.server.store
+            # recovery settles what the copy carried
+            return Volume(final, sync=store.sync, stats=store.sync_stats)
 
         vol = await trio.to_thread.run_sync(install)
         del self.incoming[vid]
@@ -352,7 +354,7 @@ async def _copy(server: FileServer, h: VolumeHandle, conn: Connection) -> dict[s
             if len(changed) <= FINAL_ROUND_FILES or len(changed) >= was:
                 break
         # The final round, with the volume held still.
-        async with h.lock:
+        async with h.hold():
             held_from = time.monotonic()
             if h.removed:
                 raise RpcError("ESTALE", f"volume {vid} was removed")

@@ -2,30 +2,39 @@
 
 Layout of a volume directory ``volumes/<id>/``::
 
-    volume.db        SQLite (WAL, synchronous=FULL): header, vnodes, dirents, intents, pending
+    volume.db        SQLite (WAL; synchronous=FULL under --sync always): header, vnodes,
+                     dirents, intents, pending
     data/<vnode>.<unique>   file contents (named by vnode + uniquifier, never by user names)
 
-Crash consistency.  A store (``FS.StoreData``) first commits a small intent
-record (table ``intents``: which file, not the bytes), then writes the bytes
-into the data file in place and fsyncs it, then commits the new metadata
-(size, DV, mtime) and drops the intent in one transaction, and only then
-replies.  So the bytes are written once, and an acknowledged store is on
-stable storage.  After a crash between the intent and the metadata commit the
-data file may hold some of the new bytes: :meth:`Volume.recover` settles each
-intent left by bumping the file's DV (its bytes may have changed, so every
-cached copy must go) and taking the data file's length as its size.  A
-truncation (``FS.StoreStatus`` with a size) is instead committed with a redo
-record (table ``pending``) and applied after; replaying one is idempotent.
-Applied records are deleted lazily in the next transaction.  Namespace
-changes are single transactions; a data file is unlinked only after the
-transaction that dropped its vnode committed, so a crash leaves at worst an
-orphan data file, which recovery and salvage remove.
+Crash consistency.  A store of a file writes its bytes into the data file
+only while the file has a committed intent record (table ``intents``: which
+file, not the bytes).  Files are *armed*: the CreateFile commit writes the
+intent and a store keeps it (it is dropped, riding on a later commit, once
+the file was idle for ``ARMED_IDLE_S``), so a store commits an intent of its
+own only for a file idle since; then it writes the bytes (in place, or, when
+they replace the whole contents, into a new file renamed over the old one, so
+a kill -9 leaves old or new bytes, never a mix), fdatasyncs them, and commits
+the new metadata (size, DV, mtime), and only then replies.  After a crash,
+:meth:`Volume.recover` settles every intent left by bumping the file's DV (its
+bytes may have changed, so every cached copy must go) and taking the data
+file's length as its size.  A small store (``store_small``) and a truncation
+(``FS.StoreStatus`` with a size) are instead committed with a redo record
+(table ``pending``: the bytes and the new length) and applied to the data
+file after the commit, unsynced; ``sync_redo`` syncs those files off the
+reply path and the records are deleted lazily in a later transaction;
+replaying one at recovery is idempotent.  A new data file's name is made
+durable by one directory sync in the first commit that relies on it.
+Namespace changes are single transactions; a data file is unlinked only
+after the transaction that dropped its vnode committed, so a crash leaves at
+worst an orphan data file, which recovery and salvage remove.
 
-Every method here blocks (SQLite, fsync): callers run them in a worker thread
-and serialize calls per volume (see ``VolumeHandle``).  Nothing in this module
-knows about trio.
+Every change runs on the writer connection, one at a time: alone (its own
+transaction, as tests call it) or as a job of a group commit
+(``run_batch``: one transaction, a savepoint per job, one COMMIT).  Reads may
+run beside it in other threads (``reading()``).  Nothing in this module knows
+about trio.
 
-Imports: ``protocol`` and the standard library (no trio); salvage's check
+Imports: ``fileserver.durability``, ``protocol`` and the standard library (no trio); salvage's check
 lives in ``fileserver.salvage`` (``Volume.check`` calls it).
 """
 
@@ -35,13 +44,16 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fileserver.durability import SYNC_MODES, SyncStats
 from protocol.errors import RpcError
 from protocol.limits import MAX_IO, MAX_UINT32
 from protocol.records import FileStatus, FileType, VolSync
@@ -58,6 +70,10 @@ ROOT_UNIQUE = 1
 #: user of the cell can make their own entries, nobody removes another's;
 #: the administrator tightens it with chmod.
 ROOT_DIR_MODE = 0o1777
+#: A file stored into keeps its intent record (it stays *armed*) this long
+#: after its last store, so the next store needs no intent commit; idle
+#: intents are dropped riding on later commits.
+ARMED_IDLE_S = 10.0
 MAX_FILE_SIZE = 1 << 44  # also the default of ServerConfig.max_file_size
 
 SCHEMA = """
@@ -175,18 +191,54 @@ def _stale(vnode: int, unique: int) -> RpcError:
 
 
 class Volume:
-    """One volume on disk.  Not thread-safe: callers serialize (one worker at a time)."""
+    """One volume on disk.
 
-    def __init__(self, path: Path, *, recover: bool = True) -> None:
+    Changes run on one writer connection, one at a time (the caller
+    serializes them: ``VolumeHandle``'s commit thread, or a test calling the
+    methods directly).  Reads may run at the same time in other threads, each
+    inside ``with vol.reading():`` on a connection of its own, in one SQLite
+    snapshot (WAL lets readers run beside the writer).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        recover: bool = True,
+        sync: str = "always",
+        stats: SyncStats | None = None,
+    ) -> None:
         self.path = Path(path)
         self.data_dir = self.path / "data"
-        db_path = self.path / "volume.db"
-        if not db_path.exists():
+        self._db_path = self.path / "volume.db"
+        if not self._db_path.exists():
             raise FileNotFoundError(f"no volume at {self.path}")
-        self.db = self._connect(db_path)
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}")
+        self.sync = sync
+        self.stats = stats if stats is not None else SyncStats()
+        self.db = self._connect(self._db_path, sync)
         # Tables added since a volume was created (every CREATE is IF NOT EXISTS).
         self.db.executescript(SCHEMA)
         self._applied: list[int] = []  # pending seqs applied to data files, to delete
+        self._applied_lock = threading.Lock()
+        # Redo records applied to data files not yet synced: seq -> (vnode, path).
+        self._redo_unsynced: dict[int, tuple[int, Path]] = {}
+        self._tl = threading.local()  # .db: this thread's read connection while reading
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._depth = 0  # open _txn levels on the writer connection
+        self._in_batch = False
+        self._after: list[Callable[[], None]] = []  # run once the batch committed
+        self._doomed: list[Path] = []  # data files to unlink once the batch committed
+        # Files whose intent record is committed and known to this process
+        # (vnode -> time of its last store, least recent first).
+        self._armed: OrderedDict[int, float] = OrderedDict()
+        self._storing: set[int] = set()  # stores in progress (their intents are live)
+        self._unsynced: set[int] = set()  # data files created since the last dir sync
+        self._dir_sync_needed = False
+        self._dirty: set[Path] = set()  # data files written but not synced (sync != always)
+        self._wal_dirty = False  # commits not synced yet (sync != always)
         self._load_header()
         if recover:
             self.recover()
@@ -194,12 +246,17 @@ class Volume:
     # -- creation / opening ------------------------------------------------
 
     @staticmethod
-    def _connect(db_path: Path) -> sqlite3.Connection:
+    def _connect(db_path: Path, sync: str = "always") -> sqlite3.Connection:
         db = sqlite3.connect(str(db_path), isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        level = {"always": "FULL", "batch": "NORMAL", "none": "OFF"}[sync]
+        db.execute(f"PRAGMA synchronous={level}")
         db.execute("PRAGMA foreign_keys=OFF")
         return db
+
+    @property
+    def _sync_data(self) -> bool:
+        return self.sync == "always"
 
     @classmethod
     def create(
@@ -211,6 +268,8 @@ class Volume:
         quota_bytes: int = 0,
         uid: int = 0,
         gid: int = 0,
+        sync: str = "always",
+        stats: SyncStats | None = None,
     ) -> Volume:
         """Create an empty volume whose root directory is vnode 1 unique 1."""
         path = Path(path)
@@ -236,7 +295,7 @@ class Volume:
         # The rename makes the volume appear whole or not at all.
         os.rename(tmp, path)
         _fsync_dir(path.parent)
-        return cls(path)
+        return cls(path, sync=sync, stats=stats)
 
     def _load_header(self) -> None:
         row = self.db.execute(
@@ -251,21 +310,76 @@ class Volume:
 
     def close(self) -> None:
         try:
+            if self.sync != "always":
+                self.flush()
+            self.sync_redo()
+            # A clean stop leaves no intent behind (nothing to settle at the next start).
+            self._armed = OrderedDict((v, 0.0) for v in self._armed)
+            try:
+                self._disarm_idle(limit=None)
+            except sqlite3.Error as exc:  # left for recovery: settled at the next start
+                log.warning("volume %s: intents not dropped at close: %s", self.name, exc)
             self._flush_applied_now()
         finally:
             self.db.close()
+            with self._readers_lock:
+                for r in self._readers:
+                    r.close()
+                self._readers.clear()
+
+    # -- reads beside the writer -------------------------------------------------
+
+    def _rdb(self) -> sqlite3.Connection:
+        """The connection reads use in this thread."""
+        return getattr(self._tl, "db", None) or self.db
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Run this thread's reads on its own connection, in one snapshot."""
+        db = getattr(self._tl, "conn", None)
+        if db is None:
+            db = sqlite3.connect(str(self._db_path), isolation_level=None,
+                                 check_same_thread=False)  # fmt: skip
+            db.execute("PRAGMA query_only=ON")
+            self._tl.conn = db
+            with self._readers_lock:
+                self._readers.append(db)
+        self._tl.db = db
+        db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._tl.db = None
+            db.execute("COMMIT")
 
     # -- transactions ----------------------------------------------------------
 
     @contextmanager
     def _txn(self) -> Iterator[sqlite3.Connection]:
+        """One change: its own transaction, or a savepoint inside a group
+        commit's transaction (``run_batch``), rolled back alone on error."""
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        outer = self._depth == 0 and not self._in_batch
+        name = f"s{self._depth}"
+        db.execute("BEGIN IMMEDIATE" if outer else f"SAVEPOINT {name}")
+        self._depth += 1
         try:
-            if self._applied:
-                # Redo records whose bytes are on disk (fsynced) are dropped here,
-                # riding on a commit we pay for anyway.
-                db.executemany("DELETE FROM pending WHERE seq = ?", [(s,) for s in self._applied])
+            if self._depth == 1:
+                if self._applied:
+                    # Redo records whose bytes are on disk (fsynced) are dropped
+                    # here, riding on a commit we pay for anyway.
+                    if self._unsynced:
+                        self._dir_sync_needed = True  # their files' names first
+                    with self._applied_lock:
+                        applied, self._applied = self._applied, []
+                    try:
+                        db.executemany("DELETE FROM pending WHERE seq = ?",
+                                       [(s,) for s in applied])  # fmt: skip
+                    except BaseException:
+                        with self._applied_lock:
+                            self._applied += applied
+                        raise
+                self._disarm_idle()
             yield db
             db.execute(
                 "UPDATE header SET update_s = ?, bytes_used = ?, files = ?, next_vnode = ?, "
@@ -273,24 +387,169 @@ class Volume:
                 (self.update_s, self.bytes_used, self.files, self.next_vnode, self.next_unique,
                  self.quota_bytes, int(self.online), self.name),
             )  # fmt: skip
-            db.execute("COMMIT")
+            if outer:
+                self._commit(["volume"])
+            else:
+                db.execute(f"RELEASE {name}")
         except BaseException:
-            db.execute("ROLLBACK")
-            self._load_header()  # in-memory header must match what is committed
+            if outer:
+                db.execute("ROLLBACK")
+            else:
+                db.execute(f"ROLLBACK TO {name}")
+                db.execute(f"RELEASE {name}")
+            self._load_header()  # in-memory header must match what is written
             raise
-        self._applied.clear()
+        finally:
+            self._depth -= 1
+        if outer:
+            self._run_after()
+
+    def _commit(self, ops: list[str]) -> None:
+        """COMMIT the writer's transaction, after syncing the data directory
+        when a change in it needs the name of a new data file to be durable."""
+        dir_syncs = 0
+        if self._dir_sync_needed:
+            names = set(self._unsynced)
+            if self._sync_data:
+                _fsync_dir(self.data_dir)
+                dir_syncs = 1
+            self._unsynced -= names
+            self._dir_sync_needed = False
+        self.db.execute("COMMIT")
+        if self.sync != "always":
+            self._wal_dirty = True
+        self.stats.batch(ops, 1 if self.sync == "always" else 0, dir_syncs)
+
+    def _run_after(self) -> None:
+        after, self._after = self._after, []
+        for fn in after:
+            fn()
+        doomed, self._doomed = self._doomed, []
+        self._unlink_files(doomed)
 
     def _flush_applied_now(self) -> None:
+        """Bring the database to rest: applied redo records and the intents of
+        idle armed files go (a copy of it, as ``vol move`` takes, then opens
+        with nothing to settle)."""
+        self._armed = OrderedDict((v, 0.0) for v in self._armed)
+        self._disarm_idle(limit=None)
         if self._applied:
             with self._txn():
                 pass
 
+    def run_batch(
+        self, jobs: list[tuple[str, Callable[[], Any]]]
+    ) -> tuple[list[tuple[bool, Any]], list[Path]]:
+        """Group commit: run each job (a function making one change through
+        ``_txn``) in one transaction, COMMIT once (one WAL sync), and return
+        ``(ok, result or exception)`` per job, plus the data files to unlink
+        that a store may still be writing (the caller unlinks them once that
+        store is done).  A job that fails is rolled back alone."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        self._in_batch = True
+        out: list[tuple[bool, Any]] = []
+        try:
+            for _op, fn in jobs:
+                try:
+                    out.append((True, fn()))
+                except BaseException as exc:  # handed to that job's caller
+                    out.append((False, exc))
+            self._in_batch = False
+            self._commit([op for op, _ in jobs])
+        except BaseException as exc:
+            self._in_batch = False
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self._load_header()
+            self._armed.clear()  # unknown now; unknown intents are settled, which is safe
+            self._after.clear()
+            self._doomed.clear()
+            return [(False, exc)] * len(jobs), []
+        after, self._after = self._after, []
+        for fn in after:
+            fn()
+        doomed, self._doomed = self._doomed, []
+        busy = [p for p in doomed if _vnode_of(p) in self._storing]
+        self._unlink_files([p for p in doomed if _vnode_of(p) not in self._storing])
+        return out, busy
+
+    # -- intents -------------------------------------------------------------------
+
+    def _disarm_idle(self, limit: int | None = 64) -> None:
+        """Drop the intent records of files not stored into for a while (in
+        the transaction being built)."""
+        armed = self._armed
+        if not armed:
+            return
+        cutoff = time.monotonic() - ARMED_IDLE_S
+        drop = []
+        for vn, t in armed.items():
+            if t > cutoff or (limit is not None and len(drop) >= limit):
+                break
+            if vn not in self._storing:
+                drop.append(vn)
+        if not drop:
+            return
+        for vn in drop:
+            del armed[vn]
+        outer = self._depth == 0 and not self._in_batch
+        if outer:
+            with self._txn() as db:
+                db.executemany("DELETE FROM intents WHERE vnode = ?", [(v,) for v in drop])
+        else:
+            self.db.executemany("DELETE FROM intents WHERE vnode = ?", [(v,) for v in drop])
+
+    def known_intents(self) -> set[int]:
+        """Vnodes whose intent records this process holds on purpose (armed
+        files, stores in progress): not leftovers of a crash."""
+        return set(self._armed) | self._storing
+
+    def arm(self, vnode: int, unique: int) -> None:
+        """Commit an intent record for a file about to be stored into."""
+        with self._txn() as db:
+            db.execute("INSERT INTO intents (vnode, uniq) VALUES (?,?)", (vnode, unique))
+        self._armed[vnode] = time.monotonic()
+
+    @property
+    def dirty(self) -> bool:
+        """Something written is not yet synced (``sync`` batch/none)."""
+        return bool(self._dirty or self._unsynced or self._wal_dirty)
+
+    def flush(self) -> None:
+        """Make everything written so far durable (``sync`` batch/none): data
+        files, their names, the WAL.  Runs on the writer (a commit job)."""
+        dirty, self._dirty = self._dirty, set()
+        for path in dirty:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        n = len(dirty)
+        if self._unsynced:
+            self._unsynced.clear()
+            _fsync_dir(self.data_dir)
+            n += 1
+        # NORMAL syncs the WAL before a checkpoint: a passive one makes every
+        # commit so far durable.
+        self._wal_dirty = False
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.stats.fsync("", "flush", n + 1)
+
     # -- vnode access ----------------------------------------------------------
 
     def _load(self, vnode: int) -> Vnode | None:
-        row = self.db.execute(
-            f"SELECT {VNODE_COLS} FROM vnodes WHERE vnode = ?", (vnode,)
-        ).fetchone()
+        row = (
+            self._rdb()
+            .execute(f"SELECT {VNODE_COLS} FROM vnodes WHERE vnode = ?", (vnode,))
+            .fetchone()
+        )
         return Vnode(*row) if row else None
 
     def get(self, vnode: int, unique: int) -> Vnode:
@@ -313,14 +572,18 @@ class Volume:
         )
 
     def _entry(self, dir_vnode: int, name: bytes) -> int | None:
-        row = self.db.execute(
-            "SELECT vnode FROM dirents WHERE dir = ? AND name = ?", (dir_vnode, name)
-        ).fetchone()
+        row = (
+            self._rdb()
+            .execute("SELECT vnode FROM dirents WHERE dir = ? AND name = ?", (dir_vnode, name))
+            .fetchone()
+        )
         return row[0] if row else None
 
     def _is_empty(self, dir_vnode: int) -> bool:
         return (
-            self.db.execute("SELECT 1 FROM dirents WHERE dir = ? LIMIT 1", (dir_vnode,)).fetchone()
+            self._rdb()
+            .execute("SELECT 1 FROM dirents WHERE dir = ? LIMIT 1", (dir_vnode,))
+            .fetchone()
             is None
         )
 
@@ -386,11 +649,15 @@ class Volume:
     ) -> tuple[list[tuple[bytes, Vnode]], bytes | None, Vnode]:
         d = self.get_dir(dir_vnode, dir_unique)
         cols = ", ".join("v." + c.strip() for c in VNODE_COLS.split(","))
-        rows = self.db.execute(
-            f"SELECT d.name, {cols} FROM dirents d JOIN vnodes v ON v.vnode = d.vnode "
-            "WHERE d.dir = ? AND d.name > ? ORDER BY d.name LIMIT ?",
-            (d.vnode, cookie if cookie is not None else b"", max_entries + 1),
-        ).fetchall()
+        rows = (
+            self._rdb()
+            .execute(
+                f"SELECT d.name, {cols} FROM dirents d JOIN vnodes v ON v.vnode = d.vnode "
+                "WHERE d.dir = ? AND d.name > ? ORDER BY d.name LIMIT ?",
+                (d.vnode, cookie if cookie is not None else b"", max_entries + 1),
+            )
+            .fetchall()
+        )
         more = len(rows) > max_entries
         entries = [(r[0], Vnode(*r[1:])) for r in rows[:max_entries]]
         return entries, (entries[-1][0] if more and entries else None), d
@@ -408,6 +675,87 @@ class Volume:
 
     # -- data changes ----------------------------------------------------------
 
+    def store_begin(
+        self, vnode: int, unique: int, offset: int, length: int, new_length: int | None
+    ) -> tuple[Vnode, int]:
+        """A store's checks, before any byte is written: (file, its new size)."""
+        self._check_online()
+        v = self.get(vnode, unique)
+        if v.is_dir:
+            raise RpcError("EISDIR", "StoreData on a directory")
+        if v.type == FileType.SYMLINK:
+            raise RpcError("EINVAL", "StoreData on a symlink")
+        end = offset + length
+        new_size = max(v.size, end) if new_length is None else new_length
+        if end > MAX_FILE_SIZE or new_size > MAX_FILE_SIZE:
+            raise RpcError("EFBIG", f"file would be larger than {MAX_FILE_SIZE} bytes")
+        # Quota is checked here, before the bytes land; stores racing on other
+        # files may each pass and overshoot it by one store's growth.
+        self._charge(new_size - v.size)
+        return v, new_size
+
+    def store_write(
+        self, vnode: int, unique: int, offset: int, data: bytes, new_size: int, op: str = ""
+    ) -> None:
+        """Write a store's bytes into the data file (and, under ``sync=always``,
+        fdatasync it).  The file must be armed.
+
+        A store that replaces the whole contents goes to a new file renamed
+        over the old one, so a crash mid-write leaves the old bytes or the new
+        ones, never a mix (a kill -9 can cut a large write short).  Any other
+        store writes in place; a crash then may leave a mix, which the DV bump
+        at recovery covers."""
+        if offset == 0 and len(data) == new_size and data:
+            self._replace(vnode, unique, data)
+        else:
+            self._apply(vnode, unique, offset, data, new_size)
+        if self._sync_data:
+            self.stats.fsync(op, "data")
+
+    def _replace(self, vnode: int, unique: int, data: bytes) -> None:
+        path = self._data_path(vnode, unique)
+        tmp = path.with_name(f".{path.name}.new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, data, 0)
+            if self._sync_data:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        if not self._sync_data:
+            self._dirty.add(path)
+        # A new name: durable with the directory sync of the commit that needs it.
+        self._unsynced.add(vnode)
+
+    def store_finish(self, vnode: int, unique: int, new_size: int, mtime_ns: int | None) -> Vnode:
+        """Commit a store's metadata (size, DV, times); the file stays armed."""
+        v = self.get(vnode, unique)
+        now_ns = time.time_ns()
+        with self._txn() as db:
+            if vnode in self._unsynced:
+                self._dir_sync_needed = True  # its data file's name, with this commit
+            self.bytes_used += new_size - v.size
+            v.size = new_size
+            v.dv += 1
+            v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
+            v.ctime_ns = now_ns
+            self._put(db, v)
+            self._bump_update(now_ns)
+        if vnode in self._armed:
+            self._armed.move_to_end(vnode)
+        self._armed[vnode] = time.monotonic()
+        return v
+
+    def store_failed(self, vnode: int) -> None:
+        """A store stopped after its intent: settle it (new DV) now."""
+        self._storing.discard(vnode)
+        self._armed.pop(vnode, None)
+        try:
+            self._settle_intents()
+        except Exception:  # left for recovery at the next start
+            log.exception("volume %s: could not settle a failed store", self.name)
+
     def store_data(
         self,
         vnode: int,
@@ -417,56 +765,45 @@ class Volume:
         new_length: int | None,
         mtime_ns: int | None,
     ) -> Vnode:
-        self._check_online()
-        v = self.get(vnode, unique)
-        if v.is_dir:
-            raise RpcError("EISDIR", "StoreData on a directory")
-        if v.type == FileType.SYMLINK:
-            raise RpcError("EINVAL", "StoreData on a symlink")
-        end = offset + len(data)
-        new_size = max(v.size, end) if new_length is None else new_length
-        if end > MAX_FILE_SIZE or new_size > MAX_FILE_SIZE:
-            raise RpcError("EFBIG", f"file would be larger than {MAX_FILE_SIZE} bytes")
-        delta = new_size - v.size
-        self._charge(delta)
-        with self._txn() as db:
-            seq = db.execute(
-                "INSERT INTO intents (vnode, uniq) VALUES (?,?)", (v.vnode, v.unique)
-            ).lastrowid
-        # The intent is durable: from here on a crash ends in a DV bump at
-        # recovery, whatever part of the bytes reached the data file.
+        """A whole store in the calling thread (the server runs the same steps
+        with the metadata in a group commit, see ``fileserver.fsops``)."""
+        v, new_size = self.store_begin(vnode, unique, offset, len(data), new_length)
+        self._storing.add(vnode)
         try:
-            self._apply(v.vnode, v.unique, offset, data, new_size)
-            now_ns = time.time_ns()
-            with self._txn() as db:
-                db.execute("DELETE FROM intents WHERE seq = ?", (seq,))
-                v.size = new_size
-                v.dv += 1
-                v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
-                v.ctime_ns = now_ns
-                self._put(db, v)
-                self.bytes_used += delta
-                self._bump_update(now_ns)
+            if vnode not in self._armed:
+                self.arm(vnode, unique)
+            # The intent is durable: from here on a crash ends in a DV bump at
+            # recovery, whatever part of the bytes reached the data file.
+            self.store_write(vnode, unique, offset, data, new_size)
+            v = self.store_finish(vnode, unique, new_size, mtime_ns)
         except BaseException:
             # The bytes may be half written (or written, with the metadata
             # commit failed): a new DV now, so nobody serves the old one's
             # cached copy as current.
-            try:
-                self._settle_intents()
-            except Exception:  # left for recovery at the next start
-                log.exception("volume %s: could not settle a failed store", self.name)
+            self.store_failed(vnode)
             raise
+        finally:
+            self._storing.discard(vnode)
         return v
 
     def _settle_intents(self) -> int:
         """Stores interrupted after their intent: each file's bytes may have
-        changed, so its DV goes up by one and its size is the data file's."""
-        rows = self.db.execute(
-            "SELECT DISTINCT i.vnode, i.uniq FROM intents i "
-            "JOIN vnodes v ON v.vnode = i.vnode AND v.uniq = i.uniq"
-        ).fetchall()
-        n = self.db.execute("SELECT COUNT(*) FROM intents").fetchone()[0]
-        if not n:
+        changed, so its DV goes up by one and its size is the data file's.
+        Intents this process holds on purpose (armed files, stores in
+        progress) are left alone."""
+        keep = self.known_intents()
+        rows = [
+            r
+            for r in self.db.execute(
+                "SELECT DISTINCT i.vnode, i.uniq FROM intents i "
+                "JOIN vnodes v ON v.vnode = i.vnode AND v.uniq = i.uniq"
+            ).fetchall()
+            if r[0] not in keep
+        ]
+        stale = [
+            r[0] for r in self.db.execute("SELECT DISTINCT vnode FROM intents") if r[0] not in keep
+        ]
+        if not stale:
             return 0
         now_ns = time.time_ns()
         with self._txn() as db:
@@ -479,24 +816,34 @@ class Volume:
                 v.dv += 1
                 v.mtime_ns = v.ctime_ns = now_ns
                 self._put(db, v)
-            db.execute("DELETE FROM intents")
+            db.executemany("DELETE FROM intents WHERE vnode = ?", [(vn,) for vn in stale])
             self._bump_update(now_ns)
         return len(rows)
 
     def _apply(self, vnode: int, unique: int, offset: int, data: bytes, new_size: int) -> None:
+        self._write(vnode, unique, offset, data, new_size, self._sync_data)
+
+    def _write(
+        self, vnode: int, unique: int, offset: int, data: bytes, new_size: int, sync: bool
+    ) -> None:
         path = self._data_path(vnode, unique)
         existed = path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             if data:
-                os.pwrite(fd, data, offset)
-            os.ftruncate(fd, new_size)
-            os.fsync(fd)
+                _write_all(fd, data, offset)
+            if os.fstat(fd).st_size != new_size:
+                os.ftruncate(fd, new_size)
+            if sync:
+                os.fdatasync(fd)
+            elif not self._sync_data:
+                self._dirty.add(path)
         finally:
             os.close(fd)
         if not existed:
-            # The new name must be durable before the redo record may go.
-            _fsync_dir(self.data_dir)
+            # A new name: made durable by a directory sync before any commit
+            # that relies on it (``_commit``), shared by every file created since.
+            self._unsynced.add(vnode)
 
     def _set_size(self, v: Vnode, new_size: int, now_ns: int, db: sqlite3.Connection) -> None:
         """Truncate/extend inside the caller's transaction, via a redo record."""
@@ -541,10 +888,93 @@ class Volume:
             self._put(db, v)
             self._bump_update(now_ns)
         for seq, vn, uq, new_size in self._after_commit:
-            self._apply(vn, uq, 0, b"", new_size)
-            if seq is not None:
-                self._applied.append(seq)
+            self._later(lambda vn=vn, uq=uq, n=new_size, seq=seq: self._truncate(vn, uq, n, seq))
         return v
+
+    def _truncate(self, vnode: int, unique: int, new_size: int, seq: int | None) -> None:
+        self._redo_applied(seq, vnode, unique, 0, b"", new_size)
+
+    def _redo_applied(
+        self, seq: int | None, vnode: int, unique: int, offset: int, data: bytes, new_size: int
+    ) -> None:
+        """Apply a committed redo record to the data file, unsynced: the
+        record stays until ``sync_redo`` (off every reply's path) synced the
+        file, and replays at recovery if a crash comes first."""
+        self._write(vnode, unique, offset, data, new_size, False)
+        if seq is not None:
+            self._redo_unsynced[seq] = (vnode, self._data_path(vnode, unique))
+
+    def store_small(
+        self,
+        vnode: int,
+        unique: int,
+        offset: int,
+        data: bytes,
+        new_length: int | None,
+        mtime_ns: int | None,
+    ) -> Vnode:
+        """A store small enough to go into the commit itself: its bytes are a
+        redo record committed with the new metadata (one WAL sync makes both
+        durable, no intent, no data fsync on the reply's path); the data file
+        gets them right after the commit."""
+        v, new_size = self.store_begin(vnode, unique, offset, len(data), new_length)
+        now_ns = time.time_ns()
+        with self._txn() as db:
+            seq = db.execute(
+                "INSERT INTO pending (vnode, uniq, offset, data, new_size) VALUES (?,?,?,?,?)",
+                (vnode, unique, offset, data, new_size),
+            ).lastrowid
+            self.bytes_used += new_size - v.size
+            v.size = new_size
+            v.dv += 1
+            v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
+            v.ctime_ns = now_ns
+            self._put(db, v)
+            self._bump_update(now_ns)
+        self._later(lambda: self._redo_applied(seq, vnode, unique, offset, data, new_size))
+        return v
+
+    @property
+    def redo_unsynced(self) -> int:
+        """Applied redo records whose data files are not synced yet."""
+        return len(self._redo_unsynced)
+
+    def sync_redo(self) -> int:
+        """Sync the data files that applied redo records were written to (and
+        new names), then let the records go with the next commit.  Runs in any
+        thread beside the writer.  Returns the fsyncs made."""
+        batch = dict(self._redo_unsynced)
+        if not batch:
+            return 0
+        n = 0
+        for path in {p for _vn, p in batch.values()}:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # removed since: its records went with its vnode
+            try:
+                os.fdatasync(fd)
+                n += 1
+            finally:
+                os.close(fd)
+        if self._unsynced:
+            names = set(self._unsynced)
+            _fsync_dir(self.data_dir)
+            self._unsynced -= names
+            n += 1
+        with self._applied_lock:
+            for seq in batch:
+                self._redo_unsynced.pop(seq, None)
+                self._applied.append(seq)
+        self.stats.fsync("", "redo", n)
+        return n
+
+    def _later(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the change being made is committed."""
+        if self._in_batch or self._depth:
+            self._after.append(fn)
+        else:
+            fn()
 
     # -- namespace changes -----------------------------------------------------
 
@@ -585,9 +1015,14 @@ class Volume:
             if is_dir:
                 d.nlink += 1
             self._put(db, d)
+            if ftype == FileType.FILE:
+                # Armed from birth: its first store needs no intent commit.
+                db.execute("INSERT INTO intents (vnode, uniq) VALUES (?,?)", (v.vnode, v.unique))
             self.files += 1
             self.bytes_used += size
             self._bump_update(now_ns)
+        if ftype == FileType.FILE:
+            self._armed[v.vnode] = time.monotonic()
         return v, d
 
     def link(
@@ -634,11 +1069,18 @@ class Volume:
         db.execute("DELETE FROM vnodes WHERE vnode = ?", (v.vnode,))
         db.execute("DELETE FROM pending WHERE vnode = ?", (v.vnode,))
         db.execute("DELETE FROM intents WHERE vnode = ?", (v.vnode,))
+        self._armed.pop(v.vnode, None)
+        self._unsynced.discard(v.vnode)  # its name needs no sync any more
+        for seq in [s for s, (vn, _p) in list(self._redo_unsynced.items()) if vn == v.vnode]:
+            self._redo_unsynced.pop(seq, None)
         self.files -= 1
         self.bytes_used -= v.size
         return [self._data_path(v.vnode, v.unique)] if v.type == FileType.FILE else []
 
     def _unlink_files(self, paths: list[Path]) -> None:
+        if self._in_batch or self._depth:
+            self._doomed += paths  # once the transaction that dropped them committed
+            return
         for p in paths:
             try:
                 p.unlink()
@@ -687,7 +1129,7 @@ class Volume:
                 return True
             if vnode == ROOT_VNODE:
                 return False
-            row = self.db.execute("SELECT parent_vnode FROM vnodes WHERE vnode = ?",
+            row = self._rdb().execute("SELECT parent_vnode FROM vnodes WHERE vnode = ?",
                                   (vnode,)).fetchone()  # fmt: skip
             seen += 1
             if row is None or row[0] == vnode or seen > 1_000_000:
@@ -792,6 +1234,9 @@ class Volume:
         ).fetchall()
         for _seq, vn, uq, off, data, new_size in rows:
             self._apply(vn, uq, off, data, new_size)
+        if self._unsynced:
+            _fsync_dir(self.data_dir)  # new names before their redo records go
+            self._unsynced.clear()
         n = self.db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
         if n:
             self.db.execute("BEGIN IMMEDIATE")
@@ -819,6 +1264,17 @@ class Volume:
         from fileserver.salvage import check_volume  # salvage builds on this module
 
         return check_volume(self, repair=repair)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _vnode_of(path: Path) -> int:
+    return int(path.name.partition(".")[0])
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,40 +1,70 @@
 #!/usr/bin/env python3
-"""Fileserver benchmarks: callback table speed and memory, break fan-out.
+"""Fileserver benchmarks at the protocol level (no FUSE).
 
-    .venv/bin/python scripts/bench_server.py [--promises 1000000] [--clients 100]
+    .venv/bin/python scripts/bench_server.py                      # everything
+    .venv/bin/python scripts/bench_server.py --only cycles,big,dirsize
+    .venv/bin/python scripts/bench_server.py --only table,fanout --promises 1000000
 
-Measures, and prints as a table of medians:
-- grants, renewals and fid breaks per second on a table holding N promises;
-- memory per promise (tracemalloc, table structures only);
-- wall time of one FS.StoreData that breaks the promises of C other clients
-  (C protocol clients on loopback, in this process; the server runs as a
-  subprocess so client-side work does not share its event loop), next to
-  the same store with nobody to break.
+Sections (``--only``, comma separated):
 
-Goals (issue 3): < 300 bytes per promise; 100-client fan-out < 50 ms.
+- ``cycles``: CreateFile + StoreData (4 KiB) + RemoveFile cycles per second and
+  p50/p99 cycle latency at 1, 4, 16 and 64 concurrent client sessions (each
+  its own connection and client UUID, each in its own directory), with the
+  server's fsyncs and group commits per operation (``Admin.Stats``,
+  ``durability``).  Durable default (``--sync always``) unless ``--sync``.
+- ``big``: FetchStatus latency (p50/p99) of one session, on the file being
+  stored and on another file, while another session stores a ``--big-mib``
+  MiB file (default 512) in 4 MiB StoreData calls.
+- ``dirsize``: the cycle rate (1 and 16 sessions) in a directory of 10
+  entries and in one of ``--big-dir`` entries (default 100,000), built
+  directly in the volume while the server is stopped.
+- ``table``: callback table grants, renewals, breaks per second and memory
+  per promise on a table of ``--promises`` promises.
+- ``fanout``: wall time of one StoreData that breaks ``--clients`` clients.
+
+The server runs as a subprocess (``afsfuse.lab.server.ServerProcess``, event
+lines off) so the clients' work does not share its event loop.  ``--profile
+DIR`` records the server with py-spy (``pip install py-spy``) during the
+16-session cycles and writes DIR/cycles16.txt (collapsed stacks) and a top
+list of functions.
+
+Goals (issue 12, 2 cores, durable default): 1 session >= 1,000 cycles/s;
+16 sessions >= 4x one; fsyncs/op <= 0.25 at 16 sessions; FetchStatus p99 <
+5 ms during the big store.  Goals (issue 3): < 300 bytes per promise;
+100-client fan-out < 50 ms.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import os
+import math
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
-import uuid
+from collections import Counter
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from afsfuse.lab.server import FsTestClient, ServerProcess, fs_client  # noqa: E402
+from fileserver.admin import admin_call  # noqa: E402
 from fileserver.callback import CallbackTable  # noqa: E402
-from protocol.connection import open_connection  # noqa: E402
+from fileserver.config import ROOT_VOLUME_ID  # noqa: E402
+from fileserver.volume import Volume  # noqa: E402
+from protocol.records import FileType  # noqa: E402
+
+MIB = 1 << 20
 
 
 def build_table(n: int, clients: int, per_fid: int = 10) -> tuple[CallbackTable, list[int], int]:
@@ -107,66 +137,232 @@ def bench_table(n: int, rounds: int) -> dict[str, float]:
     }
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, int]:
-    cmd = [sys.executable, "-m", "fileserver.cli", "serve", "--data-dir", str(data_dir),
-           "--listen", "127.0.0.1:0", "--break-timeout", "5"]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    log = open(data_dir.parent / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    addr = data_dir / "address"
-    for _ in range(1000):
-        if addr.exists():
-            host, _, port = addr.read_text().strip().rpartition(":")
-            return proc, host, int(port)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.01)
-    proc.kill()
-    raise SystemExit("server did not start; see " + str(data_dir.parent / "server.log"))
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return math.nan
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(q * len(ys)))]
+
+
+async def durability(data_dir: Path) -> dict[str, Any]:
+    empty = {"fsync_calls": {}, "group_commits": 0, "by_op": {}}  # a server without counters
+    return (await admin_call(data_dir, "Admin.Stats")).get("durability", empty)
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, dict[str, float]]:
+    """(fsync calls, group commits, fsyncs per op kind) between two snapshots."""
+    calls = sum(b["fsync_calls"].values()) - sum(a["fsync_calls"].values())
+    commits = b["group_commits"] - a["group_commits"]
+    per: dict[str, float] = {}
+    for op, row in b["by_op"].items():
+        r0 = a["by_op"].get(op, {"ops": 0, "fsyncs": 0.0})
+        n = row["ops"] - r0["ops"]
+        if n:
+            per[op] = (row["fsyncs"] - r0["fsyncs"]) / n
+    return calls, commits, per
+
+
+async def run_cycles(
+    host: str, port: int, data_dir: Path, sessions: int, seconds: float, max_cycles: int,
+    size: int = 4096, parent: list[int] | None = None, tag: str = "c",
+) -> dict[str, Any]:  # fmt: skip
+    """``sessions`` clients each looping create+store+unlink in its own directory
+    (or all in ``parent``), bounded by ``seconds`` and ``max_cycles`` in total."""
+    lat: list[float] = []
+    done = [0]
+    per_session = max(1, math.ceil(max_cycles / sessions))
+    payload = b"x" * size
+    ready = trio.Event()
+    async with trio.open_nursery() as nursery:
+        clients: list[tuple[FsTestClient, list[int]]] = []
+
+        async def session(i: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            async with fs_client(host, port) as c:
+                root = await c.root_fid()
+                if parent is None:
+                    name = b"%s-%d-%d" % (tag.encode(), i, time.time_ns())
+                    d = (await c.call("FS.MakeDir", None, root, name, 0o755))["fid"]
+                else:
+                    d = parent
+                clients.append((c, d))
+                task_status.started()
+                await ready.wait()
+                deadline = trio.current_time() + seconds
+                for k in range(per_session):
+                    if trio.current_time() > deadline:
+                        break
+                    name = b"f%d-%d" % (i, k)
+                    t0 = time.perf_counter()
+                    fid = (await c.call("FS.CreateFile", None, d, name, 0o644))["fid"]
+                    await c.call("FS.StoreData", None, fid, 0, payload, None, None)
+                    await c.call("FS.RemoveFile", None, d, name)
+                    lat.append(time.perf_counter() - t0)
+                    done[0] += 1
+
+        for i in range(sessions):
+            await nursery.start(session, i)
+        before = await durability(data_dir)
+        t0 = time.perf_counter()
+        ready.set()
+    wall = time.perf_counter() - t0
+    after = await durability(data_dir)
+    calls, commits, per = _diff(before, after)
+    ops = 3 * done[0]
+    return {
+        "sessions": sessions,
+        "cycles": done[0],
+        "cycles/s": done[0] / wall,
+        "p50 ms": pct(lat, 0.5) * 1000,
+        "p99 ms": pct(lat, 0.99) * 1000,
+        "fsyncs/op": calls / ops if ops else math.nan,
+        "ops/commit": ops / commits if commits else math.nan,
+        "per_op": per,
+    }
+
+
+def _fetch_status_loop(host: str, port: int, fids: list[list[int]], stop: threading.Event,
+                       out: list[list[float]]) -> None:  # fmt: skip
+    """FetchStatus on ``fids`` in turn until ``stop``, in a trio loop of its own
+    (its own thread), so the writer's 4 MiB sends do not delay it client-side."""
+
+    async def main() -> None:
+        async with fs_client(host, port) as r:
+            n = 0
+            while not stop.is_set() and n < 200_000:
+                i = n % len(fids)
+                t0 = time.perf_counter()
+                await r.call("FS.FetchStatus", None, fids[i])
+                out[i].append(time.perf_counter() - t0)
+                n += 1
+
+    trio.run(main)
+
+
+async def run_big(host: str, port: int, mib: int) -> dict[str, Any]:
+    """FetchStatus latency while another session stores ``mib`` MiB."""
+    chunk = b"B" * (4 * MIB)
+    store_s = [0.0]
+    async with fs_client(host, port) as w:
+        root = await w.root_fid()
+        tag = time.time_ns()
+        big = (await w.call("FS.CreateFile", None, root, b"big-%d" % tag, 0o644))["fid"]
+        other = (await w.call("FS.CreateFile", None, root, b"other-%d" % tag, 0o644))["fid"]
+        await w.call("FS.StoreData", None, other, 0, b"small", None, None)
+        # The same calls with no store running: the machine's floor.
+        idle: list[list[float]] = [[], []]
+        stop = threading.Event()
+        timer = threading.Timer(3.0, stop.set)
+        timer.start()
+        await trio.to_thread.run_sync(_fetch_status_loop, host, port, [big, other], stop, idle)
+        busy: list[list[float]] = [[], []]
+        stop = threading.Event()
+
+        async def writer() -> None:
+            t0 = time.perf_counter()
+            try:
+                for i in range(mib // 4):
+                    await w.call("FS.StoreData", None, big, i * 4 * MIB, chunk, None, None,
+                                 timeout=120)  # fmt: skip
+            finally:
+                store_s[0] = time.perf_counter() - t0
+                stop.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            loop = partial(_fetch_status_loop, host, port, [big, other], stop, busy)
+            nursery.start_soon(trio.to_thread.run_sync, loop)
+        await w.call("FS.RemoveFile", None, root, b"big-%d" % tag)
+    lat_same, lat_other = busy
+    return {
+        "store MiB": mib,
+        "store MiB/s": mib / store_s[0],
+        "FetchStatus, no store running, p50 ms": pct(idle[0] + idle[1], 0.5) * 1000,
+        "FetchStatus, no store running, p99 ms": pct(idle[0] + idle[1], 0.99) * 1000,
+        "FetchStatus (stored file) p50 ms": pct(lat_same, 0.5) * 1000,
+        "FetchStatus (stored file) p99 ms": pct(lat_same, 0.99) * 1000,
+        "FetchStatus (other file) p50 ms": pct(lat_other, 0.5) * 1000,
+        "FetchStatus (other file) p99 ms": pct(lat_other, 0.99) * 1000,
+        "FetchStatus calls": len(lat_same) + len(lat_other),
+    }
+
+
+def fill_dir(data_dir: Path, name: bytes, entries: int) -> int:
+    """Make directory ``name`` with ``entries`` empty files in the root volume,
+    directly (the server is stopped), in one transaction.  Returns its vnode."""
+    vol = Volume(data_dir / "volumes" / str(ROOT_VOLUME_ID))
+    try:
+        jobs = []
+        d, _ = vol.create_vnode(1, 1, name, FileType.DIRECTORY, 0o777, 0, 0)
+        for i in range(entries):
+            jobs.append(("fill", lambda i=i: vol.create_vnode(
+                d.vnode, d.unique, b"e%06d" % i, FileType.SYMLINK, 0o777, 0, 0, b"t")))  # fmt: skip
+        vol.run_batch(jobs)
+        return d.vnode
+    finally:
+        vol.close()
+
+
+async def lookup_dir(host: str, port: int, name: bytes) -> list[int]:
+    async with fs_client(host, port) as c:
+        root = await c.root_fid()
+        return (await c.call("FS.Lookup", None, root, name))["fid"]  # type: ignore[no-any-return]
+
+
+def profile(pid: int, out_dir: Path, seconds: float) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("py-spy not found (pip install py-spy): no profile", flush=True)
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                             "--rate", "200", "--format", "raw", "--threads", "--nonblocking",
+                             "-o", str(out_dir / "cycles16.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def top_functions(raw: Path, n: int = 25) -> list[tuple[str, float]]:
+    """Self and inclusive shares by function from py-spy's collapsed stacks."""
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        c = int(count)
+        total += c
+        for fr in set(stack.split(";")):
+            incl[fr.split(" (")[0]] += c
+    return [(f, 100.0 * k / total) for f, k in incl.most_common(n)] if total else []
 
 
 async def bench_fanout(nclients: int, rounds: int, host: str, port: int) -> dict[str, float]:
-    got = [0]
-
-    async def on_break(conn: object, fids: list[object]) -> None:
-        got[0] += 1
-
-    async def on_init(conn: object, server_uuid: str) -> None:
-        return None
-
-    handlers = {"CB.CallBack": on_break, "CB.InitCallBackState3": on_init}
-    conns = []
     async with trio.open_nursery() as nursery:
-
-        async def client(ready: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> None:
-            async with open_connection(host, port, handlers) as conn:
-                await conn.call("FS.Hello", {"uuid": str(uuid.uuid4()), "version": 1})
-                conns.append(conn)
-                task_status.started()
-                await ready.wait()
-
+        conns: list[FsTestClient] = []
         done = trio.Event()
+
+        async def client(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            async with fs_client(host, port) as c:
+                conns.append(c)
+                task_status.started()
+                await done.wait()
+
         for _ in range(nclients + 1):
-            await nursery.start(client, done)
+            await nursery.start(client)
         x, others = conns[0], conns[1:]
-        e = await x.call("VL.GetEntryByName", "root.cell")
-        root = [e["volume_id"], 1, 1]
-        fid = (await x.call("FS.CreateFile", None, root, b"bench-%d" % time.time_ns(), 0o644))[
-            "fid"
-        ]
-        lone = (await x.call("FS.CreateFile", None, root, b"lone-%d" % time.time_ns(), 0o644))[
-            "fid"
-        ]
+        root = await x.root_fid()
+        tag = time.time_ns()
+        fid = (await x.call("FS.CreateFile", None, root, b"bench-%d" % tag, 0o644))["fid"]
+        lone = (await x.call("FS.CreateFile", None, root, b"lone-%d" % tag, 0o644))["fid"]
         with_breaks, without = [], []
         for r in range(rounds):
             async with trio.open_nursery() as n2:
                 for c in others:
                     n2.start_soon(c.call, "FS.FetchStatus", None, fid)
-            got[0] = 0
+            before = sum(len(c.breaks) for c in others)
             t0 = time.perf_counter()
             await x.call("FS.StoreData", None, fid, 0, b"x%d" % r, None, None)
             with_breaks.append((time.perf_counter() - t0) * 1000)
-            assert got[0] == nclients, (got[0], nclients)
+            assert sum(len(c.breaks) for c in others) - before == nclients
             t0 = time.perf_counter()
             await x.call("FS.StoreData", None, lone, 0, b"y%d" % r, None, None)
             without.append((time.perf_counter() - t0) * 1000)
@@ -179,36 +375,133 @@ async def bench_fanout(nclients: int, rounds: int, host: str, port: int) -> dict
     }
 
 
+def print_table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(c), 10) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        cells = []
+        for c, w in zip(cols, widths, strict=True):
+            v = r.get(c, "")
+            cells.append((f"{v:,.2f}" if isinstance(v, float) else str(v)).rjust(w))
+        print("  ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--only", default="cycles,big,dirsize,table,fanout")
+    ap.add_argument("--sessions", default="1,4,16,64")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per cycles run (bound)")
+    ap.add_argument("--max-cycles", type=int, default=20_000, help="per cycles run (bound)")
+    ap.add_argument("--big-mib", type=int, default=512)
+    ap.add_argument("--big-dir", type=int, default=100_000)
+    ap.add_argument("--sync", default="always", choices=("always", "batch", "none"))
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR")
+    ap.add_argument("--profile-sessions", type=int, default=16)
     ap.add_argument("--promises", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    results: dict[str, float] = {}
-    print(f"callback table with {args.promises:,} promises ...", flush=True)
-    results.update(bench_table(args.promises, args.rounds))
-    with tempfile.TemporaryDirectory() as tmp:
+    only = set(args.only.split(","))
+    goals: list[str] = []
+    with tempfile.TemporaryDirectory(dir=str(REPO.parent)) as tmp:
         data_dir = Path(tmp) / "fs"
-        proc, host, port = start_server(data_dir)
+        extra = ["--break-timeout", "5", "--sync", args.sync, "--max-dir-entries",
+                 str(max(args.big_dir + 1000, 100_000))]  # fmt: skip
+        srv = ServerProcess(data_dir, extra_args=extra, events=False)
+        srv.start()
         try:
-            print(f"break fan-out to {args.clients} clients on {host}:{port} ...", flush=True)
-            results.update(trio.run(bench_fanout, args.clients, max(args.rounds, 9), host, port))
+            if "cycles" in only:
+                rows = []
+                for n in [int(x) for x in args.sessions.split(",")]:
+                    prof = None
+                    if args.profile is not None and n == args.profile_sessions:
+                        prof = profile(srv.pid, args.profile, args.seconds)
+                    print(f"cycles with {n} sessions ...", flush=True)
+                    rows.append(trio.run(run_cycles, srv.host, srv.port, data_dir, n,
+                                         args.seconds, args.max_cycles))  # fmt: skip
+                    if prof is not None:
+                        prof.wait(60)
+                print_table(f"create+store(4 KiB)+unlink cycles, --sync {args.sync}", rows,
+                            ["sessions", "cycles", "cycles/s", "p50 ms", "p99 ms", "fsyncs/op",
+                             "ops/commit"])  # fmt: skip
+                for r in rows:
+                    per = ", ".join(f"{k.removeprefix('FS.')} {v:.2f}" for k, v in
+                                    sorted(r["per_op"].items()))  # fmt: skip
+                    print(f"  {r['sessions']:>3} sessions, fsyncs per op by kind: {per}")
+                one = next((r for r in rows if r["sessions"] == 1), None)
+                s16 = next((r for r in rows if r["sessions"] == 16), None)
+                if one:
+                    goals.append(f"1 session >= 1,000 cycles/s: {one['cycles/s']:,.0f} "
+                                 f"{'OK' if one['cycles/s'] >= 1000 else 'MISSED'}")  # fmt: skip
+                if one and s16:
+                    x = s16["cycles/s"] / one["cycles/s"]
+                    goals.append(f"16 sessions >= 4x one: {x:.2f}x {'OK' if x >= 4 else 'MISSED'}")
+                    goals.append(f"fsyncs/op <= 0.25 at 16: {s16['fsyncs/op']:.3f} "
+                                 f"{'OK' if s16['fsyncs/op'] <= 0.25 else 'MISSED'}")  # fmt: skip
+                if args.profile is not None and (args.profile / "cycles16.txt").exists():
+                    print(
+                        f"\nprofile of the server, {args.profile_sessions} sessions "
+                        "(inclusive % of samples):"
+                    )
+                    for f, share in top_functions(args.profile / "cycles16.txt"):
+                        print(f"  {share:5.1f}%  {f}")
+            if "big" in only:
+                print(f"\nFetchStatus during a {args.big_mib} MiB store ...", flush=True)
+                big = trio.run(run_big, srv.host, srv.port, args.big_mib)
+                for k, v in big.items():
+                    print(f"  {k:40} {v:,.2f}" if isinstance(v, float) else f"  {k:40} {v}")
+                p99 = max(big["FetchStatus (stored file) p99 ms"],
+                          big["FetchStatus (other file) p99 ms"])  # fmt: skip
+                goals.append(f"FetchStatus p99 < 5 ms during a {args.big_mib} MiB store: "
+                             f"{p99:.2f} ms {'OK' if p99 < 5 else 'MISSED'}")  # fmt: skip
+            if "dirsize" in only:
+                srv.stop()
+                print(f"\nfilling a directory with {args.big_dir:,} entries ...", flush=True)
+                fill_dir(data_dir, b"huge", args.big_dir)
+                srv.start()
+                huge = trio.run(lookup_dir, srv.host, srv.port, b"huge")
+                rows = []
+                for n in (1, 16):
+                    small = trio.run(run_cycles, srv.host, srv.port, data_dir, n, args.seconds,
+                                     args.max_cycles)  # fmt: skip
+                    small["directory"] = "own, ~10 entries"
+                    rows.append(small)
+                    bigd = trio.run(run_cycles, srv.host, srv.port, data_dir, n, args.seconds,
+                                    args.max_cycles, 4096, huge)  # fmt: skip
+                    bigd["directory"] = f"{args.big_dir:,} entries"
+                    rows.append(bigd)
+                print_table("cycles by directory size", rows,
+                            ["directory", "sessions", "cycles/s", "p50 ms", "p99 ms"])  # fmt: skip
         finally:
-            proc.terminate()
-            proc.wait(20)
-    width = max(len(k) for k in results)
-    print(f"\n{'metric'.ljust(width)}  median")
-    print(f"{'-' * width}  {'-' * 14}")
-    for k, v in results.items():
-        print(f"{k.ljust(width)}  {v:14,.1f}")
-    mem = max(results["bytes per promise"], results["bytes per promise (1 holder/fid)"])
-    fan = results[f"break fan-out to {args.clients} clients (ms)"]
-    print(f"\ngoals: bytes/promise < 300: {'OK' if mem < 300 else 'MISSED'}; "
-          f"{args.clients}-client store < 50 ms: "
-          f"{'OK' if results[f'store breaking {args.clients} clients (ms)'] < 50 else 'MISSED'}"
-          f" (fan-out alone {fan:.1f} ms)")  # fmt: skip
+            srv.stop()
+        if "table" in only:
+            print(f"\ncallback table with {args.promises:,} promises ...", flush=True)
+            res = bench_table(args.promises, args.rounds)
+            for k, v in res.items():
+                print(f"  {k:36} {v:14,.1f}")
+            mem = max(res["bytes per promise"], res["bytes per promise (1 holder/fid)"])
+            goals.append(f"bytes/promise < 300: {mem:.0f} {'OK' if mem < 300 else 'MISSED'}")
+        if "fanout" in only:
+            srv = ServerProcess(Path(tmp) / "fs2", extra_args=["--break-timeout", "5"],
+                                events=False)  # fmt: skip
+            srv.start()
+            try:
+                print(f"\nbreak fan-out to {args.clients} clients ...", flush=True)
+                res = trio.run(bench_fanout, args.clients, max(args.rounds, 9), srv.host,
+                               srv.port)  # fmt: skip
+            finally:
+                srv.stop()
+            for k, v in res.items():
+                print(f"  {k:36} {v:14,.1f}")
+            w = res[f"store breaking {args.clients} clients (ms)"]
+            goals.append(f"{args.clients}-client store < 50 ms: {w:.1f} ms "
+                         f"{'OK' if w < 50 else 'MISSED'}")  # fmt: skip
+    print("\ngoals:")
+    for g in goals:
+        print(f"  {g}")
 
 
 if __name__ == "__main__":
