@@ -40,10 +40,12 @@ class Stats:
         "bytes_stored",
         "dir_fetches",
         "dir_local_edits",
+        "bulk_speculative",
         "invalidations_queued",
         "invalidations_coalesced",
         "invalidations_degraded",
         "reconnects",
+        "kernel_forgets",
         "records_destroyed",
     )
 
