@@ -134,6 +134,7 @@ class CacheManager:
             self.ctx.stats,
             connect_timeout=config.connect_timeout,
             rpc_timeout=config.rpc_timeout,
+            cell_connector=config.connector_for,
         )
         self.reader = Reader(self.ctx, config.readahead_chunks, self._spawn)
         self.writer = Writer(self.ctx, self.reader)

@@ -5,6 +5,9 @@ secret file in the data dir, mode 0600).  A connection that said
 ``FS.Hello`` is a client connection and is refused (EPERM); an admin
 connection may not say ``FS.Hello`` either.  The CLI finds the running server
 through the data dir (address file + secret).  See SPEC section 8.
+
+Imports: the parts it administers (store, callback table, breaker, config)
+and ``protocol``; never ``fileserver.server``.
 """
 
 from __future__ import annotations
@@ -15,17 +18,18 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from fileserver.store import DataDir, VolumeHandle
+from fileserver.breaker import Breaker
+from fileserver.callback import CallbackTable
+from fileserver.config import ServerConfig
+from fileserver.store import DataDir, VolumeHandle, VolumeStore
 from protocol.connection import Connection, open_connection
 from protocol.errors import RpcError
 from protocol.records import Fid
-
-if TYPE_CHECKING:
-    from fileserver.server import FileServer
+from protocol.tls import admin_context
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +38,31 @@ LIST_LIMIT = 10_000
 
 
 class AdminService:
-    def __init__(self, server: FileServer) -> None:
-        self.server = server
+    """The ``Admin.*`` handlers over the parts they administer.
+
+    ``identity()`` gives the server's ``{"server_uuid", "cell", "epoch"}`` and
+    ``secret()`` the admin secret (both known only once the data dir is open);
+    ``stats()`` the server's counters snapshot.
+    """
+
+    def __init__(
+        self,
+        store: VolumeStore,
+        table: CallbackTable,
+        breaker: Breaker,
+        config: ServerConfig,
+        *,
+        identity: Callable[[], dict[str, Any]],
+        secret: Callable[[], str],
+        stats: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.store = store
+        self.table = table
+        self.breaker = breaker
+        self.config = config
+        self._identity = identity
+        self._secret = secret
+        self._stats = stats
 
     def _check(self, conn: Connection) -> None:
         if not conn.context.get("admin"):
@@ -44,7 +71,7 @@ class AdminService:
     def _vol(self, name_or_id: Any) -> VolumeHandle:
         if type(name_or_id) not in (int, str):
             raise RpcError("EINVAL", "volume must be a name or an id")
-        return self.server.store.find(name_or_id)
+        return self.store.find(name_or_id)
 
     # -- handlers --------------------------------------------------------------
 
@@ -52,14 +79,13 @@ class AdminService:
         if conn.context.get("session") is not None:
             raise RpcError("EPERM", "admin calls are refused on a client (FS.Hello) connection")
         if type(secret) is not str or not hmac.compare_digest(
-            secret.encode(), self.server.admin_secret.encode()
+            secret.encode(), self._secret().encode()
         ):
             log.warning("admin auth failed from %s", conn.name)
             raise RpcError("EACCES", "bad admin secret")
         conn.context["admin"] = True
         conn.set_authenticated()  # the admin secret is this connection's handshake
-        return {"server_uuid": self.server.uuid, "cell": self.server.cell,
-                "epoch": self.server.epoch}  # fmt: skip
+        return self._identity()
 
     async def vol_create(
         self, conn: Connection, name: Any, quota_bytes: Any = 0, volume_id: Any = None
@@ -67,21 +93,21 @@ class AdminService:
         self._check(conn)
         if volume_id is not None and type(volume_id) is not int:
             raise RpcError("EINVAL", "volume_id must be an int")
-        h = await self.server.store.create(
+        h = await self.store.create(
             name, quota_bytes=quota_bytes, volume_id=volume_id,
-            random_ids=self.server.config.vl is not None,
+            random_ids=self.config.vl is not None,
         )  # fmt: skip
         return await h.run(h.vol.volume_status)
 
     async def vol_list(self, conn: Connection) -> list[dict[str, Any]]:
         self._check(conn)
-        return [await h.run(h.vol.volume_status) for h in self.server.store.list()]
+        return [await h.run(h.vol.volume_status) for h in self.store.list()]
 
     async def vol_examine(self, conn: Connection, vol: Any) -> dict[str, Any]:
         self._check(conn)
         h = self._vol(vol)
         info = await h.run(h.vol.volume_status)
-        vh = self.server.table._vol_holders.get(h.id, {})
+        vh = self.table.volume_holders(h.id)
         info.update({
             "path": str(h.vol.path),
             "creation": h.vol.creation,
@@ -95,8 +121,8 @@ class AdminService:
         self._check(conn)
         h = self._vol(vol)
         # Break first: clients must drop what they cache of it.
-        await self.server.breaker.break_volume_all(h.id)
-        await self.server.store.remove(h)
+        await self.breaker.break_volume_all(h.id)
+        await self.store.remove(h)
 
     async def vol_set_quota(self, conn: Connection, vol: Any, quota_bytes: Any) -> None:
         self._check(conn)
@@ -113,20 +139,20 @@ class AdminService:
             raise RpcError("EINVAL", "online must be a bool")
         h = self._vol(vol)
         await h.run(h.vol.set_online, online)
-        await self.server.breaker.break_volume_all(h.id)
+        await self.breaker.break_volume_all(h.id)
         return {"volume_id": h.id, "name": h.name, "online": online}
 
     async def clients(self, conn: Connection) -> list[dict[str, Any]]:
         self._check(conn)
-        t = self.server.table
-        return [st.to_dict(t.client_count(st.cid)) for st in self.server.breaker.clients.values()]
+        t = self.table
+        return [st.to_dict(t.client_count(st.cid)) for st in self.breaker.clients.values()]
 
     async def callbacks(
         self, conn: Connection, client: Any = None, fid: Any = None
     ) -> dict[str, Any]:
         self._check(conn)
-        t = self.server.table
-        br = self.server.breaker
+        t = self.table
+        br = self.breaker
         out: list[dict[str, Any]] = []
         if fid is not None:
             f = Fid.parse(fid) if isinstance(fid, str) else Fid.from_wire(fid)
@@ -150,27 +176,27 @@ class AdminService:
     async def break_fid(self, conn: Connection, fid: Any) -> dict[str, Any]:
         self._check(conn)
         f = Fid.parse(fid) if isinstance(fid, str) else Fid.from_wire(fid)
-        holders = len(self.server.table.holders(f))
-        await self.server.breaker.break_fids([f], None)
+        holders = len(self.table.holders(f))
+        await self.breaker.break_fids([f], None)
         return {"fid": str(f), "clients": holders}
 
     async def break_volume(self, conn: Connection, vol: Any) -> dict[str, Any]:
         self._check(conn)
         h = self._vol(vol)
-        await self.server.breaker.break_volume_all(h.id)
+        await self.breaker.break_volume_all(h.id)
         return {"volume_id": h.id, "name": h.name}
 
     async def reset(self, conn: Connection, client: Any) -> dict[str, Any]:
         self._check(conn)
-        st = self.server.breaker.clients.get(client) if type(client) is str else None
+        st = self.breaker.clients.get(client) if type(client) is str else None
         if st is None:
             raise RpcError("ENOENT", f"no client {client!r:.60}")
-        delivered = await self.server.breaker.reset_client(st, "admin_reset")
+        delivered = await self.breaker.reset_client(st, "admin_reset")
         return {"client": st.uuid, "delivered": delivered}
 
     async def stats(self, conn: Connection) -> dict[str, Any]:
         self._check(conn)
-        return self.server.stats()
+        return self._stats()
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         return {
@@ -199,10 +225,11 @@ async def admin_call(data_dir: Path, method: str, *params: Any, timeout: float =
     try:
         host, port = dd.read_address()
         secret = dd.read_secret()
+        tls = admin_context(data_dir)  # the server's own certificate (TLS)
     except FileNotFoundError as exc:
         raise SystemExit(f"no running fileserver found in {data_dir} ({exc.filename})") from None
     try:
-        async with open_connection(host, port, default_timeout=timeout) as conn:
+        async with open_connection(host, port, default_timeout=timeout, tls=tls) as conn:
             await conn.call(ADMIN_AUTH, secret)
             return await conn.call(method, *params)
     except OSError as exc:

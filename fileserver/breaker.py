@@ -10,6 +10,8 @@ fids, delivered (batched) when it comes back, or replaced by one
 promises from the table and delivers ``CB.CallBack`` to every other holder,
 all clients in parallel, at most ``MAX_CALLBACK_FIDS`` fids per call, and
 returns within the break timeout whatever the clients do.
+
+Imports: ``fileserver.callback``, ``.metrics``, ``.events``, ``protocol``, trio.
 """
 
 from __future__ import annotations

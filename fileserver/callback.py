@@ -16,6 +16,8 @@ held).  So there are no per-promise objects:
   ``expiry << CID_BITS | cid``; with two or more holders a dict ``{cid: expiry}``;
 - ``_by_client[cid]`` is the set of fid keys the client holds (the per-client
   index needed for GiveUpAllCallBacks, revocation and admin listings).
+
+Imports: ``protocol.records`` only.
 """
 
 from __future__ import annotations
@@ -370,6 +372,10 @@ class CallbackTable:
             if exp is not None and exp > now:
                 out[key_fid(k)] = exp - now
         return out
+
+    def volume_holders(self, volume: int) -> dict[int, int]:
+        """{cid: promises held in ``volume``} (a copy)."""
+        return dict(self._vol_holders.get(volume, ()))
 
     def client_count(self, cid: int) -> int:
         return len(self._by_client.get(cid, ()))

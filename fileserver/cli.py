@@ -2,11 +2,16 @@
 
     afs-fileserver serve --data-dir DIR --listen 127.0.0.1:7000
     afs-fileserver salvage --data-dir DIR [--repair]
+    afs-fileserver issue-client-cert --data-dir DIR [--days N] --out FILE
+    afs-fileserver revoke-client-cert --data-dir DIR SERIAL
     afs-fileserver vol create|list|examine|remove|quota|offline|online ...
     afs-fileserver clients | callbacks | break FID | break-volume VOL | reset CLIENT | stats
 
 Admin subcommands find the running server through ``--data-dir`` (its
 address file and admin secret) and accept ``--json``.
+
+Imports: ``fileserver.config``; the server, salvage and admin modules lazily,
+for the subcommand that runs.
 """
 
 from __future__ import annotations
@@ -70,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cell key (default DATA_DIR/cell.key, created 0600 at first start); "
                         "clients and servers of one cell share it")  # fmt: skip
     s.add_argument("--root-squash", action="store_true", help="treat uid 0 of clients as nobody")
+    s.add_argument("--ca-file", type=Path, default=None,
+                   help="cell CA, certificate + key (default: cell-ca.pem next to the cell key, "
+                        "created 0600 at first start); servers of one cell share it")  # fmt: skip
+    s.add_argument("--insecure", action="store_true",
+                   help="plaintext, no TLS (benchmarks only; logged loudly)")  # fmt: skip
     lim = s.add_argument_group("limits (per peer, safe defaults)")
     d = ServerConfig(data_dir=Path("."))
     for flag, kind, attr, text in [
@@ -141,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-root-volume", action="store_true", help="do not create root.cell at first start"
     )
     s.add_argument("-v", "--debug", "--verbose", action="store_true", dest="verbose")
+
+    for name, text in [("issue-client-cert", "write a client bundle (cert, key, cell CA)"),
+                       ("revoke-client-cert", "deny a client certificate (running servers "
+                        "reload the list)")]:  # fmt: skip
+        t = sub.add_parser(name, parents=[common], help=text)
+        t.add_argument("--key-file", type=Path, default=None, help="as for serve")
+        t.add_argument("--ca-file", type=Path, default=None, help="as for serve")
+        if name == "issue-client-cert":
+            t.add_argument("--out", type=Path, required=True, help="bundle file (written 0600)")
+            t.add_argument("--days", type=float, default=365.0, help="validity (default 365)")
+            t.add_argument("--name", default="", help="a name for the certificate's subject")
+        else:
+            t.add_argument("serial", help="the certificate serial (hex, as issue printed)")
 
     sv = sub.add_parser("salvage", parents=[common], help="check/repair the data directory")
     sv.add_argument("--repair", action="store_true")
@@ -229,6 +252,8 @@ def serve(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         create_root=False if args.no_root_volume else None,
         key_file=args.key_file,
+        ca_file=args.ca_file,
+        insecure=args.insecure,
         root_squash=args.root_squash,
         max_frame=args.max_frame,
         max_calls_in_flight=args.max_calls_in_flight,
@@ -270,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command in ("issue-client-cert", "revoke-client-cert"):
+        from protocol.tls import cert_command
+
+        cfg = ServerConfig(data_dir=args.data_dir, key_file=args.key_file, ca_file=args.ca_file)
+        return cert_command(args, cfg.ca_file)
     if args.command == "salvage":
         from fileserver.salvage import run_salvage
 

@@ -2,6 +2,8 @@
 
 Everything the server needs to start lives here so an in-process test can build
 a ``ServerConfig`` directly instead of going through argparse.
+
+Imports: ``protocol`` only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from protocol.auth import KEY_FILE
 from protocol.limits import MAX_FRAME, MAX_NAME
+from protocol.tls import ca_file_for
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,11 @@ class ServerConfig:
     create_root: bool | None = None
     #: Cell key file (None: ``cell.key`` in the data dir, created at first start).
     key_file: Path | None = None
+    #: Cell CA (certificate + key, SECURITY.md "TLS"); None: ``cell-ca.pem``
+    #: next to the cell key, created at first start.
+    ca_file: Path | None = None
+    #: Plaintext connections (benchmarks only): no TLS on any connection.
+    insecure: bool = False
     #: Map uid 0 of every client to nobody (65534).
     root_squash: bool = False
     # -- limits on what one peer may cost (SECURITY.md, "Limits") --
@@ -120,5 +128,6 @@ class ServerConfig:
         if self.create_root is None:
             self.create_root = self.vl is None
         self.key_file = Path(self.key_file) if self.key_file else self.data_dir / KEY_FILE
+        self.ca_file = Path(self.ca_file) if self.ca_file else ca_file_for(self.key_file)
         self.max_name = min(self.max_name, MAX_NAME)
         self.max_file_size = min(self.max_file_size, MAX_FILE_SIZE)

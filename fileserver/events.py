@@ -19,6 +19,8 @@ lines into per-scenario timelines, so keys are stable:
 - ``event=revoke client= promises=``  (table full)
 - ``event=sweep expired=``
 - ``event=forget client=``  (client idle past every promise: state dropped)
+
+Imports: the standard library only.
 """
 
 from __future__ import annotations

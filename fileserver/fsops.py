@@ -12,16 +12,22 @@ permission checks of ``fileserver.perms`` run inside the volume operation
 (under the volume lock) and every returned status carries the caller's
 ``access`` bits.  Server limits (name length, directory entries, file size)
 are checked here too.
+
+Imports: the parts it uses (store, callback table, breaker, metrics,
+config, perms, volume records) and ``protocol``; never ``fileserver.server``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fileserver.breaker import ClientState
+from fileserver.breaker import Breaker, ClientState
+from fileserver.callback import CallbackTable
+from fileserver.config import ServerConfig
 from fileserver.events import event
+from fileserver.metrics import Metrics
 from fileserver.perms import (
     ROOT,
     S_ISGID,
@@ -36,7 +42,7 @@ from fileserver.perms import (
     require_dir_change,
     require_write,
 )
-from fileserver.store import VolumeHandle
+from fileserver.store import VolumeHandle, VolumeStore
 from fileserver.volume import Vnode
 from protocol.errors import RpcError
 from protocol.limits import (
@@ -50,9 +56,6 @@ from protocol.limits import (
 )
 from protocol.names import check_name
 from protocol.records import CallBack, CallBackType, Fid, FileType, VolSync
-
-if TYPE_CHECKING:
-    from fileserver.server import FileServer
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +113,21 @@ def _callback(told: int) -> CallBack:
 
 
 class FsOps:
-    def __init__(self, server: FileServer) -> None:
-        self.server = server
-        self.store = server.store
-        self.table = server.table
-        self.breaker = server.breaker
-        self.metrics = server.metrics
-        self.config = server.config
+    """The FS.* handlers over the parts they use (no back reference to the server)."""
+
+    def __init__(
+        self,
+        store: VolumeStore,
+        table: CallbackTable,
+        breaker: Breaker,
+        metrics: Metrics,
+        config: ServerConfig,
+    ) -> None:
+        self.store = store
+        self.table = table
+        self.breaker = breaker
+        self.metrics = metrics
+        self.config = config
 
     def caller(self, cred: Any) -> Caller:
         c = parse_cred(cred)

@@ -3,6 +3,8 @@
 Each server has its own ``CollectorRegistry`` (several servers run in one test
 process), and a plain dict mirror of every counter so admin ``stats`` and
 tests read exact numbers without parsing the exposition format.
+
+Imports: prometheus_client and the standard library.
 """
 
 from __future__ import annotations

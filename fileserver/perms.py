@@ -6,6 +6,8 @@ mode bits on them: read/write/search, create and delete in a directory
 (w+x), the sticky bit, chmod/chown rules.  uid 0 is root unless the server
 squashes it to nobody.  Checks run inside the volume operation (under the
 volume lock), so nothing changes between the check and the change.
+
+Imports: ``fileserver.volume`` (the Vnode record) and ``protocol``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ vnodes, vnodes no entry names, link counts, directory sizes, data files whose
 length differs from the vnode's, orphan data files, header counters.  Exit
 code 0 when clean (or, with ``--repair``, when every finding was repaired), 1
 when findings remain, 2 when salvage could not run.
+
+Imports: ``fileserver.volume``, ``.store`` (DataDir), ``.config``, ``protocol``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,132 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fileserver.config import IDENTITY_FILE, SECRET_FILE
 from fileserver.store import DataDir
-from fileserver.volume import Finding, Volume
+from fileserver.volume import ROOT_UNIQUE, ROOT_VNODE, VNODE_COLS, Vnode, Volume
+from protocol.records import FileType
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Finding:
+    """One consistency problem found by :meth:`Volume.check`."""
+
+    volume: int
+    kind: str
+    detail: str
+    repaired: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"volume": self.volume, "kind": self.kind, "detail": self.detail,
+                "repaired": self.repaired}  # fmt: skip
+
+
+def check_volume(vol: Volume, repair: bool = False) -> list[Finding]:
+    """Salvage: report (and with ``repair`` fix) inconsistencies."""
+    out: list[Finding] = []
+    vid = vol.id
+
+    def found(kind: str, detail: str) -> Finding:
+        f = Finding(vid, kind, detail)
+        out.append(f)
+        return f
+
+    db = vol.db
+    res = db.execute("PRAGMA integrity_check").fetchall()
+    if res != [("ok",)]:
+        found("sqlite", "; ".join(r[0] for r in res[:10]))
+        return out  # nothing else can be trusted
+    applied = set(vol._applied)  # on disk already; their rows go at the next commit
+    npending = sum(1 for (seq,) in db.execute("SELECT seq FROM pending") if seq not in applied)
+    npending += db.execute("SELECT COUNT(*) FROM intents").fetchone()[0]
+    if npending:
+        f = found("pending", f"{npending} stores not yet applied to data files")
+        if repair:
+            vol._replay_pending()
+            vol._settle_intents()
+            f.repaired = True
+    vnodes = {r[0]: Vnode(*r) for r in db.execute(f"SELECT {VNODE_COLS} FROM vnodes")}
+    ents = db.execute("SELECT dir, name, vnode FROM dirents").fetchall()
+    fixes: list[tuple[str, tuple[Any, ...]]] = []
+    root = vnodes.get(ROOT_VNODE)
+    if root is None or root.unique != ROOT_UNIQUE or not root.is_dir:
+        found("root", "root directory vnode 1.1 missing or not a directory")
+        return out
+    links: dict[int, int] = {}
+    subdirs: dict[int, int] = {}
+    entries: dict[int, int] = {}
+    for d, name, vn in ents:
+        if d not in vnodes or not vnodes[d].is_dir or vn not in vnodes:
+            f = found("dangling-entry", f"entry {d}/{name!r:.100} -> {vn}")
+            if repair:
+                fixes.append(("DELETE FROM dirents WHERE dir = ? AND name = ?", (d, name)))
+                f.repaired = True
+            continue
+        links[vn] = links.get(vn, 0) + 1
+        entries[d] = entries.get(d, 0) + 1
+        if vnodes[vn].is_dir:
+            subdirs[d] = subdirs.get(d, 0) + 1
+    doomed: list[Path] = []
+    bytes_used = files = 0
+    for v in vnodes.values():
+        if v.vnode != ROOT_VNODE and v.vnode not in links:
+            f = found("orphan-vnode", f"vnode {v.vnode}.{v.unique} has no directory entry")
+            if repair:
+                fixes.append(("DELETE FROM vnodes WHERE vnode = ?", (v.vnode,)))
+                doomed.append(vol._data_path(v.vnode, v.unique))
+                f.repaired = True
+            continue
+        files += 1
+        bytes_used += v.size if not v.is_dir else 0
+        want = 2 + subdirs.get(v.vnode, 0) if v.is_dir else links.get(v.vnode, 0)
+        if v.is_dir and v.size != entries.get(v.vnode, 0):
+            f = found("dir-size", f"dir {v.vnode} size {v.size} != {entries.get(v.vnode, 0)}")
+            if repair:
+                fixes.append(("UPDATE vnodes SET size = ? WHERE vnode = ?",
+                              (entries.get(v.vnode, 0), v.vnode)))  # fmt: skip
+                f.repaired = True
+        if v.nlink != want:
+            f = found("nlink", f"vnode {v.vnode} nlink {v.nlink}, should be {want}")
+            if repair:
+                fixes.append(("UPDATE vnodes SET nlink = ? WHERE vnode = ?", (want, v.vnode)))
+                f.repaired = True
+        if v.type == FileType.FILE and not npending:
+            p = vol._data_path(v.vnode, v.unique)
+            actual = p.stat().st_size if p.exists() else 0
+            if actual != v.size:
+                f = found("data-size", f"vnode {v.vnode}: data file {actual} bytes, "
+                                       f"status says {v.size}")  # fmt: skip
+                if repair:
+                    with open(p, "ab") as fh:
+                        fh.truncate(v.size)
+                        os.fsync(fh.fileno())
+                    f.repaired = True
+    live = {f"{v.vnode}.{v.unique}" for v in vnodes.values() if v.type == FileType.FILE}
+    for entry in os.scandir(vol.data_dir):
+        if entry.name not in live and Path(entry.path) not in doomed:
+            f = found("orphan-data", f"data file {entry.name} belongs to no vnode")
+            if repair:
+                doomed.append(Path(entry.path))
+                f.repaired = True
+    if bytes_used != vol.bytes_used or files != vol.files:
+        f = found("counters", f"header says {vol.bytes_used} bytes/{vol.files} files, "
+                              f"actual {bytes_used}/{files}")  # fmt: skip
+        if repair:
+            vol.bytes_used, vol.files = bytes_used, files
+            f.repaired = True
+    if repair and (fixes or any(f.kind == "counters" for f in out)):
+        with vol._txn() as tdb:
+            for sql, args in fixes:
+                tdb.execute(sql, args)
+    if repair:
+        vol._unlink_files(doomed)
+    return out
 
 
 def salvage(data_dir: Path, *, repair: bool = False) -> list[Finding]:

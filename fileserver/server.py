@@ -17,6 +17,9 @@ Hello a client the server has no state for gets ``CB.InitCallBackState3``
 and a returning client gets its delayed breaks, both before the reply; a
 second connection with the same UUID replaces the first; a dropped
 connection marks the client down until it says Hello again.
+
+Imports: every other fileserver module except cli and salvage (it wires
+them); ``protocol``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable
 from functools import partial
@@ -45,6 +49,7 @@ from protocol.connection import Connection, serve_tcp
 from protocol.errors import RpcError
 from protocol.limits import PROTOCOL_VERSION
 from protocol.methods import FS_HELLO, VL_GET_ENTRY_BY_ID, VL_GET_ENTRY_BY_NAME, VL_LIST_ENTRIES
+from protocol.tls import ServerTLS, note_mode, server_tls
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,9 @@ class FileServer:
         self.epoch = 0
         self.admin_secret = ""
         self.auth = ServerAuth(b"")
+        #: TLS (protocol.tls): ours as a server, and our certificate as a client.
+        self.tls: ServerTLS | None = None
+        self.client_tls: ssl.SSLContext | None = None
         self._per_peer: dict[str, int] = {}
         self.host = ""
         self.port = 0
@@ -97,9 +105,14 @@ class FileServer:
         self.registrar: VLRegistrar | None = None
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
-        self.fsops = FsOps(self)
+        self.fsops = FsOps(self.store, self.table, self.breaker, self.metrics, config)
         self.vl = VLService(self.store, config.cell, "", self.advertised_addrs)
-        self.admin = AdminService(self)
+        self.admin = AdminService(
+            self.store, self.table, self.breaker, config,
+            identity=lambda: {"server_uuid": self.uuid, "cell": self.cell, "epoch": self.epoch},
+            secret=lambda: self.admin_secret,
+            stats=self.stats,
+        )  # fmt: skip
         self.handlers = self._build_handlers()
         self.metrics.gauge("promises", "Callback promises held", lambda: self.table.count)
         self.metrics.gauge("clients", "Clients known", lambda: len(self.breaker.clients))
@@ -124,6 +137,9 @@ class FileServer:
             self.uuid, self.cell = self.datadir.uuid, self.datadir.cell
             self.admin_secret = self.datadir.read_secret()
             self.auth.key = create_key(cfg.key_file)  # type: ignore[arg-type]
+            if not cfg.insecure:
+                self.tls, self.client_tls = server_tls(cfg, self.cell, self.uuid)
+            note_mode(cfg.data_dir, cfg.insecure)
             self.store.open_all()
             if first and cfg.create_root and ROOT_VOLUME_NAME not in self.store.by_name:
                 self.store.create_sync(ROOT_VOLUME_NAME)
@@ -156,10 +172,14 @@ class FileServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if cfg.insecure:
+                    log.warning("*** --insecure: connections are NOT encrypted or "
+                                "integrity-protected (plaintext, for benchmarks) ***")  # fmt: skip
                 if cfg.host not in ("127.0.0.1", "::1", "localhost"):
                     log.warning("listening on %s: reachable from other machines; only the "
-                                "cell key keeps strangers out, traffic is not encrypted",
-                                cfg.host)  # fmt: skip
+                                "cell key and client certificates keep strangers out%s",
+                                cfg.host, ", traffic is NOT encrypted" if cfg.insecure
+                                else "")  # fmt: skip
                 listeners = await nursery.start(
                     partial(
                         serve_tcp,
@@ -167,6 +187,7 @@ class FileServer:
                         cfg.host,
                         cfg.port,
                         self.handlers,
+                        tls=self.tls,
                         allow_unauthenticated=allowed_before_auth,
                         handshake_timeout=cfg.handshake_timeout,
                         idle_timeout=cfg.idle_timeout,
@@ -182,6 +203,8 @@ class FileServer:
                 if cfg.metrics is not None:
                     self.metrics_port = self.metrics.serve(*cfg.metrics)
                 nursery.start_soon(self._sweeper)
+                if self.tls is not None:
+                    nursery.start_soon(self.tls.watch_revocations)
                 nursery.start_soon(self._retry_down_clients)
                 if cfg.vl is not None:
                     self.registrar = VLRegistrar(
@@ -191,6 +214,7 @@ class FileServer:
                         self.advertised_addrs,
                         cfg.vl_register_interval,
                         key=self.auth.key,
+                        tls=self.client_tls,
                     )
                     nursery.start_soon(self.registrar.run)
                 log.info("fileserver %s (cell %s, epoch %d) listening on %s:%d, data dir %s",

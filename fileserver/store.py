@@ -6,6 +6,8 @@ read, the flock that keeps two servers off one directory).  ``VolumeStore``
 holds the open volumes, each behind a ``VolumeHandle`` whose trio lock
 serializes the blocking SQLite/file work it runs in worker threads, so the
 trio loop never stalls on disk.
+
+Imports: ``fileserver.volume``, ``.config``, ``protocol``, trio.
 """
 
 from __future__ import annotations

@@ -8,11 +8,14 @@ so a restarted VL server learns them again within one interval.
 ``VLRegistrar`` is the other side: a server started with ``--vl HOST:PORT``
 registers its volumes there at start, whenever its volumes change, and
 periodically.
+
+Imports: ``fileserver.store``, ``protocol``, trio.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -148,8 +151,10 @@ class VLRegistrar:
         interval: float,
         *,
         key: bytes = b"",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.vl = vl
+        self.tls = tls  # our own certificate, as a client of the VL server
         self.key = key  # the cell key: VL.RegisterServer needs an authenticated connection
         self.store = store
         self.server_uuid = server_uuid
@@ -160,7 +165,9 @@ class VLRegistrar:
 
     async def register_once(self) -> None:
         volumes = [[h.id, h.name] for h in self.store.list()]
-        async with open_connection(*self.vl, connect_timeout=5, default_timeout=10) as conn:
+        async with open_connection(
+            *self.vl, connect_timeout=5, default_timeout=10, tls=self.tls
+        ) as conn:
             await client_handshake(conn, self.key)
             await conn.call(VL_REGISTER_SERVER, self.server_uuid, self.local_addrs(), volumes)
 

@@ -24,6 +24,9 @@ orphan data file, which recovery and salvage remove.
 Every method here blocks (SQLite, fsync): callers run them in a worker thread
 and serialize calls per volume (see ``VolumeHandle``).  Nothing in this module
 knows about trio.
+
+Imports: ``protocol`` and the standard library (no trio); salvage's check
+lives in ``fileserver.salvage`` (``Volume.check`` calls it).
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.errors import RpcError
 from protocol.limits import MAX_IO, MAX_UINT32
 from protocol.records import FileStatus, FileType, VolSync
+
+if TYPE_CHECKING:
+    from fileserver.salvage import Finding
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +112,7 @@ CREATE TABLE IF NOT EXISTS pending (
 );
 """
 
-_VNODE_COLS = (
+VNODE_COLS = (
     "vnode, uniq, type, mode, nlink, size, dv, owner, grp, mtime_ns, ctime_ns, "
     "parent_vnode, parent_unique, target"
 )
@@ -153,20 +159,6 @@ class Vnode:
         return (self.vnode, self.unique, self.type, self.mode, self.nlink, self.size, self.dv,
                 self.owner, self.group, self.mtime_ns, self.ctime_ns, self.parent_vnode,
                 self.parent_unique, self.target)  # fmt: skip
-
-
-@dataclass(slots=True)
-class Finding:
-    """One consistency problem found by :meth:`Volume.check`."""
-
-    volume: int
-    kind: str
-    detail: str
-    repaired: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"volume": self.volume, "kind": self.kind, "detail": self.detail,
-                "repaired": self.repaired}  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -236,7 +228,7 @@ class Volume:
         )  # fmt: skip
         root = Vnode(ROOT_VNODE, ROOT_UNIQUE, FileType.DIRECTORY, ROOT_DIR_MODE, 2, 0, 1, uid, gid,
                      now_ns, now_ns, ROOT_VNODE, ROOT_UNIQUE)  # fmt: skip
-        db.execute(f"INSERT INTO vnodes ({_VNODE_COLS}) VALUES ({','.join('?' * 14)})", root.row())
+        db.execute(f"INSERT INTO vnodes ({VNODE_COLS}) VALUES ({','.join('?' * 14)})", root.row())
         db.execute("COMMIT")
         db.close()
         _fsync_dir(tmp / "data")
@@ -297,7 +289,7 @@ class Volume:
 
     def _load(self, vnode: int) -> Vnode | None:
         row = self.db.execute(
-            f"SELECT {_VNODE_COLS} FROM vnodes WHERE vnode = ?", (vnode,)
+            f"SELECT {VNODE_COLS} FROM vnodes WHERE vnode = ?", (vnode,)
         ).fetchone()
         return Vnode(*row) if row else None
 
@@ -393,7 +385,7 @@ class Volume:
         self, dir_vnode: int, dir_unique: int, cookie: bytes | None, max_entries: int
     ) -> tuple[list[tuple[bytes, Vnode]], bytes | None, Vnode]:
         d = self.get_dir(dir_vnode, dir_unique)
-        cols = ", ".join("v." + c.strip() for c in _VNODE_COLS.split(","))
+        cols = ", ".join("v." + c.strip() for c in VNODE_COLS.split(","))
         rows = self.db.execute(
             f"SELECT d.name, {cols} FROM dirents d JOIN vnodes v ON v.vnode = d.vnode "
             "WHERE d.dir = ? AND d.name > ? ORDER BY d.name LIMIT ?",
@@ -586,7 +578,7 @@ class Volume:
         with self._txn() as db:
             self.next_vnode += 1
             self.next_unique += 1
-            db.execute(f"INSERT INTO vnodes ({_VNODE_COLS}) VALUES ({','.join('?' * 14)})", v.row())
+            db.execute(f"INSERT INTO vnodes ({VNODE_COLS}) VALUES ({','.join('?' * 14)})", v.row())
             db.execute("INSERT INTO dirents (dir, name, vnode) VALUES (?,?,?)",
                        (d.vnode, name, v.vnode))  # fmt: skip
             self._touch_dir(d, now_ns, entries_delta=1)
@@ -823,105 +815,10 @@ class Volume:
         return n
 
     def check(self, repair: bool = False) -> list[Finding]:
-        """Salvage: report (and with ``repair`` fix) inconsistencies."""
-        out: list[Finding] = []
-        vid = self.id
+        """Salvage's consistency check of this volume (``fileserver.salvage``)."""
+        from fileserver.salvage import check_volume  # salvage builds on this module
 
-        def found(kind: str, detail: str) -> Finding:
-            f = Finding(vid, kind, detail)
-            out.append(f)
-            return f
-
-        db = self.db
-        res = db.execute("PRAGMA integrity_check").fetchall()
-        if res != [("ok",)]:
-            found("sqlite", "; ".join(r[0] for r in res[:10]))
-            return out  # nothing else can be trusted
-        applied = set(self._applied)  # on disk already; their rows go at the next commit
-        npending = sum(1 for (seq,) in db.execute("SELECT seq FROM pending") if seq not in applied)
-        npending += db.execute("SELECT COUNT(*) FROM intents").fetchone()[0]
-        if npending:
-            f = found("pending", f"{npending} stores not yet applied to data files")
-            if repair:
-                self._replay_pending()
-                self._settle_intents()
-                f.repaired = True
-        vnodes = {r[0]: Vnode(*r) for r in db.execute(f"SELECT {_VNODE_COLS} FROM vnodes")}
-        ents = db.execute("SELECT dir, name, vnode FROM dirents").fetchall()
-        fixes: list[tuple[str, tuple[Any, ...]]] = []
-        root = vnodes.get(ROOT_VNODE)
-        if root is None or root.unique != ROOT_UNIQUE or not root.is_dir:
-            found("root", "root directory vnode 1.1 missing or not a directory")
-            return out
-        links: dict[int, int] = {}
-        subdirs: dict[int, int] = {}
-        entries: dict[int, int] = {}
-        for d, name, vn in ents:
-            if d not in vnodes or not vnodes[d].is_dir or vn not in vnodes:
-                f = found("dangling-entry", f"entry {d}/{name!r:.100} -> {vn}")
-                if repair:
-                    fixes.append(("DELETE FROM dirents WHERE dir = ? AND name = ?", (d, name)))
-                    f.repaired = True
-                continue
-            links[vn] = links.get(vn, 0) + 1
-            entries[d] = entries.get(d, 0) + 1
-            if vnodes[vn].is_dir:
-                subdirs[d] = subdirs.get(d, 0) + 1
-        doomed: list[Path] = []
-        bytes_used = files = 0
-        for v in vnodes.values():
-            if v.vnode != ROOT_VNODE and v.vnode not in links:
-                f = found("orphan-vnode", f"vnode {v.vnode}.{v.unique} has no directory entry")
-                if repair:
-                    fixes.append(("DELETE FROM vnodes WHERE vnode = ?", (v.vnode,)))
-                    doomed.append(self._data_path(v.vnode, v.unique))
-                    f.repaired = True
-                continue
-            files += 1
-            bytes_used += v.size if not v.is_dir else 0
-            want = 2 + subdirs.get(v.vnode, 0) if v.is_dir else links.get(v.vnode, 0)
-            if v.is_dir and v.size != entries.get(v.vnode, 0):
-                f = found("dir-size", f"dir {v.vnode} size {v.size} != {entries.get(v.vnode, 0)}")
-                if repair:
-                    fixes.append(("UPDATE vnodes SET size = ? WHERE vnode = ?",
-                                  (entries.get(v.vnode, 0), v.vnode)))  # fmt: skip
-                    f.repaired = True
-            if v.nlink != want:
-                f = found("nlink", f"vnode {v.vnode} nlink {v.nlink}, should be {want}")
-                if repair:
-                    fixes.append(("UPDATE vnodes SET nlink = ? WHERE vnode = ?", (want, v.vnode)))
-                    f.repaired = True
-            if v.type == FileType.FILE and not npending:
-                p = self._data_path(v.vnode, v.unique)
-                actual = p.stat().st_size if p.exists() else 0
-                if actual != v.size:
-                    f = found("data-size", f"vnode {v.vnode}: data file {actual} bytes, "
-                                           f"status says {v.size}")  # fmt: skip
-                    if repair:
-                        with open(p, "ab") as fh:
-                            fh.truncate(v.size)
-                            os.fsync(fh.fileno())
-                        f.repaired = True
-        live = {f"{v.vnode}.{v.unique}" for v in vnodes.values() if v.type == FileType.FILE}
-        for entry in os.scandir(self.data_dir):
-            if entry.name not in live and Path(entry.path) not in doomed:
-                f = found("orphan-data", f"data file {entry.name} belongs to no vnode")
-                if repair:
-                    doomed.append(Path(entry.path))
-                    f.repaired = True
-        if bytes_used != self.bytes_used or files != self.files:
-            f = found("counters", f"header says {self.bytes_used} bytes/{self.files} files, "
-                                  f"actual {bytes_used}/{files}")  # fmt: skip
-            if repair:
-                self.bytes_used, self.files = bytes_used, files
-                f.repaired = True
-        if repair and (fixes or any(f.kind == "counters" for f in out)):
-            with self._txn() as tdb:
-                for sql, args in fixes:
-                    tdb.execute(sql, args)
-        if repair:
-            self._unlink_files(doomed)
-        return out
+        return check_volume(self, repair=repair)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -252,3 +252,19 @@ def test_memory_per_promise_is_small() -> None:
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     assert used / t.count < 300, used / t.count
+
+
+def test_volume_holders_counts_promises_per_client() -> None:
+    t = CallbackTable()
+    a, b = t.new_client(), t.new_client()
+    t.grant(a, (1, 2, 2))
+    t.grant(a, (1, 3, 3))
+    t.grant(b, (1, 2, 2))
+    t.grant(b, (9, 2, 2))
+    assert t.volume_holders(1) == {a: 2, b: 1}
+    t.break_fid((1, 2, 2), except_cid=b)
+    assert t.volume_holders(1) == {a: 1, b: 1}
+    t.volume_holders(1).clear()  # a copy: the table is not changed through it
+    assert t.volume_holders(1) == {a: 1, b: 1}
+    t.give_up(a)
+    assert t.volume_holders(1) == {b: 1} and t.volume_holders(5) == {}
