@@ -127,6 +127,7 @@ class CacheManager:
         self.cache_dir = Path(config.cache_dir)
         self.uuid = load_client_uuid(self.cache_dir / "client-uuid")
         self.ctx = CacheContext.new(config.invalidation_queue_size)
+        self.ctx.chunk_threads = config.chunk_threads
         self.cb = CallbackService(self.ctx, self.uuid)
         self.registry = ServerRegistry(config, self.ctx, self.uuid, self.cb, self._spawn)
         self.vl = VLClient(

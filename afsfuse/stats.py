@@ -41,6 +41,7 @@ class Stats:
         "dir_fetches",
         "dir_local_edits",
         "bulk_speculative",
+        "chunk_io_threaded",
         "invalidations_queued",
         "invalidations_coalesced",
         "invalidations_degraded",
