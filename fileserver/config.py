@@ -85,6 +85,10 @@ class ServerConfig:
     #: Remote VL service to register our volumes with (None: we serve VL ourselves).
     vl: tuple[str, int] | None = None
     vl_register_interval: float = 60.0
+    #: The cell's VLDB in etcd (``etcd://HOST:PORT[,...]``; None: the local VL).
+    vldb: str | None = None
+    #: Lease TTL of this server's VLDB registration (down this long after dying).
+    vldb_ttl: float = 10.0
     #: Address advertised in VL entries (default: the bound address).
     advertise: tuple[str, int] | None = None
     #: Prometheus exporter address (None: off).
