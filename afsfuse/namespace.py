@@ -48,6 +48,7 @@ _READDIR_TRIES = 3  # listings refetched when a child vanished under them
 LOOKUP_LISTING_MAX = 4 * MAX_READDIR_ENTRIES
 #: Statuses one lookup fetches speculatively, and bulk calls in flight at once.
 SPECULATE_MAX = 4 * MAX_BULKSTAT_FIDS
+_SPECULATE_WHEN = frozenset({"no_status", "expired"})
 BULK_IN_FLIGHT = 4
 
 
@@ -163,20 +164,24 @@ class Namespace:
 
     async def _speculate(self, d: Vnode, listing: DirListing, name: bytes, wc: Any) -> None:
         """The child ``name`` needs a status: fetch it together with the next
-        siblings (in name order, the order a walk takes) that lack a valid
-        promise, up to ``SPECULATE_MAX`` fids, in bulk calls run in parallel."""
+        siblings (in name order, the order a walk takes) whose status is
+        unknown or whose promise expired, up to ``SPECULATE_MAX`` fids, in
+        bulk calls run in parallel.  Siblings voided by a break wait for
+        their own use: a mass break costs only the files used again."""
         vol = d.volume
+        ent0 = listing.lookup(name)
+        want = vol.get(ent0.fid) if ent0 is not None else None
         now = trio.current_time()
         entries = listing.sorted()
         start = bisect.bisect_left([e.name for e in entries], name) if entries else 0
         stale: list[Vnode] = []
         for ent in entries[start:] + entries[:start]:
             v = vol.get(ent.fid)
-            if v is not d and v.promise_state(now) != "ok":
+            if v is not d and (v is want or v.promise_state(now) in _SPECULATE_WHEN):
                 stale.append(v)
                 if len(stale) >= SPECULATE_MAX:
                     break
-        if stale:
+        if len(stale) > 1:  # the child alone: a plain FetchStatus does
             self.ctx.stats.bulk_speculative += len(stale)
             await self._bulk_status(vol, stale, wc)
 

@@ -12,10 +12,10 @@ import errno
 
 import pytest
 import trio
-from test_cm_fakeserver import ROOT, VOL, running
+from test_cm_fakeserver import ROOT, running
 
 from protocol.errors import RpcError
-from protocol.records import Fid, FileType
+from protocol.records import FileType
 
 
 async def test_cold_lookups_read_the_directory_once(tmp_path, autojump_clock):
@@ -81,17 +81,17 @@ async def test_negative_answer_is_held_only_while_the_promise_is(tmp_path, autoj
         assert not cm.negative_holds(root, token)
 
 
-async def test_lookup_of_a_child_with_a_void_promise_fetches_siblings_in_bulk(
+async def test_lookup_of_a_child_with_an_expired_promise_fetches_siblings_in_bulk(
     tmp_path, autojump_clock
 ):
     async with running(tmp_path) as (_net, fake, cm):
         nodes = [fake.add(ROOT, f"f{i:03d}".encode(), data=b"x") for i in range(120)]
         root = await cm.mount_volume("test", "root.cell")
         await cm.readdir(root)
-        # Every promise of the volume goes; one file changed meanwhile.
+        # Every promise expires (a long idle); one file changed meanwhile.
         nodes[70].data[:] = b"changed"
         nodes[70].dv += 1
-        await fake.break_fids([Fid(VOL, 0, 0)])
+        await trio.sleep(fake.cb_expires + 1)
         base = dict(fake.calls)
         gate = fake.gate("FS.InlineBulkStatus")
         async with trio.open_nursery() as nursery:
@@ -111,3 +111,17 @@ async def test_lookup_of_a_child_with_a_void_promise_fetches_siblings_in_bulk(
         # Only the directory itself was fetched one by one.
         assert fake.calls["FS.FetchStatus"] - base.get("FS.FetchStatus", 0) == 1
         assert fake.calls["FS.Lookup"] == base.get("FS.Lookup", 0)
+
+
+async def test_after_a_mass_break_only_used_children_revalidate(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        for i in range(30):
+            fake.add(ROOT, f"f{i:02d}".encode())
+        root = await cm.mount_volume("test", "root.cell")
+        await cm.readdir(root)
+        await fake.init_state(fake.clients[cm.uuid])  # O(1): every promise void
+        base = dict(fake.calls)
+        await cm.lookup(root, b"f03")
+        assert fake.calls["FS.InlineBulkStatus"] == base.get("FS.InlineBulkStatus", 0)
+        # The directory and the one file used: nothing else.
+        assert fake.calls["FS.FetchStatus"] - base.get("FS.FetchStatus", 0) == 2
