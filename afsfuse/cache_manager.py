@@ -35,8 +35,10 @@ calls lost with a dropped connection are retried once after the reconnect::
     unmount_volume(vol: VolumeInstance) -> None
     find_vnode(cell: str, fid: Fid) -> Vnode | None        # never creates (sync)
     forget(vnode) -> None                                   # P1: sends nothing (sync)
+    kernel_forgot(vnode) -> None     # the kernel dropped it; it stays cached (sync)
     getattr(vnode, cred) -> FileStatus                      # validated; size incl. unstored writes
     lookup(dir, name: bytes, cred) -> Vnode
+    dir_token(dir) / negative_holds(dir, token) -> bool   # may the kernel cache an ENOENT (sync)
     readdir(dir, cred) -> list[DirEntryPlus]      # sorted by name; .name .vnode .status
     open(vnode, cred, flags=0) -> OpenFile        # .keep_cache for FileInfo; O_TRUNC done here
     read(vnode_or_handle, offset, size, cred) -> bytes
@@ -95,7 +97,13 @@ from afsfuse.file import Files, OpenFile
 from afsfuse.inode import Attributes
 from afsfuse.invalidation import Invalidate, InvalidationQueue
 from afsfuse.mounting import VolumeMounts
-from afsfuse.namespace import RENAME_NOREPLACE, DirEntryPlus, Namespace
+from afsfuse.namespace import (
+    RENAME_NOREPLACE,
+    DirEntryPlus,
+    Namespace,
+    negative_holds,
+    negative_token,
+)
 from afsfuse.read import Reader
 from afsfuse.rpc import Cred, maps_errors
 from afsfuse.rpc import call as rpc_call
@@ -119,6 +127,7 @@ class CacheManager:
         self.cache_dir = Path(config.cache_dir)
         self.uuid = load_client_uuid(self.cache_dir / "client-uuid")
         self.ctx = CacheContext.new(config.invalidation_queue_size)
+        self.ctx.chunk_threads = config.chunk_threads
         self.cb = CallbackService(self.ctx, self.uuid)
         self.registry = ServerRegistry(config, self.ctx, self.uuid, self.cb, self._spawn)
         self.vl = VLClient(
@@ -242,6 +251,13 @@ class CacheManager:
         vnode.volume.forget(vnode)
         self.mounts.forgot(vnode)
 
+    def kernel_forgot(self, vnode: Vnode) -> None:
+        """The kernel dropped its inode (memory reclaim, an invalidated entry):
+        the vnode stays cached, status, promise, listing and chunks, until the
+        volume evicts vnodes nobody holds.  Breaks still find it (P3), so the
+        next lookup of it costs no RPC.  P1: nothing is sent."""
+        self.stats.kernel_forgets += 1
+
     # -- attributes -----------------------------------------------------------------
 
     @maps_errors
@@ -267,6 +283,18 @@ class CacheManager:
     @maps_errors
     async def lookup(self, dir: Vnode, name: bytes, cred: Cred = None) -> Vnode:
         return await self.namespace.lookup(dir, name, cred)
+
+    @staticmethod
+    def dir_token(dir: Vnode) -> tuple[Any, ...]:
+        """The break counters ``dir`` answers under, taken before a lookup."""
+        return negative_token(dir)
+
+    @staticmethod
+    def negative_holds(dir: Vnode, token: tuple[Any, ...]) -> bool:
+        """Whether an ENOENT from a lookup that started at ``token`` may be
+        cached by the kernel: the directory's promise holds and nothing broke
+        it since (a later break drops the kernel's entry, see kernel_notify)."""
+        return negative_holds(dir, token)
 
     @maps_errors
     async def readdir(self, dir: Vnode, cred: Cred = None) -> list[DirEntryPlus]:

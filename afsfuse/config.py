@@ -44,6 +44,8 @@ class CacheConfig:
     #: Seconds between keepalives on an idle server connection (None: a third
     #: of the idle timeout the server announces at Hello).
     keepalive_interval: float | None = None
+    #: Large chunk-file reads on worker threads (see ``CacheContext``).
+    chunk_threads: bool = True
 
     def connector_for(self, cell: str) -> Connector:
         return self.cell_connectors.get(cell, self.connector)

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ import trio
 
 from afsfuse.cache_manager import CacheManager, OpenFile
 from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable
-from afsfuse.kernel_notify import KernelNotifier, inode_key
+from afsfuse.invalidation import Invalidate
+from afsfuse.kernel_notify import KernelNotifier, inode_key, preferred_inode
 from afsfuse.locks import CacheManagerLocks, LockManager, fallocate, flock_type
 from afsfuse.vnode import Vnode
 from protocol.errors import RpcError
@@ -84,13 +86,29 @@ def _handler(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+#: Seconds a process's supplementary groups are reused without reading
+#: /proc again (one read per FUSE request cost ~5% of the daemon's CPU in a
+#: git clone); a setgroups() is seen within this time, as with NFS's
+#: credential caches.
+GROUPS_TTL = 1.0
+_groups: dict[tuple[int, int, int], tuple[float, list[int]]] = {}
+
+
 def cred_of(ctx: pyfuse3.RequestContext | None) -> tuple[int, int, list[int]] | None:
     if ctx is None:
         return None
+    key = (ctx.pid, ctx.uid, ctx.gid)
+    now = time.monotonic()
+    hit = _groups.get(key)
+    if hit is not None and now - hit[0] < GROUPS_TTL:
+        return (ctx.uid, ctx.gid, hit[1])
     try:
         gids = sorted(pyfuse3.get_sup_groups(ctx.pid))
     except (OSError, ValueError):
-        gids = []  # the process may already be gone
+        return (ctx.uid, ctx.gid, [])  # the process may already be gone
+    if len(_groups) >= 4096:
+        _groups.clear()
+    _groups[key] = (now, gids)
     return (ctx.uid, ctx.gid, gids)
 
 
@@ -226,7 +244,9 @@ class AfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         vnode, st, unresolved = await self._entry_target(parent_ino, vnode, st, cred)
         vnode, st = await self._adopt(vnode, st, cred)
-        entry = self.inodes.remember(inode_key(vnode), vnode, vnode.fid.unique)
+        entry = self.inodes.remember(
+            inode_key(vnode), vnode, vnode.fid.unique, preferred=preferred_inode(vnode)
+        )
         vnode.ino = entry.ino  # held by the kernel: never evicted
         self.notifier.learned(parent_ino, name)
         return self._attrs(entry.ino, vnode, st, short=unresolved)
@@ -245,6 +265,11 @@ class AfsOperations(pyfuse3.Operations):
             log.info("mount point %s unresolved, shown as a symlink: %s", vnode.fid, exc)
             return vnode, st, True
         return vnode, st, False
+
+    def _names_changed(self, d: Vnode, name: bytes) -> None:
+        """A name the daemon made without the kernel asking (a silly rename,
+        ``fs mkmount``): a negative entry the kernel may hold for it goes."""
+        self.cm.invalidations.put(Invalidate("entry", parent=d, name=name))
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -274,9 +299,37 @@ class AfsOperations(pyfuse3.Operations):
             return await self._lookup_dotdot(parent, cred)
         if len(name) > MAX_NAME:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-        child = await self.cm.lookup(parent.node, name, cred)
+        token = self.cm.dir_token(parent.node)
+        try:
+            child = await self.cm.lookup(parent.node, name, cred)
+        except RpcError as exc:
+            if exc.errno == errno.ENOENT and self._negative_ok(parent.node, token):
+                # A negative entry the kernel keeps: a break of the directory
+                # drops it with the names learned there (no await from the
+                # check to here, so no break can slip in between).
+                self.notifier.learned(parent_inode, name)
+                return self._negative_entry()
+            raise
         st = await self.cm.getattr(child, cred)
         return await self._reply_entry(parent_inode, name, child, st, cred)
+
+    def _negative_ok(self, d: Vnode, token: tuple[Any, ...]) -> bool:
+        """Whether the kernel may cache "no such name" in ``d``: the answer is
+        backed by an intact promise, and nobody else changed ``d`` in the last
+        ``hot_window`` seconds.  The kernel learns of a break asynchronously,
+        so a negative entry can outlive another client's create by that
+        delay; in a directory others are changing right now the kernel asks
+        us every time instead (as files there are read with direct_io)."""
+        if trio.current_time() - d.last_break < self.hot_window:
+            return False
+        return self.cm.negative_holds(d, token)
+
+    def _negative_entry(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0  # "no such name", cached for the entry timeout
+        a.entry_timeout = self.entry_timeout
+        a.attr_timeout = self.attr_timeout
+        return a
 
     async def _lookup_dotdot(self, entry: InodeEntry, cred: Any) -> pyfuse3.EntryAttributes:
         v: Vnode = entry.node
@@ -291,7 +344,9 @@ class AfsOperations(pyfuse3.Operations):
         pfid = type(v.fid)(v.fid.volume, st.parent_vnode, st.parent_unique)
         parent = v.volume.get(pfid)
         pst = await self.cm.getattr(parent, cred)
-        pe = self.inodes.remember(inode_key(parent), parent, pfid.unique)
+        pe = self.inodes.remember(
+            inode_key(parent), parent, pfid.unique, preferred=preferred_inode(parent)
+        )
         parent.ino = pe.ino
         return self._attrs(pe.ino, parent, pst)
 
@@ -370,7 +425,10 @@ class AfsOperations(pyfuse3.Operations):
             held = child.volume.adopt(child)
             if held is not child:
                 child, st = held, held.effective_status() or st
-            entry = self.inodes.remember(inode_key(child), child, child.fid.unique, count=0)
+            entry = self.inodes.remember(
+                inode_key(child), child, child.fid.unique, count=0,
+                preferred=preferred_inode(child),
+            )  # fmt: skip
             attrs = self._attrs(entry.ino, child, st, short=short)
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
                 self.inodes.forget(entry.ino, 0)  # drop it if the kernel holds none
@@ -417,6 +475,7 @@ class AfsOperations(pyfuse3.Operations):
             return False
         silly = b".__afs%X.%X" % (child.fid.vnode, child.fid.unique)
         await self.cm.rename(parent, name, parent, silly, 0, cred)
+        self._names_changed(parent, silly)
         self._silly[entry.ino] = (parent, silly, cred)
         return True
 
@@ -660,7 +719,7 @@ class AfsOperations(pyfuse3.Operations):
                     self.notifier.forgot(ino)
                     if entry is not None:
                         entry.node.ino = 0
-                        self.cm.forget(entry.node)
+                        self.cm.kernel_forgot(entry.node)
             except Exception:
                 log.exception("forget(%d, %d) failed", ino, n)
 
@@ -704,6 +763,7 @@ class AfsOperations(pyfuse3.Operations):
             return info
         if name == b"afs.stats":
             return {**self.cm.stats_dict(), "kernel_requests": dict(self.requests),
+                    "kernel_notify": dict(self.notifier.stats),
                     "locks": {**self.locks.stats, "files": self.locks.listing()}}  # fmt: skip
         if name == b"afs.whereis":
             return {
@@ -764,6 +824,7 @@ class AfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         target = b"%" + spec + b"." if b":" in spec else b"#" + spec + b"."
         m = await self.cm.symlink(d, name, target, cred)
+        self._names_changed(d, name)
         await self.cm.setattr(m, cred, mode=MOUNTPOINT_MODE)
 
     @_handler

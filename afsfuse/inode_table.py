@@ -8,10 +8,16 @@ to its fid while the kernel knows it (count > 0) and is dropped at zero, so a
 forgotten vnode costs the table nothing.  Forgetting never talks to the
 server (P1): the vnode and its promise stay in the cache manager.
 
-Inode numbers are allocated sequentially, not derived from fids, because
-one volume reached through two aliased cells is two volume instances whose
-fids are equal but whose inodes must differ.  The generation number is the
-fid's uniquifier, so a reused vnode slot never looks like the old file.
+The adapter asks for the inode number ``fid_inode`` derives from the fid
+(volume id and vnode number), so every client shows a file under the same
+``st_ino``: tools that record inode numbers (git's index, rsync, tar's
+incremental mode) see nothing changed when another client reads the same
+tree.  When that number is taken (one volume reached through two aliased
+cells is two volume instances whose fids are equal but whose inodes must
+differ; a reused vnode slot while the kernel still holds the old file),
+numbers are allocated sequentially instead, below any derived one.  The
+generation number is the fid's uniquifier, so a reused vnode slot never
+looks like the old file.
 """
 
 from __future__ import annotations
@@ -24,6 +30,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE, without importing pyfuse3 here
+#: Derived inode numbers stay below 2**63 (some tools read st_ino signed).
+_MAX_DERIVED = 1 << 63
+
+
+def fid_inode(volume_id: int, vnode: int) -> int | None:
+    """The inode number every client gives (volume id, vnode); None when it
+    would not fit (or would clash with the sequential range)."""
+    if volume_id <= 0:
+        return None
+    ino = (volume_id << 32) | vnode
+    return ino if ino < _MAX_DERIVED else None
 
 
 @dataclass(slots=True)
@@ -65,15 +82,24 @@ class InodeTable:
         ino = self._by_key.get(key)
         return None if ino is None else self._by_ino[ino]
 
-    def remember(self, key: Hashable, node: Any, generation: int, count: int = 1) -> InodeEntry:
-        """Hand an inode for ``key`` to the kernel, adding ``count`` lookups."""
+    def remember(
+        self, key: Hashable, node: Any, generation: int, count: int = 1,
+        preferred: int | None = None,
+    ) -> InodeEntry:  # fmt: skip
+        """Hand an inode for ``key`` to the kernel, adding ``count`` lookups;
+        a new binding gets ``preferred`` as its number when that is free."""
         ino = self._by_key.get(key)
         if ino is not None:
             entry = self._by_ino[ino]
             entry.node = node
         else:
-            ino = self._next
-            self._next += 1
+            if preferred is not None and preferred > ROOT_INODE and preferred not in self._by_ino:
+                ino = preferred
+            else:
+                while self._next in self._by_ino:
+                    self._next += 1
+                ino = self._next
+                self._next += 1
             entry = InodeEntry(ino, key, node, generation)
             self._by_ino[ino] = entry
             self._by_key[key] = ino

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable
+from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable, fid_inode
 from afsfuse.stats import log_event
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,11 @@ InvalidateEntry = Callable[[int, bytes], None]
 def inode_key(vnode: Any) -> tuple[Any, int, int]:
     """The inode-table key of a cache-manager vnode."""
     return (vnode.volume.key, vnode.fid.vnode, vnode.fid.unique)
+
+
+def preferred_inode(vnode: Any) -> int | None:
+    """The inode number every client gives ``vnode`` (see ``fid_inode``)."""
+    return fid_inode(vnode.fid.volume, vnode.fid.vnode)
 
 
 class KernelNotifier:

@@ -15,6 +15,7 @@ May import: ``afsfuse.context``, ``afsfuse.dircache``, ``afsfuse.invalidation``,
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 from collections.abc import Callable
@@ -43,6 +44,22 @@ log = logging.getLogger(__name__)
 RENAME_NOREPLACE = 1
 _MAX_NAMES = 4096  # lookup results cached per directory (per DV)
 _READDIR_TRIES = 3  # listings refetched when a child vanished under them
+#: Directories up to this many entries are read whole by a cold lookup.
+LOOKUP_LISTING_MAX = 4 * MAX_READDIR_ENTRIES
+#: Statuses one lookup fetches speculatively, and bulk calls in flight at once.
+SPECULATE_MAX = 4 * MAX_BULKSTAT_FIDS
+_SPECULATE_WHEN = frozenset({"no_status", "expired"})
+BULK_IN_FLIGHT = 4
+
+
+def negative_token(d: Vnode) -> tuple[Any, ...]:
+    """The counters whose change voids a negative answer about ``d``."""
+    return (d.cb_break, d.volume.cb_v_break, tuple(r.cb_s_break for r in d.volume.servers))
+
+
+def negative_holds(d: Vnode, token: tuple[Any, ...]) -> bool:
+    """An ENOENT computed since ``token`` is still backed by ``d``'s promise."""
+    return negative_token(d) == token and d.promise_state(trio.current_time()) == "ok"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,21 +94,20 @@ class Namespace:
         return st
 
     async def lookup(self, dir: Vnode, name: bytes, cred: Cred = None) -> Vnode:
+        """The child ``name`` of ``dir``.  Answered without an RPC from a
+        listing of the directory's current DV (held under its promise: a name
+        absent from it does not exist) or from the per-DV name cache.  The
+        second cold lookup in one directory DV fetches the whole listing (one
+        paged FS.ReadDir with statuses, as the kernel AFS client reads the
+        directory), so a walk over many children costs no RPC per child; a
+        child found there without a valid promise brings its stale siblings'
+        statuses along (FS.InlineBulkStatus, kAFS's speculative bulk lookup)."""
         check_name(name)
         wc = wire_cred(cred)
         dst = await self._dir_status(dir, wc)
         listing = dir.listing
         if listing is not None and listing.dv == dst.data_version:
-            ent = listing.lookup(name)
-            if ent is None:
-                raise err("ENOENT")
-            child = dir.volume.get(ent.fid)
-            try:
-                await validate(self.ctx, child, wc)
-                return child
-            except RpcError as exc:
-                if exc.code != "ESTALE":
-                    raise
+            return await self._from_listing(dir, listing, name, wc)
         names = dir.names
         if names is not None and names[0] == dst.data_version and name in names[1]:
             fid = names[1][name]
@@ -106,14 +122,118 @@ class Namespace:
             except RpcError as exc:
                 if exc.code != "ESTALE":
                     raise
+        if self._wants_listing(dir, dst):
+            listing = await self._lookup_listing(dir, wc)
+            if listing is not None and listing.dv == dir.data_version:
+                return await self._from_listing(dir, listing, name, wc)
+        return await self._lookup_rpc(dir, name, wc, dst.data_version)
+
+    def _wants_listing(self, d: Vnode, dst: FileStatus) -> bool:
+        """Whether a cold lookup in ``d`` should read the whole listing: some
+        other child of this DV was looked up cold already, and the directory
+        (whose size is its entry count) is small enough to read at once."""
+        names = d.names
+        cold = len(names[1]) if names is not None and names[0] == dst.data_version else 0
+        return cold >= 1 and dst.size <= LOOKUP_LISTING_MAX
+
+    async def _lookup_listing(self, d: Vnode, wc: Any) -> DirListing | None:
+        try:
+            return await self._fetch_listing(d, wc)
+        except RpcError as exc:
+            if exc.code != "EACCES":
+                raise
+            return None  # x without r: names can still be looked up one by one
+
+    async def _from_listing(self, dir: Vnode, listing: DirListing, name: bytes, wc: Any) -> Vnode:
+        ent = listing.lookup(name)
+        if ent is None:
+            self.ctx.stats.cache_hits += 1
+            raise err("ENOENT")  # absent from a listing under a valid promise
+        child = dir.volume.get(ent.fid)
+        if child.promise_state(trio.current_time()) != "ok":
+            await self._speculate(dir, listing, ent.name, wc)
+        try:
+            await validate(self.ctx, child, wc)
+            return child
+        except RpcError as exc:
+            if exc.code != "ESTALE":
+                raise
+        # Gone under a listing that still names it (a break on its way):
+        # the server decides.
+        return await self._lookup_rpc(dir, name, wc, listing.dv)
+
+    async def _speculate(self, d: Vnode, listing: DirListing, name: bytes, wc: Any) -> None:
+        """The child ``name`` needs a status: fetch it together with the next
+        siblings (in name order, the order a walk takes) whose status is
+        unknown or whose promise expired, up to ``SPECULATE_MAX`` fids, in
+        bulk calls run in parallel.  Siblings voided by a break wait for
+        their own use: a mass break costs only the files used again."""
+        vol = d.volume
+        ent0 = listing.lookup(name)
+        want = vol.get(ent0.fid) if ent0 is not None else None
+        now = trio.current_time()
+        entries = listing.sorted()
+        start = bisect.bisect_left([e.name for e in entries], name) if entries else 0
+        stale: list[Vnode] = []
+        for ent in entries[start:] + entries[:start]:
+            v = vol.get(ent.fid)
+            if v is not d and (v is want or v.promise_state(now) in _SPECULATE_WHEN):
+                stale.append(v)
+                if len(stale) >= SPECULATE_MAX:
+                    break
+        if len(stale) > 1:  # the child alone: a plain FetchStatus does
+            self.ctx.stats.bulk_speculative += len(stale)
+            await self._bulk_status(vol, stale, wc)
+
+    async def _bulk_status(self, vol: VolumeInstance, stale: list[Vnode], wc: Any) -> None:
+        """FS.InlineBulkStatus for ``stale``: 50 fids a call, up to
+        ``BULK_IN_FLIGHT`` calls at once; each status is primed (P6)."""
+        batches = [
+            stale[i : i + MAX_BULKSTAT_FIDS] for i in range(0, len(stale), MAX_BULKSTAT_FIDS)
+        ]
+        failure: list[BaseException] = []
+        limit = trio.CapacityLimiter(BULK_IN_FLIGHT)
+
+        async def one(batch: list[Vnode]) -> None:
+            async with limit:
+                if failure:
+                    return
+                try:
+                    await self._bulk_one(vol, batch, wc)
+                except (RpcError, OSError) as exc:
+                    failure.append(exc)
+
+        if len(batches) == 1:
+            await self._bulk_one(vol, batches[0], wc)
+            return
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                nursery.start_soon(one, batch)
+        if failure:
+            raise failure[0]
+
+    async def _bulk_one(self, vol: VolumeInstance, batch: list[Vnode], wc: Any) -> None:
+        server = vol.server
+        snap = CallSnapshot(vol, server, tuple(batch))
+        reply = await call(server, M.FS_INLINE_BULK_STATUS, wc, [v.fid for v in batch], snap=snap)
+        note_volsync(self.ctx, vol, reply.get("volsync"))
+        for v, (error, status, cb) in zip(batch, reply["results"], strict=False):
+            if error is None:
+                self._prime(v, status, cb, snap)
+            elif isinstance(error, list) and error and error[0] in ("ENOENT", "ESTALE"):
+                mark_deleted(self.ctx, v)
+
+    async def _lookup_rpc(self, dir: Vnode, name: bytes, wc: Any, dir_dv: int | None) -> Vnode:
+        """FS.Lookup of one name; its answer (or its absence) is remembered
+        for the directory's DV."""
         vol = dir.volume
         server = vol.server
         snap = CallSnapshot(vol, server, (dir,))
         try:
             reply = await call(server, M.FS_LOOKUP, wc, dir.fid, name, snap=snap)
         except RpcError as exc:
-            if exc.code == "ENOENT":
-                self._remember_name(dir, dst.data_version, name, None, snap)
+            if exc.code == "ENOENT" and dir_dv is not None:
+                self._remember_name(dir, dir_dv, name, None, snap)
             raise
         note_volsync(self.ctx, vol, reply.get("volsync"))
         await self._apply_locked(dir, reply["dir_status"], reply.get("dir_callback"), snap)
@@ -122,8 +242,8 @@ class Namespace:
         await self._apply_locked(child, reply["status"], reply.get("callback"), snap)
         if child.deleted or child.status is None:
             raise err("ENOENT")
-        dir_dv = FileStatus.from_wire(reply["dir_status"]).data_version
-        self._remember_name(dir, dir_dv, name, fid, snap)
+        new_dv = FileStatus.from_wire(reply["dir_status"]).data_version
+        self._remember_name(dir, new_dv, name, fid, snap)
         return child
 
     def _remember_name(
@@ -239,19 +359,8 @@ class Namespace:
             child = vol.get(ent.fid)
             if child.promise_state(now) != "ok":
                 stale.append(child)
-        for i in range(0, len(stale), MAX_BULKSTAT_FIDS):
-            batch = stale[i : i + MAX_BULKSTAT_FIDS]
-            server = vol.server
-            snap = CallSnapshot(vol, server, tuple(batch))
-            reply = await call(
-                server, M.FS_INLINE_BULK_STATUS, wc, [v.fid for v in batch], snap=snap
-            )
-            note_volsync(self.ctx, vol, reply.get("volsync"))
-            for v, (error, status, cb) in zip(batch, reply["results"], strict=False):
-                if error is None:
-                    self._prime(v, status, cb, snap)
-                elif isinstance(error, list) and error and error[0] in ("ENOENT", "ESTALE"):
-                    mark_deleted(self.ctx, v)
+        if stale:
+            await self._bulk_status(vol, stale, wc)
         out: list[DirEntryPlus] = []
         for ent in listing.sorted():
             child = vol.get(ent.fid)
@@ -476,4 +585,4 @@ class Namespace:
         await self._victim(vol, reply.get("replaced_fid"), reply.get("replaced_status"), snap)
 
 
-__all__ = ["RENAME_NOREPLACE", "DirEntryPlus", "Namespace"]
+__all__ = ["RENAME_NOREPLACE", "DirEntryPlus", "Namespace", "negative_holds", "negative_token"]

@@ -59,7 +59,9 @@ class Reader:
             if offset >= fsize or size <= 0:
                 return b""
             length = min(size, fsize - offset)
-            data = self.ctx.datacache.read(v.fid, dv, offset, length, fsize)
+            data = await self.ctx.chunk_io(
+                length, self.ctx.datacache.read, v.fid, dv, offset, length, fsize
+            )
             if data is not None:
                 self.ctx.stats.cache_hits += 1
                 sequential = offset == v.next_read

@@ -42,10 +42,13 @@ class Stats:
         "bytes_stored",
         "dir_fetches",
         "dir_local_edits",
+        "bulk_speculative",
+        "chunk_io_threaded",
         "invalidations_queued",
         "invalidations_coalesced",
         "invalidations_degraded",
         "reconnects",
+        "kernel_forgets",
         "records_destroyed",
     )
 

@@ -114,6 +114,9 @@ class Writer:
             v.local_size = max(v.size(), end)
         return len(data)
 
+    def _get_chunks(self, fid: Fid, dv: int, run: list[int]) -> list[bytes | None]:
+        return [self.ctx.datacache.get(fid, dv, i) for i in run]
+
     async def store(self, v: Vnode, cred: Any) -> None:
         """Store every dirty chunk (contiguous runs, <= MAX_IO per StoreData).
 
@@ -165,8 +168,12 @@ class Writer:
                         break
                 if run:
                     parts = []
-                    for i in run:
-                        chunk = self.ctx.datacache.get(v.fid, key_dv, i)
+                    # Off the trio thread when large: the io lock and the
+                    # vnode's write lock keep these dirty chunks as they are.
+                    chunks = await self.ctx.chunk_io(
+                        len(run) * cs, self._get_chunks, v.fid, key_dv, run
+                    )
+                    for i, chunk in zip(run, chunks, strict=True):
                         if chunk is None:
                             raise err("EIO", f"{v.fid}: dirty chunk {i} lost")
                         # A short cached chunk reads as zeros up to the file

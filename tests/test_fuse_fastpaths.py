@@ -1,0 +1,127 @@
+"""Fast paths through real mounts: answers the cache gives without the
+server must be the server's answers.
+
+- A name B's kernel caches as absent (a negative entry) is found on B once
+  A's create returned (the break drops the kernel's entry).
+- A cold walk on B over many children costs no RPC per child, and what it
+  shows follows A's changes.
+- Both clients give a file the same inode number, so tools that record them
+  (git's index) see nothing changed on the other client.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from afsfuse.lab.mount import ClientMount
+from afsfuse.lab.server import ServerProcess
+
+pytestmark = pytest.mark.mount
+
+BOUND = 5.0  # seconds a kernel invalidation may take here, generously
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from tests.conftest import fuse_problem
+
+    if fuse_problem():
+        pytest.fail(f"FUSE IS NOT AVAILABLE: {fuse_problem()}", pytrace=False)
+    base = tmp_path_factory.mktemp("fast")
+    with (
+        ServerProcess(base / "fs") as srv,
+        ClientMount(srv, base / "a") as a,
+        ClientMount(srv, base / "b") as b,
+    ):
+        yield a, b
+
+
+@pytest.fixture
+def dirs(pair, request):
+    a, b = pair
+    name = request.node.name[:60]
+    (a.mnt / name).mkdir()
+    return a.mnt / name, b.mnt / name
+
+
+def eventually(fn, bound=BOUND):
+    deadline = time.monotonic() + bound
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+def test_negative_entry_is_cached_and_dropped_when_another_client_creates(pair, dirs):
+    _a, b = pair
+    da, db = dirs
+    os.listdir(db)  # B holds the listing under a promise
+    assert not (db / "x").exists()
+    lookups, rpcs = b.fuse_requests().get("lookup", 0), b.stats()["rpc"]
+    for _ in range(3):
+        assert not (db / "x").exists()
+    # The kernel answered itself: no lookup reached B's daemon, no RPC left it.
+    assert b.fuse_requests().get("lookup", 0) == lookups
+    assert b.stats()["rpc"] == rpcs
+    (da / "x").write_bytes(b"hello")
+    # A's create has returned: B's promise on the directory is broken; the
+    # kernel's negative entry goes with it (asynchronously, within the bound).
+    assert eventually(lambda: (db / "x").exists())
+    assert (db / "x").read_bytes() == b"hello"
+    # The same for a name B looked up before it held any listing.
+    assert not (db / "y").exists()
+    os.mkdir(da / "y")
+    assert eventually(lambda: (db / "y").is_dir())
+
+
+def test_own_changes_replace_negative_entries(dirs):
+    da, _db = dirs
+    for name in ("f", "d", "l", "h", "r"):
+        assert not (da / name).exists()
+    (da / "f").write_bytes(b"1")
+    os.mkdir(da / "d")
+    os.symlink("f", da / "l")
+    os.link(da / "f", da / "h")
+    (da / "tmp").write_bytes(b"2")
+    os.rename(da / "tmp", da / "r")
+    assert (da / "f").read_bytes() == b"1" and (da / "d").is_dir()
+    assert os.readlink(da / "l") == "f" and (da / "h").stat().st_nlink == 2
+    assert (da / "r").read_bytes() == b"2" and not (da / "tmp").exists()
+    os.unlink(da / "r")
+    assert not (da / "r").exists()
+    (da / "r").write_bytes(b"3")  # a name removed here and made again
+    assert (da / "r").read_bytes() == b"3"
+
+
+def test_cold_walk_on_b_reads_directories_not_names(pair, dirs):
+    _a, b = pair
+    da, db = dirs
+    for i in range(100):
+        (da / f"f{i:03d}").write_bytes(b"x" * i)
+    before = b.stats()["rpc"]
+    sizes = [(db / f"f{i:03d}").stat().st_size for i in range(100)]
+    after = b.stats()["rpc"]
+    assert sizes == list(range(100))
+    lookups = after.get("FS.Lookup", 0) - before.get("FS.Lookup", 0)
+    fetches = after.get("FS.FetchStatus", 0) - before.get("FS.FetchStatus", 0)
+    assert lookups <= 3 and fetches <= 3, (lookups, fetches)  # not one per file
+    # What the cached listing answers follows A's changes.
+    (da / "f005").write_bytes(b"longer now")
+    os.unlink(da / "f006")
+    (da / "new").write_bytes(b"n")
+    assert eventually(lambda: (db / "f005").stat().st_size == len(b"longer now"))
+    assert eventually(lambda: not (db / "f006").exists())
+    assert eventually(lambda: (db / "new").exists())
+
+
+def test_both_clients_show_the_same_inode_numbers(dirs):
+    da, db = dirs
+    os.mkdir(da / "sub")
+    for i in range(5):
+        (da / "sub" / f"f{i}").write_bytes(b"x")
+    for p in ("sub", *(f"sub/f{i}" for i in range(5))):
+        assert (da / p).stat().st_ino == (db / p).stat().st_ino, p
