@@ -26,7 +26,8 @@ and serialize calls per volume (see ``VolumeHandle``).  Nothing in this module
 knows about trio.
 
 Imports: ``protocol`` and the standard library (no trio); salvage's check
-lives in ``fileserver.salvage`` (``Volume.check`` calls it).
+lives in ``fileserver.salvage`` (``Volume.check`` calls it); ``fileserver.space``
+measures the partition for ``volume_status``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fileserver.space import partition_space
 from protocol.errors import RpcError
 from protocol.limits import MAX_IO, MAX_UINT32
 from protocol.records import FileStatus, FileType, VolSync
@@ -404,6 +406,7 @@ class Volume:
             "quota_bytes": self.quota_bytes,
             "files": self.files,
             "block_size": 4096,
+            **partition_space(self.path, self.next_vnode),  # truthful statfs
         }
 
     # -- data changes ----------------------------------------------------------
