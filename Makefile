@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PKGS := fuse3 libfuse3-dev pkg-config
+APT_PKGS := fuse3 libfuse3-dev pkg-config etcd-server
 RUN_DIR ?= $(CURDIR)/.run
 MNT ?= $(CURDIR)/mnt
 PORT ?= 7000
@@ -44,7 +44,7 @@ stop: setup
 	@$(BIN)/python scripts/run_local.py stop --run-dir $(RUN_DIR) --mount $(MNT)
 
 bench: setup
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean: stop
 	rm -rf $(VENV) $(RUN_DIR)

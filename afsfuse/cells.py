@@ -6,6 +6,7 @@ Format::
     [cells."example.org"]
     vlservers = ["fs1.example.org:7000", "10.0.0.2"]   # port defaults to 7000
     key_file = "example.org.key"     # cell key; relative to this file
+    cert_file = "example.org.pem"    # client bundle (TLS); relative to this file
     [cells."ex"]
     alias = "example.org"            # same VL servers, its own volume instances
 
@@ -13,7 +14,8 @@ With no file the client knows one cell whose VL server is the fileserver
 named on the command line.  An alias is a distinct cell name (its volume
 instances are distinct, as the kernel's superblocks are) that reaches the
 same servers, so both share server records (keyed by server UUID), and the
-target's cell key.  ``afsfuse mount --key-file`` overrides every cell's key.
+target's cell key and client bundle.  ``afsfuse mount --key-file`` and
+``--cert`` override every cell's.
 """
 
 from __future__ import annotations
@@ -54,6 +56,19 @@ class Cell:
     alias_of: str | None = None
     #: The cell key file (SPEC section 4); None: the mount's --key-file.
     key_file: Path | None = None
+    #: The client bundle (SECURITY.md "TLS"); None: the mount's --cert.
+    cert_file: Path | None = None
+
+
+def _path(spec: dict[str, Any], field: str, cell: str, base: Path | None) -> Path | None:
+    """A file named in a cell's table; relative to the cells file."""
+    value = spec.get(field)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"cell {cell!r}: {field} must be a string")
+    if not value:
+        return None
+    path = Path(value)
+    return base / path if not path.is_absolute() and base is not None else path
 
 
 class CellDB:
@@ -90,15 +105,13 @@ class CellDB:
                 servers = [servers]
             if not servers:
                 raise ValueError(f"cell {name!r}: no vlservers")
-            key_file = spec.get("key_file")
-            if key_file is not None and not isinstance(key_file, str):
-                raise ValueError(f"cell {name!r}: key_file must be a string")
-            key_path = None
-            if key_file:
-                key_path = Path(key_file)
-                if not key_path.is_absolute() and base is not None:
-                    key_path = base / key_path
-            cells[name] = Cell(name, tuple(parse_address(s) for s in servers), None, key_path)
+            key_path, cert_path = (
+                _path(spec, "key_file", name, base),
+                _path(spec, "cert_file", name, base),
+            )
+            cells[name] = Cell(
+                name, tuple(parse_address(s) for s in servers), None, key_path, cert_path
+            )
         for name, target in aliases.items():
             seen = {name}
             while target in aliases:  # alias of an alias
@@ -108,7 +121,8 @@ class CellDB:
                 target = aliases[target]
             if target not in cells:
                 raise ValueError(f"cell {name!r} is an alias of unknown cell {target!r}")
-            cells[name] = Cell(name, cells[target].vlservers, target, cells[target].key_file)
+            t = cells[target]
+            cells[name] = Cell(name, t.vlservers, target, t.key_file, t.cert_file)
         return cls(cells, data.get("default"))
 
     @classmethod

@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the cell key (the fileserver's DATA_DIR/cell.key); default: the cell's "
         "key_file in the cells file, else $AFSFUSE_KEY_FILE",
     )
+    m.add_argument(
+        "--cert",
+        type=Path,
+        help="client bundle of the cell (from `afs-fileserver issue-client-cert`); default: "
+        "the cell's cert_file in the cells file, else $AFSFUSE_CERT_FILE",
+    )
+    m.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext connections, no TLS (benchmarks only; the server must run --insecure)",
+    )
     m.add_argument("--cache-dir", type=Path)
     m.add_argument("--cache-size", type=parse_size, default=parse_size("1G"))
     m.add_argument("--chunk-size", type=parse_size, default=parse_size("256K"))
@@ -156,6 +167,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             cells_file=args.cells,
             cell=args.cell,
             key_file=args.key_file.resolve() if args.key_file else None,
+            cert_file=args.cert.resolve() if args.cert else None,
+            insecure=args.insecure,
             cache_dir=cache_dir,
             cache_size=args.cache_size,
             chunk_size=args.chunk_size,

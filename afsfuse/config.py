@@ -34,6 +34,9 @@ class CacheConfig:
     invalidation_queue_size: int = 4096
     reconnect_backoff_max: float = 10.0
     connector: Connector = field(default=tcp_connector)
+    #: Connectors by cell name (TLS with each cell's client bundle, set by the
+    #: daemon); a cell not in it uses ``connector``.
+    cell_connectors: dict[str, Connector] = field(default_factory=dict)
     #: The cell key for every cell without its own ``key_file`` (SPEC section 4).
     #: None with no cell key file: no handshake (only fake in-memory servers
     #: accept that; the daemon refuses to start without a key).
@@ -41,6 +44,9 @@ class CacheConfig:
     #: Seconds between keepalives on an idle server connection (None: a third
     #: of the idle timeout the server announces at Hello).
     keepalive_interval: float | None = None
+
+    def connector_for(self, cell: str) -> Connector:
+        return self.cell_connectors.get(cell, self.connector)
 
     def key_for(self, cell: str) -> bytes | None:
         """The key that authenticates the servers of ``cell``."""

@@ -28,10 +28,13 @@ import trio
 from afsfuse.cache_manager import CacheConfig, CacheManager
 from afsfuse.cells import CellDB
 from afsfuse.fuse_ops import AfsOperations, drain_invalidations
+from afsfuse.server_record import tcp_connector
+from afsfuse.tls_config import fallback_connector, mount_tls
 from protocol.auth import load_key
 from protocol.connection import open_connection
 from protocol.errors import RpcError
 from protocol.methods import VL_GET_ENTRY_BY_NAME
+from protocol.tls import TLSRefused
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,10 @@ class MountOptions:
     cell: str | None = None
     #: The cell key; None: each cell's key_file from the cells file.
     key_file: Path | None = None
+    #: The client bundle (TLS); None: the cell's cert_file, else $AFSFUSE_CERT_FILE.
+    cert_file: Path | None = None
+    #: Plaintext connections, no TLS (benchmarks; logged loudly).
+    insecure: bool = False
     cache_size: int = 1 << 30
     chunk_size: int = 256 * 1024
     attr_timeout: float = 3600.0
@@ -102,7 +109,8 @@ async def cells_for(opts: MountOptions) -> CellDB:
     # No cells file: one cell, named as the server names its own cell.
     try:
         with trio.fail_after(max(opts.rpc_timeout, 10.0)):
-            async with open_connection(opts.host, opts.port) as conn:
+            tls = None if opts.insecure else mount_tls(opts, None).context_for(None)
+            async with open_connection(opts.host, opts.port, tls=tls) as conn:
                 entry = await conn.call(VL_GET_ENTRY_BY_NAME, opts.volume)
     except (OSError, trio.TooSlowError) as exc:
         raise MountFailed(f"cannot reach server {opts.host}:{opts.port}: {exc}") from None
@@ -146,8 +154,17 @@ def load_cell_key(opts: MountOptions, cells: CellDB) -> bytes | None:
 
 
 async def serve(opts: MountOptions, ready: Ready) -> None:
-    cells = await cells_for(opts)
+    if opts.insecure:
+        log.warning("*** --insecure: connections are NOT encrypted or integrity-protected "
+                    "(plaintext, for benchmarks) ***")  # fmt: skip
+    try:
+        cells = await cells_for(opts)
+        connectors = {} if opts.insecure else mount_tls(opts, cells).connectors()
+    except TLSRefused as exc:
+        raise MountFailed(str(exc.message)) from None
     config = CacheConfig(
+        cell_connectors=connectors,
+        connector=tcp_connector if opts.insecure else fallback_connector(),
         cells=cells,
         key=load_cell_key(opts, cells),
         cache_dir=opts.cache_dir,

@@ -207,7 +207,7 @@ class AfsOperations(pyfuse3.Operations):
         if m is None:
             return vnode, st
         cell = m.group(2).decode() if m.group(2) else vnode.volume.cell
-        root = await self.cm.mount_volume(cell, m.group(3).decode(), cred)
+        root = await self.cm.mount_volume(cell, m.group(3).decode(), cred, crossing=True)
         self._mount_parent.setdefault(root.volume.key, parent_ino)
         rst = await self.cm.getattr(root, cred)
         return root, rst

@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable
+from afsfuse.stats import log_event
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("afsfuse.events")
@@ -129,12 +130,10 @@ class KernelNotifier:
             return
         await self._call(self._inval_inode, entry.ino, attr_only)
         self.stats["inode"] += 1
-        events_log.info(
-            "event=kernel_invalidate ino=%d fid=%s attr_only=%s",
-            entry.ino,
-            getattr(entry.node, "fid", "?"),
-            attr_only,
-        )
+        log_event(
+            "kernel_invalidate", ino=entry.ino, fid=getattr(entry.node, "fid", "?"),
+            attr_only=attr_only,
+        )  # fmt: skip
         if getattr(entry.node, "is_dir", False):
             for name in self._names.pop(entry.ino, ()):
                 await self._entry(entry.ino, name, forget_name=False)
@@ -172,7 +171,7 @@ class KernelNotifier:
                 # throw away every page the kernel holds.
                 await self._inode(entry, attr_only=True)
                 n += 1
-        events_log.info("event=kernel_sweep inodes=%d", n)
+        log_event("kernel_sweep", inodes=n)
 
     async def _call(self, fn: Callable[..., None], *args: Any) -> None:
         try:

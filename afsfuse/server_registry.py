@@ -54,7 +54,7 @@ class ServerRegistry:
             uuid,
             addrs,
             client_uuid=self.client_uuid,
-            connector=cfg.connector,
+            connector=cfg.connector_for(cell),
             handlers=self.cb.handlers,
             stats=self.ctx.stats,
             rpc_timeout=cfg.rpc_timeout,

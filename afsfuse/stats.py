@@ -1,7 +1,8 @@
 """Counters for ``afsfuse fs stats`` and the structured event log.
 
 Event lines go to the ``afsfuse.events`` logger at INFO as
-``event=NAME key=value ...`` so a scenario tool can grep them.
+``event=NAME t=SECONDS key=value ...`` (the shared writer of
+``protocol/logfmt.py``, as the fileserver's) so the lab's timeline parses them.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ import logging
 from collections import Counter
 from typing import Any
 
+from protocol.logfmt import format_event
+
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("afsfuse.events")
 
 
-def log_event(name: str, **fields: Any) -> None:
+def log_event(name: str, /, **fields: Any) -> None:
     """Emit one ``event=NAME k=v ...`` line (cheap when INFO is off)."""
     if events_log.isEnabledFor(logging.INFO):
-        parts = " ".join(f"{k}={v}" for k, v in fields.items())
-        events_log.info("event=%s %s", name, parts)
+        events_log.info("%s", format_event(name, **fields))
 
 
 class Stats:

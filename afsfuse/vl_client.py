@@ -15,6 +15,7 @@ type), ``afsfuse.stats``, ``protocol.connection``, ``protocol.errors``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -30,9 +31,17 @@ log = logging.getLogger(__name__)
 
 class VLClient:
     def __init__(
-        self, connector: Connector, stats: Stats, *, connect_timeout: float, rpc_timeout: float
+        self,
+        connector: Connector,
+        stats: Stats,
+        *,
+        connect_timeout: float,
+        rpc_timeout: float,
+        cell_connector: Callable[[str], Connector] | None = None,
     ) -> None:
         self._connector = connector
+        #: The connector of a cell (TLS with its client bundle), if not ``connector``.
+        self._cell_connector = cell_connector
         self._stats = stats
         self.connect_timeout = connect_timeout
         self.rpc_timeout = rpc_timeout
@@ -57,7 +66,9 @@ class VLClient:
         except Exception as exc:  # a broken VL connection must not end the manager
             log.info("%s: ended: %r", conn.name, exc)
 
-    async def _connection(self, addr: Address) -> tuple[Connection, bool]:
+    async def _connection(
+        self, addr: Address, connector: Connector | None = None
+    ) -> tuple[Connection, bool]:
         """The kept connection to ``addr`` (True if it was opened just now)."""
         conn = self._conns.get(addr)
         if conn is not None and not conn.closed:
@@ -70,7 +81,7 @@ class VLClient:
                 return conn, False
             host, port = addr
             with trio.fail_after(self.connect_timeout):
-                stream = await self._connector(host, port)
+                stream = await (connector or self._connector)(host, port)
             conn = Connection(
                 stream, {}, name=f"vl-{host}:{port}", default_timeout=self.rpc_timeout
             )
@@ -88,10 +99,11 @@ class VLClient:
     async def call(self, cell: Cell, method: str, *params: Any) -> Any:
         """``method`` on the first VL server of ``cell`` that answers."""
         last: BaseException | None = None
+        connector = self._cell_connector(cell.name) if self._cell_connector else None
         for addr in cell.vlservers:
             for _attempt in range(2):
                 try:
-                    conn, fresh = await self._connection(addr)
+                    conn, fresh = await self._connection(addr, connector)
                 except (OSError, trio.TooSlowError) as exc:
                     last = exc
                     break

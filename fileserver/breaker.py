@@ -24,6 +24,7 @@ import trio
 from fileserver.callback import CallbackTable
 from fileserver.events import event
 from fileserver.metrics import Metrics
+from fileserver.nemesis import Nemesis
 from protocol.connection import Connection
 from protocol.errors import RemoteError, RpcError
 from protocol.limits import MAX_CALLBACK_FIDS
@@ -91,6 +92,7 @@ class Breaker:
         self.max_delayed = max_delayed
         self.clients: dict[str, ClientState] = {}
         self.by_cid: dict[int, ClientState] = {}
+        self.nemesis = Nemesis()  # injected faults, off unless asked (fileserver/nemesis.py)
 
     # -- client registry --------------------------------------------------
 
@@ -192,6 +194,8 @@ class Breaker:
                 if remaining <= 0:
                     raise trio.TooSlowError
                 try:
+                    await self.nemesis.before_break(st.uuid, chunk, remaining)
+                    remaining = deadline - trio.current_time()
                     await conn.call(CB_CALLBACK, [f.to_wire() for f in chunk], timeout=remaining)
                 except RemoteError as exc:
                     # It answered: it is alive.  Its handler failing is its bug.

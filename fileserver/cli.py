@@ -2,8 +2,11 @@
 
     afs-fileserver serve --data-dir DIR --listen 127.0.0.1:7000
     afs-fileserver salvage --data-dir DIR [--repair]
+    afs-fileserver issue-client-cert --data-dir DIR [--days N] --out FILE
+    afs-fileserver revoke-client-cert --data-dir DIR SERIAL
     afs-fileserver vol create|list|examine|remove|quota|offline|online ...
     afs-fileserver clients | callbacks | break FID | break-volume VOL | reset CLIENT | stats
+    afs-fileserver inject delay-breaks|drop-breaks|partition|shorten-promises|heal|show ...
 
 Admin subcommands find the running server through ``--data-dir`` (its
 address file and admin secret) and accept ``--json``.
@@ -32,6 +35,16 @@ def _hostport(text: str) -> tuple[str, int]:
         return parse_hostport(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _vldb_url(text: str) -> str:
+    from fileserver.etcd import parse_endpoints
+
+    try:
+        parse_endpoints(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _setup_logging(verbose: bool, event_log: str | None, events: bool = False) -> None:
@@ -73,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cell key (default DATA_DIR/cell.key, created 0600 at first start); "
                         "clients and servers of one cell share it")  # fmt: skip
     s.add_argument("--root-squash", action="store_true", help="treat uid 0 of clients as nobody")
+    s.add_argument("--ca-file", type=Path, default=None,
+                   help="cell CA, certificate + key (default: cell-ca.pem next to the cell key, "
+                        "created 0600 at first start); servers of one cell share it")  # fmt: skip
+    s.add_argument("--insecure", action="store_true",
+                   help="plaintext, no TLS (benchmarks only; logged loudly)")  # fmt: skip
     lim = s.add_argument_group("limits (per peer, safe defaults)")
     d = ServerConfig(data_dir=Path("."))
     for flag, kind, attr, text in [
@@ -123,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="HOST:PORT of the VL service to register our volumes with",
     )
+    s.add_argument("--vldb", type=_vldb_url, default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                   help="keep the cell's volume locations in etcd (default: this server's "
+                        "own VL service)")  # fmt: skip
+    s.add_argument(
+        "--vldb-ttl",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="lease of this server's VLDB registration (shown down after it)",
+    )
     s.add_argument(
         "--advertise",
         type=_hostport,
@@ -145,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("-v", "--debug", "--verbose", action="store_true", dest="verbose")
 
+    for name, text in [("issue-client-cert", "write a client bundle (cert, key, cell CA)"),
+                       ("revoke-client-cert", "deny a client certificate (running servers "
+                        "reload the list)")]:  # fmt: skip
+        t = sub.add_parser(name, parents=[common], help=text)
+        t.add_argument("--key-file", type=Path, default=None, help="as for serve")
+        t.add_argument("--ca-file", type=Path, default=None, help="as for serve")
+        if name == "issue-client-cert":
+            t.add_argument("--out", type=Path, required=True, help="bundle file (written 0600)")
+            t.add_argument("--days", type=float, default=365.0, help="validity (default 365)")
+            t.add_argument("--name", default="", help="a name for the certificate's subject")
+        else:
+            t.add_argument("serial", help="the certificate serial (hex, as issue printed)")
+
     sv = sub.add_parser("salvage", parents=[common], help="check/repair the data directory")
     sv.add_argument("--repair", action="store_true")
     sv.add_argument("--json", action="store_true")
@@ -160,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     vol.add_parser("remove", parents=[admin]).add_argument("volume")
     vol.add_parser("offline", parents=[admin]).add_argument("volume")
     vol.add_parser("online", parents=[admin]).add_argument("volume")
+    mv = vol.add_parser("move", parents=[admin], help="move a volume to another fileserver")
+    mv.add_argument("volume")
+    mv.add_argument("--to", type=_hostport, required=True, metavar="HOST:PORT",
+                    help="the target fileserver (same cell and cell key)")  # fmt: skip
     q = vol.add_parser("quota", parents=[admin])
     q.add_argument("volume")
     q.add_argument("bytes", type=int)
@@ -174,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reset", parents=[admin], help="InitCallBackState3 a client").add_argument(
         "client")  # fmt: skip
     sub.add_parser("stats", parents=[admin], help="counters and RPCs by method")
+    from fileserver.nemesis import add_cli
+
+    add_cli(sub, admin)
     return p
 
 
@@ -193,6 +241,8 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]
             "remove": ("Admin.VolRemove", (_vol_arg(getattr(args, "volume", "")),)),
             "offline": ("Admin.VolSetOnline", (_vol_arg(getattr(args, "volume", "")), False)),
             "online": ("Admin.VolSetOnline", (_vol_arg(getattr(args, "volume", "")), True)),
+            "move": ("Admin.VolMove", (_vol_arg(getattr(args, "volume", "")),
+                                       *(getattr(args, "to", None) or ("", 0)))),
             "quota": ("Admin.VolSetQuota",
                       (_vol_arg(getattr(args, "volume", "")), getattr(args, "bytes", 0))),
         }  # fmt: skip
@@ -210,6 +260,10 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]
         return cmd, "Admin.Reset", (args.client,)
     if cmd == "stats":
         return cmd, "Admin.Stats", ()
+    if cmd == "inject":
+        from fileserver.nemesis import cli_call
+
+        return cli_call(args)
     raise SystemExit(f"unknown command {cmd}")
 
 
@@ -228,10 +282,14 @@ def serve(args: argparse.Namespace) -> int:
         max_delayed=args.max_delayed,
         sweep_interval=args.sweep_interval,
         vl=args.vl,
+        vldb=args.vldb,
+        vldb_ttl=args.vldb_ttl,
         advertise=args.advertise,
         metrics=args.metrics,
         create_root=False if args.no_root_volume else None,
         key_file=args.key_file,
+        ca_file=args.ca_file,
+        insecure=args.insecure,
         root_squash=args.root_squash,
         max_frame=args.max_frame,
         max_calls_in_flight=args.max_calls_in_flight,
@@ -273,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command in ("issue-client-cert", "revoke-client-cert"):
+        from protocol.tls import cert_command
+
+        cfg = ServerConfig(data_dir=args.data_dir, key_file=args.key_file, ca_file=args.ca_file)
+        return cert_command(args, cfg.ca_file)
     if args.command == "salvage":
         from fileserver.salvage import run_salvage
 

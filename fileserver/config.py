@@ -15,6 +15,7 @@ from pathlib import Path
 
 from protocol.auth import KEY_FILE
 from protocol.limits import MAX_FRAME, MAX_NAME
+from protocol.tls import ca_file_for
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ class ServerConfig:
     #: Remote VL service to register our volumes with (None: we serve VL ourselves).
     vl: tuple[str, int] | None = None
     vl_register_interval: float = 60.0
+    #: The cell's VLDB in etcd (``etcd://HOST:PORT[,...]``; None: the local VL).
+    vldb: str | None = None
+    #: Lease TTL of this server's VLDB registration (down this long after dying).
+    vldb_ttl: float = 10.0
     #: Address advertised in VL entries (default: the bound address).
     advertise: tuple[str, int] | None = None
     #: Prometheus exporter address (None: off).
@@ -93,6 +98,11 @@ class ServerConfig:
     create_root: bool | None = None
     #: Cell key file (None: ``cell.key`` in the data dir, created at first start).
     key_file: Path | None = None
+    #: Cell CA (certificate + key, SECURITY.md "TLS"); None: ``cell-ca.pem``
+    #: next to the cell key, created at first start.
+    ca_file: Path | None = None
+    #: Plaintext connections (benchmarks only): no TLS on any connection.
+    insecure: bool = False
     #: Map uid 0 of every client to nobody (65534).
     root_squash: bool = False
     # -- limits on what one peer may cost (SECURITY.md, "Limits") --
@@ -122,5 +132,6 @@ class ServerConfig:
         if self.create_root is None:
             self.create_root = self.vl is None
         self.key_file = Path(self.key_file) if self.key_file else self.data_dir / KEY_FILE
+        self.ca_file = Path(self.ca_file) if self.ca_file else ca_file_for(self.key_file)
         self.max_name = min(self.max_name, MAX_NAME)
         self.max_file_size = min(self.max_file_size, MAX_FILE_SIZE)

@@ -1,10 +1,10 @@
 """Structured event log lines for scenario timelines.
 
 Every callback-relevant event is one INFO line on logger ``fileserver.events``:
-``event=NAME key=value ...`` with a wall-clock ``t=`` (seconds, microsecond
-precision) first after the event name, values without spaces (fids as
-``VOL.VNODE.UNIQUE``, clients as their UUID).  A later tool parses these
-lines into per-scenario timelines, so keys are stable:
+``event=NAME t=SECONDS key=value ...`` written by the shared logfmt writer
+(``protocol/logfmt.py``: one quoting rule for client and server; fids as
+``VOL.VNODE.UNIQUE``, clients as their UUID).  The lab's timeline parses
+these lines, so keys are stable:
 
 - ``event=grant fid= client= expires_in=``
 - ``event=change client= fids=F1,F2,...``  (a change by ``client``, before its breaks)
@@ -19,26 +19,25 @@ lines into per-scenario timelines, so keys are stable:
 - ``event=revoke client= promises=``  (table full)
 - ``event=sweep expired=``
 - ``event=forget client=``  (client idle past every promise: state dropped)
+- ``event=nemesis_inject kind= client= seconds=`` / ``event=nemesis_heal kind= client=``
+  and ``event=nemesis_effect kind= client= ...`` (a fault applied: ``fids=`` of a
+  delayed or dropped break, ``action=closed|refused`` of a partition); see
+  ``fileserver/nemesis.py``
 
-Imports: the standard library only.
+Imports: the standard library and ``protocol.logfmt``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
+
+from protocol.logfmt import format_event
 
 log = logging.getLogger("fileserver.events")
 
 
-def event(name: str, **fields: Any) -> None:
-    if not log.isEnabledFor(logging.INFO):
-        return
-    parts = [f"event={name}", f"t={time.time():.6f}"]
-    for k, v in fields.items():
-        # Exact types: a Fid is a tuple subclass and prints as VOL.VNODE.UNIQUE.
-        if type(v) in (list, tuple, set, frozenset):
-            v = ",".join(str(x) for x in v)
-        parts.append(f"{k}={str(v).replace(' ', '_')}")
-    log.info(" ".join(parts))
+def event(name: str, /, **fields: Any) -> None:
+    """Log one event line (cheap when INFO is off)."""
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s", format_event(name, **fields))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable
 from functools import partial
@@ -43,11 +44,14 @@ from fileserver.fsops import CAPABILITIES, FsOps
 from fileserver.metrics import Metrics
 from fileserver.store import DataDir, VolumeStore
 from fileserver.vl import VLRegistrar, VLService
+from fileserver.vldb import VLDB, LocalVLDB, make_vldb
+from fileserver.volmove import MovedVolumes, Receiver, move_volume
 from protocol.auth import AUTH_CHALLENGE, AUTH_PROVE, ServerAuth, create_key
 from protocol.connection import Connection, serve_tcp
 from protocol.errors import RpcError
 from protocol.limits import PROTOCOL_VERSION
 from protocol.methods import FS_HELLO, VL_GET_ENTRY_BY_ID, VL_GET_ENTRY_BY_NAME, VL_LIST_ENTRIES
+from protocol.tls import ServerTLS, note_mode, server_tls
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,9 @@ class FileServer:
         self.epoch = 0
         self.admin_secret = ""
         self.auth = ServerAuth(b"")
+        #: TLS (protocol.tls): ours as a server, and our certificate as a client.
+        self.tls: ServerTLS | None = None
+        self.client_tls: ssl.SSLContext | None = None
         self._per_peer: dict[str, int] = {}
         self.host = ""
         self.port = 0
@@ -98,15 +105,21 @@ class FileServer:
         self.started_at = 0.0
         self.connections: set[Connection] = set()
         self.registrar: VLRegistrar | None = None
+        self.first_start = False
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
         self.fsops = FsOps(self.store, self.table, self.breaker, self.metrics, config)
         self.vl = VLService(self.store, config.cell, "", self.advertised_addrs)
+        self.vldb: VLDB = make_vldb(self) if config.vldb else LocalVLDB(self.vl)
+        self.vl.vldb = self.vldb
+        self.moved = MovedVolumes(config.data_dir)  # volumes moved away: EREMCHG
         self.admin = AdminService(
             self.store, self.table, self.breaker, config,
             identity=lambda: {"server_uuid": self.uuid, "cell": self.cell, "epoch": self.epoch},
             secret=lambda: self.admin_secret,
             stats=self.stats,
+            vldb=self.vldb,
+            move=partial(move_volume, self),
         )  # fmt: skip
         self.handlers = self._build_handlers()
         self.metrics.gauge("promises", "Callback promises held", lambda: self.table.count)
@@ -132,8 +145,13 @@ class FileServer:
             self.uuid, self.cell = self.datadir.uuid, self.datadir.cell
             self.admin_secret = self.datadir.read_secret()
             self.auth.key = create_key(cfg.key_file)  # type: ignore[arg-type]
+            if not cfg.insecure:
+                self.tls, self.client_tls = server_tls(cfg, self.cell, self.uuid)
+            note_mode(cfg.data_dir, cfg.insecure)
             self.store.open_all()
-            if first and cfg.create_root and ROOT_VOLUME_NAME not in self.store.by_name:
+            self.first_start = first  # an etcd VLDB creates root.cell only if the cell has none
+            if (first and cfg.create_root and cfg.vldb is None
+                    and ROOT_VOLUME_NAME not in self.store.by_name):  # fmt: skip
                 self.store.create_sync(ROOT_VOLUME_NAME)
         except BaseException:
             self.store.close_all()
@@ -164,10 +182,14 @@ class FileServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if cfg.insecure:
+                    log.warning("*** --insecure: connections are NOT encrypted or "
+                                "integrity-protected (plaintext, for benchmarks) ***")  # fmt: skip
                 if cfg.host not in ("127.0.0.1", "::1", "localhost"):
                     log.warning("listening on %s: reachable from other machines; only the "
-                                "cell key keeps strangers out, traffic is not encrypted",
-                                cfg.host)  # fmt: skip
+                                "cell key and client certificates keep strangers out%s",
+                                cfg.host, ", traffic is NOT encrypted" if cfg.insecure
+                                else "")  # fmt: skip
                 listeners = await nursery.start(
                     partial(
                         serve_tcp,
@@ -175,6 +197,7 @@ class FileServer:
                         cfg.host,
                         cfg.port,
                         self.handlers,
+                        tls=self.tls,
                         allow_unauthenticated=allowed_before_auth,
                         handshake_timeout=cfg.handshake_timeout,
                         idle_timeout=cfg.idle_timeout,
@@ -190,6 +213,8 @@ class FileServer:
                 if cfg.metrics is not None:
                     self.metrics_port = self.metrics.serve(*cfg.metrics)
                 nursery.start_soon(self._sweeper)
+                if self.tls is not None:
+                    nursery.start_soon(self.tls.watch_revocations)
                 nursery.start_soon(self._retry_down_clients)
                 if cfg.vl is not None:
                     self.registrar = VLRegistrar(
@@ -199,8 +224,10 @@ class FileServer:
                         self.advertised_addrs,
                         cfg.vl_register_interval,
                         key=self.auth.key,
+                        tls=self.client_tls,
                     )
                     nursery.start_soon(self.registrar.run)
+                await nursery.start(self.vldb.run)
                 log.info("fileserver %s (cell %s, epoch %d) listening on %s:%d, data dir %s",
                          self.uuid, self.cell, self.epoch, self.host, self.port,
                          cfg.data_dir)  # fmt: skip
@@ -321,6 +348,8 @@ class FileServer:
         version = hello.get("version", PROTOCOL_VERSION)
         if type(version) is not int:
             raise RpcError("EINVAL", "version must be an int")
+        if self.breaker.nemesis.refuses(uuid):
+            raise RpcError("ECONNREFUSED", "partitioned by the nemesis")
         cur: ClientState | None = conn.context.get("session")
         if cur is not None and cur.uuid != uuid:
             raise RpcError("EINVAL", "a connection cannot change its client UUID")
@@ -392,10 +421,13 @@ class FileServer:
                 if not lo <= len(params) <= hi:
                     raise RpcError("EINVAL", f"{method}: {len(params)} params, want {lo}..{hi}")
                 if kind == "fs":
+                    self.moved.check(params, self.store.by_id.__contains__)
                     st = await self._session(conn)
                     return await fn(st, *params)
                 return await fn(conn, *params)
             except RpcError as exc:
+                if kind == "fs" and exc.code in ("ESTALE", "ENOENT"):
+                    self.moved.check(params, self.store.by_id.__contains__)  # moved meanwhile
                 err = exc.code
                 raise
             except (TypeError, ValueError, KeyError, IndexError):
@@ -420,6 +452,8 @@ class FileServer:
         for name, fn in self.vl.handlers().items():
             h[name] = self._wrap(name, fn, "conn")
         for name, fn in self.admin.handlers().items():
+            h[name] = self._wrap(name, fn, "conn")
+        for name, fn in Receiver(self).handlers().items():  # vol move, cell-key authenticated
             h[name] = self._wrap(name, fn, "conn")
         return h
 

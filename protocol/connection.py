@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -46,6 +47,7 @@ from protocol.limits import (
     SEND_HIGH_WATER,
     SEND_TIMEOUT,
 )
+from protocol.tls import ServerTLS, looks_like_tls, peek, tcp_connect
 
 log = logging.getLogger(__name__)
 
@@ -566,19 +568,28 @@ async def open_connection(
     handlers: Mapping[str, Handler] | None = None,
     *,
     connect_timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
     **kwargs: Any,
 ) -> AsyncIterator[Connection]:
-    """Connect over TCP and run a Connection for the body of the block."""
+    """Connect over TCP (inside TLS with ``tls``, see ``protocol.tls``) and
+    run a Connection for the body of the block."""
     with trio.fail_after(connect_timeout):
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await tcp_connect(host, port, tls)
     conn = Connection(stream, handlers, name=kwargs.pop("name", f"{host}:{port}"), **kwargs)
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(conn.run)
         try:
             yield conn
+        except Exception as exc:
+            # Carried out of the nursery, so the caller gets the RpcError
+            # itself and not an ExceptionGroup around it.
+            failure = exc
         finally:
             await conn.aclose()
             nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 async def serve_tcp(
@@ -587,12 +598,20 @@ async def serve_tcp(
     port: int,
     handlers: Mapping[str, Handler],
     *,
+    tls: ServerTLS | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     **kwargs: Any,
 ) -> None:
     """Accept TCP connections; each gets a Connection, handed to ``on_connection``
     while it runs (``on_connection`` must return only once it has awaited
-    ``conn.run()`` or otherwise finished with the connection)."""
+    ``conn.run()`` or otherwise finished with the connection).
+
+    With ``tls`` every connection runs inside TLS: a peer that speaks
+    plaintext gets one EPROTO reply saying so, a refused client certificate
+    (expired, revoked) one EACCES reply naming the reason; nothing of theirs
+    reaches a handler.  Without, a peer that starts a TLS handshake is
+    closed with a log line."""
+    wait = kwargs.get("handshake_timeout")
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
@@ -600,7 +619,40 @@ async def serve_tcp(
             name = f"{peer[0]}:{peer[1]}"
         except OSError:
             name = "peer"
-        conn = Connection(stream, handlers, name=name, **kwargs)
-        await on_connection(conn)
+        try:
+            first, s = await peek(stream, wait)
+        except (trio.BrokenResourceError, OSError):
+            await trio.aclose_forcefully(stream)
+            return
+        if not first:
+            await trio.aclose_forcefully(stream)
+            return
+        serial, refuse = 0, kwargs.get("refuse")
+        if tls is None and looks_like_tls(first):
+            log.warning("%s: TLS client on a plaintext (--insecure) server: closing", name)
+            await trio.aclose_forcefully(stream)
+            return
+        if tls is not None and not looks_like_tls(first):
+            log.warning("%s: plaintext client on a TLS server: refusing", name)
+            refuse = RpcError(
+                "EPROTO",
+                "this fileserver requires TLS: mount with the cell's client certificate "
+                "(--cert), or run both ends with --insecure",
+            )
+        elif tls is not None:
+            tls_stream, serial, refused = await tls.accept(s, name, wait)
+            if tls_stream is None:
+                return
+            s, refuse = tls_stream, refused or refuse
+        opts = dict(kwargs, refuse=refuse) if refuse is not None else kwargs
+        conn = Connection(s, handlers, name=name, **opts)
+        if tls is not None and refuse is None:
+            conn.context["tls_serial"] = serial
+            tls.track(serial, conn)
+        try:
+            await on_connection(conn)
+        finally:
+            if tls is not None and refuse is None:
+                tls.untrack(serial, conn)
 
     await trio.serve_tcp(handle, port, host=host, task_status=task_status)

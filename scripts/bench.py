@@ -1,26 +1,31 @@
 #!/usr/bin/env python3
-"""afsfuse benchmarks against the floor and against sshfs, in one run.
+"""afsfuse benchmarks against the floor, sshfs and GlusterFS, in one run.
 
-Sets up on 127.0.0.1, in a temporary directory:
+The driver: sets up on 127.0.0.1, in a temporary directory:
 
 - ``local``: a plain local directory (the floor of the floor);
 - ``pt0`` / ``ptlong``: ``scripts/passthrough.py``, a minimal pyfuse3 + trio
   passthrough of that directory, with kernel timeouts 0 and long (the
   FUSE-plus-Python floor);
-- ``afsfuse``: a fileserver subprocess and a client mount (``afsfuse.lab.server``,
-  ``afsfuse.lab.mount``);
-- ``sshfs``: Debian's sshfs of the local directory through an sshd started
-  here on a free 127.0.0.1 port with throwaway keys (installed with apt if
-  missing; if that fails, the table says so).
+- ``afsfuse``: a fileserver subprocess and client mounts (``afsfuse.lab.server``,
+  ``afsfuse.lab.mount``); one column per ``AfsVariant`` (extra server and
+  mount arguments), e.g. a TLS-vs-``--insecure`` pair via ``main(variants=...)``;
+- ``sshfs``: Debian's sshfs of a local directory through an sshd started
+  here on a free 127.0.0.1 port with throwaway keys;
+- ``glusterfs``: a one-brick GlusterFS volume on 127.0.0.1 through its FUSE
+  client (``scripts/bench_gluster.py``);
 
-and runs the same workloads on each: warm ``stat`` of a tree, ``ls -lR`` cold
-and warm, sequential read cold and warm, sequential write + fsync + close,
-small-file creation; then two-client staleness (afsfuse, sshfs) and callback
-handling time against the number of cached vnodes (in-process, at the cache
-manager level).  Prints a markdown table with goals met/missed, and writes
-``BENCHMARKS.md`` and ``BENCHMARKS.json``.
+(sshfs and GlusterFS are installed with apt if missing; if that fails, the
+table says so) and runs on each the micro workloads: warm ``stat`` of a tree,
+``ls -lR`` cold and warm, sequential read cold and warm, sequential write +
+fsync + close, small-file creation; two-client staleness; callback handling
+time against the number of cached vnodes (in-process, at the cache manager
+level); then the real tools of ``scripts/bench_tools.py`` (git clone, a
+second mount's git status, a commit seen by the second mount, make -j2, tar
+x, rm -rf, each checked).  Prints a markdown table with goals met/missed,
+and writes ``BENCHMARKS.md`` and ``BENCHMARKS.json``.
 
-    .venv/bin/python scripts/bench.py [--files 10000] [--big-mib 512] [--reps 3] ...
+    .venv/bin/python scripts/bench.py [--quick] [--reps 3] [--tools-reps 3] ...
 
 Every process started here is stopped by its pid and every mount made here
 is unmounted in a ``finally``, also on Ctrl-C.
@@ -51,8 +56,19 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # bench_* modules, also when imported
 
 import trio  # noqa: E402
+from bench_gluster import Gluster, GlusterMount, ensure_gluster  # noqa: E402
+from bench_tools import (  # noqa: E402
+    QUICK,
+    STEPS,
+    TWO_MOUNT_STEPS,
+    Sizes,
+    Step,
+    make_fixtures,
+    run_tools,
+)
 
 from afsfuse.cache_manager import CacheConfig, CacheManager  # noqa: E402
 from afsfuse.cells import CellDB  # noqa: E402
@@ -202,12 +218,34 @@ class PassthroughTarget(DaemonTarget):
                     "--attr-timeout", t, "--entry-timeout", t])  # fmt: skip
 
 
+@dataclass(frozen=True)
+class AfsVariant:
+    """One afsfuse configuration under test: its column name, and the extra
+    arguments of its fileserver and its mounts (e.g. a TLS-vs-``--insecure``
+    pair is two variants).  Goals are judged on the variant named "afsfuse"."""
+
+    name: str = "afsfuse"
+    server_args: tuple[str, ...] = ()
+    mount_args: tuple[str, ...] = ()
+
+    def server(self, data_dir: Path) -> ServerProcess:
+        # events=False: what a default deployment does (no trace lines).
+        return ServerProcess(data_dir, extra_args=self.server_args, events=False)
+
+
+DEFAULT_VARIANTS = (AfsVariant(),)
+
+
 class AfsTarget(Target):
     name, label = "afsfuse", "afsfuse"
 
-    def __init__(self, server: ServerProcess, workdir: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, server: ServerProcess, workdir: Path, extra: tuple[str, ...] = (), name: str = ""
+    ) -> None:
         super().__init__()
         self.server, self.workdir, self.extra = server, workdir, extra
+        if name:
+            self.name = self.label = name
         self.mount: ClientMount | None = None
         self.root = workdir / "mnt"
 
@@ -315,6 +353,25 @@ class SshfsTarget(DaemonTarget):
         ])  # fmt: skip
         # -f: foreground, so the pid we hold is the daemon's.
         self.spawn(["sshfs", "-f", f"root@127.0.0.1:{self.backing}", str(self.root), "-o", opts])
+
+
+class GlusterTarget(Target):
+    """A FUSE client of the benchmark's GlusterFS volume (``bench_gluster``)."""
+
+    name, label = "glusterfs", "GlusterFS"
+
+    def __init__(self, gluster: Gluster, mnt: Path) -> None:
+        super().__init__()
+        self.gluster, self.root = gluster, mnt
+        self.mount: GlusterMount | None = None
+
+    def start(self) -> None:
+        self.mount = self.gluster.mount(self.root)
+
+    def stop(self) -> None:
+        if self.mount is not None:
+            self.mount.stop()
+            self.mount = None
 
 
 def ensure_sshfs() -> str | None:
@@ -430,8 +487,9 @@ def run_target(t: Target, args: argparse.Namespace, block: bytes) -> dict[str, R
     reps, files = args.reps, args.files
     big = args.big_mib * MIB
     paths = tree_paths(t.root, files, args.dirs)
-    if t.name == "afsfuse" or t.name == "local":
-        # afsfuse has no backing dir; local builds the tree all others share.
+    if t.backing is None or t.name == "local":
+        # afsfuse and GlusterFS have no backing dir; local builds the tree
+        # the others share.
         secs = make_tree(t.root, files, args.dirs)
         out["tree_setup"] = Result([files / secs], unit="files/s")
         log.info("%s: made a %d-file tree in %.1f s", t.name, files, secs)
@@ -502,7 +560,7 @@ def run_target(t: Target, args: argparse.Namespace, block: bytes) -> dict[str, R
         s.samples.append(args.small / timed(lambda d=d: small_files(d, args.small)))
         s.extra.setdefault("rpcs", []).append(rpc_delta(before, t.rpcs()))
     log.info("%s: small files %.0f/s", t.name, s.median)
-    if t.name != "afsfuse":  # a shared backing dir: leave it as the next target expects
+    if t.backing is not None:  # a shared backing dir: leave it as the next target expects
         for i in range(reps):
             shutil.rmtree((t.backing or t.root) / f"small-{t.name}-{i}", ignore_errors=True)
     return out
@@ -654,7 +712,7 @@ def machine() -> dict[str, str]:
     for p in ("pyfuse3", "trio", "msgpack"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             pkgs[p] = metadata.version(p)
-    for deb in ("sshfs", "openssh-server", "fuse3"):
+    for deb in ("sshfs", "openssh-server", "fuse3", "glusterfs-server", "git", "gcc"):
         r = subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", deb], capture_output=True, text=True
         )
@@ -678,7 +736,10 @@ ROWS = [
     ("write", "seq write + fsync + close (MB/s)"),
     ("small", "small files: create+4 KiB+close (files/s)"),
 ]
-COLS = ["local", "pt0", "ptlong", "afsfuse", "sshfs"]
+COLS = ["local", "pt0", "ptlong", "afsfuse", "sshfs", "glusterfs"]
+OTHERS = ("sshfs", "glusterfs")  # what afsfuse is compared with
+TOOL_COLS = ["local", "sshfs", "glusterfs"]  # + the afsfuse variants
+GOAL_RATIO = 1.5  # issue 13: every goal below is ">= 1.5x"
 
 
 def fmt(v: float | None) -> str:
@@ -698,24 +759,29 @@ def cell(res: dict[str, dict[str, Result]], col: str, key: str, why: dict[str, s
     return f"{fmt(r.median)} [{fmt(min(r.samples))}-{fmt(max(r.samples))}]"
 
 
-def ratio(res: dict[str, dict[str, Result]], key: str, other: str) -> float | None:
-    """How many times better afsfuse is than ``other`` (>1: afsfuse better)."""
-    a, b = res.get("afsfuse", {}).get(key), res.get(other, {}).get(key)
+def ratio(
+    res: dict[str, dict[str, Result]], key: str, other: str, afs: str = "afsfuse"
+) -> float | None:
+    """How many times better ``afs`` is than ``other`` (>1: ``afs`` better)."""
+    a, b = res.get(afs, {}).get(key), res.get(other, {}).get(key)
     if a is None or b is None or not a.median or not b.median:
         return None
     return b.median / a.median if a.lower_better else a.median / b.median
 
 
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "MISSED")
+
+
 def goals(
-    res: dict[str, dict[str, Result]], stale: dict[str, Result], cbs: dict[str, dict[str, Any]]
+    res: dict[str, dict[str, Result]],
+    stale: dict[str, Result],
+    cbs: dict[str, dict[str, Any]],
+    afs_name: str = "afsfuse",
 ) -> list[tuple[str, str, str]]:
-    """(goal, measured, verdict) rows."""
+    """(goal, measured, verdict) rows of the micro benchmarks."""
     out: list[tuple[str, str, str]] = []
-
-    def verdict(ok: bool | None) -> str:
-        return "n/a" if ok is None else ("met" if ok else "MISSED")
-
-    afs = res.get("afsfuse", {})
+    afs = res.get(afs_name, {})
     st = afs.get("stat_warm")
     if st is not None:
         n = st.extra.get("rpcs_total_per_pass")
@@ -727,7 +793,7 @@ def goals(
             )
         )
     for other in ("sshfs", "ptlong"):
-        q = ratio(res, "stat_warm", other)
+        q = ratio(res, "stat_warm", other, afs_name)
         out.append(
             (
                 f"warm stat within 1.3x of {other}",
@@ -736,20 +802,24 @@ def goals(
             )
         )
     for key, what in (
+        ("small", "small files"),
+        ("write", "write+fsync+close"),
         ("read_cold", "cold seq read"),
-        ("write", "write+close"),
         ("ls_cold", "cold `ls -lR`"),
     ):
-        q = ratio(res, key, "sshfs")
+        q = ratio(res, key, "sshfs", afs_name)
+        qg = ratio(res, key, "glusterfs", afs_name)
         out.append(
             (
-                f"{what} beats sshfs by >= 1.5x",
-                "—" if q is None else f"{q:.2f}x",
-                verdict(None if q is None else q >= 1.5),
+                f"{what} beats sshfs by >= {GOAL_RATIO:g}x",
+                "—"
+                if q is None
+                else f"{q:.2f}x" + ("" if qg is None else f" (vs GlusterFS {qg:.2f}x)"),
+                verdict(None if q is None else q >= GOAL_RATIO),
             )
         )
-    q = ratio(res, "read_warm", "ptlong")
-    ql = ratio(res, "read_warm", "local")
+    q = ratio(res, "read_warm", "ptlong", afs_name)
+    ql = ratio(res, "read_warm", "local", afs_name)
     rw = afs.get("read_warm")
     nreads = max(rw.extra.get("daemon_reads", [0])) if rw is not None else None
     out.append(
@@ -772,7 +842,7 @@ def goals(
                 verdict(max(gi, gc) < 2),
             )
         )
-    s = stale.get("afsfuse")
+    s = stale.get(afs_name)
     if s is not None:
         ok = (
             None
@@ -781,6 +851,118 @@ def goals(
         )
         out.append(("two-client staleness p99 < 100 ms", p99(s), verdict(ok)))
     return out
+
+
+# -- real tools report ----------------------------------------------------------------
+
+
+def tool_cell(tools: dict[str, dict[str, Step]], col: str, key: str, why: dict[str, str]) -> str:
+    if col not in tools:
+        return f"n/a ({why[col]})" if col in why else "n/a"
+    s = tools[col].get(key)
+    if s is None:
+        return "n/a (no second mount)" if key in TWO_MOUNT_STEPS else "n/a"
+    bad = len(s.ok) - sum(s.ok)
+    good = [x for x, k in zip(s.samples, s.ok, strict=True) if k and x is not None]
+    text = f"{fmt(s.median)} [{fmt(min(good))}-{fmt(max(good))}]" if good else ""
+    if len(s.ok) < s.extra.get("reps_wanted", 0):
+        text += f" (n={len(s.ok)})"
+    if bad:
+        text = (text + " " if text else "") + f"**FAILED {bad}/{len(s.ok)}**"
+    return text
+
+
+def tool_ratio(
+    tools: dict[str, dict[str, Step]], key: str, other: str, afs: str
+) -> tuple[str, str] | None:
+    """(measured, verdict) of the goal "afs >= 1.5x other" on one workload:
+    the other's seconds over afsfuse's; None if either did not run it."""
+    a, b = tools.get(afs, {}).get(key), tools.get(other, {}).get(key)
+    if a is None or b is None:
+        return None
+    if not a.all_ok:
+        return f"{afs} failed", "MISSED"
+    if b.median is None:
+        return f"{other} failed", "n/a"
+    assert a.median is not None
+    q = b.median / a.median
+    bad = len(b.ok) - sum(b.ok)
+    failed = f" ({other} failed {bad}/{len(b.ok)})" if bad else ""
+    return f"{q:.2f}x{failed}", verdict(q >= GOAL_RATIO)
+
+
+def tool_goals(
+    tools: dict[str, dict[str, Step]], afs: str, sizes: Sizes
+) -> list[tuple[str, str, str]]:
+    out = []
+    for key, label in STEPS:
+        for other in ("glusterfs", "sshfs"):
+            r = tool_ratio(tools, key, other, afs)
+            if r is not None:
+                name = "GlusterFS" if other == "glusterfs" else other
+                out.append((f"{label.format(**vars(sizes))} >= {GOAL_RATIO:g}x {name}", *r))
+    return out
+
+
+def render_tools(
+    args: argparse.Namespace,
+    tools: dict[str, dict[str, Step]],
+    why: dict[str, str],
+    cols: list[str],
+    afs: str,
+    sizes: Sizes,
+    loads: dict[str, str],
+) -> list[str]:
+    L = ["## Real tools\n"]
+    L.append(
+        f"Seconds, median [min-max] of the repetitions whose check passed, {args.tools_reps} "
+        f"repetition(s) (fewer, marked n=, where one would have ended past the "
+        f"{args.tools_budget:g} s budget per target); lower is better.  A repository "
+        f"generated with `git fast-import` "
+        f"({sizes.files:,} files in a nested tree, {sizes.commits} commits) on the local disk; "
+        f"each repetition clones it into mount A, then on mount B (a second client of the same "
+        f"volume: a second sshfs, GlusterFS FUSE client or afsfuse mount) runs `git status` + "
+        f"`git log -1` in the clone; commits an edit on A and polls B's `git log -1` and `git "
+        f"status` (every 20 ms, at most {args.commit_bound:g} s) until they show it (time from "
+        f"the edit); builds a {sizes.cfiles}-file C project with `make -j2` in A; untars the "
+        f"tree (`git archive` of HEAD) into A; and `rm -rf`s the clone.  Checks: the clone's "
+        f"HEAD, a clean `git status`, `git fsck` and its file count; B's HEAD and a clean "
+        f"status; B reads the bytes A committed; the binary prints the right sum and `make -q` "
+        f"says it is up to date; `tar -d` finds no difference; the clone is gone.  Kernel "
+        f"caches are dropped before each repetition.  Ratios: the other's seconds over "
+        f"{afs}'s (> 1: {afs} faster); goal >= {GOAL_RATIO:g}x.\n"
+    )
+    L.append("| real tool (s) | " + " | ".join(cols) + f" | {afs} vs GlusterFS | {afs} vs sshfs |")
+    L.append("|---|" + "---:|" * (len(cols) + 2))
+    for key, label in STEPS:
+        cells = [tool_cell(tools, c, key, why) for c in cols]
+        rs = [tool_ratio(tools, key, o, afs) for o in ("glusterfs", "sshfs")]
+        rt = [
+            "n/a" if r is None else (f"n/a ({r[0]})" if r[1] == "n/a" else " ".join(r)) for r in rs
+        ]
+        L.append(f"| {label.format(**vars(sizes))} | " + " | ".join(cells + rt) + " |")
+    L.append("")
+    fails = [
+        f"- {col}, {key}, repetition {i + 1}: {note}"
+        + ("" if secs is None else f" (the tool itself ran in {secs:.2f} s)")
+        for col in cols
+        for key, s in tools.get(col, {}).items()
+        for i, (secs, ok, note) in enumerate(zip(s.samples, s.ok, s.notes, strict=True))
+        if not ok
+    ]
+    if fails:
+        L.append("Failed steps:\n")
+        L.extend(fails)
+        L.append("")
+    else:
+        L.append("Every step of every target passed its check.\n")
+    if loads:
+        L.append(
+            "Load average when each target's real-tools run started: "
+            + ", ".join(f"{k} {v}" for k, v in loads.items())
+            + ".\n"
+        )
+    return L
 
 
 def render(
@@ -792,15 +974,24 @@ def render(
     cbs: dict[str, dict[str, Any]],
     goal_rows: list[tuple[str, str, str]],
     runtime: float,
+    *,
+    cols: list[str] | None = None,
+    afs: str = "afsfuse",
+    tools_md: list[str] | None = None,
 ) -> str:
+    cols = cols or COLS
+    extra_afs = [c for c in cols if c not in COLS]
     L: list[str] = []
     L.append("# afsfuse benchmarks\n")
     L.append(
-        f"Generated by `make bench` (`scripts/bench.py`) on "
+        f"Generated by `make bench` (`scripts/bench.py{' --quick' if args.quick else ''}`) on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; the run took "
         f"{runtime / 60:.1f} min.\n"
     )
+    if args.quick:
+        L.append("**Quick mode**: reduced sizes and 1 repetition; not comparable to a full run.\n")
     L.append("Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + ".\n")
+    L.append("## Micro benchmarks\n")
     L.append(
         f"Sizes: {args.files:,}-file tree in {args.dirs} directories, "
         f"{args.big_mib} MiB sequential file (1 MiB reads/writes), {args.small:,} small "
@@ -808,14 +999,18 @@ def render(
         "`local` = a local directory; `pt0`/`ptlong` = `scripts/passthrough.py` "
         "(pyfuse3 + trio) of it with kernel timeouts 0 / 3600 s; `afsfuse` = fileserver + "
         "client mount (default options: kernel timeouts 3600 s); `sshfs` = sshfs of the "
-        "local dir through sshd on 127.0.0.1.  Cold = after remount (afsfuse: with an "
+        "local dir through sshd on 127.0.0.1; `glusterfs` = a one-brick GlusterFS volume on "
+        "127.0.0.1 (md-cache with upcall invalidation, `md-cache-timeout` 600) through its "
+        "FUSE client.  Cold = after remount (afsfuse: with an "
         "empty cache dir) and `drop_caches`.  Ratios > 1 mean afsfuse is better.\n"
     )
-    L.append("| workload | " + " | ".join(COLS) + " | afsfuse/ptlong | afsfuse/sshfs |")
-    L.append("|---|" + "---:|" * (len(COLS) + 2))
+    rcols = [f"{afs}/{o}" for o in ("ptlong", *OTHERS)] + [f"{e}/{afs}" for e in extra_afs]
+    L.append("| workload | " + " | ".join(cols) + " | " + " | ".join(rcols) + " |")
+    L.append("|---|" + "---:|" * (len(cols) + len(rcols)))
     for key, label in ROWS:
-        cells = [cell(res, c, key, why) for c in COLS]
-        rs = [ratio(res, key, o) for o in ("ptlong", "sshfs")]
+        cells = [cell(res, c, key, why) for c in cols]
+        rs = [ratio(res, key, o, afs) for o in ("ptlong", *OTHERS)]
+        rs += [ratio(res, key, afs, e) for e in extra_afs]
         L.append(
             f"| {label} | "
             + " | ".join(cells)
@@ -824,24 +1019,26 @@ def render(
             + " |"
         )
     L.append("")
-    st = res.get("afsfuse", {}).get("stat_warm")
+    st = res.get(afs, {}).get("stat_warm")
     if st is not None:
         L.append(
             f"afsfuse RPCs per warm `stat` pass ({st.extra.get('entries')} entries): "
             f"{st.extra.get('rpcs_per_pass') or 'none'}.\n"
         )
-    setup = res.get("afsfuse", {}).get("tree_setup")
+    setup = res.get(afs, {}).get("tree_setup")
     if setup is not None and setup.median:
         L.append(
             f"Making the tree through the afsfuse mount (create + write 100 B + close, "
             f"one run): {setup.median:,.0f} files/s.\n"
         )
     for key, what, per in (("small", "small file", args.small), ("write", "write", 1)):
-        r = res.get("afsfuse", {}).get(key)
+        r = res.get(afs, {}).get(key)
         if r is not None and r.extra.get("rpcs"):
             last = r.extra["rpcs"][-1]
             shown = ", ".join(f"{k} {v / per:g}" for k, v in sorted(last.items()))
             L.append(f"afsfuse RPCs per {what} (last repetition): {shown or 'none'}.\n")
+    if tools_md:
+        L.extend(tools_md)
     L.append("## Two clients: A's `close()` to B's `stat()` showing the new size\n")
     L.append(
         f"{args.stale_rounds} rounds per system at most, each wait bounded at "
@@ -849,7 +1046,7 @@ def render(
     )
     L.append("| system | rounds | timeouts | median | min | max | p99 |")
     L.append("|---|---:|---:|---:|---:|---:|---:|")
-    for name in ("afsfuse", "sshfs"):
+    for name in [c for c in cols if c not in ("local", "pt0", "ptlong")]:
         s = stale.get(name)
         if s is None:
             L.append(f"| {name} | n/a ({why.get(name, 'not run')}) | | | | | |")
@@ -889,6 +1086,17 @@ def render(
 # -- main ----------------------------------------------------------------------------
 
 
+def remove_workdir(base: Path) -> None:
+    """Delete the temp dir, unless a mount under it survived its unmount
+    (deleting through a live mount would delete the mounted files)."""
+    with open("/proc/self/mountinfo") as f:
+        left = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(base) + "/")]
+    if left:
+        log.error("not removing %s: still mounted there: %s", base, ", ".join(left))
+        return
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def started(t: Target) -> Iterator[Target]:
     t.start()
@@ -898,8 +1106,24 @@ def started(t: Target) -> Iterator[Target]:
         t.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+QUICK_ARGS = {  # --quick: every section, small, once
+    "files": 2000,
+    "dirs": 40,
+    "big_mib": 64,
+    "small": 500,
+    "reps": 1,
+    "stale_rounds": 50,
+    "stale_budget": 15.0,
+    "cb_sizes": "10,1000,10000",
+    "cb_runs": 300,
+    "tools_reps": 1,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes, 1 repetition (a smoke run of every section)")  # fmt: skip
     ap.add_argument("--files", type=int, default=10_000, help="files in the stat/ls tree")
     ap.add_argument("--dirs", type=int, default=100, help="directories they are spread over")
     ap.add_argument("--big-mib", type=int, default=512, help="sequential file size (MiB)")
@@ -910,12 +1134,222 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stale-budget", type=float, default=60.0, help="max seconds per system")
     ap.add_argument("--cb-sizes", default="10,1000,100000")
     ap.add_argument("--cb-runs", type=int, default=2000)
+    ap.add_argument("--tools-reps", type=int, default=3, help="repetitions of the real tools")
+    ap.add_argument("--tools-budget", type=float, default=330.0,
+                    help="seconds per target for the real tools: fewer repetitions "
+                    "where one would end past it")  # fmt: skip
+    ap.add_argument("--commit-bound", type=float, default=60.0,
+                    help="max seconds for B to show A's commit")  # fmt: skip
+    ap.add_argument("--no-tools", action="store_true", help="skip the real-tools section")
+    ap.add_argument("--no-micro", action="store_true", help="skip the micro benchmarks")
     ap.add_argument("--targets", default=",".join(COLS), help="comma-separated subset")
-    ap.add_argument("--no-sshfs-install", action="store_true", help="never run apt-get")
+    ap.add_argument("--no-install", "--no-sshfs-install", action="store_true",
+                    help="never run apt-get (sshfs, GlusterFS)")  # fmt: skip
     ap.add_argument("--workdir", type=Path, default=None, help="default: a new temp dir")
     ap.add_argument("--out-md", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--out-json", type=Path, default=REPO / "BENCHMARKS.json")
     args = ap.parse_args(argv)
+    if args.quick:
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:])}
+        for k, v in QUICK_ARGS.items():
+            if k not in given:  # an explicit option still wins
+                setattr(args, k, v)
+    return args
+
+
+def install_problems(wanted: list[str], no_install: bool) -> dict[str, str]:
+    why: dict[str, str] = {}
+    checks = (("sshfs", ensure_sshfs, "sshfs"), ("glusterfs", ensure_gluster, "glusterfs"))
+    for name, ensure, binary in checks:
+        if name not in wanted:
+            continue
+        if no_install:
+            problem = None if shutil.which(binary) else f"{binary} not installed (--no-install)"
+        else:
+            problem = ensure()
+        if problem:
+            why[name] = problem
+            log.warning("%s column empty: %s", name, problem)
+    return why
+
+
+class Services:
+    """The servers the targets share (sshd, GlusterFS, afsfuse fileservers),
+    started on first use and all stopped by ``close``, also after a failure."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.sshd: Sshd | None = None
+        self.gluster: Gluster | None = None
+        self.servers: list[ServerProcess] = []
+
+    def get_sshd(self) -> Sshd:
+        if self.sshd is None:
+            self.sshd = Sshd(self.base / "sshd")
+            self.sshd.start()
+        return self.sshd
+
+    def get_gluster(self) -> Gluster:
+        if self.gluster is None:
+            self.gluster = Gluster(self.base / "gluster")
+            try:
+                self.gluster.start()
+            except BaseException:
+                self.gluster.stop()
+                raise
+        return self.gluster
+
+    def afs_server(self, v: AfsVariant, tag: str) -> ServerProcess:
+        srv = v.server(self.base / f"fs-{v.name}-{tag}".replace(" ", "_"))
+        self.servers.append(srv)
+        return srv.start()
+
+    def close(self) -> None:
+        if self.gluster is not None:
+            self.gluster.stop()
+        if self.sshd is not None:
+            self.sshd.stop()
+        for srv in self.servers:
+            srv.stop()
+
+
+SETUP_ERRORS = (RuntimeError, OSError, subprocess.SubprocessError)
+
+
+def run_micro(
+    args: argparse.Namespace,
+    svc: Services,
+    variants: tuple[AfsVariant, ...],
+    wanted: list[str],
+    why: dict[str, str],
+) -> tuple[dict[str, dict[str, Result]], dict[str, Result]]:
+    base = svc.base
+    data = base / "data"
+    data.mkdir()
+    block = os.urandom(MIB)
+    res: dict[str, dict[str, Result]] = {}
+    stale: dict[str, Result] = {}
+    # The local tree (shared by local, pt0, ptlong, sshfs) is made by the
+    # local target, so it always runs first.
+    res["local"] = run_target(LocalTarget(data), args, block)
+    for timeout in (0.0, LONG_TIMEOUT):
+        pt = PassthroughTarget(data, base / f"mnt-pt{timeout:g}", timeout, base)
+        if pt.name in wanted:
+            with started(pt):
+                res[pt.name] = run_target(pt, args, block)
+    for v in variants:
+        if v.name not in wanted and not (v.name.startswith("afsfuse") and "afsfuse" in wanted):
+            continue
+        server = svc.afs_server(v, "micro")
+        d = v.name.replace(" ", "_")
+        with started(AfsTarget(server, base / f"{d}-a", v.mount_args, v.name)) as afs:
+            res[v.name] = run_target(afs, args, block)
+            with started(AfsTarget(server, base / f"{d}-b", v.mount_args, v.name)) as afs_b:
+                stale[v.name] = staleness(
+                    afs.root, afs_b.root, args.stale_rounds, args.stale_bound, args.stale_budget
+                )
+        log.info("%s staleness: %s", v.name, stale[v.name].extra)
+    if "sshfs" in wanted and "sshfs" not in why:
+        try:
+            sshd = svc.get_sshd()
+            a = SshfsTarget(sshd, data, base / "mnt-sshfs-a", base)
+            with started(a):
+                res["sshfs"] = run_target(a, args, block)
+                with started(SshfsTarget(sshd, data, base / "mnt-sshfs-b", base)) as b:
+                    stale["sshfs"] = staleness(
+                        a.root, b.root, args.stale_rounds, args.stale_bound, args.stale_budget
+                    )
+            log.info("sshfs staleness: %s", stale["sshfs"].extra)
+        except SETUP_ERRORS as exc:
+            why["sshfs"] = f"sshfs run failed: {exc}"[:300]
+            log.error("%s", why["sshfs"])
+    if "glusterfs" in wanted and "glusterfs" not in why:
+        try:
+            g = svc.get_gluster()
+            ga = GlusterTarget(g, base / "mnt-gluster-a")
+            with started(ga):
+                res["glusterfs"] = run_target(ga, args, block)
+                with started(GlusterTarget(g, base / "mnt-gluster-b")) as gb:
+                    stale["glusterfs"] = staleness(
+                        ga.root, gb.root, args.stale_rounds, args.stale_bound, args.stale_budget
+                    )
+            log.info("glusterfs staleness: %s", stale["glusterfs"].extra)
+        except SETUP_ERRORS as exc:
+            why["glusterfs"] = f"GlusterFS run failed: {exc}"[:300]
+            log.error("%s", why["glusterfs"])
+    return res, stale
+
+
+def run_all_tools(
+    args: argparse.Namespace,
+    svc: Services,
+    variants: tuple[AfsVariant, ...],
+    wanted: list[str],
+    why: dict[str, str],
+    sizes: Sizes,
+) -> tuple[dict[str, dict[str, Step]], dict[str, str]]:
+    """The real-tools workloads on every target, one after the other."""
+    base = svc.base / "tools"
+    fx = make_fixtures(base / "fixtures", sizes)
+    home = base / "fixtures" / "home"
+    tools: dict[str, dict[str, Step]] = {}
+    loads: dict[str, str] = {}
+
+    def go(name: str, a: Path, b: Path | None) -> None:
+        loads[name] = Path("/proc/loadavg").read_text().split()[0]
+        a_dir = a / "tools"
+        a_dir.mkdir()
+        b_dir = None if b is None else b / "tools"
+        tools[name] = run_tools(name, a_dir, b_dir, fx, args.tools_reps, home=home,
+                                cold=drop_caches, commit_bound=args.commit_bound,
+                                budget=args.tools_budget)  # fmt: skip
+
+    if "local" in wanted:
+        (base / "local").mkdir()
+        go("local", base / "local", None)
+    if "sshfs" in wanted and "sshfs" not in why:
+        try:
+            sshd = svc.get_sshd()
+            (base / "sshfs").mkdir()
+            a = SshfsTarget(sshd, base / "sshfs", base / "mnt-sshfs-a", base)
+            b = SshfsTarget(sshd, base / "sshfs", base / "mnt-sshfs-b", base)
+            with started(a), started(b):
+                go("sshfs", a.root, b.root)
+        except SETUP_ERRORS as exc:
+            why["sshfs"] = f"sshfs run failed: {exc}"[:300]
+            log.error("%s", why["sshfs"])
+    if "glusterfs" in wanted and "glusterfs" not in why:
+        try:
+            g = svc.get_gluster()
+            ga, gb = GlusterTarget(g, base / "mnt-gl-a"), GlusterTarget(g, base / "mnt-gl-b")
+            with started(ga), started(gb):
+                go("glusterfs", ga.root, gb.root)
+        except SETUP_ERRORS as exc:
+            why["glusterfs"] = f"GlusterFS run failed: {exc}"[:300]
+            log.error("%s", why["glusterfs"])
+    for v in variants:
+        if v.name not in wanted and not (v.name.startswith("afsfuse") and "afsfuse" in wanted):
+            continue
+        try:
+            server = svc.afs_server(v, "tools")
+            d = v.name.replace(" ", "_")
+            a = AfsTarget(server, base / f"{d}-a", v.mount_args, v.name)
+            b = AfsTarget(server, base / f"{d}-b", v.mount_args, v.name)
+            with started(a), started(b):
+                go(v.name, a.root, b.root)
+        except SETUP_ERRORS as exc:
+            why[v.name] = f"{v.name} run failed: {exc}"[:300]
+            log.error("%s", why[v.name])
+    return tools, loads
+
+
+def main(argv: list[str] | None = None, variants: tuple[AfsVariant, ...] | None = None) -> int:
+    """Run the benchmarks; ``variants`` (default: plain afsfuse) are the
+    afsfuse configurations measured side by side, the first one judged."""
+    args = parse_args(argv)
+    variants = tuple(variants or DEFAULT_VARIANTS)
+    afs = variants[0].name
+    cols = ["local", "pt0", "ptlong", *(v.name for v in variants), *OTHERS]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # The in-process callback benchmark measures the handlers, not log formatting.
     for name in ("afsfuse", "protocol"):
@@ -926,82 +1360,51 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     load_start = load_note(Path("/nonexistent"))
     wanted = [c for c in args.targets.split(",") if c]
+    if "afsfuse" in wanted:
+        wanted += [v.name for v in variants]
     base = Path(tempfile.mkdtemp(prefix="afsbench-", dir=args.workdir))
-    data = base / "data"
-    data.mkdir()
-    block = os.urandom(MIB)
     res: dict[str, dict[str, Result]] = {}
     stale: dict[str, Result] = {}
-    why: dict[str, str] = {}
+    tools: dict[str, dict[str, Step]] = {}
+    loads: dict[str, str] = {}
     if not drop_caches():
         log.warning("cannot drop kernel caches: cold runs only remount")
-    sshfs_problem = ensure_sshfs() if "sshfs" in wanted and not args.no_sshfs_install else None
-    if "sshfs" in wanted and args.no_sshfs_install and not shutil.which("sshfs"):
-        sshfs_problem = "sshfs not installed (--no-sshfs-install)"
-    if sshfs_problem:
-        why["sshfs"] = sshfs_problem
-        log.warning("sshfs column empty: %s", sshfs_problem)
-
-    server: ServerProcess | None = None
-    sshd: Sshd | None = None
+    why = install_problems(wanted, args.no_install)
+    sizes = QUICK if args.quick else Sizes()
+    svc = Services(base)
     try:
-        # The local tree (shared by local, pt0, ptlong, sshfs) is made by the
-        # local target, so it always runs first.
-        local = LocalTarget(data)
-        res["local"] = run_target(local, args, block)
-        for timeout in (0.0, LONG_TIMEOUT):
-            pt = PassthroughTarget(data, base / f"mnt-pt{timeout:g}", timeout, base)
-            if pt.name in wanted:
-                with started(pt):
-                    res[pt.name] = run_target(pt, args, block)
-        if "afsfuse" in wanted:
-            server = ServerProcess(base / "fs", events=False).start()
-            with started(AfsTarget(server, base / "afs-a")) as afs:
-                res["afsfuse"] = run_target(afs, args, block)
-                with started(AfsTarget(server, base / "afs-b")) as afs_b:
-                    stale["afsfuse"] = staleness(
-                        afs.root, afs_b.root, args.stale_rounds, args.stale_bound, args.stale_budget
-                    )
-            log.info("afsfuse staleness: %s", stale["afsfuse"].extra)
-        if "sshfs" in wanted and not sshfs_problem:
-            try:
-                sshd = Sshd(base / "sshd")
-                sshd.start()
-                a = SshfsTarget(sshd, data, base / "mnt-sshfs-a", base)
-                with started(a):
-                    res["sshfs"] = run_target(a, args, block)
-                    with started(SshfsTarget(sshd, data, base / "mnt-sshfs-b", base)) as b:
-                        stale["sshfs"] = staleness(
-                            a.root, b.root, args.stale_rounds, args.stale_bound, args.stale_budget
-                        )
-                log.info("sshfs staleness: %s", stale["sshfs"].extra)
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                why["sshfs"] = f"sshfs run failed: {exc}"[:300]
-                log.error("%s", why["sshfs"])
+        if not args.no_micro:
+            res, stale = run_micro(args, svc, variants, wanted, why)
+        if not args.no_tools:
+            tools, loads = run_all_tools(args, svc, variants, wanted, why, sizes)
+        sizes_cb = [int(x) for x in args.cb_sizes.split(",") if x]
+        cbs = cb_scaling(sizes_cb, args.cb_runs, base / "cb") if not args.no_micro else {}
     finally:
-        if sshd is not None:
-            sshd.stop()
-        if server is not None:
-            server.stop()
-    sizes = [int(x) for x in args.cb_sizes.split(",") if x]
-    cbs = cb_scaling(sizes, args.cb_runs, base / "cb")
-    shutil.rmtree(base, ignore_errors=True)
+        svc.close()
+        remove_workdir(base)
 
     runtime = time.monotonic() - t_start
     info = machine()
     # Other processes share the cores: say how busy the machine was.
     info["busy"] = f"at start {load_start}; at end {load_note(Path('/nonexistent'))}"
-    goal_rows = goals(res, stale, cbs)
-    md = render(args, info, res, why, stale, cbs, goal_rows, runtime)
+    goal_rows = goals(res, stale, cbs, afs) + tool_goals(tools, afs, sizes)
+    tcols = TOOL_COLS + [v.name for v in variants]
+    tools_md = render_tools(args, tools, why, tcols, afs, sizes, loads) if tools else None
+    md = render(args, info, res, why, stale, cbs, goal_rows, runtime, cols=cols, afs=afs,
+                tools_md=tools_md)  # fmt: skip
     print(md)
     args.out_md.write_text(md)
     doc = {
         "machine": info,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "variants": [vars(v) for v in variants],
         "runtime_s": runtime,
         "results": {t: {k: vars(r) for k, r in rs.items()} for t, rs in res.items()},
         "staleness": {t: vars(r) for t, r in stale.items()},
         "callbacks": cbs,
+        "tools": {t: {k: vars(s) for k, s in st.items()} for t, st in tools.items()},
+        "tools_sizes": vars(sizes),
+        "tools_load": loads,
         "goals": [{"goal": g, "measured": m, "verdict": v} for g, m, v in goal_rows],
         "unavailable": why,
     }

@@ -36,6 +36,28 @@ filesystem too: a read that resolved a name just before another client
 renamed the file away reads that file, including what is written to it
 under its new name meanwhile.
 
+With ``--nemesis pause,partition,restart,delay-breaks,drop-breaks`` a
+nemesis thread injects faults of those kinds during the run, one at a time,
+seeded and bounded (each 0.4-1.2 s, every 0.5-1.5 s; the server's break
+timeout is 1 s): SIGSTOP of a client daemon, the fileserver's own nemeses
+(``afs-fileserver inject``: partition a client, delay breaks to it by 0.3 s,
+drop breaks to it) and a fileserver restart on the same port.  Each fault is
+logged with its times.  The model knows what a fault excuses:
+
+- a client that was paused, partitioned or had its breaks dropped may read
+  stale data, and see stale names and listings, from the fault's start
+  until the server delivered what it kept for it (its ``client_up`` or
+  ``hello`` event after the fault ended, when the fault had it marked down;
+  else the fault's end), plus the kernel grace; its operations may fail then;
+- a restart excuses errors of any client until that client's Hello;
+- a call that failed while a partition or restart closed its connection
+  may still have landed (the server finishes the handler; only the reply is
+  lost): its change is allowed for ``UNCERTAIN`` seconds after it returned;
+- a delay of breaks below the break timeout excuses nothing: the changing
+  client's close still waits for the break's answer.
+
+Excused violations are counted by fault kind and reported, not hidden.
+
 Two artifacts of the kernel's caches are allowed, within the bounds the
 design gives them (DESIGN.md: kernel caches are told about breaks
 asynchronously; a stat on B reflects A's change within a bounded time, the
@@ -59,17 +81,20 @@ with the history of the name or file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +104,7 @@ if str(REPO) not in sys.path:
 
 from afsfuse.lab.mount import ClientMount, unmount  # noqa: E402
 from afsfuse.lab.server import ServerProcess  # noqa: E402
+from afsfuse.lab.timeline import parse_server_log  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -527,6 +553,180 @@ def worker(cid: int, root: Path, seed: int, deadline: float, ops: list[Op]) -> N
             op.end = time.monotonic()
 
 
+# -- nemesis -----------------------------------------------------------------------
+
+#: Fault kinds ``--nemesis`` injects.
+NEMESES = ("pause", "partition", "restart", "delay-breaks", "drop-breaks")
+#: The fileserver's break timeout under --nemesis (down clients are retried every 2.5x).
+NEMESIS_BREAK_TIMEOUT = 1.0
+#: delay-breaks: below the break timeout, so no break is lost (nothing is excused).
+BREAK_DELAY = 0.3
+#: Faults that make one client stale until the server delivered what it kept.
+CLIENT_FAULTS = frozenset({"pause", "partition", "drop-breaks"})
+#: Faults that close connections: a call in flight fails (EIO) with its outcome
+#: unknown, since the server finishes a handler whose reply it cannot send.
+CONNECTION_FAULTS = frozenset({"partition", "restart"})
+#: How long after it failed such a call may still land (a break timeout, a commit).
+UNCERTAIN = 2 * NEMESIS_BREAK_TIMEOUT
+
+
+@dataclass
+class Fault:
+    """One injected fault (times from ``time.monotonic()``)."""
+
+    kind: str
+    client: int | None  # None: the fileserver (restart)
+    start: float
+    end: float = INF  # when it was healed
+    excused_until: float = 0.0  # filled by ``excuse_windows``
+
+    def show(self, t0: float) -> str:
+        who = "server" if self.client is None else f"c{self.client}"
+        until = "never" if self.excused_until == INF else f"{self.excused_until - t0:.3f}"
+        return (f"{self.kind} {who} [{self.start - t0:.3f} .. {self.end - t0:.3f}], "
+                f"excused until {until}")  # fmt: skip
+
+
+class Nemesis:
+    """Injects seeded, bounded faults, one at a time, until ``deadline``."""
+
+    def __init__(self, kinds: Sequence[str], seed: int, srv: ServerProcess,
+                 mounts: list[ClientMount], uuids: list[str]) -> None:  # fmt: skip
+        self.kinds = list(kinds)
+        self.rng = random.Random(seed * 7919 + 1)
+        self.srv = srv
+        self.mounts = mounts
+        self.uuids = uuids
+        self.faults: list[Fault] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+
+    def _admin(self, *argv: str) -> None:
+        cmd = [sys.executable, "-m", "fileserver.cli", "inject", *argv, "--data-dir",
+               str(self.srv.data_dir), "--json"]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+        if res.returncode != 0:
+            raise RuntimeError(f"inject {' '.join(argv)}: {res.stderr.strip()[-300:]}")
+
+    def run(self, deadline: float) -> None:
+        while not self.stop.wait(self.rng.uniform(0.5, 1.5)):
+            if time.monotonic() + 1.5 > deadline:
+                return
+            kind = self.rng.choice(self.kinds)
+            client = None if kind == "restart" else self.rng.randrange(len(self.mounts))
+            hold = self.rng.uniform(0.4, 1.2)
+            f = Fault(kind, client, time.monotonic())
+            self.faults.append(f)
+            try:
+                self._inject(f, hold)
+            except Exception as exc:  # reported; the run goes on
+                self.errors.append(f"{kind}: {exc!r}")
+            finally:
+                f.end = time.monotonic()
+
+    def _inject(self, f: Fault, hold: float) -> None:
+        if f.kind == "restart":
+            self.srv.stop()
+            self.srv.start(self.srv.port)
+            return
+        assert f.client is not None
+        uuid = self.uuids[f.client]
+        if f.kind == "pause":
+            pid = self.mounts[f.client].pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                self.stop.wait(hold)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return
+        args = {"partition": ["partition", uuid, f"{hold:.3f}"],
+                "delay-breaks": ["delay-breaks", uuid, str(BREAK_DELAY)],
+                "drop-breaks": ["drop-breaks", uuid]}[f.kind]  # fmt: skip
+        self._admin(*args)
+        try:
+            self.stop.wait(hold)
+        finally:
+            self._admin("heal", uuid)
+
+
+def excuse_windows(faults: list[Fault], server_log: Path, uuids: list[str], t0: float,
+                   wall0: float) -> None:  # fmt: skip
+    """Fill each fault's ``excused_until`` from the server's own events: a
+    client the fault had marked down is excused until the server delivered
+    what it kept (``client_up`` / ``hello``); a restart until every client's
+    Hello; plus the kernel grace."""
+    evs = parse_server_log(server_log)
+    by_uuid = {u: i for i, u in enumerate(uuids)}
+
+    def mono(t: float) -> float:
+        return t - wall0 + t0
+
+    downs: dict[int, list[float]] = {}
+    ups: dict[int, list[float]] = {}
+    for e in evs:
+        i = by_uuid.get(e.get("client"))
+        if i is None:
+            continue
+        if e.name == "client_down":
+            downs.setdefault(i, []).append(mono(e.t))
+        elif e.name in ("client_up", "hello"):
+            ups.setdefault(i, []).append(mono(e.t))
+    for f in faults:
+        if f.kind not in CLIENT_FAULTS and f.kind != "restart":
+            f.excused_until = f.start  # excuses nothing
+            continue
+        clients = range(len(uuids)) if f.client is None else [f.client]
+        until = f.end
+        for i in clients:
+            back = min((t for t in ups.get(i, []) if t >= f.end), default=INF)
+            if f.kind == "restart":
+                until = max(until, back)  # every client re-Hellos after a restart
+                continue
+            # Down when the fault ended (marked down during it, not back
+            # since): excused until the server delivered what it kept.
+            last_down = max((t for t in downs.get(i, []) if f.start <= t <= f.end), default=None)
+            if last_down is not None and not any(last_down <= t <= f.end for t in ups.get(i, [])):
+                until = max(until, back)
+        f.excused_until = until + KERNEL_GRACE
+
+
+def widen_uncertain(ops: list[Op], faults: list[Fault], tolerated: dict[str, int]) -> None:
+    """A call that failed while a fault closed its client's connection may
+    have landed after it returned: its change is allowed until UNCERTAIN
+    later (the op's ``end`` moves; its error is excused by the fault)."""
+    for o in ops:
+        if not o.error or o.error in ("ENOENT", "EEXIST") or o.end == INF:
+            continue
+        for f in faults:
+            hits = f.kind in CONNECTION_FAULTS and (f.client is None or f.client == o.client)
+            if hits and o.start <= f.excused_until and o.end >= f.start:
+                o.end += UNCERTAIN
+                _count(tolerated, f"outcome unknown after {f.kind}")
+                break
+
+
+def excuse(violations: list[Violation], faults: list[Fault],
+           tolerated: dict[str, int]) -> list[Violation]:  # fmt: skip
+    """The violations no fault excuses; excused ones are counted by fault kind."""
+    out = []
+    for v in violations:
+        o = v.op
+        why = None
+        for f in faults:
+            overlaps = o.start <= f.excused_until and o.end >= f.start
+            if not overlaps:
+                continue
+            mine = f.kind in CLIENT_FAULTS and o.client == f.client
+            if mine or (f.kind == "restart" and v.what.startswith("unexpected error")):
+                why = f.kind
+                break
+        if why:
+            _count(tolerated, f"excused by {why}")
+        else:
+            out.append(v)
+    return out
+
+
 @dataclass
 class Outcome:
     ops: list[Op]
@@ -536,18 +736,30 @@ class Outcome:
     errors: dict[str, int]
     wall0: float = 0.0  # time.time() at t0: op times + this = the logs' clock
     tolerated: dict[str, int] = field(default_factory=dict)  # kernel-cache artifacts
+    faults: list[Fault] = field(default_factory=list)
+    nemesis_errors: list[str] = field(default_factory=list)
 
 
-def run_workers(roots: list[Path], seed: int, duration: float) -> Outcome:
+def run_workers(
+    roots: list[Path],
+    seed: int,
+    duration: float,
+    nemesis: Nemesis | None = None,
+    server_log: Path | None = None,
+) -> Outcome:
     ops: list[Op] = []
     wall0, t0 = time.time(), time.monotonic()
     deadline = t0 + duration
     threads = [threading.Thread(target=worker, args=(i, r, seed, deadline, ops), daemon=True)
                for i, r in enumerate(roots)]  # fmt: skip
+    if nemesis is not None:
+        threads.append(threading.Thread(target=nemesis.run, args=(deadline,), daemon=True))
     for th in threads:
         th.start()
     for th in threads:
         th.join(duration + 60)  # an op stuck past this is reported as hung
+    if nemesis is not None:
+        nemesis.stop.set()
     ops = list(ops)
     counts: dict[str, int] = {}
     errors: dict[str, int] = {}
@@ -556,8 +768,16 @@ def run_workers(roots: list[Path], seed: int, duration: float) -> Outcome:
         if o.error:
             errors[f"{o.kind}:{o.error}"] = errors.get(f"{o.kind}:{o.error}", 0) + 1
     tolerated: dict[str, int] = {}
+    faults: list[Fault] = []
+    if nemesis is not None and server_log is not None:
+        faults = nemesis.faults
+        excuse_windows(faults, server_log, nemesis.uuids, t0, wall0)
+        widen_uncertain(ops, faults, tolerated)
     violations = check(ops, tolerated)
-    return Outcome(ops, violations, t0, counts, errors, wall0, tolerated)
+    if faults:
+        violations = excuse(violations, faults, tolerated)
+    return Outcome(ops, violations, t0, counts, errors, wall0, tolerated, faults,
+                   nemesis.errors if nemesis is not None else [])  # fmt: skip
 
 
 def report(out: Outcome, limit: int = 20) -> str:
@@ -567,6 +787,14 @@ def report(out: Outcome, limit: int = 20) -> str:
              "tolerated kernel-cache artifacts (bounded, see the module docstring): "
              + (" ".join(f"{k}={v}" for k, v in sorted(out.tolerated.items())) or "none"),
              f"violations: {len(out.violations)}"]  # fmt: skip
+    if out.faults or out.nemesis_errors:
+        kinds_f: dict[str, int] = {}
+        for f in out.faults:
+            kinds_f[f.kind] = kinds_f.get(f.kind, 0) + 1
+        lines.insert(1, f"faults: {len(out.faults)} "
+                     + " ".join(f"{k}={n}" for k, n in sorted(kinds_f.items())))  # fmt: skip
+        lines += [f"  fault {f.show(out.t0)}" for f in out.faults]
+        lines += [f"  nemesis error: {e}" for e in out.nemesis_errors]
     kinds: dict[str, int] = {}
     for v in out.violations:
         kinds[v.kind()] = kinds.get(v.kind(), 0) + 1
@@ -587,12 +815,23 @@ def report(out: Outcome, limit: int = 20) -> str:
 
 
 def run(
-    clients: int, duration: float, seed: int, tmp: str | None = None, logs: Path | None = None
+    clients: int,
+    duration: float,
+    seed: int,
+    tmp: str | None = None,
+    logs: Path | None = None,
+    nemesis: Sequence[str] = (),
 ) -> Outcome:
-    """Start a fileserver and ``clients`` mounts, run, check, stop everything."""
+    """Start a fileserver and ``clients`` mounts, run (under ``nemesis``
+    faults, if any), check, stop everything."""
+    unknown = set(nemesis) - set(NEMESES)
+    if unknown:
+        raise ValueError(f"unknown nemesis {sorted(unknown)}; known: {', '.join(NEMESES)}")
     base = Path(tempfile.mkdtemp(prefix="afs-coherence-", dir=tmp))
-    srv = ServerProcess(base / "fs")
+    extra = ["--break-timeout", str(NEMESIS_BREAK_TIMEOUT)] if nemesis else []
+    srv = ServerProcess(base / "fs", extra_args=extra)
     mounts: list[ClientMount] = []
+    nem: Nemesis | None = None
     try:
         srv.start()
         for i in range(clients):
@@ -603,8 +842,16 @@ def run(
             deadline = time.monotonic() + 10
             while not r.is_dir() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        return run_workers(roots, seed, duration)
+        if nemesis:
+            uuids = [(Path(m.cache_dir) / "client-uuid").read_text().strip() for m in mounts]
+            nem = Nemesis(nemesis, seed, srv, mounts, uuids)
+        return run_workers(roots, seed, duration, nem, srv.log_path)
     finally:
+        if nem is not None:
+            nem.stop.set()
+            for m in mounts:  # a fault the run was stopped in must not outlive it
+                with contextlib.suppress(ProcessLookupError, AssertionError):
+                    os.kill(m.pid, signal.SIGCONT)
         for m in mounts:
             try:
                 m.stop()
@@ -629,11 +876,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tmp", default=None, help="where the temporary directory goes")
     p.add_argument("--log", type=Path, default=None, help="write every op here (JSON lines)")
     p.add_argument("--logs", type=Path, default=None, help="copy the server and client logs here")
+    p.add_argument("--nemesis", default="", metavar="KIND,...",
+                   help=f"inject faults of these kinds ({','.join(NEMESES)})")  # fmt: skip
     args = p.parse_args(argv)
+    kinds = [k for k in args.nemesis.split(",") if k]
+    if set(kinds) - set(NEMESES):
+        p.error(f"--nemesis: unknown {sorted(set(kinds) - set(NEMESES))}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
-    print(f"coherence: {args.clients} clients, {args.duration:g} s, seed {seed}", flush=True)
-    out = run(args.clients, args.duration, seed, args.tmp, args.logs)
+    print(f"coherence: {args.clients} clients, {args.duration:g} s, seed {seed}"
+          + (f", nemesis {','.join(kinds)}" if kinds else ""), flush=True)  # fmt: skip
+    out = run(args.clients, args.duration, seed, args.tmp, args.logs, kinds)
     print(report(out))
     if args.log:
         with open(args.log, "w") as f:

@@ -2,8 +2,10 @@
 """``make run`` / ``make stop``: a fileserver and one mount on this machine.
 
 start: starts ``afs-fileserver serve`` on 127.0.0.1:PORT with its data in
-RUN_DIR/data (created with volume ``root.cell`` on first start), mounts
-``root.cell`` at MOUNT with ``afsfuse mount``, and says what it started.
+RUN_DIR/data (created with volume ``root.cell`` on first start), issues a
+client bundle (``RUN_DIR/client.pem``) from the cell CA the server created,
+mounts ``root.cell`` at MOUNT with ``afsfuse mount`` over TLS, and says what
+it started.
 stop: unmounts (``afsfuse umount``, then ``fusermount3 -u``/``-z`` if the
 daemon is gone) and stops the fileserver it started, by the pid it recorded.
 Both are idempotent.
@@ -80,6 +82,15 @@ def start(run_dir: Path, mount: Path, port: int) -> int:
     if os.path.ismount(mount):
         print(f"run: {mount} is already mounted")
     else:
+        # A client certificate from the cell CA the fileserver created (TLS).
+        bundle = run_dir / "client.pem"
+        res = subprocess.run(
+            [str(BIN / "afs-fileserver"), "issue-client-cert", "--data-dir",
+             str(run_dir / "data"), "--out", str(bundle), "--name", "make run"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        if res.returncode != 0:
+            return res.returncode
         res = subprocess.run(
             [
                 str(BIN / "afsfuse"),
@@ -91,6 +102,8 @@ def start(run_dir: Path, mount: Path, port: int) -> int:
                 # The cell key the fileserver created in its data dir.
                 "--key-file",
                 str(run_dir / "data" / "cell.key"),
+                "--cert",
+                str(bundle),
                 "--events",
             ]
         )

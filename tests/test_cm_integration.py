@@ -13,6 +13,7 @@ from afsfuse.cells import CellDB
 from afsfuse.lab.server import running_server
 from fileserver.config import ServerConfig
 from fileserver.server import FileServer
+from protocol.tls import tcp_connect, tls_connector
 
 
 def make(tmp_path, name, server) -> CacheManager:
@@ -23,6 +24,8 @@ def make(tmp_path, name, server) -> CacheManager:
         rpc_timeout=10.0,
         connect_timeout=5.0,
         key=server.auth.key,
+        # TLS with the server's own certificate (a client one of its cell CA).
+        connector=tls_connector(server.client_tls),
     )
     return CacheManager(cfg)
 
@@ -112,7 +115,7 @@ async def test_breaks_missed_while_disconnected_arrive_at_reconnect(tmp_path):
     async def connector(host, port):
         if blocked:
             raise OSError(111, "blocked by the test")
-        return await trio.open_tcp_stream(host, port)
+        return await tcp_connect(host, port, server.client_tls)
 
     with trio.fail_after(30):
         async with running_server(tmp_path / "fs", break_timeout=0.5) as server:

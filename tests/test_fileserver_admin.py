@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import trio
 
-from afsfuse.lab.server import REPO, ServerProcess, fs_client, running_server
+from afsfuse.lab.server import REPO, ServerProcess, fs_client, running_server, tls_for
 from fileserver.admin import ADMIN_AUTH
 from protocol.connection import open_connection
 from protocol.errors import RpcError
@@ -61,7 +61,7 @@ async def test_admin_rpcs_clients_callbacks_reset(tmp_path):
     async with running_server(tmp_path / "fs") as srv, fs_client(srv.host, srv.port) as c:
         root = await c.root_fid()
         await c.call("FS.FetchStatus", None, root)
-        async with open_connection(srv.host, srv.port) as adm:
+        async with open_connection(srv.host, srv.port, tls=tls_for(srv.host, srv.port)) as adm:
             with pytest.raises(RpcError) as ei:
                 await adm.call("Admin.Clients")
             assert ei.value.code == "EACCES"

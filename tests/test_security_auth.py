@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from functools import partial
+from typing import Any
 
 import msgpack
 import pytest
@@ -18,7 +19,7 @@ import trio
 
 from afsfuse.cache_manager import CacheConfig, CacheManager
 from afsfuse.cells import CellDB
-from afsfuse.lab.server import ServerProcess, fs_client, running_server
+from afsfuse.lab.server import ServerProcess, fs_client, running_server, tls_for
 from afsfuse.server_record import ServerRecord
 from afsfuse.stats import Stats
 from fileserver.admin import ADMIN_AUTH
@@ -32,6 +33,7 @@ from protocol.auth import (
 )
 from protocol.connection import Connection, ConnectionLost, open_connection
 from protocol.errors import RpcError
+from protocol.tls import tcp_connect, tls_connector
 
 HELLO = {"uuid": "6f0e5a4e-1f6a-4b7e-9d35-0c1d2e3f4a5b", "version": 1, "capabilities": []}
 
@@ -49,6 +51,11 @@ async def refused(conn: Connection, method: str, *params: object) -> None:
 
 def rpcs(srv) -> dict[str, int]:
     return srv.stats()["rpcs"]
+
+
+async def tls_stream(srv: Any) -> trio.abc.Stream:
+    """A raw byte stream to ``srv`` inside TLS (with the lab's client bundle)."""
+    return await tcp_connect(srv.host, srv.port, tls_for(srv.host, srv.port))
 
 
 async def test_key_file_created_private(tmp_path):
@@ -124,20 +131,25 @@ async def test_replayed_handshake_fails(tmp_path):
 
 async def test_raw_bytes_and_silence_before_handshake(tmp_path):
     async with running_server(tmp_path / "fs", handshake_timeout=0.5) as srv:
-        # A peer that says nothing is dropped after the handshake timeout.
+        # A peer that says nothing is dropped after the handshake timeout,
+        # before TLS (no ClientHello) and inside it.
         with trio.fail_after(5):
             s = await trio.open_tcp_stream(srv.host, srv.port)
             assert await s.receive_some(100) == b""
             await s.aclose()
+        with trio.fail_after(5):
+            s = await tls_stream(srv)
+            assert await s.receive_some(100) == b""
+            await s.aclose()
         # A notification before the handshake closes the connection, no reply.
         with trio.fail_after(5):
-            s = await trio.open_tcp_stream(srv.host, srv.port)
+            s = await tls_stream(srv)
             await s.send_all(msgpack.packb([2, "FS.GiveUpAllCallBacks", []]))
             assert await s.receive_some(100) == b""
             await s.aclose()
         # A request: exactly one EACCES reply, then EOF.
         with trio.fail_after(5):
-            s = await trio.open_tcp_stream(srv.host, srv.port)
+            s = await tls_stream(srv)
             await s.send_all(msgpack.packb([0, 7, "FS.GetCapabilities", []]))
             data = b""
             while True:
@@ -159,7 +171,7 @@ async def test_admin_refused_on_client_connection_and_vice_versa(tmp_path):
         with pytest.raises(RpcError) as ei:
             await c.call("Admin.Clients")
         assert ei.value.code == "EACCES"
-        async with open_connection(srv.host, srv.port) as adm:
+        async with open_connection(srv.host, srv.port, tls=tls_for(srv.host, srv.port)) as adm:
             await adm.call(ADMIN_AUTH, srv.admin_secret)
             with pytest.raises(RpcError) as ei:
                 await adm.call("FS.Hello", HELLO)
@@ -184,6 +196,7 @@ async def test_cache_manager_refuses_a_server_with_another_key(tmp_path):
             cells=CellDB.single((srv.host, srv.port), name="localcell"),
             cache_dir=tmp_path / "c",
             key=os.urandom(32),
+            connector=tls_connector(tls_for(srv.host, srv.port)),
             rpc_timeout=5.0,
             connect_timeout=2.0,
         )

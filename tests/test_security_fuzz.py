@@ -20,6 +20,7 @@ import sys
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 from afsfuse.lab.admin import server_stats
 from afsfuse.lab.mount import ClientMount
 from afsfuse.lab.server import REPO, ServerProcess
+from protocol.tls import client_context
 
 #: Wall-clock bound for each of the two fuzzers (seconds).
 FUZZ_BUDGET = 12.5
@@ -39,10 +41,12 @@ _fed = {"malformed": 0, "mutated": 0}
 
 
 class SyncPeer:
-    """A blocking msgpack-RPC client: enough to fuzz with, answers CB.* with nil."""
+    """A blocking msgpack-RPC client inside TLS (the lab's client bundle for
+    the server): enough to fuzz with, answers CB.* with nil."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_connection((host, port), timeout=5)
+    def __init__(self, host: str, port: int, bundle: Path) -> None:
+        raw = socket.create_connection((host, port), timeout=5)
+        self.sock = client_context(bundle).wrap_socket(raw)
         self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
         self.ids = itertools.count(1)
 
@@ -102,6 +106,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 def alive(srv: ServerProcess) -> None:
     assert srv.proc is not None and srv.proc.poll() is None, srv.log_text()[-3000:]
+
+
+_root: list[list[int]] = []
+
+
+def root_fid(srv: ServerProcess) -> list[int]:
+    """root.cell's root fid (asked once: the strategies draw around it)."""
+    if not _root:
+        p = SyncPeer(srv.host, srv.port, srv.cert_file)
+        try:
+            _, e = p.call("VL.GetEntryByName", "root.cell")
+        finally:
+            p.close()
+        _root.append([e["volume_id"], 1, 1])
+    return _root[0]
 
 
 def out_of_time() -> bool:
@@ -223,11 +242,13 @@ def test_mutated_requests(server: ServerProcess) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def fuzz_malformed_frames(server: ServerProcess, data: st.DataObject) -> None:
-    if out_of_time():
-        return
+    # Everything is drawn before the budget check: hypothesis needs each run
+    # of an example to draw the same, whatever the clock says.
     frame = data.draw(malformed())
     authed = data.draw(st.booleans())
-    p = SyncPeer(server.host, server.port)
+    if out_of_time():
+        return
+    p = SyncPeer(server.host, server.port, server.cert_file)
     try:
         if authed:
             p.handshake(server.key)
@@ -245,15 +266,14 @@ def fuzz_malformed_frames(server: ServerProcess, data: st.DataObject) -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def fuzz_mutated_requests(server: ServerProcess, data: st.DataObject) -> None:
-    if out_of_time():
+    root = root_fid(server)
+    msgs = [data.draw(mutated(root)) for _ in range(data.draw(st.integers(1, 8)))]
+    if out_of_time():  # after the draws, as above
         return
-    p = SyncPeer(server.host, server.port)
+    p = SyncPeer(server.host, server.port, server.cert_file)
     try:
         p.handshake(server.key)
-        _, e = p.call("VL.GetEntryByName", "root.cell")
-        root = [e["volume_id"], 1, 1]
-        for _ in range(data.draw(st.integers(1, 8))):
-            msg = data.draw(mutated(root))
+        for msg in msgs:
             try:
                 p.send(frame_of(msg))
             except (ValueError, TypeError, OverflowError):

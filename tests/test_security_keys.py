@@ -12,7 +12,9 @@ import pytest
 from afsfuse.cache_manager import CacheConfig
 from afsfuse.cells import CellDB
 from afsfuse.daemon import KEY_ENV, MountFailed, MountOptions, load_cell_key
+from afsfuse.tls_config import mount_tls
 from protocol.auth import create_key, load_key
+from protocol.tls import CERT_ENV, CellCA, TLSRefused, write_client_bundle
 
 
 def opts(tmp_path: Path, **kw: object) -> MountOptions:
@@ -66,3 +68,35 @@ def test_key_files(tmp_path, caplog):
     (tmp_path / "short").write_text("abcd")
     with pytest.raises(ValueError):
         load_key(tmp_path / "short")
+
+
+async def test_client_bundle_paths_and_precedence(tmp_path, monkeypatch):
+    """The same order for the client bundle (TLS): --cert, the cell's
+    cert_file (relative to the cells file; aliases share it), else
+    $AFSFUSE_CERT_FILE; a cell left without one never connects in plaintext."""
+    monkeypatch.delenv(CERT_ENV, raising=False)
+    (tmp_path / "etc").mkdir()
+    ca = CellCA.create(tmp_path / "ca.pem", "one")
+    one = tmp_path / "etc" / "one.pem"
+    write_client_bundle(ca, one)
+    env = tmp_path / "env.pem"
+    write_client_bundle(ca, env)
+    cells = tmp_path / "etc" / "cells.toml"
+    cells.write_text(
+        '[cells."one"]\nvlservers = ["127.0.0.1:1"]\ncert_file = "one.pem"\n'
+        '[cells."alias"]\nalias = "one"\n'
+        '[cells."bare"]\nvlservers = ["127.0.0.1:3"]\n'
+    )
+    db = CellDB.load(cells)
+    assert db.get("one").cert_file == one and db.get("alias").cert_file == one
+    t = mount_tls(opts(tmp_path, cell="one"), db)
+    assert t.path_for("one") == one and t.path_for("bare") is None
+    conns = t.connectors()
+    with pytest.raises(TLSRefused, match="no client certificate for cell bare"):
+        await conns["bare"]("127.0.0.1", 3)  # refused before any connect
+    with pytest.raises(TLSRefused, match="no client certificate for cell bare"):
+        mount_tls(opts(tmp_path, cell="bare"), db).connectors()  # the mount's own cell
+    monkeypatch.setenv(CERT_ENV, str(env))
+    assert mount_tls(opts(tmp_path), db).path_for("bare") == env
+    assert mount_tls(opts(tmp_path), db).path_for("one") == one
+    assert mount_tls(opts(tmp_path, cert_file=env), db).path_for("one") == env  # --cert wins

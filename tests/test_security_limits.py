@@ -10,9 +10,10 @@ import msgpack
 import pytest
 import trio
 
-from afsfuse.lab.server import fs_client, running_server
+from afsfuse.lab.server import fs_client, running_server, tls_for
 from protocol.connection import ConnectionLost
 from protocol.errors import RpcError
+from protocol.tls import tcp_connect
 
 
 async def expect(code: str, coro: object) -> None:
@@ -122,7 +123,7 @@ async def test_idle_and_stalled_frames_are_dropped(tmp_path, caplog):
             assert srv.breaker.clients[c.uuid].down  # its session ended
         # Half a frame, then silence (but the TCP connection stays open).
         with trio.fail_after(5):
-            s = await trio.open_tcp_stream(srv.host, srv.port)
+            s = await tcp_connect(srv.host, srv.port, tls_for(srv.host, srv.port))
             frame = msgpack.packb([0, 1, "VL.ListEntries", []])
             await s.send_all(frame[:5])
             t0 = trio.current_time()

@@ -11,7 +11,10 @@ daemon by its pid, even when the test failed.
         a.stats()["rpc"]      # the cache manager's counters (afs.stats xattr)
 
 The mount gets the server's cell key (``--key-file DATA_DIR/cell.key``, or the
-server's ``key_file``) unless ``extra_args`` names one or ``key_file=False``.
+server's ``key_file``) unless ``extra_args`` names one or ``key_file=False``,
+and the client bundle the lab issued for that server (``--cert``; ``--insecure``
+for a server running plaintext) unless ``extra_args`` says ``--cert`` or
+``--insecure``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,18 @@ class ClientMount:
             path = Path(self.server.data_dir) / "cell.key"
         return ["--key-file", str(path)] if path is not None else []
 
+    def _cert_args(self) -> list[str]:
+        if "--cert" in self.extra_args or "--insecure" in self.extra_args:
+            return []
+        from afsfuse.lab.server import CERT_FILES
+
+        addr = (self.server.host, self.server.port)
+        path = getattr(self.server, "cert_file", None)
+        if getattr(self.server, "insecure", False) or (addr in CERT_FILES and not CERT_FILES[addr]):
+            return ["--insecure"]
+        path = CERT_FILES.get(addr) or path
+        return ["--cert", str(path)] if path is not None else []
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -101,7 +116,8 @@ class ClientMount:
         cmd = [
             sys.executable, "-m", "afsfuse.cli", "mount", "-f",
             f"{self.server.host}:{self.server.port}/{self.volume}", str(self.mnt),
-            "--cache-dir", str(self.cache_dir), *self._key_args(), *self.extra_args,
+            "--cache-dir", str(self.cache_dir), *self._key_args(), *self._cert_args(),
+            *self.extra_args,
         ]  # fmt: skip
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -26,6 +26,12 @@ server started with ``vl=``/``--vl`` gets that VL server's key.
 plain ``afsfuse mount`` run by a test (environment inherited) finds the key of
 the server started last.
 
+TLS: each server started here (unless ``--insecure`` / ``insecure=True``)
+gets a client bundle issued from its cell CA (``srv.cert_file``, recorded by
+address in ``CERT_FILES``; ``$AFSFUSE_CERT_FILE`` points at the last one), so
+``fs_client`` and ``ClientMount`` connect over TLS by themselves;
+``tls_for(host, port)`` is the client context for other callers.
+
 Only processes started here are ever signalled, by pid.
 """
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -50,6 +57,7 @@ from fileserver.server import FileServer
 from protocol.auth import KEY_FILE, client_handshake, load_key
 from protocol.connection import Connection, open_connection
 from protocol.records import Fid
+from protocol.tls import CERT_ENV, CellCA, ca_file_for, client_context, write_client_bundle
 
 # The checkout this package runs from (editable install): subprocesses start
 # there, and tests find scripts/ under it.
@@ -57,6 +65,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: Cell key files of the servers started here, by (host, port).
 KEY_FILES: dict[tuple[str, int], Path] = {}
+
+
+#: Client bundles for the servers started here, by (host, port); None: --insecure.
+CERT_FILES: dict[tuple[str, int], Path | None] = {}
+
+
+def issue_bundle(ca_file: Path, out: Path, **kw: Any) -> Path:
+    """A client bundle from the cell CA at ``ca_file`` (the CA must exist)."""
+    write_client_bundle(CellCA.load(ca_file), out, name=f"lab {out.name}", **kw)
+    return out
+
+
+def tls_for(host: str, port: int) -> ssl.SSLContext | None:
+    """The client TLS context for the server started here at that address
+    (None: it runs --insecure), else from $AFSFUSE_CERT_FILE."""
+    if (host, port) in CERT_FILES:
+        path = CERT_FILES[(host, port)]
+    else:
+        path = Path(os.environ[CERT_ENV]) if os.environ.get(CERT_ENV) else None
+    return client_context(path) if path is not None else None
 
 
 def key_for(host: str, port: int) -> bytes | None:
@@ -89,6 +117,8 @@ class ServerProcess:
         self.host = ""
         self.port = 0
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.server.log"
+        #: The client bundle issued at each start (TLS).
+        self.cert_file = self.data_dir.parent / f"{self.data_dir.name}.client.pem"
 
     @property
     def key_file(self) -> Path:
@@ -149,6 +179,7 @@ class ServerProcess:
                     self.host, self.port = host, int(port)
                     KEY_FILES[(self.host, self.port)] = self.key_file
                     os.environ["AFSFUSE_KEY_FILE"] = str(self.key_file)
+                    CERT_FILES[(self.host, self.port)] = self._issue_cert()
                     return self
             except (FileNotFoundError, ValueError):
                 pass
@@ -156,6 +187,19 @@ class ServerProcess:
         self.kill()
         raise RuntimeError(f"fileserver did not start in {self.startup_timeout} s:\n"
                            f"{self.log_text()[-3000:]}")  # fmt: skip
+
+    @property
+    def insecure(self) -> bool:
+        return "--insecure" in self.extra_args
+
+    def _issue_cert(self) -> Path | None:
+        if self.insecure:
+            return None
+        args = self.extra_args
+        ca = Path(args[args.index("--ca-file") + 1]) if "--ca-file" in args else None
+        issue_bundle(ca or ca_file_for(self.key_file), self.cert_file)
+        os.environ[CERT_ENV] = str(self.cert_file)
+        return self.cert_file
 
     def log_text(self) -> str:
         try:
@@ -199,6 +243,14 @@ async def running_server(data_dir: Path | str, **config: Any) -> AsyncIterator[F
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         KEY_FILES[(server.host, server.port)] = Path(cfg.key_file)  # type: ignore[arg-type]
+        CERT_FILES[(server.host, server.port)] = (
+            None
+            if cfg.insecure
+            else issue_bundle(
+                cfg.ca_file,  # type: ignore[arg-type]
+                Path(data_dir).parent / f"{Path(data_dir).name}.client.pem",
+            )
+        )
         try:
             yield server
         finally:
@@ -285,13 +337,18 @@ async def fs_client(
     client: FsTestClient | None = None,
     auth: bool = True,
     key: bytes | None = None,
+    tls: ssl.SSLContext | bool | None = None,
 ) -> AsyncIterator[FsTestClient]:
     """Connect a FsTestClient (reusing ``client`` keeps its UUID and log).
 
     It authenticates with ``key`` (default: the key of the server started
-    here at that address) unless ``auth`` is false."""
+    here at that address) unless ``auth`` is false, over TLS with ``tls``
+    (default: ``tls_for(host, port)``; ``False``: plaintext)."""
     c = client or FsTestClient(uuid, hang=hang)
-    async with open_connection(host, port, c.handlers(), name=f"client-{c.uuid[:8]}") as conn:
+    ctx = tls_for(host, port) if tls is None else (tls or None)
+    async with open_connection(
+        host, port, c.handlers(), name=f"client-{c.uuid[:8]}", tls=ctx
+    ) as conn:
         c.conn = conn
         if auth:
             k = key if key is not None else key_for(host, port)
