@@ -14,7 +14,7 @@ permission checks of ``fileserver.perms`` run inside the volume operation
 are checked here too.
 
 Imports: the parts it uses (store, callback table, breaker, metrics,
-config, perms, volume records) and ``protocol``; never ``fileserver.server``.
+config, perms, privs, volume records) and ``protocol``; never ``fileserver.server``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from fileserver.perms import (
     require_dir_change,
     require_write,
 )
+from fileserver.privs import mode_after_write
 from fileserver.store import VolumeHandle, VolumeStore
 from fileserver.volume import Vnode
 from protocol.errors import RpcError
@@ -340,7 +341,11 @@ class FsOps:
             raise self._over("EFBIG", f"file would be larger than {limit} bytes")
 
         def write() -> tuple[Vnode, VolSync]:
-            require_write(h.vol.get(f.vnode, f.unique), c, "write")
+            old = h.vol.get(f.vnode, f.unique)
+            require_write(old, c, "write")
+            killed = mode_after_write(old, c.root)
+            if killed is not None:  # setuid/setgid go before the bytes land
+                h.vol.store_status(f.vnode, f.unique, {"mode": killed})
             v = h.vol.store_data(f.vnode, f.unique, offset, data, new_length, mtime_ns)
             return v, h.vol.volsync()
 

@@ -1,9 +1,14 @@
 """Helpers shared by the POSIX-completeness tests (``tests/test_posix_*.py``):
-the fileserver's admin command, a private tmpfs partition, polling."""
+the fileserver's admin command, a private tmpfs partition, polling, running
+a function as another user."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -51,3 +56,38 @@ def eventually(fn: Callable[[], T], bound: float = 5.0) -> T:
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.02)
+
+
+def as_user(cwd: Path, uid: int, fn: Callable[[], Any], groups: tuple[int, ...] = ()) -> str:
+    """Run ``fn`` in a forked child as ``uid`` (primary gid = uid) inside
+    ``cwd``; returns "ok" or the errno name it failed with."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        out = "exc"
+        try:
+            os.close(r)
+            os.chdir(cwd)
+            os.setgroups(list(groups))
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            fn()
+            out = "ok"
+        except OSError as exc:
+            out = errno.errorcode.get(exc.errno or 0, "EIO")
+        except BaseException as exc:
+            out = f"exc {exc!r}"
+        finally:
+            os.write(w, json.dumps(out).encode())
+            os._exit(0)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 30)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            return "hung"
+        data = os.read(r, 4096)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    return json.loads(data)
