@@ -303,6 +303,10 @@ def _human(cmd: str, result: Any) -> str:
         return _table(result["callbacks"], ["client", "fid", "expires_in"]) + (
             f"\n{len(result['callbacks'])} shown, {result['total']} promises in the table"
         )
+    if cmd == "locks":
+        return _table(result["locks"], ["fid", "type", "client", "holder", "expires_in"]) + (
+            f"\nlifetime {result['lifetime']}s, grace remaining {result['grace_remaining']}s"
+        )
     if cmd == "stats":
         lines = []
         for section in ("counters", "gauges", "table", "rpcs", "rpc_errors"):

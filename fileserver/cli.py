@@ -6,6 +6,7 @@
     afs-fileserver revoke-client-cert --data-dir DIR SERIAL
     afs-fileserver vol create|list|examine|remove|quota|offline|online ...
     afs-fileserver clients | callbacks | break FID | break-volume VOL | reset CLIENT | stats
+    afs-fileserver locks
     afs-fileserver inject delay-breaks|drop-breaks|partition|shorten-promises|heal|show ...
 
 Admin subcommands find the running server through ``--data-dir`` (its
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="delayed breaks kept per down client before InitCallBackState3",
     )
     s.add_argument("--sweep-interval", type=float, default=60.0, metavar="SECONDS")
+    s.add_argument("--lock-lifetime", type=float, default=300.0, metavar="SECONDS",
+                   help="a lock not extended for this long expires; also the grace period "
+                   "after a restart (default 300)")  # fmt: skip
     s.add_argument(
         "--vl",
         type=_hostport,
@@ -220,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reset", parents=[admin], help="InitCallBackState3 a client").add_argument(
         "client")  # fmt: skip
     sub.add_parser("stats", parents=[admin], help="counters and RPCs by method")
+    sub.add_parser("locks", parents=[admin], help="list file locks")
     from fileserver.nemesis import add_cli
 
     add_cli(sub, admin)
@@ -261,6 +266,8 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]
         return cmd, "Admin.Reset", (args.client,)
     if cmd == "stats":
         return cmd, "Admin.Stats", ()
+    if cmd == "locks":
+        return cmd, "Admin.Locks", ()
     if cmd == "inject":
         from fileserver.nemesis import cli_call
 
@@ -282,6 +289,7 @@ def serve(args: argparse.Namespace) -> int:
         max_callbacks=args.max_callbacks,
         max_delayed=args.max_delayed,
         sweep_interval=args.sweep_interval,
+        lock_lifetime=args.lock_lifetime,
         vl=args.vl,
         vldb=args.vldb,
         vldb_ttl=args.vldb_ttl,

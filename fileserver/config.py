@@ -77,6 +77,8 @@ class ServerConfig:
     #: A connected client silent this long is probed (CB.ProbeUuid) before
     #: its promises are trusted further (fileserver/prober.py); 0: never.
     probe_after: float = 120.0
+    #: Seconds a lock lives after it was set or last extended (fileserver.locks).
+    lock_lifetime: float = 300.0
     #: Bound on promises held in the table; when reached the least recently
     #: active client is revoked with CB.InitCallBackState3.
     max_callbacks: int = 4_000_000

@@ -41,6 +41,7 @@ from fileserver.callback import CallbackTable
 from fileserver.config import ROOT_VOLUME_NAME, ServerConfig
 from fileserver.events import event
 from fileserver.fsops import CAPABILITIES, FsOps
+from fileserver.locks import LockService
 from fileserver.metrics import Metrics
 from fileserver.prober import run_prober
 from fileserver.store import DataDir, VolumeStore
@@ -110,6 +111,8 @@ class FileServer:
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
         self.fsops = FsOps(self.store, self.table, self.breaker, self.metrics, config)
+        self.locks = LockService(self.store, self.fsops.caller, config.lock_lifetime,
+                                 config.data_dir)  # fmt: skip
         self.vl = VLService(self.store, config.cell, "", self.advertised_addrs)
         self.vldb: VLDB = make_vldb(self) if config.vldb else LocalVLDB(self.vl)
         self.vl.vldb = self.vldb
@@ -449,8 +452,10 @@ class FileServer:
             AUTH_CHALLENGE: self._wrap(AUTH_CHALLENGE, self.auth.challenge, "conn"),
             AUTH_PROVE: self._wrap(AUTH_PROVE, self.auth.prove, "conn"),
         }
-        for name, fn in self.fsops.handlers().items():
+        for name, fn in [*self.fsops.handlers().items(), *self.locks.handlers().items()]:
             h[name] = self._wrap(name, fn, "fs")
+        for name, fn in self.locks.admin_handlers().items():
+            h[name] = self._wrap(name, fn, "conn")
         for name, fn in self.vl.handlers().items():
             h[name] = self._wrap(name, fn, "conn")
         for name, fn in self.admin.handlers().items():
