@@ -99,6 +99,11 @@ def parse_cred(cred: Any) -> Caller:
     return Caller(uid, gid, groups)
 
 
+def _changeable(v: Vnode) -> tuple[int, ...]:
+    """What a change to a file's data or status moves (to see if a failed one did)."""
+    return (v.dv, v.mode, v.owner, v.group, v.size, v.mtime_ns, v.ctime_ns)
+
+
 def _st(v: Vnode, c: Caller) -> Any:
     """The status as this caller sees it (its access bits)."""
     return v.status(access(v, c))
@@ -162,6 +167,18 @@ class FsOps:
 
     def _vol(self, fid: Fid) -> VolumeHandle:
         return self.store.get(fid.volume)
+
+    async def _differs(self, h: VolumeHandle, f: Fid, then: tuple[int, ...]) -> bool:
+        """Whether ``f`` changed since it was ``then`` (False if it is gone)."""
+
+        def read() -> tuple[int, ...] | None:
+            try:
+                return _changeable(h.vol.get(f.vnode, f.unique))
+            except RpcError:
+                return None
+
+        now = await h.run(read)
+        return now is not None and now != then
 
     async def _changed(self, st: ClientState, *fids: Fid | None) -> None:
         changed = [f for f in fids if f is not None]
@@ -340,16 +357,27 @@ class FsOps:
         if offset + len(data) > limit or (new_length is not None and new_length > limit):
             raise self._over("EFBIG", f"file would be larger than {limit} bytes")
 
+        before: list[tuple[int, ...]] = []  # the file when the store began
+
         def write() -> tuple[Vnode, VolSync]:
             old = h.vol.get(f.vnode, f.unique)
             require_write(old, c, "write")
+            before.append(_changeable(old))
             killed = mode_after_write(old, c.root)
             if killed is not None:  # setuid/setgid go before the bytes land
                 h.vol.store_status(f.vnode, f.unique, {"mode": killed})
             v = h.vol.store_data(f.vnode, f.unique, offset, data, new_length, mtime_ns)
             return v, h.vol.volsync()
 
-        v, vs = await h.run(write)
+        try:
+            v, vs = await h.run(write)
+        except Exception:
+            # A store that failed may still have changed the file (bytes
+            # landed and the DV moved, or setuid went): holders hear of it
+            # before the error reply, as after any change.
+            if before and await self._differs(h, f, before[0]):
+                await self._changed(st, f)
+            raise
         self.metrics.inc("bytes_stored", len(data))
         await self._changed(st, f)
         return {"status": _st(v, c), "volsync": vs}
@@ -378,11 +406,22 @@ class FsOps:
             raise self._over("EFBIG", f"file would be larger than {limit} bytes")
         h = self._vol(f)
 
+        before: list[tuple[int, ...]] = []
+
         def write() -> tuple[Vnode, VolSync]:
-            allowed = check_store_status(h.vol.get(f.vnode, f.unique), c, clean)
+            old = h.vol.get(f.vnode, f.unique)
+            allowed = check_store_status(old, c, clean)
+            before.append(_changeable(old))
             return h.vol.store_status(f.vnode, f.unique, allowed), h.vol.volsync()
 
-        v, vs = await h.run(write)
+        try:
+            v, vs = await h.run(write)
+        except Exception:
+            # Failed after its commit (the truncation's data file step):
+            # holders hear of the change before the error reply.
+            if before and await self._differs(h, f, before[0]):
+                await self._changed(st, f)
+            raise
         await self._changed(st, f)
         return {"status": _st(v, c), "volsync": vs}
 
