@@ -37,6 +37,7 @@ from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable
 from afsfuse.invalidation import Invalidate
 from afsfuse.kernel_notify import KernelNotifier, inode_key, preferred_inode
 from afsfuse.locks import CacheManagerLocks, LockManager, fallocate, flock_type
+from afsfuse.statfs import VolumeSpace
 from afsfuse.vnode import Vnode
 from protocol.errors import RpcError
 from protocol.limits import MAX_NAME
@@ -696,17 +697,11 @@ class AfsOperations(pyfuse3.Operations):
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         info = await self.cm.statfs(self._vnode(ROOT_INODE), cred_of(ctx))
-        bsize = int(info.get("block_size") or 4096)
-        used = int(info.get("bytes_used") or 0)
-        quota = int(info.get("quota_bytes") or 0)
-        total = quota if quota else max(used * 2, 1 << 40)
+        space = VolumeSpace.from_status(info)  # afsfuse/statfs.py says why these figures
         s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = bsize
-        s.f_blocks = total // bsize
-        s.f_bfree = s.f_bavail = max(total - used, 0) // bsize
-        files = int(info.get("files") or 0)
-        s.f_files = files + (1 << 20)
-        s.f_ffree = s.f_favail = 1 << 20
+        s.f_bsize = s.f_frsize = space.bsize
+        s.f_blocks, s.f_bfree, s.f_bavail = space.blocks, space.bfree, space.bavail
+        s.f_files, s.f_ffree, s.f_favail = space.files, space.ffree, space.ffree
         s.f_namemax = MAX_NAME
         return s
 

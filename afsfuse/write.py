@@ -10,8 +10,8 @@ fid nobody wrote in this one are discarded when the vnode is first made
 (``on_new_vnode``): they are never stored behind the server's back.
 
 May import: ``afsfuse.context``, ``afsfuse.file`` (OpenFile), ``afsfuse.read``,
-``afsfuse.rpc``, ``afsfuse.stats``, ``afsfuse.validation``, ``afsfuse.vnode``,
-``protocol``.
+``afsfuse.rpc``, ``afsfuse.stats``, ``afsfuse.store_failure``, ``afsfuse.validation``,
+``afsfuse.vnode``, ``protocol``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from afsfuse.file import OpenFile
 from afsfuse.read import Reader
 from afsfuse.rpc import Cred, call, err, wire_cred
 from afsfuse.stats import log_event
+from afsfuse.store_failure import forget_unstored, refused
 from afsfuse.validation import CallSnapshot, apply_reply, mark_deleted, note_volsync, validate
 from afsfuse.vnode import Vnode
 from protocol import methods as M
@@ -129,6 +130,10 @@ class Writer:
             v.storing = True
             try:
                 await self._store_runs(v, cred)
+            except RpcError as exc:
+                if refused(exc):  # never lands: show the server's file again
+                    forget_unstored(self.ctx, v, exc)
+                raise
             finally:
                 v.storing = False
 

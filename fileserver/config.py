@@ -74,6 +74,9 @@ class ServerConfig:
     callback_duration: float = 4 * 3600
     #: How long a break may wait for a client before the client is marked down.
     break_timeout: float = 2.0
+    #: A connected client silent this long is probed (CB.ProbeUuid) before
+    #: its promises are trusted further (fileserver/prober.py); 0: never.
+    probe_after: float = 120.0
     #: Seconds a lock lives after it was set or last extended (fileserver.locks).
     lock_lifetime: float = 300.0
     #: Bound on promises held in the table; when reached the least recently

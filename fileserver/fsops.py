@@ -21,7 +21,7 @@ caller's ``access`` bits.  Server limits (name length, directory entries, file s
 are checked here too.
 
 Imports: the parts it uses (store, callback table, breaker, metrics,
-config, perms, volume records), ``protocol`` and trio; never ``fileserver.server``.
+config, perms, privs, volume records), ``protocol`` and trio; never ``fileserver.server``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from fileserver.perms import (
     require_dir_change,
     require_write,
 )
+from fileserver.privs import mode_after_write
 from fileserver.store import VolumeHandle, VolumeStore
 from fileserver.volume import Vnode
 from protocol import methods as m
@@ -111,6 +112,11 @@ def parse_cred(cred: Any) -> Caller:
     gid = _uint(cred[1], MAX_UINT32, "cred gid")
     groups = frozenset(_uint(g, MAX_UINT32, "cred gid") for g in cred[2])
     return Caller(uid, gid, groups)
+
+
+def _changeable(v: Vnode) -> tuple[int, ...]:
+    """What a change to a file's data or status moves (to see if a failed one did)."""
+    return (v.dv, v.mode, v.owner, v.group, v.size, v.mtime_ns, v.ctime_ns)
 
 
 def _st(v: Vnode, c: Caller) -> Any:
@@ -176,6 +182,18 @@ class FsOps:
 
     def _vol(self, fid: Fid) -> VolumeHandle:
         return self.store.get(fid.volume)
+
+    async def _differs(self, h: VolumeHandle, f: Fid, then: tuple[int, ...]) -> bool:
+        """Whether ``f`` changed since it was ``then`` (False if it is gone)."""
+
+        def read() -> tuple[int, ...] | None:
+            try:
+                return _changeable(h.vol.get(f.vnode, f.unique))
+            except RpcError:
+                return None
+
+        now = await h.read(read, lambda _: ())
+        return now is not None and now != then
 
     async def _changed(self, st: ClientState, *fids: Fid | None) -> None:
         changed = [f for f in fids if f is not None]
@@ -367,11 +385,27 @@ class FsOps:
         if offset + len(data) > limit or (new_length is not None and new_length > limit):
             raise self._over("EFBIG", f"file would be larger than {limit} bytes")
 
+        before: list[tuple[int, ...]] = []  # the file when the store began
+        killed: list[int] = []  # its mode without setuid/setgid, if a write drops them
+
         def begin() -> tuple[Vnode, int]:
-            require_write(h.vol.get(f.vnode, f.unique), c, "write")
+            old = h.vol.get(f.vnode, f.unique)
+            require_write(old, c, "write")
+            before.append(_changeable(old))
+            mode = mode_after_write(old, c.root)
+            if mode is not None:
+                killed.append(mode)
             return h.vol.store_begin(f.vnode, f.unique, offset, len(data), new_length)
 
-        v = await self._store(h, f, begin, data, offset, new_length, mtime_ns)
+        try:
+            v = await self._store(h, f, begin, killed, data, offset, new_length, mtime_ns)
+        except Exception:
+            # A store that failed may still have changed the file (bytes
+            # landed and the DV moved, or setuid went): holders hear of it
+            # before the error reply, as after any change.
+            if before and await self._differs(h, f, before[0]):
+                await self._changed(st, f)
+            raise
         vs = h.vol.volsync()
         self.metrics.inc("bytes_stored", len(data))
         await self._changed(st, f)
@@ -382,12 +416,16 @@ class FsOps:
         h: VolumeHandle,
         f: Fid,
         begin: Callable[[], tuple[Vnode, int]],
+        killed: list[int],
         data: bytes,
         offset: int,
         new_length: int | None,
         mtime_ns: int | None,
     ) -> Vnode:
         """Checks, intent (unless the file is armed), bytes, metadata commit.
+
+        ``begin`` runs the checks and fills ``killed`` when the write drops
+        setuid/setgid; that mode is committed before any byte lands.
 
         Under the file's lock; the bytes go in beside other commits.  Shielded:
         a store that started finishes (or settles) even when the server stops.
@@ -397,6 +435,8 @@ class FsOps:
             # Into the commit itself (Volume.store_small): one WAL sync, shared.
             def small() -> Vnode:
                 begin()
+                if killed:  # in the same transaction as the bytes
+                    vol.store_status(vn, f.unique, {"mode": killed[-1]})
                 return vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns)
 
             async with h.active(), h.file_lock(vn):
@@ -407,6 +447,9 @@ class FsOps:
                 vol._storing.add(vn)  # before the checks: see Volume.run_batch
                 try:
                     _v, new_size = await h.read(begin, lambda _: ())
+                    if killed:  # setuid/setgid go before the bytes land
+                        privs = partial(vol.store_status, vn, f.unique, {"mode": killed[-1]})
+                        await h.commit(privs, op="FS.StoreData:privs")
                     try:
                         if vn not in vol._armed:
                             await h.commit(partial(vol.arm, vn, f.unique), op="FS.StoreData:intent")
@@ -455,17 +498,28 @@ class FsOps:
             raise self._over("EFBIG", f"file would be larger than {limit} bytes")
         h = self._vol(f)
 
+        before: list[tuple[int, ...]] = []
+
         def write() -> tuple[Vnode, VolSync]:
-            allowed = check_store_status(h.vol.get(f.vnode, f.unique), c, clean)
+            old = h.vol.get(f.vnode, f.unique)
+            allowed = check_store_status(old, c, clean)
+            before.append(_changeable(old))
             return h.vol.store_status(f.vnode, f.unique, allowed), h.vol.volsync()
 
-        if "size" in clean:
-            # A truncation changes the data file after its commit: not beside a store.
-            async with h.active(), h.file_lock(f.vnode):
-                with h.writing(f.vnode):
-                    v, vs = await h.commit(write, op=m.FS_STORE_STATUS)
-        else:
-            v, vs = await h.commit(write, op=m.FS_STORE_STATUS)
+        try:
+            if "size" in clean:
+                # A truncation changes the data file after its commit: not beside a store.
+                async with h.active(), h.file_lock(f.vnode):
+                    with h.writing(f.vnode):
+                        v, vs = await h.commit(write, op=m.FS_STORE_STATUS)
+            else:
+                v, vs = await h.commit(write, op=m.FS_STORE_STATUS)
+        except Exception:
+            # Failed after its commit (the truncation's data file step):
+            # holders hear of the change before the error reply.
+            if before and await self._differs(h, f, before[0]):
+                await self._changed(st, f)
+            raise
         await self._changed(st, f)
         return {"status": _st(v, c), "volsync": vs}
 

@@ -7,7 +7,8 @@ mode bits on them: read/write/search, create and delete in a directory
 squashes it to nobody.  Checks run inside the volume operation (under the
 volume lock), so nothing changes between the check and the change.
 
-Imports: ``fileserver.volume`` (the Vnode record) and ``protocol``.
+Imports: ``fileserver.volume`` (the Vnode record), ``fileserver.privs``
+(setuid/setgid clearing) and ``protocol``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from fileserver import privs
 from fileserver.volume import Vnode
 from protocol.errors import RpcError
 
@@ -87,7 +89,9 @@ def check_store_status(v: Vnode, c: Caller, attrs: dict[str, int]) -> dict[str, 
     owner = c.root or c.uid == v.owner
     if "mode" in attrs and attrs["mode"] != v.mode:
         if not owner:
-            raise RpcError("EPERM", "chmod: not the owner")
+            if not privs.only_drops_privs(v.mode, attrs["mode"]):
+                raise RpcError("EPERM", "chmod: not the owner")
+            require_write(v, c, "chmod")  # the kernel clearing setuid for a writer
         group = out.get("group", v.group)
         if not c.root and not v.is_dir and not c.in_group(group):
             out["mode"] &= ~S_ISGID  # as POSIX: cannot grant a group one is not in
@@ -101,12 +105,14 @@ def check_store_status(v: Vnode, c: Caller, attrs: dict[str, int]) -> dict[str, 
     gives = ("owner" in attrs and attrs["owner"] != v.owner) or (
         "group" in attrs and attrs["group"] != v.group
     )
-    if gives and not c.root and not v.is_dir:
-        out["mode"] = out.get("mode", v.mode) & ~(S_ISUID | S_ISGID)
+    if gives:
+        out["mode"] = privs.mode_after_chown(v, out.get("mode", v.mode))
     if "mtime_ns" in attrs and not owner and not access(v, c) & W:
         raise RpcError("EPERM", "utimes: not the owner")
     if "size" in attrs:
         require_write(v, c, "truncate")
+        if privs.mode_after_write(v, c.root) is not None:
+            out["mode"] = privs.cleared(out.get("mode", v.mode))
     return out
 
 

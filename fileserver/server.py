@@ -43,6 +43,7 @@ from fileserver.events import event
 from fileserver.fsops import CAPABILITIES, FsOps
 from fileserver.locks import LockService
 from fileserver.metrics import Metrics
+from fileserver.prober import run_prober
 from fileserver.store import DataDir, VolumeStore
 from fileserver.vl import VLRegistrar, VLService
 from fileserver.vldb import VLDB, LocalVLDB, make_vldb
@@ -223,6 +224,7 @@ class FileServer:
                 if self.tls is not None:
                     nursery.start_soon(self.tls.watch_revocations)
                 nursery.start_soon(self._retry_down_clients)
+                nursery.start_soon(run_prober, self.breaker, cfg.probe_after)
                 if cfg.vl is not None:
                     self.registrar = VLRegistrar(
                         cfg.vl,

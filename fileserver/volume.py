@@ -34,8 +34,9 @@ transaction, as tests call it) or as a job of a group commit
 run beside it in other threads (``reading()``).  Nothing in this module knows
 about trio.
 
-Imports: ``fileserver.durability``, ``protocol`` and the standard library (no trio); salvage's check
-lives in ``fileserver.salvage`` (``Volume.check`` calls it).
+Imports: ``fileserver.durability``, ``fileserver.space`` (the partition,
+for ``volume_status``), ``protocol`` and the standard library (no trio);
+salvage's check lives in ``fileserver.salvage`` (``Volume.check`` calls it).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fileserver.durability import SYNC_MODES, SyncStats
+from fileserver.space import partition_space
 from protocol.errors import RpcError
 from protocol.limits import MAX_IO, MAX_UINT32
 from protocol.records import FileStatus, FileType, VolSync
@@ -671,6 +673,7 @@ class Volume:
             "quota_bytes": self.quota_bytes,
             "files": self.files,
             "block_size": 4096,
+            **partition_space(self.path, self.next_vnode),  # truthful statfs
         }
 
     # -- data changes ----------------------------------------------------------
