@@ -386,19 +386,27 @@ class FsOps:
             raise self._over("EFBIG", f"file would be larger than {limit} bytes")
 
         before: list[tuple[int, ...]] = []  # the file when the store began
-        killed: list[int] = []  # its mode without setuid/setgid, if a write drops them
 
         def begin() -> tuple[Vnode, int]:
             old = h.vol.get(f.vnode, f.unique)
             require_write(old, c, "write")
             before.append(_changeable(old))
-            mode = mode_after_write(old, c.root)
-            if mode is not None:
-                killed.append(mode)
             return h.vol.store_begin(f.vnode, f.unique, offset, len(data), new_length)
 
+        def drop_privs() -> Vnode:
+            old = h.vol.get(f.vnode, f.unique)
+            require_write(old, c, "write")
+            mode = mode_after_write(old, c.root)
+            return old if mode is None else h.vol.store_status(f.vnode, f.unique, {"mode": mode})
+
         try:
-            v = await self._store(h, f, begin, killed, data, offset, new_length, mtime_ns)
+            cur = await h.read(lambda: h.vol.get(f.vnode, f.unique), lambda _: (), inline=True)
+            if mode_after_write(cur, c.root) is not None:
+                # setuid/setgid go in a commit of their own before any byte
+                # lands, and stay gone if the store then fails (as on Linux).
+                before.append(_changeable(cur))
+                await h.commit(drop_privs, op="FS.StoreData:privs")
+            v = await self._store(h, f, begin, data, offset, new_length, mtime_ns)
         except Exception:
             # A store that failed may still have changed the file (bytes
             # landed and the DV moved, or setuid went): holders hear of it
@@ -416,16 +424,12 @@ class FsOps:
         h: VolumeHandle,
         f: Fid,
         begin: Callable[[], tuple[Vnode, int]],
-        killed: list[int],
         data: bytes,
         offset: int,
         new_length: int | None,
         mtime_ns: int | None,
     ) -> Vnode:
         """Checks, intent (unless the file is armed), bytes, metadata commit.
-
-        ``begin`` runs the checks and fills ``killed`` when the write drops
-        setuid/setgid; that mode is committed before any byte lands.
 
         Under the file's lock; the bytes go in beside other commits.  Shielded:
         a store that started finishes (or settles) even when the server stops.
@@ -435,8 +439,6 @@ class FsOps:
             # Into the commit itself (Volume.store_small): one WAL sync, shared.
             def small() -> Vnode:
                 begin()
-                if killed:  # in the same transaction as the bytes
-                    vol.store_status(vn, f.unique, {"mode": killed[-1]})
                 return vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns)
 
             async with h.active(), h.file_lock(vn):
@@ -447,9 +449,6 @@ class FsOps:
                 vol._storing.add(vn)  # before the checks: see Volume.run_batch
                 try:
                     _v, new_size = await h.read(begin, lambda _: ())
-                    if killed:  # setuid/setgid go before the bytes land
-                        privs = partial(vol.store_status, vn, f.unique, {"mode": killed[-1]})
-                        await h.commit(privs, op="FS.StoreData:privs")
                     try:
                         if vn not in vol._armed:
                             await h.commit(partial(vol.arm, vn, f.unique), op="FS.StoreData:intent")

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from afsfuse.lab.server import fs_client, running_server
+from fileserver.fsops import SMALL_STORE
 from fileserver.volume import Volume
 from protocol.errors import RpcError
 from protocol.records import Fid
@@ -32,16 +33,18 @@ async def test_store_failing_after_its_bytes_landed_breaks_first(tmp_path, monke
         f = (await writer.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
         await writer.call("FS.StoreData", None, f, 0, b"old", None, None)
         dv = (await holder.call("FS.FetchStatus", None, f))["status"][4]
-        real_apply = Volume._apply
+        real_finish = Volume.store_finish
 
-        def landed_then_failed(self: Volume, *args: Any) -> None:
-            real_apply(self, *args)  # the bytes are in the data file
-            raise OSError(5, "injected: the metadata commit never happens")
+        def landed_then_failed(self: Volume, *args: Any) -> Any:
+            # The bytes are in the data file (store_write ran); the metadata
+            # commit never happens.
+            raise OSError(5, "injected: the metadata commit fails")
 
-        monkeypatch.setattr(Volume, "_apply", landed_then_failed)
+        monkeypatch.setattr(Volume, "store_finish", landed_then_failed)
         with pytest.raises(RpcError):
-            await writer.call("FS.StoreData", None, f, 0, b"new", None, None)
-        monkeypatch.setattr(Volume, "_apply", real_apply)
+            # Larger than a redo-record store: bytes first, then the commit.
+            await writer.call("FS.StoreData", None, f, 0, b"n" * (SMALL_STORE + 1), None, None)
+        monkeypatch.setattr(Volume, "store_finish", real_finish)
         # The error reply came after the holder heard: its promise is gone.
         assert Fid.from_wire(f) in holder.breaks
         assert (await holder.call("FS.FetchStatus", None, f))["status"][4] > dv
@@ -96,7 +99,8 @@ async def test_truncate_failing_after_its_commit_breaks_first(tmp_path, monkeypa
         def data_file_fails(self: Volume, *args: Any) -> None:
             raise OSError(5, "injected: the data file cannot be cut")
 
-        monkeypatch.setattr(Volume, "_apply", data_file_fails)
+        # The truncation's data-file step runs after its commit.
+        monkeypatch.setattr(Volume, "_truncate", data_file_fails)
         with pytest.raises(RpcError):
             await writer.call("FS.StoreStatus", None, f, {"size": 3})
         monkeypatch.undo()
