@@ -41,8 +41,11 @@ class Attributes:
     ) -> FileStatus:  # fmt: skip
         wc = wire_cred(cred)
         await validate(self.ctx, vnode, wc)
-        if size is not None and self.writer.dirty(vnode):
-            await self.writer.store(vnode, wc)  # write back first, then truncate
+        if (size is not None or mtime_ns is not None) and self.writer.dirty(vnode):
+            # Write back first: a later store would stamp the server's time
+            # over the mtime set now (tar's futimens before close), or undo
+            # the truncation.
+            await self.writer.store(vnode, wc)
         attrs: dict[str, int] = {}
         for k, val in (("mode", mode), ("owner", uid), ("group", gid), ("size", size),
                        ("mtime_ns", mtime_ns)):  # fmt: skip

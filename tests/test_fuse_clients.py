@@ -190,3 +190,20 @@ def test_truncating_rewrite_is_seen_whole_by_other_client(dirs):
         assert (db / "doc").read_bytes() == b"version-1"
         assert (db / "doc").stat().st_size == 9
     assert (db / "doc").read_bytes() == b"version-2"
+
+
+def test_mtime_set_before_close_survives_the_store(dirs):
+    """tar x writes, sets the times on the open fd, then closes: the store at
+    close must not stamp the server's time over the mtime just set."""
+    a, b = dirs
+    mtime_ns = 1_000_000_000 * 1_234_567_890
+    fd = os.open(a / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"x" * 5000)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    finally:
+        os.close(fd)
+    assert os.stat(a / "f").st_mtime_ns == mtime_ns
+    with open(b / "f", "rb") as f:
+        assert f.read() == b"x" * 5000
+    assert os.stat(b / "f").st_mtime_ns == mtime_ns
