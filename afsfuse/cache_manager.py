@@ -31,7 +31,7 @@ ENOTCONN, ``RpcTimeout`` ETIMEDOUT, a vnode deleted on the server ESTALE, a
 malformed reply EIO) and, from the local disk cache, ``OSError``.  Read-only
 calls lost with a dropped connection are retried once after the reconnect::
 
-    mount_volume(cell: str | None, volume: str, cred=None) -> Vnode   # the root
+    mount_volume(cell: str | None, volume: str, cred=None, *, crossing=False) -> Vnode  # root
     unmount_volume(vol: VolumeInstance) -> None
     find_vnode(cell: str, fid: Fid) -> Vnode | None        # never creates (sync)
     forget(vnode) -> None                                   # P1: sends nothing (sync)
@@ -51,7 +51,7 @@ calls lost with a dropped connection are retried once after the reconnect::
     rename(old_dir, old_name, new_dir, new_name, flags, cred) -> None   # flags 1 = NOREPLACE
     setattr(vnode, cred, *, mode=None, uid=None, gid=None, size=None, mtime_ns=None) -> FileStatus
     statfs(vnode, cred) -> dict                  # FS.GetVolumeStatus result
-    relocate_volume(vol) -> bool                 # VL says it moved: re-attach, volume break
+    relocate_volume(vol, *, force=False) -> bool  # VL says it moved: re-attach, volume break
     examine(vnode) -> dict                        # fid, volume, DV, promise, counters
     flush_vnode(vnode) / flush_volume(vol)        # `fs flush`, `fs flushvolume` (sync)
     stats_dict() -> dict                          # counters for `fs stats`
@@ -174,6 +174,7 @@ class CacheManager:
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         self.vl.start(self._nursery)
         self._nursery.start_soon(self.registry.reaper)
+        self._nursery.start_soon(self.mounts.expire_unused, self.config.idle_record_lifetime)
         return self
 
     async def close(self) -> None:
@@ -221,11 +222,13 @@ class CacheManager:
     # -- volumes ----------------------------------------------------------------
 
     @maps_errors
-    async def mount_volume(self, cell: str | None, volume: str, cred: Cred = None) -> Vnode:
-        return await self.mounts.mount(cell, volume, cred)
+    async def mount_volume(
+        self, cell: str | None, volume: str, cred: Cred = None, *, crossing: bool = False
+    ) -> Vnode:
+        return await self.mounts.mount(cell, volume, cred, crossing=crossing)
 
-    async def relocate_volume(self, vol: VolumeInstance) -> bool:
-        return await self.mounts.relocate(vol)
+    async def relocate_volume(self, vol: VolumeInstance, *, force: bool = False) -> bool:
+        return await self.mounts.relocate(vol, force=force)
 
     def unmount_volume(self, vol: VolumeInstance) -> None:
         self.mounts.unmount(vol)
@@ -237,6 +240,7 @@ class CacheManager:
         """The kernel forgot ``vnode``: drop it locally.  P1: nothing is sent;
         the promise is not given back (it expires or is broken on the server)."""
         vnode.volume.forget(vnode)
+        self.mounts.forgot(vnode)
 
     # -- attributes -----------------------------------------------------------------
 

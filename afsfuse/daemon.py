@@ -195,6 +195,7 @@ async def serve(opts: MountOptions, ready: Ready) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(drain_invalidations, ops)
+                nursery.start_soon(ops.locks.run)  # extends held server locks
                 nursery.start_soon(_watch_signals)
                 await pyfuse3.main()
                 unmounted = True

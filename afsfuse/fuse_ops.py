@@ -34,6 +34,7 @@ import trio
 from afsfuse.cache_manager import CacheManager, OpenFile
 from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable
 from afsfuse.kernel_notify import KernelNotifier, inode_key
+from afsfuse.locks import CacheManagerLocks, LockManager, fallocate, flock_type
 from afsfuse.vnode import Vnode
 from protocol.errors import RpcError
 from protocol.limits import MAX_NAME
@@ -134,6 +135,7 @@ class AfsOperations(pyfuse3.Operations):
             is_open=self._is_open, reading=self._is_reading,
         )  # fmt: skip
         self._reads: dict[int, int] = {}  # read requests in flight, per inode
+        self.locks = LockManager(CacheManagerLocks(cm), self._drop_pages)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._open_inos: dict[int, int] = {}
@@ -206,7 +208,7 @@ class AfsOperations(pyfuse3.Operations):
         if m is None:
             return vnode, st
         cell = m.group(2).decode() if m.group(2) else vnode.volume.cell
-        root = await self.cm.mount_volume(cell, m.group(3).decode(), cred)
+        root = await self.cm.mount_volume(cell, m.group(3).decode(), cred, crossing=True)
         self._mount_parent.setdefault(root.volume.key, parent_ino)
         rst = await self.cm.getattr(root, cred)
         return root, rst
@@ -253,6 +255,8 @@ class AfsOperations(pyfuse3.Operations):
 
     def init(self) -> None:
         log.info("FUSE session initialised")
+        if not getattr(pyfuse3, "AFSFUSE_EXTENSION", 0):
+            log.warning("pyfuse3 lacks patches/pyfuse3: locks stay local to this machine")
 
     # -- names ----------------------------------------------------------------
 
@@ -581,6 +585,55 @@ class AfsOperations(pyfuse3.Operations):
 
     # -- the rest ---------------------------------------------------------------
 
+    # -- locks and fallocate (afsfuse.locks; needs the patched pyfuse3) ----------
+
+    async def _drop_pages(self, v: Vnode, attr_only: bool) -> None:
+        """Lock-to-unlock: the kernel's pages of ``v`` are from an old DV.
+        From a worker thread, awaited (the requester is blocked in fcntl)."""
+        if v.ino:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, v.ino, attr_only)
+            except OSError:
+                pass  # the kernel no longer knows the inode: nothing cached
+
+    @_handler
+    async def getlk(self, fh: int, owner: int, lock: Any, ctx: pyfuse3.RequestContext) -> Any:
+        f = self._file(fh)
+        res = await self.locks.getlk(f.handle.vnode, owner, flock=False, type_=lock.type,
+                                     start=lock.start, length=lock.length, cred=f.cred)  # fmt: skip
+        return pyfuse3.FileLock(*res)
+
+    @_handler
+    async def setlk(
+        self, fh: int, owner: int, lock: Any, sleep: bool, ctx: pyfuse3.RequestContext
+    ) -> None:
+        f = self._file(fh)
+        await self.locks.setlk(f.handle.vnode, owner, flock=False, type_=lock.type,
+                               start=lock.start, length=lock.length, pid=lock.pid,
+                               sleep=sleep, cred=f.cred)  # fmt: skip
+
+    @_handler
+    async def flock(self, fh: int, owner: int, op: int, ctx: pyfuse3.RequestContext) -> None:
+        f = self._file(fh)
+        type_, sleep = flock_type(op)
+        await self.locks.setlk(f.handle.vnode, owner, flock=True, type_=type_, pid=ctx.pid,
+                               sleep=sleep, cred=f.cred)  # fmt: skip
+
+    async def release_locks(self, fh: int, owner: int, flock: bool) -> None:
+        """Called inside pyfuse3's flush/release: must never raise."""
+        f = self._files.get(fh)
+        if f is None:
+            return
+        try:
+            await self.locks.release_owner(f.handle.vnode, owner, flock=flock)
+        except Exception:
+            log.exception("dropping locks of owner %#x at close failed", owner)
+
+    @_handler
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        f = self._file(fh)
+        await fallocate(self.cm, f.handle, mode, offset, length, f.cred)
+
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         info = await self.cm.statfs(self._vnode(ROOT_INODE), cred_of(ctx))
@@ -650,7 +703,8 @@ class AfsOperations(pyfuse3.Operations):
             info["inode"] = ino
             return info
         if name == b"afs.stats":
-            return {**self.cm.stats_dict(), "kernel_requests": dict(self.requests)}
+            return {**self.cm.stats_dict(), "kernel_requests": dict(self.requests),
+                    "locks": {**self.locks.stats, "files": self.locks.listing()}}  # fmt: skip
         if name == b"afs.whereis":
             return {
                 "fid": str(v.fid),

@@ -5,8 +5,11 @@
 asks VL for a volume's entry, makes or reuses the instance, attaches it to
 the server records the entry names (each attach registers an interest, P3),
 and validates the root.  When a server says a vnode is gone, ``relocate``
-asks VL again (at most once per ``RELOCATE_INTERVAL`` per volume); a moved
-volume is re-attached to its new servers and gets a whole-volume break.
+asks VL again (at most once per ``RELOCATE_INTERVAL`` per volume; at once
+when a server answered "moved"); a moved volume is re-attached to its new
+servers and gets a whole-volume break.  A volume reached only through mount
+points is released once the kernel forgot its root and nothing crossed
+into it again for the idle lifetime.
 
 May import: ``afsfuse.cells``, ``afsfuse.context``, ``afsfuse.rpc``,
 ``afsfuse.server_registry``, ``afsfuse.stats``, ``afsfuse.validation``,
@@ -15,6 +18,7 @@ May import: ``afsfuse.cells``, ``afsfuse.context``, ``afsfuse.rpc``,
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +66,7 @@ class VolumeMounts:
         if vol is None:
             vol = VolumeInstance(cell, volume_id, str(entry.get("name", volume_id)))
             vol.on_new_vnode = self.on_new_vnode
+            vol.relocate = functools.partial(self.relocate, vol, force=True)
             vol.located_at = trio.current_time()
             self.volumes[vol.key] = vol
         servers = entry.get("servers") or []
@@ -72,11 +77,16 @@ class VolumeMounts:
             vol.attach(self.registry.record(str(s["uuid"]), addrs, cell))  # interest (P3)
         return vol
 
-    async def mount(self, cell: str | None, volume: str, cred: Cred = None) -> Vnode:
+    async def mount(
+        self, cell: str | None, volume: str, cred: Cred = None, *, crossing: bool = False
+    ) -> Vnode:
         """Find ``volume`` through the cell's VL servers; return its root vnode.
 
         A volume already mounted through this cell is not looked up again
-        (mount points are crossed often); each call counts one mount."""
+        (mount points are crossed often).  Each call counts one mount, except
+        a mount-point ``crossing``: that volume is in use while the kernel
+        holds its root, and released when the kernel forgets it
+        (``forgot``), so its server record can go idle (P2)."""
         try:
             c = self.cells.get(cell)
         except KeyError:
@@ -89,22 +99,28 @@ class VolumeMounts:
                 entry = await self.vl.call(c, M.VL_GET_ENTRY_BY_NAME, volume)
             vol = self._volume_from_entry(c.name, entry)
             self._by_name[(c.name, volume)] = vol
-        vol.mounts += 1
+        if not crossing:
+            vol.mounts += 1
+        vol.unused_since = None  # crossed (again): in use
         root = vol.get(vol.root_fid)
         try:
             await validate(self.ctx, root, wire_cred(cred))
         except BaseException:
-            self.unmount(vol)
+            if crossing:
+                self._release_crossed(vol)
+            else:
+                self.unmount(vol)
             raise
         log_event("volume_mounted", cell=c.name, volume=vol.name, id=vol.volume_id)
         return root
 
-    async def relocate(self, vol: VolumeInstance) -> bool:
+    async def relocate(self, vol: VolumeInstance, *, force: bool = False) -> bool:
         """Ask VL where ``vol`` lives now; True if it moved (its instance now
         uses the new servers and every promise on it is void).  At most one
-        VL query per volume per ``RELOCATE_INTERVAL`` seconds."""
+        VL query per volume per ``RELOCATE_INTERVAL`` seconds, unless
+        ``force`` (a server answered that the volume moved)."""
         now = trio.current_time()
-        if now - vol.located_at < RELOCATE_INTERVAL:
+        if now - vol.located_at < RELOCATE_INTERVAL and not force:
             return False
         vol.located_at = now
         try:
@@ -137,6 +153,43 @@ class VolumeMounts:
             vol.detach_all()
             if self.volumes.get(vol.key) is vol:
                 del self.volumes[vol.key]
+
+    def forgot(self, vnode: Vnode) -> None:
+        """The kernel forgot ``vnode``.  It holds nothing below a root it
+        forgot (dentries pin their parents): a volume only crossed into is
+        unused from then on, and released if nothing crosses into it again
+        for a while (``expire_unused``; the kernel drops a mount point's
+        dentries on any invalidation of it, which must not cost the
+        volume's cache)."""
+        vol = vnode.volume
+        if vnode.fid == vol.root_fid and vol.mounts <= 0:
+            vol.unused_since = trio.current_time()
+
+    async def expire_unused(self, lifetime: float) -> None:
+        """Release volumes unused (see ``forgot``) for ``lifetime`` seconds, as
+        the kernel AFS client expires automounts; their server records can
+        then go idle (P2)."""
+        interval = max(min(lifetime / 4, 30.0), 0.01)
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for vol in list(self.volumes.values()):
+                since = vol.unused_since
+                if since is not None and now - since >= lifetime:
+                    self._release_crossed(vol)
+
+    def _release_crossed(self, vol: VolumeInstance) -> None:
+        """Drop a volume reached only through mount points, with its
+        interests (sends nothing; an idle record is destroyed later, P2)."""
+        if vol.mounts > 0 or vol.busy():
+            vol.unused_since = None  # in use after all
+            return
+        vol.detach_all()
+        if self.volumes.get(vol.key) is vol:
+            del self.volumes[vol.key]
+        for k in [k for k, v in self._by_name.items() if v is vol]:
+            del self._by_name[k]
+        log_event("volume_released", cell=vol.cell, volume=vol.volume_id)
 
     def find_vnode(self, cell: str, fid: Fid) -> Vnode | None:
         """The cached vnode of ``fid`` in ``cell``; never creates one (P3)."""

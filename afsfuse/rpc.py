@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from afsfuse.server_record import NoConnection, ServerRecord
 from protocol import methods as M
 from protocol.connection import ConnectionLost
-from protocol.errors import RpcError
+from protocol.errors import MOVED, RpcError
+from protocol.records import Fid
 
 if TYPE_CHECKING:
     from afsfuse.validation import CallSnapshot
@@ -48,8 +49,11 @@ async def call(
     """One call on ``server``'s connection (counted per method).
 
     ``snap`` is re-taken at the moment the call is issued, after any wait
-    for a (re)connection, whose Hello may itself bring breaks."""
+    for a (re)connection, whose Hello may itself bring breaks.  A server
+    answering "moved" (EREMCHG: it did not run the call) sends the volume
+    to VL and the call to the volume's new server."""
     retries = 1 if method in RETRYABLE else 0
+    follows = 2  # "moved" answers followed
     while True:
         try:
             return await server.call(method, *params, on_issue=snap.retake if snap else None)
@@ -64,8 +68,40 @@ async def call(
                 raise
             retries -= 1
             log.info("%s: connection lost, retrying after reconnect", method)
+        except RpcError as exc:
+            if exc.code != MOVED or follows <= 0:
+                raise
+            follows -= 1
+            moved_to = await follow_move(server, params, snap)
+            if moved_to is None:
+                raise
+            server = moved_to
         except OSError as exc:
             raise ConnectionLost(f"{method}: {exc!r}") from exc
+
+
+async def follow_move(
+    server: ServerRecord, params: tuple[Any, ...], snap: CallSnapshot | None
+) -> ServerRecord | None:
+    """``server`` answered "moved" for the volume of a call: ask VL again (a
+    whole-volume break; interests move to the new record, P3) and return
+    the record to send the call to, None if VL knows no better."""
+    if snap is not None:
+        vols = [snap.volume]
+    else:
+        fid = next((p for p in params if isinstance(p, Fid)), None)
+        vid = fid.volume if fid is not None else next(
+            (p for p in params[1:2] if isinstance(p, int)), None
+        )  # fmt: skip
+        vols = list(server.instances(vid)) if vid is not None else []
+    for vol in vols:
+        if vol.relocate is not None:
+            await vol.relocate()
+    if not vols or not vols[0].servers or vols[0].server is server:
+        return None
+    if snap is not None:
+        snap.server = vols[0].server  # the promise names the record it came from
+    return vols[0].server
 
 
 def wire_cred(cred: Any) -> Any:
@@ -106,4 +142,4 @@ def maps_errors(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-__all__ = ["RETRYABLE", "Cred", "call", "err", "maps_errors", "wire_cred"]
+__all__ = ["RETRYABLE", "Cred", "call", "err", "follow_move", "maps_errors", "wire_cred"]

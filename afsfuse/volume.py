@@ -17,7 +17,7 @@ fetched before one of them is stale).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from afsfuse.vnode import Vnode
@@ -52,7 +52,12 @@ class VolumeInstance:
         self.evicted = 0
         self.mounts = 0
         self.located_at = -1e18  # trio time of the last VL check (moves)
+        #: Since when a volume only crossed into has had its root forgotten.
+        self.unused_since: float | None = None
         self.on_new_vnode: Callable[[Vnode], None] | None = None
+        #: Asks VL where the volume lives now (a server answered "moved");
+        #: True if it moved.  Set by the manager that made the instance.
+        self.relocate: Callable[[], Awaitable[bool]] | None = None
 
     def __repr__(self) -> str:
         return f"<VolumeInstance {self.cell}:{self.name}({self.volume_id})>"
@@ -134,6 +139,14 @@ class VolumeInstance:
         if self.vnodes.get(key) is vnode:
             del self.vnodes[key]
         return True
+
+    def busy(self) -> bool:
+        """Whether a vnode is open, holds unstored writes or has a fetch in
+        flight (the instance must then stay).  Called when the kernel forgot
+        the root, so a walk here is rare."""
+        return any(
+            v.open_count or v.local_size is not None or v.inflight for v in self.vnodes.values()
+        )
 
     def attach(self, server: ServerRecord) -> None:
         if server not in self.servers:

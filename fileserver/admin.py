@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from fileserver.callback import CallbackTable
 from fileserver.config import ServerConfig
 from fileserver.nemesis import admin_handlers as nemesis_handlers
 from fileserver.store import DataDir, VolumeHandle, VolumeStore
+from fileserver.vldb import VLDB, vol_location
 from protocol.connection import Connection, open_connection
 from protocol.errors import RpcError
 from protocol.records import Fid
@@ -43,7 +44,8 @@ class AdminService:
 
     ``identity()`` gives the server's ``{"server_uuid", "cell", "epoch"}`` and
     ``secret()`` the admin secret (both known only once the data dir is open);
-    ``stats()`` the server's counters snapshot.
+    ``stats()`` the server's counters snapshot; ``vldb`` where the cell's
+    volumes are, ``move`` moves a volume to another server (vol move).
     """
 
     def __init__(
@@ -56,6 +58,8 @@ class AdminService:
         identity: Callable[[], dict[str, Any]],
         secret: Callable[[], str],
         stats: Callable[[], dict[str, Any]],
+        vldb: VLDB | None = None,
+        move: Callable[[VolumeHandle, str, int], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.store = store
         self.table = table
@@ -64,6 +68,8 @@ class AdminService:
         self._identity = identity
         self._secret = secret
         self._stats = stats
+        self.vldb = vldb  # where volumes of the cell are (fileserver.vldb)
+        self._move = move  # fileserver.volmove.move_volume, bound to the server
 
     def _check(self, conn: Connection) -> None:
         if not conn.context.get("admin"):
@@ -94,18 +100,34 @@ class AdminService:
         self._check(conn)
         if volume_id is not None and type(volume_id) is not int:
             raise RpcError("EINVAL", "volume_id must be an int")
+        if self.vldb is not None:
+            await self.vldb.check_new(name, volume_id)  # unique in the cell
         h = await self.store.create(
             name, quota_bytes=quota_bytes, volume_id=volume_id,
-            random_ids=self.config.vl is not None,
+            random_ids=self.config.vl is not None or self.config.vldb is not None,
         )  # fmt: skip
         return await h.run(h.vol.volume_status)
 
     async def vol_list(self, conn: Connection) -> list[dict[str, Any]]:
+        """This server's volumes; with an etcd VLDB also the cell's others,
+        each with the server the VLDB names and whether it is up."""
         self._check(conn)
-        return [await h.run(h.vol.volume_status) for h in self.store.list()]
+        me = self._identity()["server_uuid"]
+        out = [dict(await h.run(h.vol.volume_status), server=me) for h in self.store.list()]
+        if self.vldb is not None and self.config.vldb is not None:
+            local = {v["volume_id"] for v in out}
+            for e in await self.vldb.entries():
+                if e["volume_id"] not in local and e["servers"]:
+                    s = e["servers"][0]
+                    out.append({"volume_id": e["volume_id"], "name": e["name"],
+                                "server": s["uuid"], "up": s.get("up", True)})  # fmt: skip
+        return out
 
     async def vol_examine(self, conn: Connection, vol: Any) -> dict[str, Any]:
         self._check(conn)
+        located = await vol_location(self.vldb, vol) if self.vldb is not None else None
+        if located is not None and located["volume_id"] not in self.store.by_id:
+            return located  # held by another server of the cell
         h = self._vol(vol)
         info = await h.run(h.vol.volume_status)
         vh = self.table.volume_holders(h.id)
@@ -115,6 +137,7 @@ class AdminService:
             "update": h.vol.update_s,
             "promises": sum(vh.values()),
             "clients_holding": len(vh),
+            "servers": located["servers"] if located else [],
         })  # fmt: skip
         return info
 
@@ -142,6 +165,15 @@ class AdminService:
         await h.run(h.vol.set_online, online)
         await self.breaker.break_volume_all(h.id)
         return {"volume_id": h.id, "name": h.name, "online": online}
+
+    async def vol_move(self, conn: Connection, vol: Any, host: Any, port: Any) -> dict[str, Any]:
+        """Move a volume to the fileserver at host:port (fileserver.volmove)."""
+        self._check(conn)
+        if type(host) is not str or type(port) is not int or not 0 < port < 65536:
+            raise RpcError("EINVAL", "target must be a host str and a port int")
+        if self._move is None:
+            raise RpcError("ENOSYS", "this server cannot move volumes")
+        return await self._move(self._vol(vol), host, port)
 
     async def clients(self, conn: Connection) -> list[dict[str, Any]]:
         self._check(conn)
@@ -208,6 +240,7 @@ class AdminService:
             "Admin.VolRemove": self.vol_remove,
             "Admin.VolSetQuota": self.vol_set_quota,
             "Admin.VolSetOnline": self.vol_set_online,
+            "Admin.VolMove": self.vol_move,
             "Admin.Clients": self.clients,
             "Admin.Callbacks": self.callbacks,
             "Admin.Break": self.break_fid,
@@ -248,9 +281,19 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 def _human(cmd: str, result: Any) -> str:
-    vol_cols = ["volume_id", "name", "online", "bytes_used", "quota_bytes", "files"]
+    vol_cols = ["volume_id", "name", "online", "bytes_used", "quota_bytes", "files", "server"]
     if cmd in ("vol create", "vol examine"):
-        return "\n".join(f"{k:14} {v}" for k, v in result.items())
+        shown = dict(result)
+        if "servers" in shown:  # where the VLDB says it lives, and whether that server is up
+            shown["servers"] = (
+                ", ".join(
+                    f"{s['uuid']} at {' '.join(f'{h}:{p}' for h, p in s['addrs'])} "
+                    f"({'up' if s.get('up', True) else 'DOWN'})"
+                    for s in result["servers"]
+                )
+                or "(none)"
+            )
+        return "\n".join(f"{k:14} {v}" for k, v in shown.items())
     if cmd == "vol list":
         return _table(result, vol_cols)
     if cmd == "clients":
@@ -259,6 +302,10 @@ def _human(cmd: str, result: Any) -> str:
     if cmd == "callbacks":
         return _table(result["callbacks"], ["client", "fid", "expires_in"]) + (
             f"\n{len(result['callbacks'])} shown, {result['total']} promises in the table"
+        )
+    if cmd == "locks":
+        return _table(result["locks"], ["fid", "type", "client", "holder", "expires_in"]) + (
+            f"\nlifetime {result['lifetime']}s, grace remaining {result['grace_remaining']}s"
         )
     if cmd == "stats":
         lines = []
@@ -280,7 +327,8 @@ def run_admin(args: Any) -> int:
     """Run one admin subcommand parsed by ``fileserver.cli``."""
     cmd, method, params = args.admin_call
     try:
-        result = trio.run(lambda: admin_call(Path(args.data_dir), method, *params))
+        timeout = 3600 if method == "Admin.VolMove" else 30  # a move copies a whole volume
+        result = trio.run(lambda: admin_call(Path(args.data_dir), method, *params, timeout=timeout))
     except RpcError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@
     afs-fileserver revoke-client-cert --data-dir DIR SERIAL
     afs-fileserver vol create|list|examine|remove|quota|offline|online ...
     afs-fileserver clients | callbacks | break FID | break-volume VOL | reset CLIENT | stats
+    afs-fileserver locks
     afs-fileserver inject delay-breaks|drop-breaks|partition|shorten-promises|heal|show ...
 
 Admin subcommands find the running server through ``--data-dir`` (its
@@ -35,6 +36,16 @@ def _hostport(text: str) -> tuple[str, int]:
         return parse_hostport(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _vldb_url(text: str) -> str:
+    from fileserver.etcd import parse_endpoints
+
+    try:
+        parse_endpoints(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _setup_logging(verbose: bool, event_log: str | None, events: bool = False) -> None:
@@ -125,11 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="delayed breaks kept per down client before InitCallBackState3",
     )
     s.add_argument("--sweep-interval", type=float, default=60.0, metavar="SECONDS")
+    s.add_argument("--lock-lifetime", type=float, default=300.0, metavar="SECONDS",
+                   help="a lock not extended for this long expires; also the grace period "
+                   "after a restart (default 300)")  # fmt: skip
     s.add_argument(
         "--vl",
         type=_hostport,
         default=None,
         help="HOST:PORT of the VL service to register our volumes with",
+    )
+    s.add_argument("--vldb", type=_vldb_url, default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                   help="keep the cell's volume locations in etcd (default: this server's "
+                        "own VL service)")  # fmt: skip
+    s.add_argument(
+        "--vldb-ttl",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="lease of this server's VLDB registration (shown down after it)",
     )
     s.add_argument(
         "--advertise",
@@ -181,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     vol.add_parser("remove", parents=[admin]).add_argument("volume")
     vol.add_parser("offline", parents=[admin]).add_argument("volume")
     vol.add_parser("online", parents=[admin]).add_argument("volume")
+    mv = vol.add_parser("move", parents=[admin], help="move a volume to another fileserver")
+    mv.add_argument("volume")
+    mv.add_argument("--to", type=_hostport, required=True, metavar="HOST:PORT",
+                    help="the target fileserver (same cell and cell key)")  # fmt: skip
     q = vol.add_parser("quota", parents=[admin])
     q.add_argument("volume")
     q.add_argument("bytes", type=int)
@@ -195,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reset", parents=[admin], help="InitCallBackState3 a client").add_argument(
         "client")  # fmt: skip
     sub.add_parser("stats", parents=[admin], help="counters and RPCs by method")
+    sub.add_parser("locks", parents=[admin], help="list file locks")
     from fileserver.nemesis import add_cli
 
     add_cli(sub, admin)
@@ -217,6 +246,8 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]
             "remove": ("Admin.VolRemove", (_vol_arg(getattr(args, "volume", "")),)),
             "offline": ("Admin.VolSetOnline", (_vol_arg(getattr(args, "volume", "")), False)),
             "online": ("Admin.VolSetOnline", (_vol_arg(getattr(args, "volume", "")), True)),
+            "move": ("Admin.VolMove", (_vol_arg(getattr(args, "volume", "")),
+                                       *(getattr(args, "to", None) or ("", 0)))),
             "quota": ("Admin.VolSetQuota",
                       (_vol_arg(getattr(args, "volume", "")), getattr(args, "bytes", 0))),
         }  # fmt: skip
@@ -234,6 +265,8 @@ def _admin_call(args: argparse.Namespace) -> tuple[str, str, tuple[object, ...]]
         return cmd, "Admin.Reset", (args.client,)
     if cmd == "stats":
         return cmd, "Admin.Stats", ()
+    if cmd == "locks":
+        return cmd, "Admin.Locks", ()
     if cmd == "inject":
         from fileserver.nemesis import cli_call
 
@@ -255,7 +288,10 @@ def serve(args: argparse.Namespace) -> int:
         max_callbacks=args.max_callbacks,
         max_delayed=args.max_delayed,
         sweep_interval=args.sweep_interval,
+        lock_lifetime=args.lock_lifetime,
         vl=args.vl,
+        vldb=args.vldb,
+        vldb_ttl=args.vldb_ttl,
         advertise=args.advertise,
         metrics=args.metrics,
         create_root=False if args.no_root_volume else None,

@@ -74,6 +74,8 @@ class ServerConfig:
     callback_duration: float = 4 * 3600
     #: How long a break may wait for a client before the client is marked down.
     break_timeout: float = 2.0
+    #: Seconds a lock lives after it was set or last extended (fileserver.locks).
+    lock_lifetime: float = 300.0
     #: Bound on promises held in the table; when reached the least recently
     #: active client is revoked with CB.InitCallBackState3.
     max_callbacks: int = 4_000_000
@@ -85,6 +87,10 @@ class ServerConfig:
     #: Remote VL service to register our volumes with (None: we serve VL ourselves).
     vl: tuple[str, int] | None = None
     vl_register_interval: float = 60.0
+    #: The cell's VLDB in etcd (``etcd://HOST:PORT[,...]``; None: the local VL).
+    vldb: str | None = None
+    #: Lease TTL of this server's VLDB registration (down this long after dying).
+    vldb_ttl: float = 10.0
     #: Address advertised in VL entries (default: the bound address).
     advertise: tuple[str, int] | None = None
     #: Prometheus exporter address (None: off).

@@ -59,7 +59,7 @@ from protocol.records import CallBack, CallBackType, Fid, FileType, VolSync
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break"]
+CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break", "locks"]
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 

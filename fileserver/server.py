@@ -41,9 +41,12 @@ from fileserver.callback import CallbackTable
 from fileserver.config import ROOT_VOLUME_NAME, ServerConfig
 from fileserver.events import event
 from fileserver.fsops import CAPABILITIES, FsOps
+from fileserver.locks import LockService
 from fileserver.metrics import Metrics
 from fileserver.store import DataDir, VolumeStore
 from fileserver.vl import VLRegistrar, VLService
+from fileserver.vldb import VLDB, LocalVLDB, make_vldb
+from fileserver.volmove import MovedVolumes, Receiver, move_volume
 from protocol.auth import AUTH_CHALLENGE, AUTH_PROVE, ServerAuth, create_key
 from protocol.connection import Connection, serve_tcp
 from protocol.errors import RpcError
@@ -103,15 +106,23 @@ class FileServer:
         self.started_at = 0.0
         self.connections: set[Connection] = set()
         self.registrar: VLRegistrar | None = None
+        self.first_start = False
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
         self.fsops = FsOps(self.store, self.table, self.breaker, self.metrics, config)
+        self.locks = LockService(self.store, self.fsops.caller, config.lock_lifetime,
+                                 config.data_dir)  # fmt: skip
         self.vl = VLService(self.store, config.cell, "", self.advertised_addrs)
+        self.vldb: VLDB = make_vldb(self) if config.vldb else LocalVLDB(self.vl)
+        self.vl.vldb = self.vldb
+        self.moved = MovedVolumes(config.data_dir)  # volumes moved away: EREMCHG
         self.admin = AdminService(
             self.store, self.table, self.breaker, config,
             identity=lambda: {"server_uuid": self.uuid, "cell": self.cell, "epoch": self.epoch},
             secret=lambda: self.admin_secret,
             stats=self.stats,
+            vldb=self.vldb,
+            move=partial(move_volume, self),
         )  # fmt: skip
         self.handlers = self._build_handlers()
         self.metrics.gauge("promises", "Callback promises held", lambda: self.table.count)
@@ -141,7 +152,9 @@ class FileServer:
                 self.tls, self.client_tls = server_tls(cfg, self.cell, self.uuid)
             note_mode(cfg.data_dir, cfg.insecure)
             self.store.open_all()
-            if first and cfg.create_root and ROOT_VOLUME_NAME not in self.store.by_name:
+            self.first_start = first  # an etcd VLDB creates root.cell only if the cell has none
+            if (first and cfg.create_root and cfg.vldb is None
+                    and ROOT_VOLUME_NAME not in self.store.by_name):  # fmt: skip
                 self.store.create_sync(ROOT_VOLUME_NAME)
         except BaseException:
             self.store.close_all()
@@ -217,6 +230,7 @@ class FileServer:
                         tls=self.client_tls,
                     )
                     nursery.start_soon(self.registrar.run)
+                await nursery.start(self.vldb.run)
                 log.info("fileserver %s (cell %s, epoch %d) listening on %s:%d, data dir %s",
                          self.uuid, self.cell, self.epoch, self.host, self.port,
                          cfg.data_dir)  # fmt: skip
@@ -410,10 +424,13 @@ class FileServer:
                 if not lo <= len(params) <= hi:
                     raise RpcError("EINVAL", f"{method}: {len(params)} params, want {lo}..{hi}")
                 if kind == "fs":
+                    self.moved.check(params, self.store.by_id.__contains__)
                     st = await self._session(conn)
                     return await fn(st, *params)
                 return await fn(conn, *params)
             except RpcError as exc:
+                if kind == "fs" and exc.code in ("ESTALE", "ENOENT"):
+                    self.moved.check(params, self.store.by_id.__contains__)  # moved meanwhile
                 err = exc.code
                 raise
             except (TypeError, ValueError, KeyError, IndexError):
@@ -433,11 +450,15 @@ class FileServer:
             AUTH_CHALLENGE: self._wrap(AUTH_CHALLENGE, self.auth.challenge, "conn"),
             AUTH_PROVE: self._wrap(AUTH_PROVE, self.auth.prove, "conn"),
         }
-        for name, fn in self.fsops.handlers().items():
+        for name, fn in [*self.fsops.handlers().items(), *self.locks.handlers().items()]:
             h[name] = self._wrap(name, fn, "fs")
+        for name, fn in self.locks.admin_handlers().items():
+            h[name] = self._wrap(name, fn, "conn")
         for name, fn in self.vl.handlers().items():
             h[name] = self._wrap(name, fn, "conn")
         for name, fn in self.admin.handlers().items():
+            h[name] = self._wrap(name, fn, "conn")
+        for name, fn in Receiver(self).handlers().items():  # vol move, cell-key authenticated
             h[name] = self._wrap(name, fn, "conn")
         return h
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -32,6 +32,9 @@ from protocol.methods import (
     VL_LIST_ENTRIES,
     VL_REGISTER_SERVER,
 )
+
+if TYPE_CHECKING:
+    from fileserver.vldb import VLDB
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,11 @@ class VLService:
         self.local_addrs = local_addrs
         # server uuid -> (addrs, {volume_id: name})
         self.registered: dict[str, tuple[list[list[Any]], dict[int, str]]] = {}
+        #: The VLDB answering lookups (fileserver.vldb); None: entries() here.
+        self.vldb: VLDB | None = None
+
+    async def lookup_entries(self) -> list[dict[str, Any]]:
+        return await self.vldb.entries() if self.vldb is not None else self.entries()
 
     def _entry(self, vid: int, name: str, uuid: str, addrs: list[list[Any]]) -> dict[str, Any]:
         return {"volume_id": vid, "name": name, "type": "rw", "cell": self.cell,
@@ -84,7 +92,7 @@ class VLService:
     async def get_entry_by_name(self, conn: Connection, name: Any) -> dict[str, Any]:
         if type(name) is not str:
             raise RpcError("EINVAL", "volume name must be a str")
-        for e in self.entries():
+        for e in await self.lookup_entries():
             if e["name"] == name:
                 return e
         raise RpcError("ENOENT", f"no volume named {name!r:.100}")
@@ -92,13 +100,13 @@ class VLService:
     async def get_entry_by_id(self, conn: Connection, volume_id: Any) -> dict[str, Any]:
         if type(volume_id) is not int or not 0 <= volume_id <= MAX_UINT32:
             raise RpcError("EINVAL", "volume_id must be a uint32")
-        for e in self.entries():
+        for e in await self.lookup_entries():
             if e["volume_id"] == volume_id:
                 return e
         raise RpcError("ENOENT", f"no volume {volume_id}")
 
     async def list_entries(self, conn: Connection) -> list[dict[str, Any]]:
-        return self.entries()
+        return await self.lookup_entries()
 
     async def register_server(
         self, conn: Connection, server_uuid: Any, addrs: Any, volumes: Any

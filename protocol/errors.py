@@ -24,6 +24,11 @@ def errno_for_code(code: str) -> int:
     return num if isinstance(num, int) else errno.EIO
 
 
+#: A server's answer for a volume it no longer holds because it moved to
+#: another server (SPEC section 7): the client asks VL again.
+MOVED = "EREMCHG"
+
+
 class RpcError(Exception):
     """Raised by a handler to send an error reply, and by a call that got one."""
 

@@ -19,6 +19,10 @@ FS_INLINE_BULK_STATUS = "FS.InlineBulkStatus"
 FS_GET_VOLUME_STATUS = "FS.GetVolumeStatus"
 FS_GIVE_UP_ALL_CALLBACKS = "FS.GiveUpAllCallBacks"
 FS_GET_CAPABILITIES = "FS.GetCapabilities"
+# Whole-file advisory locks (SPEC "Locks")
+FS_SET_LOCK = "FS.SetLock"
+FS_EXTEND_LOCK = "FS.ExtendLock"
+FS_RELEASE_LOCK = "FS.ReleaseLock"
 
 # Fileserver -> client, on the connection the client opened
 CB_CALLBACK = "CB.CallBack"
