@@ -10,10 +10,7 @@ rules are also checked at the protocol level, where only the server decides.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import select
-import signal
 import stat
 import subprocess
 import time
@@ -26,43 +23,9 @@ import pytest
 from afsfuse.lab.mount import ClientMount
 from afsfuse.lab.server import ServerProcess, fs_client, running_server
 from protocol.errors import RpcError
+from tests.posix_support import as_user
 
 U1, U2, G_SHARED, G_U1_EXTRA = 1001, 1002, 1003, 1004
-
-
-def as_user(cwd: Path, uid: int, groups: list[int], fn: Callable[[], Any]) -> str:
-    """Run ``fn`` in a child as ``uid`` (primary gid = uid) inside ``cwd``;
-    returns "ok" or the errno name it failed with."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns
-        out = "exc"
-        try:
-            os.close(r)
-            os.chdir(cwd)
-            os.setgroups(groups)
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            fn()
-            out = "ok"
-        except OSError as exc:
-            out = errno.errorcode.get(exc.errno or 0, "EIO")
-        except BaseException as exc:
-            out = f"exc {exc!r}"
-        finally:
-            os.write(w, json.dumps(out).encode())
-            os._exit(0)
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], 30)
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-            return "hung"
-        data = os.read(r, 4096)
-    finally:
-        os.close(r)
-        os.waitpid(pid, 0)
-    return json.loads(data)
 
 
 def _read(p: str) -> Callable[[], Any]:
@@ -180,7 +143,7 @@ def test_permission_matrix_two_users_one_client(tmp_path, require_fuse):
         ]
         got = {}
         for label, uid, groups, fn, _ in cases:
-            got[label] = as_user(m, uid, groups, fn)
+            got[label] = as_user(m, uid, fn, tuple(groups))
         want = {label: expect for label, _, _, _, expect in cases}
         assert got == want
         # Root sees what the users did.
@@ -204,14 +167,14 @@ def test_private_files_across_two_clients(tmp_path, require_fuse):
             os.write(fd, b"u1 only")
             os.close(fd)
 
-        assert as_user(a.mnt, U1, [], u1_writes) == "ok"
+        assert as_user(a.mnt, U1, u1_writes) == "ok"
         # U2 on the other client can neither read nor change it, nor add to home1.
-        assert as_user(b.mnt, U2, [], _read("home1/private")) == "EACCES"
-        assert as_user(b.mnt, U2, [], _write("home1/private")) == "EACCES"
-        assert as_user(b.mnt, U2, [], lambda: os.unlink("home1/private")) == "EACCES"
-        assert as_user(b.mnt, U2, [], lambda: os.chmod("home1/private", 0o644)) == "EPERM"
+        assert as_user(b.mnt, U2, _read("home1/private")) == "EACCES"
+        assert as_user(b.mnt, U2, _write("home1/private")) == "EACCES"
+        assert as_user(b.mnt, U2, lambda: os.unlink("home1/private")) == "EACCES"
+        assert as_user(b.mnt, U2, lambda: os.chmod("home1/private", 0o644)) == "EPERM"
         # U1 on the other client reads it.
-        assert as_user(b.mnt, U1, [], _read("home1/private")) == "ok"
+        assert as_user(b.mnt, U1, _read("home1/private")) == "ok"
         assert (b.mnt / "home1" / "private").read_bytes() == b"u1 only"
         assert os.stat(b.mnt / "home1" / "private").st_uid == U1
 
@@ -285,5 +248,5 @@ async def test_root_squash(tmp_path):
 
 def test_children_do_not_leak(tmp_path):
     # as_user reports failures and exits; a crash in fn is reported, not raised.
-    assert as_user(tmp_path, 0, [], lambda: time.sleep(0)) == "ok"
-    assert as_user(tmp_path, 0, [], lambda: open("/nonexistent/x")) == "ENOENT"  # noqa: SIM115
+    assert as_user(tmp_path, 0, lambda: time.sleep(0)) == "ok"
+    assert as_user(tmp_path, 0, lambda: open("/nonexistent/x")) == "ENOENT"  # noqa: SIM115
