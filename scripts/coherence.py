@@ -52,7 +52,8 @@ logged with its times.  The model knows what a fault excuses:
 - a restart excuses errors of any client until that client's Hello;
 - a call that failed while a partition or restart closed its connection
   may still have landed (the server finishes the handler; only the reply is
-  lost): its change is allowed for ``UNCERTAIN`` seconds after it returned;
+  lost): its change is allowed for ``UNCERTAIN`` seconds after it returned
+  (an ``open(O_CREAT)`` that failed so may have made a file nobody reached);
 - a delay of breaks below the break timeout excuses nothing: the changing
   client's close still waits for the break's answer.
 
@@ -67,8 +68,10 @@ resolve the name to the file it held before (so a read, or a write, reaches
 that file wherever it now is), and a read racing a change may return one
 allowed version's bytes cut, or zero-padded, to another allowed version's
 length (the kernel clamps reads to the size it caches and zero-fills reads
-that come back short).  Both are counted and reported as tolerated; anything
-else is a violation.
+that come back short).  Both are counted and reported as tolerated, as is
+a read whose read(2) calls each returned an allowed version's bytes at
+their offset but not all the same version's (the file was replaced between
+two calls: a local disk gives that too); anything else is a violation.
 
 The allowed values come from intervals only, so the check never needs the
 server's order: it is sound (no false alarms) and exact where operations do
@@ -138,12 +141,15 @@ class Op:
     result: str | list[str] | None = None  # read: value; listdir: names
     error: str = ""
     fid: str = ""  # read, write: the file its open reached; replace: the temporary file
+    pieces: tuple[int, ...] = ()  # read: what each read(2) returned, in bytes
 
     def show(self, t0: float) -> str:
         what = f"{self.kind} {self.name}" + (f" -> {self.name2}" if self.name2 else "")
         extra = f" token={self.token}" if self.token else ""
         if self.kind in ("read", "listdir"):
             extra += f" got={self.result}"
+            if len(self.pieces) > 1:
+                extra += f" in read(2)s of {'+'.join(map(str, self.pieces))} bytes"
         if self.fid:
             extra += f" fid={self.fid}"
         if self.error:
@@ -337,6 +343,11 @@ def _names(ops: list[Op], moved: dict[int, set[str]], creations: list[Creation],
                 h.add(o.name, o.start, o.end, {ABSENT}, o)
         elif o.kind == "unlink" and o.error != "ENOENT":
             h.add(o.name, o.start, o.end, {ABSENT} if not o.error else {ABSENT, "?"}, o)
+        elif o.kind == "write" and not o.fid and o.error not in ("", "ENOENT", "EEXIST"):
+            # Its open(O_CREAT) failed with the outcome unknown (a restart
+            # closed the connection before the reply): the create may have
+            # landed, making a file no op reached, which listings then show.
+            h.add(o.name, o.start, o.end, {f"?made by c{o.client}#{o.seq}"}, o, weak=True)
     return h
 
 
@@ -358,6 +369,23 @@ def _files(ops: list[Op]) -> History:
         elif o.kind == "replace" and o.mid:
             h.add(o.fid, o.start, o.mid, {o.token}, o)  # private until the rename
     return h
+
+
+def _spliced(got: str, pieces: tuple[int, ...], values: set[str]) -> bool:
+    """A read that took several read(2) calls while the file changed: each
+    call returned the bytes of some allowed version at its offset (NUL past
+    that version's end), as on a local disk when a writer replaces the
+    contents between two of a reader's calls."""
+    if len(pieces) < 2 or sum(pieces) != len(got):
+        return False
+    real = ["" if v == EMPTY else v for v in values if v not in (ABSENT, "?")]
+    off = 0
+    for n in pieces:
+        part = got[off : off + n]
+        if not any(v.ljust(off + n, "\0")[off : off + n] == part for v in real):
+            return False
+        off += n
+    return True
 
 
 def _size_mixes(values: set[str]) -> set[str]:
@@ -437,6 +465,8 @@ def check(ops: list[Op], tolerated: dict[str, int] | None = None) -> list[Violat
                 continue
             if got in _size_mixes(allowed):
                 _count(tolerated, "size of one allowed version, bytes of another")
+            elif _spliced(got, o.pieces, allowed):
+                _count(tolerated, "read(2) calls of one read saw different allowed versions")
             else:
                 what = f"read {got!r} from {o.fid}, allowed {sorted(allowed)}"
                 out.append(Violation(o, allowed, o.fid, h.files.changes.get(o.fid, []), what))
@@ -466,11 +496,12 @@ def _fid(fd: int) -> str:
     return os.getxattr(fd, "afs.fid").decode()
 
 
-def _read_all(fd: int) -> bytes:
+def _read_all(fd: int) -> tuple[bytes, tuple[int, ...]]:
+    """The file's bytes and the length each read(2) returned."""
     chunks = []
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
-    return b"".join(chunks)
+    return b"".join(chunks), tuple(len(c) for c in chunks)
 
 
 def worker(cid: int, root: Path, seed: int, deadline: float, ops: list[Op]) -> None:
@@ -495,7 +526,7 @@ def worker(cid: int, root: Path, seed: int, deadline: float, ops: list[Op]) -> N
                 else:
                     try:
                         op.fid = _fid(fd)
-                        data = _read_all(fd)
+                        data, op.pieces = _read_all(fd)
                         op.result = data.decode(errors="replace") or EMPTY
                     except OSError as exc:
                         op.error = _errname(exc)

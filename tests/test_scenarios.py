@@ -186,8 +186,8 @@ def _write(client: int, seq: int, name: str, start: float, end: float, fid: str 
 
 
 def _read(client: int, seq: int, name: str, start: float, end: float, got: str,
-          fid: str = "f1") -> Op:  # fmt: skip
-    return _op(client, seq, "read", name, start, end, result=got, fid=fid)
+          fid: str = "f1", pieces: tuple[int, ...] = ()) -> Op:  # fmt: skip
+    return _op(client, seq, "read", name, start, end, result=got, fid=fid, pieces=pieces)
 
 
 def test_checker_flags_a_stale_read() -> None:
@@ -360,3 +360,42 @@ def test_checker_binds_a_file_whose_creating_open_failed() -> None:
     # With no such write, a file reached by a name nobody bound it to is flagged.
     [v] = coherence.check(ops[1:])
     assert v.kind().startswith("read reached a file")
+
+
+def test_checker_accepts_a_read_whose_calls_saw_different_versions() -> None:
+    # A reader's first read(2) returns w2.7 (6 bytes, the size then); before
+    # its second call w1.10 (7 bytes) replaces it, so the second returns
+    # w1.10's seventh byte.  Found by the nemesis run (CI, 2026-12-01).
+    ops = [
+        _write(2, 7, "n0", 2.0, 3.0),  # "w2.7"
+        _op(1, 10, "write", "n0", 2.5, 3.2, token="w1.10", mid=3.1, mid_end=2.6, fid="f1"),
+        _read(0, 1, "n0", 2.95, 3.3, "w2.70", pieces=(4, 1)),
+        # One call cannot return such a splice, nor can calls of versions
+        # not allowed, nor calls whose lengths do not add up to the result.
+        _read(0, 2, "n0", 2.95, 3.3, "w2.70", pieces=(5,)),
+        _read(0, 3, "n0", 2.95, 3.3, "w2.7x", pieces=(4, 1)),
+        _read(0, 4, "n0", 2.95, 3.3, "w2.70", pieces=(4, 2)),
+    ]
+    tolerated: dict[str, int] = {}
+    vs = coherence.check(ops, tolerated)
+    assert sorted(v.op.seq for v in vs if v.op.client == 0) == [2, 3, 4]
+    assert tolerated == {"read(2) calls of one read saw different allowed versions": 1}
+
+
+def test_checker_lists_a_name_whose_create_may_have_landed() -> None:
+    # A restart closed client 1's connection while its open(O_CREAT) of n1
+    # was in flight: the open failed, but the server may have made the file
+    # (nobody reached it), so a later listing may show n1.  n0's removal
+    # is still checked.
+    ops = [
+        _write(0, 1, "n0", 0.0, 1.0),
+        _op(0, 2, "unlink", "n0", 2.0, 2.1),
+        _op(1, 1, "write", "n1", 3.0, 3.2, token="w1.1", error="EIO"),
+        _op(2, 1, "listdir", ".", 5.0, 5.1, result=["n1"]),
+        _op(2, 2, "listdir", ".", 5.0, 5.1, result=["n0", "n1"]),
+    ]
+    faults = [coherence.Fault("restart", None, 3.1, 3.6, excused_until=4.0)]
+    tolerated: dict[str, int] = {}
+    vs = coherence.excuse(coherence.check(ops), faults, tolerated)
+    assert [(v.op.client, v.op.seq, v.name) for v in vs] == [(2, 2, "n0")]
+    assert tolerated == {"excused by restart": 1}
