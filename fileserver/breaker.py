@@ -9,7 +9,11 @@ fids, delivered (batched) when it comes back, or replaced by one
 ``Breaker.break_fids`` is what a change calls before replying: it removes the
 promises from the table and delivers ``CB.CallBack`` to every other holder,
 all clients in parallel, at most ``MAX_CALLBACK_FIDS`` fids per call, and
-returns within the break timeout whatever the clients do.
+returns within the break timeout whatever the clients do.  A holder whose
+break for one of the fids is still on its way (an earlier change removed its
+promise from the table) is waited for too: until that break lands, the client
+still trusts what it cached, so a later change replying first would let it
+miss a change that had completed.
 
 Imports: ``fileserver.callback``, ``.metrics``, ``.events``, ``protocol``, trio.
 """
@@ -93,6 +97,8 @@ class Breaker:
         self.clients: dict[str, ClientState] = {}
         self.by_cid: dict[int, ClientState] = {}
         self.nemesis = Nemesis()  # injected faults, off unless asked (fileserver/nemesis.py)
+        # fid -> (client cid, done) of every CB.CallBack for it on its way.
+        self._inflight: dict[Fid, list[tuple[int, trio.Event]]] = {}
 
     # -- client registry --------------------------------------------------
 
@@ -139,6 +145,7 @@ class Breaker:
         once every holder acknowledged, or within the break timeout."""
         except_cid = origin.cid if origin is not None else None
         per_client: dict[int, list[Fid]] = {}
+        pending: list[trio.Event] = []  # earlier breaks of these fids still on their way
         for fid in dict.fromkeys(fids):  # dedupe, keep order
             if fid.is_volume:
                 self.metrics.inc("volume_breaks")
@@ -147,10 +154,17 @@ class Breaker:
                 holders = self.table.break_volume(fid.volume, except_cid)
             else:
                 holders = self.table.break_fid(fid, except_cid)
+                pending += [ev for cid, ev in self._inflight.get(fid, ()) if cid != except_cid]
             for cid in holders:
                 per_client.setdefault(cid, []).append(fid)
-        if per_client:
-            await self.deliver(per_client, origin.uuid if origin is not None else "admin")
+        if pending:
+            self.metrics.inc("breaks_awaited", len(pending))
+        async with trio.open_nursery() as nursery:
+            if per_client:
+                nursery.start_soon(self.deliver, per_client,
+                                   origin.uuid if origin is not None else "admin")  # fmt: skip
+            for ev in pending:  # each ends within its own break deadline
+                nursery.start_soon(ev.wait)
 
     async def break_volume_all(self, volume: int) -> None:
         """Whole-volume break to every client that might cache it.
@@ -177,7 +191,30 @@ class Breaker:
                     for f in fids:
                         event("break", fid=f, client=st.uuid, result="delayed", origin=origin)
                     continue
-                nursery.start_soon(self._send, st, st.conn, fids, deadline, origin)
+                done = trio.Event()
+                for f in fids:
+                    self._inflight.setdefault(f, []).append((cid, done))
+                nursery.start_soon(self._send_tracked, st, st.conn, fids, deadline, origin, done)
+
+    async def _send_tracked(
+        self,
+        st: ClientState,
+        conn: Connection,
+        fids: list[Fid],
+        deadline: float,
+        origin: str,
+        done: trio.Event,
+    ) -> None:
+        try:
+            await self._send(st, conn, fids, deadline, origin)
+        finally:
+            done.set()
+            for f in fids:
+                left = [e for e in self._inflight.get(f, ()) if e[1] is not done]
+                if left:
+                    self._inflight[f] = left
+                else:
+                    self._inflight.pop(f, None)
 
     async def _send(
         self,

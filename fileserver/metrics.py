@@ -31,6 +31,7 @@ COUNTERS = {
     "breaks_sent": "Fids broken with CB.CallBack and acknowledged",
     "breaks_failed": "CB.CallBack deliveries that failed or timed out",
     "breaks_delayed": "Fid breaks kept as delayed for a down client",
+    "breaks_awaited": "Earlier breaks still on their way that a change waited for",
     "delayed_delivered": "Delayed fid breaks delivered on a client's return",
     "volume_breaks": "Whole-volume breaks requested",
     "mass_resets": "CB.InitCallBackState3 calls made",

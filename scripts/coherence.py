@@ -240,6 +240,14 @@ class History:
 class Histories:
     names: History  # name -> fid bound to it (or ABSENT)
     files: History  # fid -> contents (a token, or EMPTY)
+    #: Files ops reached that no op is known to have made: each was made by
+    #: an open(O_CREAT) that then reached another file or failed (MADE).
+    orphans: frozenset[str] = frozenset()
+
+
+#: Prefix of the value a name may be bound to after an open(O_CREAT) made a
+#: file of its own that the open did not reach: one of ``orphans``.
+MADE = "?made by "
 
 
 def _opened(o: Op) -> float:
@@ -265,12 +273,12 @@ def _creations(ops: list[Op]) -> list[Creation]:
     before any op that reached the file had its open return, and of the
     writes that did, the creator is one (usually the only one)."""
     reached: dict[str, list[Op]] = {}
-    failed: dict[str, list[Op]] = {}  # name -> writes whose open failed
+    writes: dict[str, list[Op]] = {}  # name -> writes that may have made a file
     for o in ops:
         if o.fid:
             reached.setdefault(o.fid, []).append(o)
-        elif o.kind == "write" and o.error and o.end < INF:
-            failed.setdefault(o.name, []).append(o)
+        if o.kind == "write" and (o.fid or o.error not in ("ENOENT", "EEXIST")):
+            writes.setdefault(o.name, []).append(o)
     out: list[Creation] = []
     for fid, os_ in reached.items():
         if any(o.kind == "replace" for o in os_):
@@ -284,11 +292,12 @@ def _creations(ops: list[Op]) -> list[Creation]:
             start, end = min(o.start for o in creators), max(_opened(o) for o in creators)
             out += [Creation(fid, n, start, end, creators[0], len(names) > 1) for n in names]
             continue
-        # Created by a write whose open then failed (another client removed
-        # the file between the create and the open): others may have
-        # reached it meanwhile, under that write's name.
+        # Created by a write whose open then reached another file or none
+        # (another client renamed over or removed the new file between the
+        # create and the open): others may have reached it meanwhile, under
+        # that write's name.
         for name in {o.name for o in os_}:
-            cands = [w for w in failed.get(name, ()) if w.start <= first]
+            cands = [w for w in writes.get(name, ()) if w.start <= first and w.fid != fid]
             if cands:
                 start = min(w.start for w in cands)
                 out.append(Creation(fid, name, start, first, cands[0], True))
@@ -319,7 +328,9 @@ def build_history(ops: list[Op]) -> Histories:
     else:
         log.warning("renames did not settle in %d rounds: treated as unknown", RENAME_ROUNDS)
         moved = {k: m | {"?"} for k, m in moved.items()}
-    return Histories(_names(ops, moved, creations, settled=True), _files(ops))
+    made = {c.fid for c in creations} | {o.fid for o in ops if o.kind == "replace"}
+    orphans = frozenset(o.fid for o in ops if o.fid and o.fid not in made)
+    return Histories(_names(ops, moved, creations, settled=True), _files(ops), orphans)
 
 
 def _names(ops: list[Op], moved: dict[int, set[str]], creations: list[Creation],
@@ -343,11 +354,14 @@ def _names(ops: list[Op], moved: dict[int, set[str]], creations: list[Creation],
                 h.add(o.name, o.start, o.end, {ABSENT}, o)
         elif o.kind == "unlink" and o.error != "ENOENT":
             h.add(o.name, o.start, o.end, {ABSENT} if not o.error else {ABSENT, "?"}, o)
-        elif o.kind == "write" and not o.fid and o.error not in ("", "ENOENT", "EEXIST"):
-            # Its open(O_CREAT) failed with the outcome unknown (a restart
-            # closed the connection before the reply): the create may have
-            # landed, making a file no op reached, which listings then show.
-            h.add(o.name, o.start, o.end, {f"?made by c{o.client}#{o.seq}"}, o, weak=True)
+        if o.kind == "write" and (o.fid or o.error not in ("ENOENT", "EEXIST")):
+            # open(O_CREAT) may make a file of its own under the name whatever
+            # file it then opens: another client's rename can replace the new
+            # file before the open returns (the open reaches that client's
+            # file), and an open that failed with the outcome unknown (a
+            # restart closed the connection before the reply) may have made
+            # one.  Nobody reaches such a file; listings may show its name.
+            h.add(o.name, o.start, _opened(o), {f"{MADE}c{o.client}#{o.seq}"}, o, weak=True)
     return h
 
 
@@ -403,6 +417,8 @@ def _check_binding(h: Histories, o: Op, end: float, tolerated: dict[str, int]) -
     """``o`` reached ``o.fid`` through ``o.name`` while [o.start, end]."""
     allowed = h.names.allowed(o.name, o.start, end)
     if o.fid in allowed or "?" in allowed:
+        return None
+    if o.fid in h.orphans and any(a.startswith(MADE) for a in allowed):
         return None
     if o.fid in h.names.stale(o.name, o.start, o.client):
         _count(tolerated, "name resolved within the kernel grace")

@@ -317,3 +317,26 @@ async def test_breaks_to_clients_go_out_in_parallel(tmp_path):
         assert Fid(*fid) in w.breaks
         assert srv.client(y.uuid).down and srv.client(z.uuid).down
         assert not srv.client(w.uuid).down
+
+
+async def test_a_change_waits_for_an_earlier_break_still_on_its_way(tmp_path):
+    # X's create in root breaks Y's promise on root; that break is slow (the
+    # delay-breaks nemesis).  Z's create in root meanwhile finds no promise
+    # of Y's left in the table, yet Y still trusts its listing until the
+    # break lands: Z's reply must wait for it, or Y would list root without
+    # Z's completed create (what the coherence checker found).
+    async with (
+        running_server(tmp_path / "fs", break_timeout=2) as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+        fs_client(srv.host, srv.port) as z,
+    ):
+        root = await x.root_fid()
+        await y.call("FS.ReadDir", None, root, None, 100, False)
+        srv.breaker.nemesis.delays[y.uuid] = 0.5
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_mkfile, x, root, b"a")
+            await wait_until(lambda: Fid(*root) in srv.breaker._inflight)
+            await _mkfile(z, root, b"b")
+            assert Fid(*root) in y.breaks  # landed before Z's reply
+        assert srv.metrics.counts["breaks_awaited"] >= 1
