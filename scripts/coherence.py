@@ -49,7 +49,9 @@ logged with its times.  The model knows what a fault excuses:
   until the server delivered what it kept for it (its ``client_up`` or
   ``hello`` event after the fault ended, when the fault had it marked down;
   else the fault's end), plus the kernel grace; its operations may fail then;
-- a restart excuses errors of any client until that client's Hello;
+- a restart excuses errors, and stale data, names and listings, of any
+  client until that client's Hello (the restarted server has lost every
+  promise and breaks nobody until the client re-registers);
 - a call that failed while a partition or restart closed its connection
   may still have landed (the server finishes the handler; only the reply is
   lost): its change is allowed for ``UNCERTAIN`` seconds after it returned
@@ -629,6 +631,8 @@ class Fault:
     start: float
     end: float = INF  # when it was healed
     excused_until: float = 0.0  # filled by ``excuse_windows``
+    #: restart: per client, until its Hello to the restarted server (+ grace)
+    client_until: dict[int, float] = field(default_factory=dict)
 
     def show(self, t0: float) -> str:
         who = "server" if self.client is None else f"c{self.client}"
@@ -730,6 +734,7 @@ def excuse_windows(faults: list[Fault], server_log: Path, uuids: list[str], t0: 
             back = min((t for t in ups.get(i, []) if t >= f.end), default=INF)
             if f.kind == "restart":
                 until = max(until, back)  # every client re-Hellos after a restart
+                f.client_until[i] = back + KERNEL_GRACE
                 continue
             # Down when the fault ended (marked down during it, not back
             # since): excused until the server delivered what it kept.
@@ -766,7 +771,11 @@ def excuse(violations: list[Violation], faults: list[Fault],
             if not overlaps:
                 continue
             mine = f.kind in CLIENT_FAULTS and o.client == f.client
-            if mine or (f.kind == "restart" and v.what.startswith("unexpected error")):
+            # The restarted server lost every promise: it breaks nobody
+            # until a client's Hello re-registers it, so until then that
+            # client's cache may be stale (as with an OpenAFS fileserver).
+            lost = f.kind == "restart" and o.start <= f.client_until.get(o.client, f.excused_until)
+            if mine or lost or (f.kind == "restart" and v.what.startswith("unexpected error")):
                 why = f.kind
                 break
         if why:
