@@ -13,7 +13,9 @@ returns within the break timeout whatever the clients do.  A holder whose
 break for one of the fids is still on its way (an earlier change removed its
 promise from the table) is waited for too: until that break lands, the client
 still trusts what it cached, so a later change replying first would let it
-miss a change that had completed.
+miss a change that had completed.  A client revoked because the callback
+table is full is waited for the same way until its ``CB.InitCallBackState3``
+is answered or it is marked down (``track`` / ``untrack``).
 
 Imports: ``fileserver.callback``, ``.metrics``, ``.events``, ``protocol``, trio.
 """
@@ -99,6 +101,7 @@ class Breaker:
         self.nemesis = Nemesis()  # injected faults, off unless asked (fileserver/nemesis.py)
         # fid -> (client cid, done) of every CB.CallBack for it on its way.
         self._inflight: dict[Fid, list[tuple[int, trio.Event]]] = {}
+        self._tracked: dict[int, list[Fid]] = {}  # id(done) -> its fids
 
     # -- client registry --------------------------------------------------
 
@@ -191,10 +194,28 @@ class Breaker:
                     for f in fids:
                         event("break", fid=f, client=st.uuid, result="delayed", origin=origin)
                     continue
-                done = trio.Event()
-                for f in fids:
-                    self._inflight.setdefault(f, []).append((cid, done))
+                done = self.track(cid, fids)
                 nursery.start_soon(self._send_tracked, st, st.conn, fids, deadline, origin, done)
+
+    def track(self, cid: int, fids: Iterable[Fid]) -> trio.Event:
+        """Note that ``cid`` is being told its promises on ``fids`` are gone
+        (a break, a revocation's InitCallBackState3); changes to them wait
+        for the returned event, which ``untrack`` sets."""
+        done = trio.Event()
+        fids = list(fids)
+        for f in fids:
+            self._inflight.setdefault(f, []).append((cid, done))
+        self._tracked[id(done)] = fids
+        return done
+
+    def untrack(self, done: trio.Event) -> None:
+        done.set()
+        for f in self._tracked.pop(id(done), ()):
+            left = [e for e in self._inflight.get(f, ()) if e[1] is not done]
+            if left:
+                self._inflight[f] = left
+            else:
+                self._inflight.pop(f, None)
 
     async def _send_tracked(
         self,
@@ -208,13 +229,7 @@ class Breaker:
         try:
             await self._send(st, conn, fids, deadline, origin)
         finally:
-            done.set()
-            for f in fids:
-                left = [e for e in self._inflight.get(f, ()) if e[1] is not done]
-                if left:
-                    self._inflight[f] = left
-                else:
-                    self._inflight.pop(f, None)
+            self.untrack(done)
 
     async def _send(
         self,
@@ -296,8 +311,19 @@ class Breaker:
                 await self.init_callback_state(st, conn, "too_many_delayed")
         return delivered
 
-    async def reset_client(self, st: ClientState, reason: str) -> bool:
-        """Revoke all of a client's promises (admin reset, table full)."""
+    async def reset_client(
+        self, st: ClientState, reason: str, done: trio.Event | None = None
+    ) -> bool:
+        """Revoke all of a client's promises (admin reset, table full);
+        ``done`` (from ``track``) is released when the client was told or
+        marked down."""
+        try:
+            return await self._reset_client(st, reason)
+        finally:
+            if done is not None:
+                self.untrack(done)
+
+    async def _reset_client(self, st: ClientState, reason: str) -> bool:
         conn = st.conn
         if st.down or conn is None or conn.closed:
             st.needs_init = True

@@ -79,7 +79,7 @@ class CallbackTable:
         max_duration: float = 4 * 3600,
         max_promises: int = 4_000_000,
         clock: Callable[[], float] = time.monotonic,
-        on_revoke: Callable[[int], None] | None = None,
+        on_revoke: Callable[[int, list[Fid]], None] | None = None,
     ) -> None:
         self.max_duration = max(1, int(max_duration))
         self.max_promises = max(1, max_promises)
@@ -206,11 +206,12 @@ class CallbackTable:
             self._overflow_logged = True
         else:
             log.debug("callback table full: revoking client %d", victim)
+        held = [key_fid(k) for k in self._by_client.get(victim, ())]
         n = self.drop_client(victim)
         self.stats["revoked_clients"] += 1
         self.stats["revoked_promises"] += n
         if self.on_revoke is not None:
-            self.on_revoke(victim)
+            self.on_revoke(victim, held)
 
     # -- removal -------------------------------------------------------------
 

@@ -53,6 +53,7 @@ from protocol.connection import Connection, serve_tcp
 from protocol.errors import RpcError
 from protocol.limits import PROTOCOL_VERSION
 from protocol.methods import FS_HELLO, VL_GET_ENTRY_BY_ID, VL_GET_ENTRY_BY_NAME, VL_LIST_ENTRIES
+from protocol.records import Fid
 from protocol.tls import ServerTLS, note_mode, server_tls
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,7 @@ class FileServer:
             st.down = False
         event("client_up", client=st.uuid, conn=conn.name, retried=1)
 
-    def _on_revoke(self, cid: int) -> None:
+    def _on_revoke(self, cid: int, held: list[Fid]) -> None:
         st = self.breaker.by_cid.get(cid)
         if st is None:
             return
@@ -327,7 +328,10 @@ class FileServer:
         self.metrics.inc("revocations")
         event("revoke", client=st.uuid)
         if self._nursery is not None:
-            self._nursery.start_soon(self.breaker.reset_client, st, "table_full")
+            # Until the client is told (or marked down) it still trusts these:
+            # changes to them wait for the reset as for a break on its way.
+            done = self.breaker.track(cid, held)
+            self._nursery.start_soon(self.breaker.reset_client, st, "table_full", done)
 
     # -- connections ---------------------------------------------------------------
 

@@ -79,7 +79,7 @@ class TableMachine(RuleBasedStateMachine):
         self.needs_init = {c.cid: False for c in self.clients}
         self.down = {c.cid: False for c in self.clients}
 
-    def _on_revoke(self, cid: int) -> None:
+    def _on_revoke(self, cid: int, held: list[Fid]) -> None:
         # What FileServer._on_revoke does, minus the async InitCallBackState3.
         self.revoked.append(cid)
         st_ = self.breaker.by_cid[cid]

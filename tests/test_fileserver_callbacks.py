@@ -340,3 +340,24 @@ async def test_a_change_waits_for_an_earlier_break_still_on_its_way(tmp_path):
             await _mkfile(z, root, b"b")
             assert Fid(*root) in y.breaks  # landed before Z's reply
         assert srv.metrics.counts["breaks_awaited"] >= 1
+
+
+async def test_a_change_waits_for_a_revoked_client_to_be_told(tmp_path):
+    # The table overflows and OLD is revoked: its promises leave the table at
+    # once, but OLD trusts them until its InitCallBackState3 lands (here it
+    # never answers: it is marked down at the break timeout).  A change to a
+    # file OLD held must not reply before then.
+    async with (
+        running_server(tmp_path / "fs", max_callbacks=4, break_timeout=0.5) as srv,
+        fs_client(srv.host, srv.port) as old,
+        fs_client(srv.host, srv.port) as new,
+        fs_client(srv.host, srv.port) as z,
+    ):
+        root = await old.root_fid()
+        fids = [await _mkfile(old, root, b"f%d" % i) for i in range(3)]
+        old.hang = True
+        for f in fids:
+            await new.call("FS.FetchStatus", None, f)  # over the bound: OLD revoked
+        assert srv.metrics.counts["revocations"] == 1
+        await z.call("FS.StoreData", None, fids[0], 0, b"v2", None, None)
+        assert srv.client(old.uuid).down  # told or marked down before Z's reply
