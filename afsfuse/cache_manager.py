@@ -115,7 +115,7 @@ from afsfuse.vl_client import VLClient
 from afsfuse.vnode import Vnode
 from afsfuse.volume import VolumeInstance
 from afsfuse.write import Writer
-from protocol.records import Fid, FileStatus
+from protocol.records import Fid, FileStatus, FileType
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,11 @@ class CacheManager:
     @maps_errors
     async def symlink(self, dir: Vnode, name: bytes, target: bytes, cred: Cred = None) -> Vnode:
         return await self.namespace.symlink(dir, name, target, cred)
+
+    @maps_errors
+    async def mknod(self, dir: Vnode, name: bytes, ftype: FileType, mode: int, rdev: int,
+                    cred: Cred = None) -> Vnode:  # fmt: skip
+        return await self.namespace.mknod(dir, name, ftype, mode, rdev, cred)
 
     @maps_errors
     async def readlink(self, vnode: Vnode, cred: Cred = None) -> bytes:

@@ -49,7 +49,11 @@ log = logging.getLogger(__name__)
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 _TYPE_BITS = {FileType.FILE: stat.S_IFREG, FileType.DIRECTORY: stat.S_IFDIR,
-              FileType.SYMLINK: stat.S_IFLNK}  # fmt: skip
+              FileType.SYMLINK: stat.S_IFLNK, FileType.FIFO: stat.S_IFIFO,
+              FileType.SOCKET: stat.S_IFSOCK, FileType.CHARDEV: stat.S_IFCHR,
+              FileType.BLOCKDEV: stat.S_IFBLK}  # fmt: skip
+_NODE_TYPES = {v: k for k, v in _TYPE_BITS.items() if k not in (FileType.FILE, FileType.DIRECTORY,
+                                                                 FileType.SYMLINK)}  # fmt: skip
 # A lost or timed-out server connection is an I/O error to applications;
 # ENOTCONN would read as "the FUSE mount itself is dead".
 _ERRNO_REMAP = {errno.ENOTCONN: errno.EIO, errno.ENODEV: errno.EIO}
@@ -202,6 +206,7 @@ class AfsOperations(pyfuse3.Operations):
         a.st_mode = _TYPE_BITS[st.type] | st.mode
         a.st_nlink = max(st.nlink, 1)
         a.st_size = vnode.size() if st.type == FileType.FILE else st.size
+        a.st_rdev = st.rdev
         vnode.kernel_attr_dv = st.data_version
         a.st_uid = st.owner
         a.st_gid = st.group
@@ -522,6 +527,26 @@ class AfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         cred = cred_of(ctx)
         v = await self.cm.symlink(self._vnode(parent_inode), name, target, cred)
+        return await self._reply_entry(parent_inode, name, v, await self.cm.getattr(v, cred), cred)
+
+    @_handler
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        # A FIFO, socket or device node.  The kernel does FIFO and socket I/O
+        # itself for such an inode (init_special_inode): opens never reach us,
+        # so FIFO data stays on this machine, as on NFS.  A regular file made
+        # through mknod(2) (S_IFREG) is an ordinary create.
+        cred = cred_of(ctx)
+        parent = self._vnode(parent_inode)
+        fmt = stat.S_IFMT(mode)
+        if fmt in (0, stat.S_IFREG):
+            v = await self.cm.create(parent, name, stat.S_IMODE(mode), cred)
+        else:
+            ftype = _NODE_TYPES.get(fmt)
+            if ftype is None:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            v = await self.cm.mknod(parent, name, ftype, stat.S_IMODE(mode), rdev, cred)
         return await self._reply_entry(parent_inode, name, v, await self.cm.getattr(v, cred), cred)
 
     @_handler
