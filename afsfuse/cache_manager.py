@@ -115,6 +115,7 @@ from afsfuse.vl_client import VLClient
 from afsfuse.vnode import Vnode
 from afsfuse.volume import VolumeInstance
 from afsfuse.write import Writer
+from afsfuse.xattr import Xattrs
 from protocol.records import Fid, FileStatus, FileType
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class CacheManager:
         self.files = Files(self.ctx, self.writer)
         self.attributes = Attributes(self.ctx, self.writer)
         self.namespace = Namespace(self.ctx)
+        self.xattrs = Xattrs(self.ctx)  # user.* extended attributes
         self.mounts = VolumeMounts(
             self.ctx, self.cells, self.vl, self.registry, self.writer.on_new_vnode
         )

@@ -11,7 +11,8 @@ What lives here and not in the core: inode numbers and lookup counts
 keep ``next_id`` offsets stable, AFS mount points (symlinks of mode 0644
 whose target is ``#VOLUME.`` or ``%CELL:VOLUME.``, shown as the root
 directory of that volume, its own volume instance), the ``afs.*`` extended
-attributes the ``fs`` commands use, and the kernel cache timeouts.
+attributes the ``fs`` commands use (``user.*`` ones go to ``afsfuse.xattr``),
+and the kernel cache timeouts.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ HOT_WINDOW = 2.0
 PROBE_TIMEOUT = 5.0
 _MOUNTPOINT_RE = re.compile(rb"([#%])(?:([^:]+):)?([^:]+)\.")
 XATTR_PREFIX = b"afs."
+USER_XATTR_PREFIX = b"user."  # stored on the server (afsfuse.xattr)
 XATTRS = (b"afs.fid", b"afs.cell", b"afs.volume")
 
 
@@ -754,6 +756,8 @@ class AfsOperations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name.startswith(USER_XATTR_PREFIX):
+            return await self.cm.xattrs.get(self._vnode(inode), name, cred_of(ctx))
         if not name.startswith(XATTR_PREFIX):
             # Like the kernel AFS client: no handler for other namespaces.
             # EOPNOTSUPP, not ENODATA, is what lets `ls -l` remember per
@@ -821,15 +825,18 @@ class AfsOperations(pyfuse3.Operations):
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        self._vnode(inode)
-        return list(XATTRS)
+        v = self._vnode(inode)
+        return [*XATTRS, *await self.cm.xattrs.list(v, cred_of(ctx))]
 
     @_handler
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         v = self._vnode(inode)
-        if name == b"afs.flush":
+        if name.startswith(USER_XATTR_PREFIX):
+            # XATTR_CREATE / XATTR_REPLACE were checked by pyfuse3 (through getxattr).
+            await self.cm.xattrs.set(v, name, value, cred_of(ctx))
+        elif name == b"afs.flush":
             self.cm.flush_vnode(v)
         elif name == b"afs.flushvolume":
             self.cm.flush_volume(v.volume)
@@ -849,7 +856,9 @@ class AfsOperations(pyfuse3.Operations):
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if not name.startswith(USER_XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        await self.cm.xattrs.remove(self._vnode(inode), name, cred_of(ctx))
 
 
 async def drain_invalidations(ops: AfsOperations) -> None:
