@@ -189,7 +189,7 @@ async def test_server_breaks_before_reply_and_checks(tmp_path):
         assert await _code(c.call("FS.SetXattr", None, f, b"user.", b"", 0)) == "EINVAL"
         assert await _code(c.call("FS.SetXattr", None, f, "user.s", b"", 0)) == "EINVAL"
         assert await _code(c.call("FS.RemoveXattr", None, f, b"user.z")) == "ENODATA"
-        fifo = (await c.call("FS.MakeNode", None, root, b"p", int(FileType.FIFO), 0o666, 0))
+        fifo = await c.call("FS.MakeNode", None, root, b"p", int(FileType.FIFO), 0o666, 0)
         assert await _code(c.call("FS.SetXattr", None, fifo["fid"], b"user.a", b"", 0)) == "EPERM"
         before = FileStatus.from_wire((await c.call("FS.FetchStatus", None, f))["status"])
         r = await c.call("FS.RemoveXattr", None, f, b"user.a")
