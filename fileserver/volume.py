@@ -3,7 +3,7 @@
 Layout of a volume directory ``volumes/<id>/``::
 
     volume.db        SQLite (WAL; synchronous=FULL under --sync always): header, vnodes,
-                     dirents, intents, pending
+                     dirents, intents, pending, xattrs (user.* attributes, by vnode)
     data/<vnode>.<unique>   file contents (named by vnode + uniquifier, never by user names)
 
 Crash consistency.  A store of a file writes its bytes into the data file
@@ -26,7 +26,10 @@ replaying one at recovery is idempotent.  A new data file's name is made
 durable by one directory sync in the first commit that relies on it.
 Namespace changes are single transactions; a data file is unlinked only
 after the transaction that dropped its vnode committed, so a crash leaves at
-worst an orphan data file, which recovery and salvage remove.
+worst an orphan data file, which recovery and salvage remove.  Special
+files (FIFOs, sockets, devices) are vnodes with an ``rdev`` and no data
+file; columns added since a volume was made are added when it is opened
+(``MIGRATIONS``).
 
 Every change runs on the writer connection, one at a time: alone (its own
 transaction, as tests call it) or as a job of a group commit
