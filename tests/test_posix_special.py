@@ -11,6 +11,7 @@ volume.  Old volumes get the rdev column on open.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sqlite3
@@ -72,6 +73,10 @@ def test_b_sees_a_fifo_socket_and_devices_with_type_and_rdev(pair):
             st = os.lstat(m.mnt / "kinds" / name)
             assert stat.S_IFMT(st.st_mode) == fmt, (m.mnt, name)
             assert st.st_rdev == rdev and st.st_size == 0
+    # Mounted nodev (the default): the numbers show, the node opens as no device.
+    with pytest.raises(OSError) as ei:
+        open(b.mnt / "kinds/chr", "rb").close()
+    assert ei.value.errno == errno.EACCES
     um = os.umask(0)
     os.umask(um)
     assert stat.S_IMODE(os.lstat(b.mnt / "kinds/fifo").st_mode) == 0o640 & ~um
@@ -147,7 +152,7 @@ def test_mount_refuses_unknown_type_and_non_root_devices(pair):
     a, _ = pair
     with pytest.raises(OSError) as ei:
         os.mknod(a.mnt / "weird", 0o170000 | 0o644)
-    assert ei.value.errno == 22  # EINVAL (the kernel's may_mknod)
+    assert ei.value.errno == errno.EINVAL  # the kernel's may_mknod
     assert as_user(a.mnt, U1, lambda: os.mknod("dev", stat.S_IFCHR | 0o644, CHR)) == "EPERM"
     assert as_user(a.mnt, U1, lambda: os.mkfifo("u1fifo")) == "ok"  # no privilege needed
     assert os.lstat(a.mnt / "u1fifo").st_uid == U1
