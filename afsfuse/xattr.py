@@ -81,8 +81,10 @@ class Xattrs:
         values = None if raw is None else dict(zip(names, (bytes(x) for x in raw), strict=True))
         async with v.lock.write():
             apply_reply(self.ctx, v, reply["status"], reply.get("callback"), snap)
+            # Not over a break, nor over our own change that completed meanwhile.
             p = v.promise
-            v.xattrs = CachedXattrs(p, names, values) if p and snap.broken(v) is None else None
+            fresh = snap.broken(v) is None and not snap.modified_since(v)
+            v.xattrs = CachedXattrs(p, names, values) if p and fresh else None
         return names, values
 
     @maps_errors

@@ -7,7 +7,8 @@ E2BIG for a large value, ENOSPC past the per-file total), with
 XATTR_CREATE/XATTR_REPLACE semantics; ``security.*`` and ``trusted.*``
 stay unsupported; ``cp -a`` carries them in and out.  At the protocol
 level: the change breaks the other holders before its reply, permissions
-and file types are checked, and the rows go with their vnode.
+and file types are checked, and the rows go with their vnode.  In the cache manager: attributes are
+answered from the copy fetched under the promise until a break.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from afsfuse.lab.mount import ClientMount
 from afsfuse.lab.server import ServerProcess, fs_client, running_server
@@ -27,6 +29,7 @@ from protocol.errors import RpcError
 from protocol.limits import MAX_XATTR_TOTAL, MAX_XATTR_VALUE
 from protocol.records import Fid, FileStatus, FileType
 from tests.posix_support import as_user
+from tests.test_cm_integration import make
 
 U1, U2 = 1001, 1002
 
@@ -210,3 +213,35 @@ def test_attributes_go_with_the_vnode_and_survive_a_restart(tmp_path):
         assert rows == 0
     finally:
         vol.close()
+
+
+# -- the cache manager's cache (no kernel) ------------------------------------------
+
+
+async def test_client_caches_under_the_promise_and_refetches_after_a_break(tmp_path):
+    with trio.fail_after(30):
+        async with (
+            running_server(tmp_path / "fs") as server,
+            make(tmp_path, "a", server) as a,
+            make(tmp_path, "b", server) as b,
+        ):
+            ra = await a.mount_volume(None, "root.cell")
+            rb = await b.mount_volume(None, "root.cell")
+            fa = await a.create(ra, b"f", 0o644)
+            await a.xattrs.set(fa, b"user.k", b"1")
+            fb = await b.lookup(rb, b"f")
+            assert await b.xattrs.get(fb, b"user.k") == b"1"
+            fetches = b.stats.rpc["FS.FetchXattrs"]
+            assert await b.xattrs.get(fb, b"user.k") == b"1"  # from the cache
+            assert await b.xattrs.list(fb) == [b"user.k"]
+            assert b.stats.rpc["FS.FetchXattrs"] == fetches
+            await a.xattrs.set(fa, b"user.k", b"2")  # breaks B before it returns
+            assert await b.xattrs.get(fb, b"user.k") == b"2"
+            assert b.stats.rpc["FS.FetchXattrs"] == fetches + 1
+            await b.xattrs.remove(fb, b"user.k")  # B's own change drops its copy
+            with pytest.raises(RpcError) as ei:
+                await b.xattrs.get(fb, b"user.k")
+            assert ei.value.code == "ENODATA"
+            with pytest.raises(RpcError) as ei:
+                await a.xattrs.get(fa, b"user.k")
+            assert ei.value.code == "ENODATA"
