@@ -29,6 +29,7 @@ from afsfuse.rpc import Cred, call, err, maps_errors, wire_cred
 from afsfuse.validation import CallSnapshot, apply_reply, note_volsync
 from afsfuse.vnode import Promise, Vnode
 from protocol import methods as M
+from protocol.errors import RpcError
 from protocol.limits import MAX_XATTR_NAME, MAX_XATTR_VALUE
 
 USER_PREFIX = b"user."
@@ -74,7 +75,14 @@ class Xattrs:
         wc = wire_cred(cred)
         server = v.volume.server
         snap = CallSnapshot(v.volume, server, (v,))
-        reply = await call(server, M.FS_FETCH_XATTRS, wc, v.fid, snap=snap)
+        try:
+            reply = await call(server, M.FS_FETCH_XATTRS, wc, v.fid, snap=snap)
+        except RpcError as exc:
+            if exc.code == "ENOSYS":  # a server from before extended attributes
+                if not need_values:
+                    return (), None
+                raise err("EOPNOTSUPP", "the server stores no extended attributes") from None
+            raise
         note_volsync(self.ctx, v.volume, reply.get("volsync"))
         names = tuple(bytes(n) for n in reply["names"])
         raw = reply.get("values")
@@ -121,7 +129,12 @@ class Xattrs:
             v.xattrs = None
             server = v.volume.server
             snap = CallSnapshot(v.volume, server, (v,))
-            reply = await call(server, method, wc, v.fid, *params, snap=snap)
+            try:
+                reply = await call(server, method, wc, v.fid, *params, snap=snap)
+            except RpcError as exc:
+                if exc.code == "ENOSYS":
+                    raise err("EOPNOTSUPP", "the server stores no extended attributes") from None
+                raise
             note_volsync(self.ctx, v.volume, reply.get("volsync"))
             apply_reply(self.ctx, v, reply["status"], None, snap, own_from_dv=v.data_version)
             v.xattrs = None

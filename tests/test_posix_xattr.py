@@ -245,3 +245,18 @@ async def test_client_caches_under_the_promise_and_refetches_after_a_break(tmp_p
             with pytest.raises(RpcError) as ei:
                 await a.xattrs.get(fa, b"user.k")
             assert ei.value.code == "ENODATA"
+
+
+async def test_a_server_without_xattrs_lists_none_and_refuses_the_rest(tmp_path):
+    """A fileserver from before extended attributes (no FS.*Xattr* methods):
+    listing shows none (so ``cp -a`` goes on), the rest is EOPNOTSUPP."""
+    from tests.test_cm_fakeserver import running
+
+    async with running(tmp_path) as (_net, _fake, cm):
+        root = await cm.mount_volume("test", "root.cell")
+        assert await cm.xattrs.list(root) == []
+        for coro in (cm.xattrs.get(root, b"user.a"), cm.xattrs.set(root, b"user.a", b"1"),
+                     cm.xattrs.remove(root, b"user.a")):  # fmt: skip
+            with pytest.raises(RpcError) as ei:
+                await coro
+            assert ei.value.code == "EOPNOTSUPP"
