@@ -115,7 +115,8 @@ from afsfuse.vl_client import VLClient
 from afsfuse.vnode import Vnode
 from afsfuse.volume import VolumeInstance
 from afsfuse.write import Writer
-from protocol.records import Fid, FileStatus
+from afsfuse.xattr import Xattrs
+from protocol.records import Fid, FileStatus, FileType
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class CacheManager:
         self.files = Files(self.ctx, self.writer)
         self.attributes = Attributes(self.ctx, self.writer)
         self.namespace = Namespace(self.ctx)
+        self.xattrs = Xattrs(self.ctx)  # user.* extended attributes
         self.mounts = VolumeMounts(
             self.ctx, self.cells, self.vl, self.registry, self.writer.on_new_vnode
         )
@@ -311,6 +313,11 @@ class CacheManager:
     @maps_errors
     async def symlink(self, dir: Vnode, name: bytes, target: bytes, cred: Cred = None) -> Vnode:
         return await self.namespace.symlink(dir, name, target, cred)
+
+    @maps_errors
+    async def mknod(self, dir: Vnode, name: bytes, ftype: FileType, mode: int, rdev: int,
+                    cred: Cred = None) -> Vnode:  # fmt: skip
+        return await self.namespace.mknod(dir, name, ftype, mode, rdev, cred)
 
     @maps_errors
     async def readlink(self, vnode: Vnode, cred: Cred = None) -> bytes:

@@ -98,6 +98,10 @@ def fuse_options(opts: MountOptions) -> set[str]:
     out |= {f"fsname={opts.host}:{opts.port}/{opts.volume}", "subtype=afsfuse"}
     for o in opts.fuse_options:
         out.add(o)
+    # Device nodes come from the server (any client's root may make one):
+    # they do not open as devices here unless the mount says "-o dev".
+    if "dev" not in out:
+        out.add("nodev")
     return out
 
 

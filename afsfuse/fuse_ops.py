@@ -11,7 +11,8 @@ What lives here and not in the core: inode numbers and lookup counts
 keep ``next_id`` offsets stable, AFS mount points (symlinks of mode 0644
 whose target is ``#VOLUME.`` or ``%CELL:VOLUME.``, shown as the root
 directory of that volume, its own volume instance), the ``afs.*`` extended
-attributes the ``fs`` commands use, and the kernel cache timeouts.
+attributes the ``fs`` commands use (``user.*`` ones go to ``afsfuse.xattr``),
+and the kernel cache timeouts.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ log = logging.getLogger(__name__)
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 _TYPE_BITS = {FileType.FILE: stat.S_IFREG, FileType.DIRECTORY: stat.S_IFDIR,
-              FileType.SYMLINK: stat.S_IFLNK}  # fmt: skip
+              FileType.SYMLINK: stat.S_IFLNK, FileType.FIFO: stat.S_IFIFO,
+              FileType.SOCKET: stat.S_IFSOCK, FileType.CHARDEV: stat.S_IFCHR,
+              FileType.BLOCKDEV: stat.S_IFBLK}  # fmt: skip
+_NODE_TYPES = {v: k for k, v in _TYPE_BITS.items() if k not in (FileType.FILE, FileType.DIRECTORY,
+                                                                 FileType.SYMLINK)}  # fmt: skip
 # A lost or timed-out server connection is an I/O error to applications;
 # ENOTCONN would read as "the FUSE mount itself is dead".
 _ERRNO_REMAP = {errno.ENOTCONN: errno.EIO, errno.ENODEV: errno.EIO}
@@ -62,6 +67,7 @@ HOT_WINDOW = 2.0
 PROBE_TIMEOUT = 5.0
 _MOUNTPOINT_RE = re.compile(rb"([#%])(?:([^:]+):)?([^:]+)\.")
 XATTR_PREFIX = b"afs."
+USER_XATTR_PREFIX = b"user."  # stored on the server (afsfuse.xattr)
 XATTRS = (b"afs.fid", b"afs.cell", b"afs.volume")
 
 
@@ -202,6 +208,7 @@ class AfsOperations(pyfuse3.Operations):
         a.st_mode = _TYPE_BITS[st.type] | st.mode
         a.st_nlink = max(st.nlink, 1)
         a.st_size = vnode.size() if st.type == FileType.FILE else st.size
+        a.st_rdev = st.rdev
         vnode.kernel_attr_dv = st.data_version
         a.st_uid = st.owner
         a.st_gid = st.group
@@ -525,6 +532,26 @@ class AfsOperations(pyfuse3.Operations):
         return await self._reply_entry(parent_inode, name, v, await self.cm.getattr(v, cred), cred)
 
     @_handler
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        # A FIFO, socket or device node.  The kernel does FIFO and socket I/O
+        # itself for such an inode (init_special_inode): opens never reach us,
+        # so FIFO data stays on this machine, as on NFS.  A regular file made
+        # through mknod(2) (S_IFREG) is an ordinary create.
+        cred = cred_of(ctx)
+        parent = self._vnode(parent_inode)
+        fmt = stat.S_IFMT(mode)
+        if fmt in (0, stat.S_IFREG):
+            v = await self.cm.create(parent, name, stat.S_IMODE(mode), cred)
+        else:
+            ftype = _NODE_TYPES.get(fmt)
+            if ftype is None:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            v = await self.cm.mknod(parent, name, ftype, stat.S_IMODE(mode), rdev, cred)
+        return await self._reply_entry(parent_inode, name, v, await self.cm.getattr(v, cred), cred)
+
+    @_handler
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -729,6 +756,8 @@ class AfsOperations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name.startswith(USER_XATTR_PREFIX):
+            return await self.cm.xattrs.get(self._vnode(inode), name, cred_of(ctx))
         if not name.startswith(XATTR_PREFIX):
             # Like the kernel AFS client: no handler for other namespaces.
             # EOPNOTSUPP, not ENODATA, is what lets `ls -l` remember per
@@ -796,15 +825,18 @@ class AfsOperations(pyfuse3.Operations):
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        self._vnode(inode)
-        return list(XATTRS)
+        v = self._vnode(inode)
+        return [*XATTRS, *await self.cm.xattrs.list(v, cred_of(ctx))]
 
     @_handler
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         v = self._vnode(inode)
-        if name == b"afs.flush":
+        if name.startswith(USER_XATTR_PREFIX):
+            # XATTR_CREATE / XATTR_REPLACE were checked by pyfuse3 (through getxattr).
+            await self.cm.xattrs.set(v, name, value, cred_of(ctx))
+        elif name == b"afs.flush":
             self.cm.flush_vnode(v)
         elif name == b"afs.flushvolume":
             self.cm.flush_volume(v.volume)
@@ -824,7 +856,9 @@ class AfsOperations(pyfuse3.Operations):
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if not name.startswith(USER_XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        await self.cm.xattrs.remove(self._vnode(inode), name, cred_of(ctx))
 
 
 async def drain_invalidations(ops: AfsOperations) -> None:

@@ -4,7 +4,7 @@
 cache, then FS.Lookup), readdir (paged FS.ReadDir into a ``DirListing``,
 children's statuses primed from the pages or refreshed with
 FS.InlineBulkStatus, 50 fids a call), readlink, and every change to a
-directory: create, mkdir, symlink, link, unlink, rmdir, rename.  Our own
+directory: create, mkdir, symlink, mknod, link, unlink, rmdir, rename.  Our own
 change is applied to the cached listing from the server's reply when the
 directory's DV moved by exactly one (no refetch).
 
@@ -455,6 +455,15 @@ class Namespace:
         if child.status is not None:
             child.symlink = (child.status.data_version, target)
         return child
+
+    async def mknod(
+        self, dir: Vnode, name: bytes, ftype: FileType, mode: int, rdev: int, cred: Cred = None
+    ) -> Vnode:
+        """A FIFO, socket or device node (FS.MakeNode): type, mode, rdev, no data."""
+        check_name(name)
+        return await self._new_child(
+            dir, wire_cred(cred), M.FS_MAKE_NODE, (name, int(ftype), mode & 0o7777, rdev), ftype
+        )
 
     async def readlink(self, vnode: Vnode, cred: Cred = None) -> bytes:
         wc = wire_cred(cred)

@@ -74,6 +74,7 @@ class Vnode:
         self.listing: DirListing | None = None  # directories only
         self.old_listing: DirListing | None = None  # zapped one, to diff for the kernel
         self.symlink: tuple[int, bytes] | None = None  # (dv, target)
+        self.xattrs: Any = None  # afsfuse.xattr.CachedXattrs, valid under its promise
         self.names: tuple[int, dict[bytes, Fid | None]] | None = None  # (dir dv, lookups)
         self.inflight: dict[tuple[int, int], trio.Event] = {}  # (dv, chunk) being fetched
         self.open_count = 0

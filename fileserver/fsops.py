@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 
+from fileserver import xattrs
 from fileserver.breaker import Breaker, ClientState
 from fileserver.callback import CallbackTable
 from fileserver.config import ServerConfig
@@ -67,11 +68,20 @@ from protocol.limits import (
     MAX_UINT64,
 )
 from protocol.names import check_name
-from protocol.records import CallBack, CallBackType, Fid, FileType, VolSync
+from protocol.records import (
+    DEVICE_TYPES,
+    SPECIAL_TYPES,
+    CallBack,
+    CallBackType,
+    Fid,
+    FileType,
+    VolSync,
+)
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break", "locks"]
+CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break", "locks",
+                "special-files", "xattrs"]  # fmt: skip
 #: Stores up to this size go into their commit as a redo record (bytes
 #: written twice, no data fsync on the reply's path); larger ones are written
 #: into the data file beside other commits and fdatasynced.
@@ -533,6 +543,7 @@ class FsOps:
         mode: Any,
         ftype: FileType,
         target: bytes | None = None,
+        rdev: int = 0,
     ) -> dict[str, Any]:
         c = self.caller(cred)
         d = Fid.from_wire(dir_fid)
@@ -553,16 +564,16 @@ class FsOps:
                     m |= S_ISGID
             elif m & S_ISGID and not c.root and ftype != FileType.DIRECTORY:
                 m &= ~S_ISGID
-            v, dv = h.vol.create_vnode(d.vnode, d.unique, name, ftype, m, c.uid, gid, target)
+            v, dv = h.vol.create_vnode(d.vnode, d.unique, name, ftype, m, c.uid, gid, target,
+                                       rdev)  # fmt: skip
             return v, dv, h.vol.volsync()
 
         def then(r: tuple[Vnode, Vnode, VolSync]) -> None:
             cbs.append(self.grant(st, Fid(d.volume, r[0].vnode, r[0].unique)))
             cbs.append(self.grant(st, d))
 
-        op = {FileType.FILE: m.FS_CREATE_FILE, FileType.DIRECTORY: m.FS_MAKE_DIR}.get(
-            ftype, m.FS_SYMLINK
-        )
+        op = {FileType.FILE: m.FS_CREATE_FILE, FileType.DIRECTORY: m.FS_MAKE_DIR,
+              FileType.SYMLINK: m.FS_SYMLINK}.get(ftype, m.FS_MAKE_NODE)  # fmt: skip
         v, dv, vs = await h.commit(write, then=then, op=op)
         await self._changed(st, d)
         return {"fid": Fid(d.volume, v.vnode, v.unique), "status": _st(v, c),
@@ -588,6 +599,24 @@ class FsOps:
         if len(target) > MAX_SYMLINK:
             raise RpcError("ENAMETOOLONG", f"symlink target over {MAX_SYMLINK} bytes")
         return await self._create(st, cred, dir_fid, name, mode, FileType.SYMLINK, target)
+
+    async def make_node(
+        self, st: ClientState, cred: Any, dir_fid: Any, name: Any, ftype: Any, mode: Any,
+        rdev: Any,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A FIFO, socket or device node: a vnode with type, mode and rdev, no data.
+        Checked before anything reaches the volume: an unknown type is EINVAL,
+        a device node by anyone but root EPERM (the kernel's CAP_MKNOD rule)."""
+        if type(ftype) is not int or ftype not in SPECIAL_TYPES:
+            raise RpcError("EINVAL", f"MakeNode type must be one of 4..7, not {ftype!r:.50}")
+        kind = FileType(ftype)
+        rdev = _uint(rdev, MAX_UINT64, "rdev")
+        if kind in DEVICE_TYPES:
+            if not self.caller(cred).root:
+                raise RpcError("EPERM", "only root makes device nodes")
+        else:
+            rdev = 0  # as Linux: a FIFO or socket has no device number
+        return await self._create(st, cred, dir_fid, name, mode, kind, None, rdev)
 
     async def link(
         self, st: ClientState, cred: Any, dir_fid: Any, name: Any, fid: Any
@@ -761,4 +790,8 @@ class FsOps:
             m.FS_GET_VOLUME_STATUS: self.get_volume_status,
             m.FS_GIVE_UP_ALL_CALLBACKS: self.give_up_all_callbacks,
             m.FS_GET_CAPABILITIES: self.get_capabilities,
+            m.FS_MAKE_NODE: self.make_node,
+            m.FS_FETCH_XATTRS: partial(xattrs.fetch_xattrs, self),
+            m.FS_SET_XATTR: partial(xattrs.set_xattr, self),
+            m.FS_REMOVE_XATTR: partial(xattrs.remove_xattr, self),
         }

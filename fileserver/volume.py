@@ -3,7 +3,7 @@
 Layout of a volume directory ``volumes/<id>/``::
 
     volume.db        SQLite (WAL; synchronous=FULL under --sync always): header, vnodes,
-                     dirents, intents, pending
+                     dirents, intents, pending, xattrs (user.* attributes, by vnode)
     data/<vnode>.<unique>   file contents (named by vnode + uniquifier, never by user names)
 
 Crash consistency.  A store of a file writes its bytes into the data file
@@ -26,7 +26,10 @@ replaying one at recovery is idempotent.  A new data file's name is made
 durable by one directory sync in the first commit that relies on it.
 Namespace changes are single transactions; a data file is unlinked only
 after the transaction that dropped its vnode committed, so a crash leaves at
-worst an orphan data file, which recovery and salvage remove.
+worst an orphan data file, which recovery and salvage remove.  Special
+files (FIFOs, sockets, devices) are vnodes with an ``rdev`` and no data
+file; columns added since a volume was made are added when it is opened
+(``MIGRATIONS``).
 
 Every change runs on the writer connection, one at a time: alone (its own
 transaction, as tests call it) or as a job of a group commit
@@ -57,8 +60,8 @@ from typing import TYPE_CHECKING, Any
 from fileserver.durability import SYNC_MODES, SyncStats
 from fileserver.space import partition_space
 from protocol.errors import RpcError
-from protocol.limits import MAX_IO, MAX_UINT32
-from protocol.records import FileStatus, FileType, VolSync
+from protocol.limits import MAX_IO, MAX_UINT32, MAX_XATTR_TOTAL
+from protocol.records import SPECIAL_TYPES, FileStatus, FileType, VolSync
 
 if TYPE_CHECKING:
     from fileserver.salvage import Finding
@@ -77,6 +80,9 @@ ROOT_DIR_MODE = 0o1777
 #: intents are dropped riding on later commits.
 ARMED_IDLE_S = 10.0
 MAX_FILE_SIZE = 1 << 44  # also the default of ServerConfig.max_file_size
+#: FS.SetXattr flags (the values of Linux's XATTR_CREATE / XATTR_REPLACE).
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS header (
@@ -106,7 +112,8 @@ CREATE TABLE IF NOT EXISTS vnodes (
     ctime_ns INTEGER NOT NULL,
     parent_vnode INTEGER NOT NULL,
     parent_unique INTEGER NOT NULL,
-    target BLOB
+    target BLOB,
+    rdev INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS dirents (
     dir INTEGER NOT NULL,
@@ -120,6 +127,12 @@ CREATE TABLE IF NOT EXISTS intents (
     vnode INTEGER NOT NULL,
     uniq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS xattrs (
+    vnode INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (vnode, name)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     vnode INTEGER NOT NULL,
@@ -132,8 +145,10 @@ CREATE TABLE IF NOT EXISTS pending (
 
 VNODE_COLS = (
     "vnode, uniq, type, mode, nlink, size, dv, owner, grp, mtime_ns, ctime_ns, "
-    "parent_vnode, parent_unique, target"
+    "parent_vnode, parent_unique, target, rdev"
 )
+#: Columns added since the first volumes were made: (table, column, definition).
+MIGRATIONS = (("vnodes", "rdev", "INTEGER NOT NULL DEFAULT 0"),)
 
 
 @dataclass(slots=True)
@@ -152,6 +167,7 @@ class Vnode:
     parent_vnode: int
     parent_unique: int
     target: bytes | None = None
+    rdev: int = 0  # device number of a device node
 
     @property
     def is_dir(self) -> bool:
@@ -171,12 +187,13 @@ class Vnode:
             parent_vnode=self.parent_vnode,
             parent_unique=self.parent_unique,
             access=access,
+            rdev=self.rdev,
         )
 
     def row(self) -> tuple[Any, ...]:
         return (self.vnode, self.unique, self.type, self.mode, self.nlink, self.size, self.dv,
                 self.owner, self.group, self.mtime_ns, self.ctime_ns, self.parent_vnode,
-                self.parent_unique, self.target)  # fmt: skip
+                self.parent_unique, self.target, self.rdev)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -222,6 +239,7 @@ class Volume:
         self.db = self._connect(self._db_path, sync)
         # Tables added since a volume was created (every CREATE is IF NOT EXISTS).
         self.db.executescript(SCHEMA)
+        self._migrate()
         self._applied: list[int] = []  # pending seqs applied to data files, to delete
         self._applied_lock = threading.Lock()
         # Redo records applied to data files not yet synced: seq -> (vnode, path).
@@ -246,6 +264,14 @@ class Volume:
             self.recover()
 
     # -- creation / opening ------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Add the columns a volume made by an older server lacks (with their defaults)."""
+        for table, col, definition in MIGRATIONS:
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if col not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {definition}")
+                log.info("volume %s: added column %s.%s", self.path, table, col)
 
     @staticmethod
     def _connect(db_path: Path, sync: str = "always") -> sqlite3.Connection:
@@ -289,7 +315,7 @@ class Volume:
         )  # fmt: skip
         root = Vnode(ROOT_VNODE, ROOT_UNIQUE, FileType.DIRECTORY, ROOT_DIR_MODE, 2, 0, 1, uid, gid,
                      now_ns, now_ns, ROOT_VNODE, ROOT_UNIQUE)  # fmt: skip
-        db.execute(f"INSERT INTO vnodes ({VNODE_COLS}) VALUES ({','.join('?' * 14)})", root.row())
+        db.execute(f"INSERT INTO vnodes ({VNODE_COLS}) VALUES ({','.join('?' * 15)})", root.row())
         db.execute("COMMIT")
         db.close()
         _fsync_dir(tmp / "data")
@@ -569,7 +595,8 @@ class Volume:
     def _put(self, db: sqlite3.Connection, v: Vnode) -> None:
         db.execute(
             "UPDATE vnodes SET uniq=?, type=?, mode=?, nlink=?, size=?, dv=?, owner=?, grp=?, "
-            "mtime_ns=?, ctime_ns=?, parent_vnode=?, parent_unique=?, target=? WHERE vnode=?",
+            "mtime_ns=?, ctime_ns=?, parent_vnode=?, parent_unique=?, target=?, rdev=? "
+            "WHERE vnode=?",
             (*v.row()[1:], v.vnode),
         )
 
@@ -622,6 +649,8 @@ class Volume:
         v = self.get(vnode, unique)
         if v.is_dir:
             raise RpcError("EISDIR", "FetchData on a directory")
+        if v.type in SPECIAL_TYPES:
+            raise RpcError("EINVAL", "FetchData on a special file (it has no data)")
         length = min(length, MAX_IO)
         if v.type == FileType.SYMLINK:
             return v, (v.target or b"")[offset : offset + length]
@@ -688,6 +717,8 @@ class Volume:
             raise RpcError("EISDIR", "StoreData on a directory")
         if v.type == FileType.SYMLINK:
             raise RpcError("EINVAL", "StoreData on a symlink")
+        if v.type in SPECIAL_TYPES:
+            raise RpcError("EINVAL", "StoreData on a special file (it has no data)")
         end = offset + length
         new_size = max(v.size, end) if new_length is None else new_length
         if end > MAX_FILE_SIZE or new_size > MAX_FILE_SIZE:
@@ -869,8 +900,8 @@ class Volume:
         if size is not None:
             if v.is_dir:
                 raise RpcError("EISDIR", "cannot set the size of a directory")
-            if v.type == FileType.SYMLINK:
-                raise RpcError("EINVAL", "cannot set the size of a symlink")
+            if v.type == FileType.SYMLINK or v.type in SPECIAL_TYPES:
+                raise RpcError("EINVAL", "cannot set the size of a symlink or special file")
             if size > MAX_FILE_SIZE:
                 raise RpcError("EFBIG", "size too large")
             self._charge(size - v.size)
@@ -991,8 +1022,9 @@ class Volume:
         owner: int,
         group: int,
         target: bytes | None = None,
+        rdev: int = 0,
     ) -> tuple[Vnode, Vnode]:
-        """CreateFile / MakeDir / Symlink: returns (new vnode, directory)."""
+        """CreateFile / MakeDir / Symlink / MakeNode: returns (new vnode, directory)."""
         self._check_online()
         d = self.get_dir(dir_vnode, dir_unique)
         if self._entry(d.vnode, name) is not None:
@@ -1007,11 +1039,11 @@ class Volume:
         now_ns = time.time_ns()
         is_dir = ftype == FileType.DIRECTORY
         v = Vnode(self.next_vnode, self.next_unique, int(ftype), mode, 2 if is_dir else 1, size,
-                  1, owner, group, now_ns, now_ns, d.vnode, d.unique, target)  # fmt: skip
+                  1, owner, group, now_ns, now_ns, d.vnode, d.unique, target, rdev)  # fmt: skip
         with self._txn() as db:
             self.next_vnode += 1
             self.next_unique += 1
-            db.execute(f"INSERT INTO vnodes ({VNODE_COLS}) VALUES ({','.join('?' * 14)})", v.row())
+            db.execute(f"INSERT INTO vnodes ({VNODE_COLS}) VALUES ({','.join('?' * 15)})", v.row())
             db.execute("INSERT INTO dirents (dir, name, vnode) VALUES (?,?,?)",
                        (d.vnode, name, v.vnode))  # fmt: skip
             self._touch_dir(d, now_ns, entries_delta=1)
@@ -1072,6 +1104,7 @@ class Volume:
         db.execute("DELETE FROM vnodes WHERE vnode = ?", (v.vnode,))
         db.execute("DELETE FROM pending WHERE vnode = ?", (v.vnode,))
         db.execute("DELETE FROM intents WHERE vnode = ?", (v.vnode,))
+        db.execute("DELETE FROM xattrs WHERE vnode = ?", (v.vnode,))
         self._armed.pop(v.vnode, None)
         self._unsynced.discard(v.vnode)  # its name needs no sync any more
         for seq in [s for s, (vn, _p) in list(self._redo_unsynced.items()) if vn == v.vnode]:
@@ -1207,6 +1240,49 @@ class Volume:
         return RenameResult(v, od, nd, tgt)
 
     # -- admin -------------------------------------------------------------------
+
+    # -- user extended attributes (one row per name, dropped with the vnode) ----
+
+    def xattrs(self, vnode: int, unique: int) -> tuple[Vnode, dict[bytes, bytes]]:
+        v = self.get(vnode, unique)
+        rows = self._rdb().execute(
+            "SELECT name, value FROM xattrs WHERE vnode = ? ORDER BY name", (vnode,)
+        )
+        return v, {bytes(n): bytes(val) for n, val in rows}
+
+    def set_xattr(
+        self, vnode: int, unique: int, name: bytes, value: bytes, flags: int = 0
+    ) -> Vnode:
+        """Set ``name`` (``XATTR_CREATE``: EEXIST if it exists; ``XATTR_REPLACE``:
+        ENODATA if not); the per-file total is bounded (ENOSPC).  Bumps ctime."""
+        self._check_online()
+        v, have = self.xattrs(vnode, unique)
+        if flags & XATTR_CREATE and name in have:
+            raise RpcError("EEXIST", f"attribute {name!r:.300} exists")
+        if flags & XATTR_REPLACE and name not in have:
+            raise RpcError("ENODATA", f"no attribute {name!r:.300}")
+        have[name] = value
+        if sum(len(n) + len(val) for n, val in have.items()) > MAX_XATTR_TOTAL:
+            raise RpcError("ENOSPC", f"over {MAX_XATTR_TOTAL} bytes of attributes on one file")
+        return self._xattr_change(v, "INSERT OR REPLACE INTO xattrs VALUES (?,?,?)",
+                                  (vnode, name, value))  # fmt: skip
+
+    def remove_xattr(self, vnode: int, unique: int, name: bytes) -> Vnode:
+        self._check_online()
+        v, have = self.xattrs(vnode, unique)
+        if name not in have:
+            raise RpcError("ENODATA", f"no attribute {name!r:.300}")
+        return self._xattr_change(v, "DELETE FROM xattrs WHERE vnode = ? AND name = ?",
+                                  (vnode, name))  # fmt: skip
+
+    def _xattr_change(self, v: Vnode, sql: str, args: tuple[Any, ...]) -> Vnode:
+        now_ns = time.time_ns()
+        with self._txn() as db:
+            db.execute(sql, args)
+            v.ctime_ns = now_ns
+            self._put(db, v)
+            self._bump_update(now_ns)
+        return v
 
     def set_quota(self, quota_bytes: int) -> None:
         with self._txn():

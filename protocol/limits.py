@@ -15,6 +15,13 @@ MAX_NAME = 255
 MAX_SYMLINK = 4096
 #: Entries per FS.ReadDir page.
 MAX_READDIR_ENTRIES = 1000
+#: User extended attributes (SPEC "Extended attributes"), as Linux bounds
+#: them: a name of at most 255 bytes (ERANGE past it), a value of at most
+#: 64 KiB (E2BIG), and per file at most 256 KiB of names and values together
+#: (ENOSPC; ext4 allows one block, XFS 64 KiB per value).
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 64 * 1024
+MAX_XATTR_TOTAL = 256 * 1024
 
 #: Incoming requests a connection runs at once, and how many more it queues
 #: before it answers EAGAIN instead of reading without bound.

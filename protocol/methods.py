@@ -19,6 +19,11 @@ FS_INLINE_BULK_STATUS = "FS.InlineBulkStatus"
 FS_GET_VOLUME_STATUS = "FS.GetVolumeStatus"
 FS_GIVE_UP_ALL_CALLBACKS = "FS.GiveUpAllCallBacks"
 FS_GET_CAPABILITIES = "FS.GetCapabilities"
+# Special files (SPEC "Special files") and user extended attributes (SPEC "Extended attributes")
+FS_MAKE_NODE = "FS.MakeNode"
+FS_FETCH_XATTRS = "FS.FetchXattrs"
+FS_SET_XATTR = "FS.SetXattr"
+FS_REMOVE_XATTR = "FS.RemoveXattr"
 # Whole-file advisory locks (SPEC "Locks")
 FS_SET_LOCK = "FS.SetLock"
 FS_EXTEND_LOCK = "FS.ExtendLock"

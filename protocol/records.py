@@ -46,6 +46,16 @@ class FileType(enum.IntEnum):
     FILE = 1
     DIRECTORY = 2
     SYMLINK = 3
+    # Special files (FS.MakeNode): a type, mode and rdev, never any data.
+    FIFO = 4
+    SOCKET = 5
+    CHARDEV = 6
+    BLOCKDEV = 7
+
+
+#: The types FS.MakeNode makes; the device ones only for root.
+SPECIAL_TYPES = frozenset({FileType.FIFO, FileType.SOCKET, FileType.CHARDEV, FileType.BLOCKDEV})
+DEVICE_TYPES = frozenset({FileType.CHARDEV, FileType.BLOCKDEV})
 
 
 class CallBackType(enum.IntEnum):
@@ -106,16 +116,21 @@ class FileStatus:
     parent_vnode: int
     parent_unique: int
     access: int = ACCESS_READ | ACCESS_WRITE | ACCESS_EXEC
+    rdev: int = 0  # device number of a CHARDEV/BLOCKDEV node, else 0
 
-    N_FIELDS = 12
+    N_FIELDS = 13
+    #: Peers from before special files send 12 fields (no rdev): accepted, rdev 0.
+    N_FIELDS_OLD = 12
 
     def to_wire(self) -> list[int]:
         return [int(self.type), self.mode, self.nlink, self.size, self.data_version,
                 self.owner, self.group, self.mtime_ns, self.ctime_ns,
-                self.parent_vnode, self.parent_unique, self.access]  # fmt: skip
+                self.parent_vnode, self.parent_unique, self.access, self.rdev]  # fmt: skip
 
     @classmethod
     def from_wire(cls, obj: Any) -> FileStatus:
+        if isinstance(obj, list | tuple) and len(obj) == cls.N_FIELDS_OLD:
+            obj = [*obj, 0]
         a = _array(obj, cls.N_FIELDS, "FileStatus")
         try:
             ftype = FileType(_uint(a[0], 255, "FileStatus.type"))
@@ -135,6 +150,7 @@ class FileStatus:
             parent_vnode=_uint(a[9], MAX_UINT32, w),
             parent_unique=_uint(a[10], MAX_UINT32, w),
             access=_uint(a[11], 7, w),
+            rdev=_uint(a[12], MAX_UINT64, w),
         )
 
 

@@ -29,7 +29,12 @@ name is bound to (a fid, or absent) and what each file holds.  It verifies:
   a change concurrent with the read; ENOENT counts as the name being absent;
 - a listing shows no name whose removal completed before the listing began
   (and nothing newer created it again meanwhile), and misses no name that was
-  certainly there.
+  certainly there;
+- a call by name (``open()``, ``rename()``, ``unlink()``, ``listdir()``)
+  never fails with ESTALE: that is left to a file already open whose vnode
+  the server no longer has (a read or close after another client removed
+  it); the error counts show such ESTALEs, and an ``(open)`` one would be a
+  violation.
 
 Reads name-then-file this way because that is what POSIX gives a local
 filesystem too: a read that resolved a name just before another client
@@ -144,6 +149,7 @@ class Op:
     error: str = ""
     fid: str = ""  # read, write: the file its open reached; replace: the temporary file
     pieces: tuple[int, ...] = ()  # read: what each read(2) returned, in bytes
+    in_open: bool = False  # read, write: the error came from open() (a name-based call)
 
     def show(self, t0: float) -> str:
         what = f"{self.kind} {self.name}" + (f" -> {self.name2}" if self.name2 else "")
@@ -447,6 +453,15 @@ def check(ops: list[Op], tolerated: dict[str, int] | None = None) -> list[Violat
             out.append(Violation(o, set(), o.name, h.names.changes.get(o.name, []),
                                  "open(O_CREAT) without O_EXCL failed: EEXIST"))  # fmt: skip
             continue
+        if o.error == "ESTALE" and (o.in_open or o.kind in ("rename", "unlink", "replace",
+                                                           "listdir")):  # fmt: skip
+            # A call by name that met a vanished fid must look the name up
+            # again (the kernel retries once with LOOKUP_REVAL, the daemon's
+            # lookup asks the server): success or ENOENT, never ESTALE.  Only
+            # a file already open may go stale.
+            what = f"unexpected error ESTALE on a call by name ({o.kind})"
+            out.append(Violation(o, set(), o.name, h.names.changes.get(o.name, []), what))
+            continue
         if o.error and o.kind in ("read", "listdir", "write") and o.error != "ENOENT":
             # A file removed or replaced by another client while we had it
             # open (or just before, within the kernel grace) may go stale;
@@ -540,7 +555,7 @@ def worker(cid: int, root: Path, seed: int, deadline: float, ops: list[Op]) -> N
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as exc:
-                    op.error = _errname(exc)
+                    op.error, op.in_open = _errname(exc), True
                 else:
                     try:
                         op.fid = _fid(fd)
@@ -555,7 +570,7 @@ def worker(cid: int, root: Path, seed: int, deadline: float, ops: list[Op]) -> N
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 except OSError as exc:
-                    op.error = _errname(exc)
+                    op.error, op.in_open = _errname(exc), True
                 else:
                     op.mid_end = time.monotonic()
                     try:
@@ -824,7 +839,8 @@ def run_workers(
     for o in ops:
         counts[o.kind] = counts.get(o.kind, 0) + 1
         if o.error:
-            errors[f"{o.kind}:{o.error}"] = errors.get(f"{o.kind}:{o.error}", 0) + 1
+            key = f"{o.kind}:{o.error}" + ("(open)" if o.in_open and o.error == "ESTALE" else "")
+            errors[key] = errors.get(key, 0) + 1
     tolerated: dict[str, int] = {}
     faults: list[Fault] = []
     if nemesis is not None and server_log is not None:

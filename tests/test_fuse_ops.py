@@ -242,9 +242,10 @@ def test_xattrs_and_fs_commands(mount, d):
     assert subprocess.run([*cli, "flush", str(p)]).returncode == 0
     assert p.read_text() == "x"
     raises_errno(errno.ENODATA, os.getxattr, p, "afs.nothing")
+    raises_errno(errno.ENODATA, os.getxattr, p, "user.nothing")  # stored (test_posix_xattr)
     # Other namespaces are not supported at all (as in the kernel AFS
     # client), which is what lets `ls -l` stop asking for labels and ACLs.
-    for name in ("user.nothing", "security.selinux", "system.posix_acl_access"):
+    for name in ("trusted.x", "security.selinux", "system.posix_acl_access"):
         raises_errno(errno.EOPNOTSUPP, os.getxattr, p, name)
 
 

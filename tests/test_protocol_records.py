@@ -35,6 +35,7 @@ statuses = st.builds(
     parent_vnode=u32,
     parent_unique=u32,
     access=st.integers(0, 7),
+    rdev=u64,
 )
 callbacks = st.builds(CallBack, u32, u32, st.sampled_from(CallBackType))
 volsyncs = st.builds(VolSync, i64, i64)
@@ -83,7 +84,7 @@ def test_fid_malformed_refused(bad):
     assert exc.value.code == "EINVAL"
 
 
-@given(statuses, st.integers(0, 11), st.sampled_from(["x", None, 2**64, 1.5, True, b"1"]))
+@given(statuses, st.integers(0, 12), st.sampled_from(["x", None, 2**64, 1.5, True, b"1"]))
 def test_filestatus_any_bad_field_refused(status, index, value):
     wire = status.to_wire()
     wire[index] = value
@@ -91,11 +92,18 @@ def test_filestatus_any_bad_field_refused(status, index, value):
         FileStatus.from_wire(wire)
 
 
+def test_filestatus_without_rdev_from_an_older_peer_reads_as_rdev_0():
+    wire = FileStatus(FileType.FIFO, 0o644, 1, 0, 1, 0, 0, 0, 0, 1, 1, rdev=7).to_wire()
+    assert len(wire) == 13 and wire[12] == 7
+    old = FileStatus.from_wire(wire[:12])
+    assert old.type == FileType.FIFO and old.rdev == 0
+
+
 def test_enum_values_refused_outside_range():
     with pytest.raises(RpcError):
         CallBack.from_wire([1, 10, 9])
     good = FileStatus(FileType.FILE, 0o644, 1, 0, 1, 0, 0, 0, 0, 1, 1).to_wire()
-    good[0] = 4
+    good[0] = 99
     with pytest.raises(RpcError):
         FileStatus.from_wire(good)
 
