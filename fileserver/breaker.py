@@ -148,8 +148,9 @@ class Breaker:
         once every holder acknowledged, or within the break timeout."""
         except_cid = origin.cid if origin is not None else None
         per_client: dict[int, list[Fid]] = {}
-        pending: list[trio.Event] = []  # earlier breaks of these fids still on their way
+        pending: dict[int, trio.Event] = {}  # earlier tellings of these fids on their way
         for fid in dict.fromkeys(fids):  # dedupe, keep order
+            self._pending_for(fid, except_cid, pending)
             if fid.is_volume:
                 self.metrics.inc("volume_breaks")
                 event("break_volume", volume=fid.volume,
@@ -157,17 +158,30 @@ class Breaker:
                 holders = self.table.break_volume(fid.volume, except_cid)
             else:
                 holders = self.table.break_fid(fid, except_cid)
-                pending += [ev for cid, ev in self._inflight.get(fid, ()) if cid != except_cid]
             for cid in holders:
                 per_client.setdefault(cid, []).append(fid)
+        if not per_client and not pending:
+            return
         if pending:
             self.metrics.inc("breaks_awaited", len(pending))
+        # Tracked before the first checkpoint: a change released by the same
+        # group commit must find these breaks on their way, not a bare table.
+        sends = self._prepare(per_client, origin.uuid if origin is not None else "admin")
         async with trio.open_nursery() as nursery:
-            if per_client:
-                nursery.start_soon(self.deliver, per_client,
-                                   origin.uuid if origin is not None else "admin")  # fmt: skip
-            for ev in pending:  # each ends within its own break deadline
+            for args in sends:
+                nursery.start_soon(self._send_tracked, *args)
+            for ev in pending.values():  # each ends within its own break deadline
                 nursery.start_soon(ev.wait)
+
+    def _pending_for(self, fid: Fid, except_cid: int | None, out: dict[int, trio.Event]) -> None:
+        """Add the tellings on their way that cover ``fid``: its own, its
+        volume's whole-volume break, and for a volume fid every one in it."""
+        keys = [fid, Fid(fid.volume, 0, 0)] if not fid.is_volume else [
+            f for f in self._inflight if f.volume == fid.volume]  # fmt: skip
+        for key in keys:
+            for cid, ev in self._inflight.get(key, ()):
+                if cid != except_cid:
+                    out[id(ev)] = ev
 
     async def break_volume_all(self, volume: int) -> None:
         """Whole-volume break to every client that might cache it.
@@ -183,19 +197,29 @@ class Breaker:
         await self.deliver({cid: [fid] for cid in holders}, "admin")
 
     async def deliver(self, per_client: dict[int, list[Fid]], origin: str = "") -> None:
-        deadline = trio.current_time() + self.break_timeout
+        sends = self._prepare(per_client, origin)
         async with trio.open_nursery() as nursery:
-            for cid, fids in per_client.items():
-                st = self.by_cid.get(cid)
-                if st is None:
-                    continue
-                if st.down or st.conn is None or st.conn.closed:
-                    self._delay(st, fids)
-                    for f in fids:
-                        event("break", fid=f, client=st.uuid, result="delayed", origin=origin)
-                    continue
-                done = self.track(cid, fids)
-                nursery.start_soon(self._send_tracked, st, st.conn, fids, deadline, origin, done)
+            for args in sends:
+                nursery.start_soon(self._send_tracked, *args)
+
+    def _prepare(
+        self, per_client: dict[int, list[Fid]], origin: str
+    ) -> list[tuple[ClientState, Connection, list[Fid], float, str, trio.Event]]:
+        """Synchronously: keep the breaks of down clients as delayed, and
+        track the others as on their way; returns the sends to start."""
+        deadline = trio.current_time() + self.break_timeout
+        sends = []
+        for cid, fids in per_client.items():
+            st = self.by_cid.get(cid)
+            if st is None:
+                continue
+            if st.down or st.conn is None or st.conn.closed:
+                self._delay(st, fids)
+                for f in fids:
+                    event("break", fid=f, client=st.uuid, result="delayed", origin=origin)
+                continue
+            sends.append((st, st.conn, fids, deadline, origin, self.track(cid, fids)))
+        return sends
 
     def track(self, cid: int, fids: Iterable[Fid]) -> trio.Event:
         """Note that ``cid`` is being told its promises on ``fids`` are gone
@@ -281,10 +305,15 @@ class Breaker:
         RpcError (or TooSlowError) when the client does not answer in time."""
         st.needs_init = True
         st.delayed.clear()
-        self.table.drop_client(st.cid)
-        self.metrics.inc("mass_resets")
-        event("init_callback_state", client=st.uuid, reason=reason)
-        await conn.call(CB_INIT_CALLBACK_STATE3, self.server_uuid, timeout=self.break_timeout)
+        # Until it is told, it trusts these: changes to them wait (``track``).
+        done = self.track(st.cid, self.table.client_fids(st.cid))
+        try:
+            self.table.drop_client(st.cid)
+            self.metrics.inc("mass_resets")
+            event("init_callback_state", client=st.uuid, reason=reason)
+            await conn.call(CB_INIT_CALLBACK_STATE3, self.server_uuid, timeout=self.break_timeout)
+        finally:
+            self.untrack(done)
         st.needs_init = False
 
     async def catch_up(self, st: ClientState, conn: Connection) -> int:

@@ -331,7 +331,10 @@ class FileServer:
             # Until the client is told (or marked down) it still trusts these:
             # changes to them wait for the reset as for a break on its way.
             done = self.breaker.track(cid, held)
-            self._nursery.start_soon(self.breaker.reset_client, st, "table_full", done)
+            try:
+                self._nursery.start_soon(self.breaker.reset_client, st, "table_full", done)
+            except RuntimeError:  # stopping: nothing will wait on it
+                self.breaker.untrack(done)
 
     # -- connections ---------------------------------------------------------------
 

@@ -103,7 +103,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -185,6 +185,10 @@ class Violation:
     name: str  # the name, or the fid for what a file held
     history: list[Change] = field(default_factory=list)
     what: str = ""
+    #: Whether what the op saw was current at some moment since the given
+    #: time (a view that old: a restart lost the promises); None: no
+    #: staleness explains this kind.
+    stale: Callable[[float], bool] | None = field(default=None, compare=False)
 
     def kind(self) -> str:
         """A coarse class, for the summary."""
@@ -248,9 +252,12 @@ class History:
 class Histories:
     names: History  # name -> fid bound to it (or ABSENT)
     files: History  # fid -> contents (a token, or EMPTY)
-    #: Files ops reached that no op is known to have made: each was made by
-    #: an open(O_CREAT) that then reached another file or failed (MADE).
-    orphans: frozenset[str] = frozenset()
+    #: Files ops reached that no op is known to have made (each was made by
+    #: an open(O_CREAT) that then reached another file or failed), with when
+    #: an op first reached them.
+    orphans: dict[str, float] = field(default_factory=dict)
+    #: MADE value -> when the open(O_CREAT) that may have made it started.
+    made: dict[str, float] = field(default_factory=dict)
 
 
 #: Prefix of the value a name may be bound to after an open(O_CREAT) made a
@@ -273,6 +280,7 @@ class Creation:
     end: float
     op: Op
     weak: bool  # the creator is uncertain: may not have been this name
+    guessed: bool = False  # no op that reached the file can have made it
 
 
 def _creations(ops: list[Op]) -> list[Creation]:
@@ -285,7 +293,7 @@ def _creations(ops: list[Op]) -> list[Creation]:
     for o in ops:
         if o.fid:
             reached.setdefault(o.fid, []).append(o)
-        if o.kind == "write" and (o.fid or o.error not in ("ENOENT", "EEXIST")):
+        if _may_make(o):
             writes.setdefault(o.name, []).append(o)
     out: list[Creation] = []
     for fid, os_ in reached.items():
@@ -305,10 +313,9 @@ def _creations(ops: list[Op]) -> list[Creation]:
         # create and the open): others may have reached it meanwhile, under
         # that write's name.
         for name in {o.name for o in os_}:
-            cands = [w for w in writes.get(name, ()) if w.start <= first and w.fid != fid]
-            if cands:
-                start = min(w.start for w in cands)
-                out.append(Creation(fid, name, start, first, cands[0], True))
+            for w in writes.get(name, ()):
+                if w.start <= first and w.fid != fid:
+                    out.append(Creation(fid, name, w.start, min(_opened(w), first), w, True, True))
     return out
 
 
@@ -336,9 +343,24 @@ def build_history(ops: list[Op]) -> Histories:
     else:
         log.warning("renames did not settle in %d rounds: treated as unknown", RENAME_ROUNDS)
         moved = {k: m | {"?"} for k, m in moved.items()}
-    made = {c.fid for c in creations} | {o.fid for o in ops if o.kind == "replace"}
-    orphans = frozenset(o.fid for o in ops if o.fid and o.fid not in made)
-    return Histories(_names(ops, moved, creations, settled=True), _files(ops), orphans)
+    known = {c.fid for c in creations if not c.guessed}
+    known |= {o.fid for o in ops if o.kind == "replace"}
+    orphans: dict[str, float] = {}
+    for o in ops:
+        if o.fid and o.fid not in known:
+            orphans[o.fid] = min(orphans.get(o.fid, INF), _opened(o))
+    made = {_made(o): o.start for o in ops if _may_make(o)}
+    return Histories(_names(ops, moved, creations, settled=True), _files(ops), orphans, made)
+
+
+def _may_make(o: Op) -> bool:
+    """An open(O_CREAT) that may have made a file: it opened one, or failed
+    with its outcome unknown."""
+    return o.kind == "write" and bool(o.fid or o.error not in ("ENOENT", "EEXIST"))
+
+
+def _made(o: Op) -> str:
+    return f"{MADE}c{o.client}#{o.seq}"
 
 
 def _names(ops: list[Op], moved: dict[int, set[str]], creations: list[Creation],
@@ -362,14 +384,15 @@ def _names(ops: list[Op], moved: dict[int, set[str]], creations: list[Creation],
                 h.add(o.name, o.start, o.end, {ABSENT}, o)
         elif o.kind == "unlink" and o.error != "ENOENT":
             h.add(o.name, o.start, o.end, {ABSENT} if not o.error else {ABSENT, "?"}, o)
-        if o.kind == "write" and (o.fid or o.error not in ("ENOENT", "EEXIST")):
+        if _may_make(o):
             # open(O_CREAT) may make a file of its own under the name whatever
             # file it then opens: another client's rename can replace the new
             # file before the open returns (the open reaches that client's
             # file), and an open that failed with the outcome unknown (a
             # restart closed the connection before the reply) may have made
-            # one.  Nobody reaches such a file; listings may show its name.
-            h.add(o.name, o.start, _opened(o), {f"{MADE}c{o.client}#{o.seq}"}, o, weak=True)
+            # one.  Its maker never reaches such a file; listings may show its
+            # name, and others may reach it (one of ``orphans``).
+            h.add(o.name, o.start, _opened(o), {_made(o)}, o, weak=True)
     return h
 
 
@@ -401,13 +424,24 @@ def _spliced(got: str, pieces: tuple[int, ...], values: set[str]) -> bool:
     if len(pieces) < 2 or sum(pieces) != len(got):
         return False
     real = ["" if v == EMPTY else v for v in values if v not in (ABSENT, "?")]
+    sizes = {len(v) for v in real}
+    if len(got) not in sizes:  # the read that returned 0 saw EOF: some version's size
+        return False
     off = 0
     for n in pieces:
+        # A call that returned less than it asked for stopped at EOF then.
+        if n < READ_SIZE and off + n not in sizes:
+            return False
         part = got[off : off + n]
         if not any(v.ljust(off + n, "\0")[off : off + n] == part for v in real):
             return False
         off += n
     return True
+
+
+def _explains(got: str, o: Op, values: set[str]) -> bool:
+    """``got`` is one of ``values``, or one of the tolerated mixes of them."""
+    return got in values or got in _size_mixes(values) or _spliced(got, o.pieces, values)
 
 
 def _size_mixes(values: set[str]) -> set[str]:
@@ -426,14 +460,16 @@ def _check_binding(h: Histories, o: Op, end: float, tolerated: dict[str, int]) -
     allowed = h.names.allowed(o.name, o.start, end)
     if o.fid in allowed or "?" in allowed:
         return None
-    if o.fid in h.orphans and any(a.startswith(MADE) for a in allowed):
+    first = h.orphans.get(o.fid)
+    if first is not None and any(h.made.get(a, INF) <= first for a in allowed):
         return None
     if o.fid in h.names.stale(o.name, o.start, o.client):
         _count(tolerated, "name resolved within the kernel grace")
         return None
     return Violation(o, allowed, o.name, h.names.changes.get(o.name, []),
                      f"{o.kind} reached a file {o.name} was not bound to, "
-                     f"fid {o.fid}, allowed {sorted(allowed)}")  # fmt: skip
+                     f"fid {o.fid}, allowed {sorted(allowed)}",
+                     lambda t: o.fid in h.names.allowed(o.name, t, end))  # fmt: skip
 
 
 def check(ops: list[Op], tolerated: dict[str, int] | None = None) -> list[Violation]:
@@ -485,8 +521,10 @@ def check(ops: list[Op], tolerated: dict[str, int] | None = None) -> list[Violat
         elif o.kind == "read" and o.error == "ENOENT":
             allowed = h.names.allowed(o.name, o.start, o.end)
             if ABSENT not in allowed and "?" not in allowed:
+                gone = lambda t, o=o: ABSENT in h.names.allowed(o.name, t, o.end)  # noqa: E731
+                what = f"read found no file, allowed {sorted(allowed)}"
                 out.append(Violation(o, allowed, o.name, h.names.changes.get(o.name, []),
-                                     f"read found no file, allowed {sorted(allowed)}"))  # fmt: skip
+                                     what, gone))  # fmt: skip
         elif o.kind == "read":
             v = _check_binding(h, o, o.end, tolerated)
             if v:
@@ -502,18 +540,22 @@ def check(ops: list[Op], tolerated: dict[str, int] | None = None) -> list[Violat
                 _count(tolerated, "read(2) calls of one read saw different allowed versions")
             else:
                 what = f"read {got!r} from {o.fid}, allowed {sorted(allowed)}"
-                out.append(Violation(o, allowed, o.fid, h.files.changes.get(o.fid, []), what))
+                out.append(Violation(o, allowed, o.fid, h.files.changes.get(o.fid, []), what,
+                                     lambda t, o=o, got=got: _explains(got, o, h.files.allowed(
+                                         o.fid, t, o.end))))  # fmt: skip
         elif o.kind == "listdir" and isinstance(o.result, list):
             shown = set(o.result)
             for name in NAMES:
                 allowed = h.names.allowed(name, o.start, o.end)
                 if name in shown and allowed == {ABSENT}:
                     what = f"lists {name}, removed before the listing began"
+                    was = lambda t, o=o, name=name: bool(h.names.allowed(name, t, o.end) - {ABSENT})  # noqa: E731
                 elif name not in shown and ABSENT not in allowed:
                     what = f"misses {name}, present before the listing began"
+                    was = lambda t, o=o, name=name: ABSENT in h.names.allowed(name, t, o.end)  # noqa: E731
                 else:
                     continue
-                out.append(Violation(o, allowed, name, h.names.changes.get(name, []), what))
+                out.append(Violation(o, allowed, name, h.names.changes.get(name, []), what, was))
     return out
 
 
@@ -529,10 +571,14 @@ def _fid(fd: int) -> str:
     return os.getxattr(fd, "afs.fid").decode()
 
 
+#: What each read(2) of a read asks for.
+READ_SIZE = 1 << 16
+
+
 def _read_all(fd: int) -> tuple[bytes, tuple[int, ...]]:
     """The file's bytes and the length each read(2) returned."""
     chunks = []
-    while chunk := os.read(fd, 1 << 16):
+    while chunk := os.read(fd, READ_SIZE):
         chunks.append(chunk)
     return b"".join(chunks), tuple(len(c) for c in chunks)
 
@@ -749,7 +795,8 @@ def excuse_windows(faults: list[Fault], server_log: Path, uuids: list[str], t0: 
             back = min((t for t in ups.get(i, []) if t >= f.end), default=INF)
             if f.kind == "restart":
                 until = max(until, back)  # every client re-Hellos after a restart
-                f.client_until[i] = back + KERNEL_GRACE
+                # No Hello after it: nothing excuses staleness past the fault.
+                f.client_until[i] = (back if back < INF else f.end) + KERNEL_GRACE
                 continue
             # Down when the fault ended (marked down during it, not back
             # since): excused until the server delivered what it kept.
@@ -789,7 +836,12 @@ def excuse(violations: list[Violation], faults: list[Fault],
             # The restarted server lost every promise: it breaks nobody
             # until a client's Hello re-registers it, so until then that
             # client's cache may be stale (as with an OpenAFS fileserver).
-            lost = f.kind == "restart" and o.start <= f.client_until.get(o.client, f.excused_until)
+            lost = (
+                f.kind == "restart"
+                and v.stale is not None
+                and v.stale(f.start)
+                and o.start <= f.client_until.get(o.client, f.excused_until)
+            )
             if mine or lost or (f.kind == "restart" and v.what.startswith("unexpected error")):
                 why = f.kind
                 break
