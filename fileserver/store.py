@@ -199,6 +199,9 @@ class VolumeHandle:
       to its commit, so stores of one file do not interleave; ``storing``
       marks a store whose bytes are being written, which a FetchData of that
       file waits out (it never sees half-written bytes).
+    - ``repair(vnode)``: a file whose committed redo record could not be
+      applied (``Volume.broken``) gets its records replayed before it is read
+      or stored into again; the change itself was acknowledged.
     """
 
     def __init__(self, vol: Volume) -> None:
@@ -393,7 +396,12 @@ class VolumeHandle:
                     await self.repair(file)
                     continue
             seq = self._seq
-            result = await trio.to_thread.run_sync(self._read_sync, fn)
+            try:
+                result = await trio.to_thread.run_sync(self._read_sync, fn)
+            except RpcError:
+                if file is not None and file in self.vol.broken:
+                    continue  # a post-commit step failed meanwhile: repair, read again
+                raise
             if not self._changed_since(seq, keys(result)):
                 if then is not None:
                     then(result)

@@ -420,6 +420,7 @@ class Volume:
         """COMMIT the writer's transaction, after syncing the data directory
         when a change in it needs the name of a new data file to be durable."""
         dir_syncs = 0
+        t0 = time.perf_counter()
         if self._dir_sync_needed:
             names = set(self._unsynced)
             if self._sync_data:
@@ -430,7 +431,8 @@ class Volume:
         self.db.execute("COMMIT")
         if self.sync != "always":
             self._wal_dirty = True
-        self.stats.batch(ops, 1 if self.sync == "always" else 0, dir_syncs)
+        self.stats.batch(ops, 1 if self.sync == "always" else 0, dir_syncs,
+                         time.perf_counter() - t0)  # fmt: skip
 
     def _run_after(self) -> None:
         self._run_steps()

@@ -158,7 +158,8 @@ async def durability(data_dir: Path) -> dict[str, Any]:
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, dict[str, float]]:
-    """(fsync calls, group commits, fsyncs per op kind) between two snapshots."""
+    """(fsync calls, group commits, fsyncs per op kind) between two snapshots;
+    ``per["commit ms"]``: the mean time a group commit took to be durable."""
     calls = sum(b["fsync_calls"].values()) - sum(a["fsync_calls"].values())
     commits = b["group_commits"] - a["group_commits"]
     per: dict[str, float] = {}
@@ -167,6 +168,8 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, dict[str,
         n = row["ops"] - r0["ops"]
         if n:
             per[op] = (row["fsyncs"] - r0["fsyncs"]) / n
+    if commits and "commit_seconds" in b:
+        per["commit ms"] = (b["commit_seconds"] - a.get("commit_seconds", 0.0)) * 1000 / commits
     return calls, commits, per
 
 
@@ -238,6 +241,7 @@ async def run_cycles(
         "p99 ms": pct(lat, 0.99) * 1000,
         "fsyncs/op": calls / ops if ops else math.nan,
         "ops/commit": ops / commits if commits else math.nan,
+        "ms/commit": per.pop("commit ms", math.nan),
         # Server CPU per cycle: what the load of other processes does not change.
         "srv CPU ms/cycle": cpu * 1000 / done[0] if done[0] else math.nan,
         "srv CPU %": cpu * 100 / wall,
@@ -547,7 +551,8 @@ def main() -> None:
                         prof.wait(60)
                 print_table(f"create+store(4 KiB)+unlink cycles, --sync {args.sync}", rows,
                             ["sessions", "cycles", "cycles/s", "p50 ms", "p99 ms", "fsyncs/op",
-                             "ops/commit", "srv CPU ms/cycle", "srv CPU %"])  # fmt: skip
+                             "ops/commit", "ms/commit", "srv CPU ms/cycle",
+                             "srv CPU %"])  # fmt: skip
                 for r in rows:
                     per = ", ".join(f"{k.removeprefix('FS.')} {v:.2f}" for k, v in
                                     sorted(r["per_op"].items()))  # fmt: skip
