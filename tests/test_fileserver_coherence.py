@@ -103,7 +103,7 @@ async def test_fetch_data_returns_only_committed_versions_under_stores(tmp_path)
     versions = _versions(ops)
     bad = [(dv, data[:40]) for dv, data in seen if versions.get(dv) != data]
     assert not bad, f"{len(bad)} of {len(seen)} reads match no committed version: {bad[:5]}"
-    assert len({dv for dv, _ in seen}) > 10  # the readers really ran beside the stores
+    assert len({dv for dv, _ in seen}) > 5  # the readers really ran beside the stores
 
 
 # -- a post-commit step that fails ------------------------------------------------
@@ -168,7 +168,7 @@ async def test_failed_post_commit_step_still_acknowledges_the_batch(tmp_path, mo
             nursery.start_soon(call, "a", x, "FS.StoreData", None, a, 0, b"NEW", 3, None)
             nursery.start_soon(call, "b", y, "FS.StoreData", None, b, 0, b"bee", None, None)
             nursery.start_soon(call, "c", holder, "FS.CreateFile", None, root, b"c", 0o644)
-            await _until(lambda: len(h._queue) == 3)
+            await _until(lambda: len(h._queue) >= 3)
             release.set()
         h.vol.run_batch = real_batch  # type: ignore[method-assign]
         assert set(got) == {"first", "a", "b", "c"}  # every change acknowledged
