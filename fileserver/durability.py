@@ -44,15 +44,20 @@ class SyncStats:
         self.group_commits = 0
         self.batched_ops = 0
         self.largest_batch = 0
+        #: Wall time spent making group commits durable (COMMIT and any
+        #: directory sync): with ``group_commits``, what a commit waits for.
+        self.commit_seconds = 0.0
 
-    def batch(self, ops: list[str], wal_syncs: int, dir_syncs: int) -> None:
-        """One group commit of ``ops`` (one entry per operation) is durable."""
+    def batch(self, ops: list[str], wal_syncs: int, dir_syncs: int, seconds: float = 0.0) -> None:
+        """One group commit of ``ops`` (one entry per operation) is durable;
+        it took ``seconds``."""
         n = len(ops)
         if not n:
             return
         share = 1.0 / n
         syncs = (wal_syncs + dir_syncs) * share
         with self._lock:
+            self.commit_seconds += seconds
             self.group_commits += 1
             self.batched_ops += n
             self.largest_batch = max(self.largest_batch, n)
@@ -92,6 +97,7 @@ class SyncStats:
                 "group_commits": self.group_commits,
                 "committed_ops": self.batched_ops,
                 "largest_batch": self.largest_batch,
+                "commit_seconds": round(self.commit_seconds, 6),
                 "ops_per_commit": round(self.batched_ops / self.group_commits, 3)
                 if self.group_commits
                 else 0.0,

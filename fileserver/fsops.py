@@ -456,13 +456,20 @@ class FsOps:
                     return await h.commit(small, op=m.FS_STORE_DATA)
         async with h.active(), h.file_lock(vn):
             with trio.CancelScope(shield=True):
+                # Redo records a failed post-commit step left go in first:
+                # this store's commit drops them (Volume.store_finish).
+                await h.repair(vn, locked=True)
                 vol._storing.add(vn)  # before the checks: see Volume.run_batch
                 try:
                     _v, new_size = await h.read(begin, lambda _: ())
-                    try:
-                        if vn not in vol._armed:
+                    if vn not in vol._armed:
+                        try:
                             await h.commit(partial(vol.arm, vn, f.unique), op="FS.StoreData:intent")
-                        with h.writing(vn):
+                        except BaseException:
+                            await h.commit(partial(vol.store_failed, vn), op="FS.StoreData:settle")
+                            raise
+                    with h.writing(vn):
+                        try:
                             await trio.to_thread.run_sync(
                                 vol.store_write,
                                 vn,
@@ -476,10 +483,12 @@ class FsOps:
                                 partial(vol.store_finish, vn, f.unique, new_size, mtime_ns),
                                 op=m.FS_STORE_DATA,
                             )
-                    except BaseException:
-                        # Bytes may have changed: a new DV now (see Volume.store_data).
-                        await h.commit(partial(vol.store_failed, vn), op="FS.StoreData:settle")
-                        raise
+                        except BaseException:
+                            # Bytes may have changed: a new DV now (see
+                            # Volume.store_data), settled before FetchData may
+                            # read the file again (no torn bytes under the old DV).
+                            await h.commit(partial(vol.store_failed, vn), op="FS.StoreData:settle")
+                            raise
                 finally:
                     vol._storing.discard(vn)
 
@@ -524,8 +533,9 @@ class FsOps:
             else:
                 v, vs = await h.commit(write, op=m.FS_STORE_STATUS)
         except Exception:
-            # Failed after its commit (the truncation's data file step):
-            # holders hear of the change before the error reply.
+            # A change that failed may still have moved the file (a failed
+            # post-commit step does not fail it: see Volume.run_batch):
+            # holders hear of any change before the error reply.
             if before and await self._differs(h, f, before[0]):
                 await self._changed(st, f)
             raise

@@ -199,6 +199,9 @@ class VolumeHandle:
       to its commit, so stores of one file do not interleave; ``storing``
       marks a store whose bytes are being written, which a FetchData of that
       file waits out (it never sees half-written bytes).
+    - ``repair(vnode)``: a file whose committed redo record could not be
+      applied (``Volume.broken``) gets its records replayed before it is read
+      or stored into again; the change itself was acknowledged.
     """
 
     def __init__(self, vol: Volume) -> None:
@@ -389,14 +392,28 @@ class VolumeHandle:
             if file is not None:
                 while (ev := self.storing.get(file)) is not None:
                     await ev.wait()
+                if file in self.vol.broken:
+                    await self.repair(file)
+                    continue
             seq = self._seq
-            result = await trio.to_thread.run_sync(self._read_sync, fn)
+            try:
+                result = await trio.to_thread.run_sync(self._read_sync, fn)
+            except RpcError:
+                if file is not None and file in self.vol.broken:
+                    continue  # a post-commit step failed meanwhile: repair, read again
+                raise
             if not self._changed_since(seq, keys(result)):
                 if then is not None:
                     then(result)
                 return result
-        # Changing all the time: read in order with the changes instead.
-        return await self.commit(fn, then=then, op="read")
+        # Changing all the time: read in order with the changes instead.  A
+        # file's reader holds its lock, so no change of its data file is in
+        # that batch (the writer sees the batch's changes before they are
+        # applied to data files) or being written beside it.
+        if file is None:
+            return await self.commit(fn, then=then, op="read")
+        async with self.file_lock(file):
+            return await self.commit(fn, then=then, op="read")
 
     # -- stores ------------------------------------------------------------------
 
@@ -413,6 +430,21 @@ class VolumeHandle:
             ent[1] -= 1
             if not ent[1]:
                 del self._file_locks[vnode]
+
+    async def repair(self, vnode: int, *, locked: bool = False) -> None:
+        """Replay the committed redo records of a ``broken`` file onto its
+        data file (``Volume.repair_file``); EIO if it still fails.  ``locked``:
+        the caller holds the file's lock."""
+        if not locked:
+            async with self.file_lock(vnode):
+                return await self.repair(vnode, locked=True)
+        if vnode not in self.vol.broken:
+            return
+        try:
+            with self.writing(vnode):
+                await self.commit(partial(self.vol.repair_file, vnode), op="repair")
+        except OSError as exc:
+            raise RpcError("EIO", f"vnode {vnode}: data file cannot be repaired: {exc}") from exc
 
     @contextmanager
     def writing(self, vnode: int) -> Iterator[None]:

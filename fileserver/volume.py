@@ -22,7 +22,12 @@ file's length as its size.  A small store (``store_small``) and a truncation
 (table ``pending``: the bytes and the new length) and applied to the data
 file after the commit, unsynced; ``sync_redo`` syncs those files off the
 reply path and the records are deleted lazily in a later transaction;
-replaying one at recovery is idempotent.  A new data file's name is made
+replaying a file's records in order at recovery is idempotent, because a
+store written into the data file itself deletes that file's records in its
+metadata commit (older bytes never replay over it).  A post-commit step
+that fails does not fail the committed change: the file is marked
+``broken``, not served until ``repair_file`` replayed its records (the next
+change of it, or a FetchData, does that).  A new data file's name is made
 durable by one directory sync in the first commit that relies on it.
 Namespace changes are single transactions; a data file is unlinked only
 after the transaction that dropped its vnode committed, so a crash leaves at
@@ -249,7 +254,12 @@ class Volume:
         self._readers_lock = threading.Lock()
         self._depth = 0  # open _txn levels on the writer connection
         self._in_batch = False
-        self._after: list[Callable[[], None]] = []  # run once the batch committed
+        # Post-commit steps (vnode whose data file the step changes, or None).
+        self._after: list[tuple[int | None, Callable[[], None]]] = []
+        # Files a committed redo record could not be applied to: their data
+        # files are not served (``fetch_data``) until ``repair_file`` replays
+        # their records; the records stay in ``pending`` meanwhile.
+        self.broken: set[int] = set()
         self._doomed: list[Path] = []  # data files to unlink once the batch committed
         # Files whose intent record is committed and known to this process
         # (vnode -> time of its last store, least recent first).
@@ -436,6 +446,7 @@ class Volume:
         """COMMIT the writer's transaction, after syncing the data directory
         when a change in it needs the name of a new data file to be durable."""
         dir_syncs = 0
+        t0 = time.perf_counter()
         if self._dir_sync_needed:
             names = set(self._unsynced)
             if self._sync_data:
@@ -446,14 +457,27 @@ class Volume:
         self.db.execute("COMMIT")
         if self.sync != "always":
             self._wal_dirty = True
-        self.stats.batch(ops, 1 if self.sync == "always" else 0, dir_syncs)
+        self.stats.batch(ops, 1 if self.sync == "always" else 0, dir_syncs,
+                         time.perf_counter() - t0)  # fmt: skip
 
     def _run_after(self) -> None:
-        after, self._after = self._after, []
-        for fn in after:
-            fn()
+        self._run_steps()
         doomed, self._doomed = self._doomed, []
         self._unlink_files(doomed)
+
+    def _run_steps(self) -> None:
+        """Run the post-commit steps of what just committed.  A step that
+        fails does not undo the commit (the change is acknowledged): its file
+        is marked ``broken`` and its redo records stay to be replayed."""
+        after, self._after = self._after, []
+        for vnode, fn in after:
+            try:
+                fn()
+            except Exception:
+                log.exception("volume %s: post-commit step for vnode %s failed; its "
+                              "redo records stay and replay", self.name, vnode)  # fmt: skip
+                if vnode is not None:
+                    self.broken.add(vnode)
 
     def _flush_applied_now(self) -> None:
         """Bring the database to rest: applied redo records and the intents of
@@ -496,12 +520,14 @@ class Volume:
             self._after.clear()
             self._doomed.clear()
             return [(False, exc)] * len(jobs), []
-        after, self._after = self._after, []
-        for fn in after:
-            fn()
+        # Committed: from here on nothing fails the jobs (each is acknowledged).
+        self._run_steps()
         doomed, self._doomed = self._doomed, []
         busy = [p for p in doomed if _vnode_of(p) in self._storing]
-        self._unlink_files([p for p in doomed if _vnode_of(p) not in self._storing])
+        try:
+            self._unlink_files([p for p in doomed if _vnode_of(p) not in self._storing])
+        except OSError:  # an orphan data file: removed by recovery or salvage
+            log.exception("volume %s: unlinking dropped data files", self.name)
         return out, busy
 
     # -- intents -------------------------------------------------------------------
@@ -656,12 +682,17 @@ class Volume:
             return v, (v.target or b"")[offset : offset + length]
         if offset >= v.size or length == 0:
             return v, b""
+        if v.vnode in self.broken:
+            # Committed redo records are not all on the data file yet.
+            raise RpcError("EIO", f"vnode {v.vnode}: data file awaits repair")
         n = min(length, v.size - offset)
         try:
             with open(self._data_path(v.vnode, v.unique), "rb") as f:
                 data = os.pread(f.fileno(), n, offset)
         except FileNotFoundError:
-            data = b""
+            # A file with bytes always has a data file: this one was removed
+            # since this read's snapshot (zeros would pass for its bytes).
+            raise _stale(v.vnode, v.unique) from None
         # A sparse tail (length extended past the written bytes) reads as zeros.
         return v, data + bytes(n - len(data)) if len(data) < n else data
 
@@ -739,6 +770,8 @@ class Volume:
         ones, never a mix (a kill -9 can cut a large write short).  Any other
         store writes in place; a crash then may leave a mix, which the DV bump
         at recovery covers."""
+        if vnode in self.broken:  # its redo records first (``repair_file``)
+            raise RpcError("EIO", f"vnode {vnode}: data file awaits repair")
         if offset == 0 and len(data) == new_size and data:
             self._replace(vnode, unique, data)
         else:
@@ -769,6 +802,10 @@ class Volume:
         with self._txn() as db:
             if vnode in self._unsynced:
                 self._dir_sync_needed = True  # its data file's name, with this commit
+            # The data file now holds (synced, or renamed over) every redo
+            # record of this file: replaying them at recovery would write
+            # older bytes over this store's.
+            db.execute("DELETE FROM pending WHERE vnode = ?", (vnode,))
             self.bytes_used += new_size - v.size
             v.size = new_size
             v.dv += 1
@@ -776,6 +813,8 @@ class Volume:
             v.ctime_ns = now_ns
             self._put(db, v)
             self._bump_update(now_ns)
+        for seq in [s for s, (vn, _p) in list(self._redo_unsynced.items()) if vn == vnode]:
+            self._redo_unsynced.pop(seq, None)  # gone with that commit: nothing to sync
         if vnode in self._armed:
             self._armed.move_to_end(vnode)
         self._armed[vnode] = time.monotonic()
@@ -801,6 +840,8 @@ class Volume:
     ) -> Vnode:
         """A whole store in the calling thread (the server runs the same steps
         with the metadata in a group commit, see ``fileserver.fsops``)."""
+        if vnode in self.broken:
+            self.repair_file(vnode)
         v, new_size = self.store_begin(vnode, unique, offset, len(data), new_length)
         self._storing.add(vnode)
         try:
@@ -922,7 +963,8 @@ class Volume:
             self._put(db, v)
             self._bump_update(now_ns)
         for seq, vn, uq, new_size in self._after_commit:
-            self._later(lambda vn=vn, uq=uq, n=new_size, seq=seq: self._truncate(vn, uq, n, seq))
+            self._later(lambda vn=vn, uq=uq, n=new_size, seq=seq: self._truncate(vn, uq, n, seq),
+                        vn)  # fmt: skip
         return v
 
     def _truncate(self, vnode: int, unique: int, new_size: int, seq: int | None) -> None:
@@ -933,10 +975,39 @@ class Volume:
     ) -> None:
         """Apply a committed redo record to the data file, unsynced: the
         record stays until ``sync_redo`` (off every reply's path) synced the
-        file, and replays at recovery if a crash comes first."""
+        file, and replays at recovery if a crash comes first.  On a ``broken``
+        file every committed record of it is replayed instead (this one too)."""
+        if vnode in self.broken:
+            self.repair_file(vnode)
+            return
         self._write(vnode, unique, offset, data, new_size, False)
         if seq is not None:
             self._redo_unsynced[seq] = (vnode, self._data_path(vnode, unique))
+
+    def repair_file(self, vnode: int) -> None:
+        """Replay a ``broken`` file's committed redo records onto its data
+        file, in order, on the writer (a commit job, or a post-commit step):
+        they hold every change since its last store written in place, so
+        replaying them over whatever part of them landed is idempotent.
+        Raises (the file stays broken) when the data file still fails."""
+        row = self.db.execute("SELECT uniq FROM vnodes WHERE vnode = ?", (vnode,)).fetchone()
+        if row is None:
+            self.broken.discard(vnode)
+            return
+        unique = row[0]
+        rows = self.db.execute(
+            "SELECT seq, offset, data, new_size FROM pending WHERE vnode = ? AND uniq = ? "
+            "ORDER BY seq",
+            (vnode, unique),
+        ).fetchall()
+        for _seq, off, data, new_size in rows:
+            self._write(vnode, unique, off, data, new_size, False)
+        path = self._data_path(vnode, unique)
+        for seq, *_ in rows:
+            self._redo_unsynced[seq] = (vnode, path)
+        self.broken.discard(vnode)
+        log.info("volume %s: vnode %d repaired: %d redo records replayed",
+                 self.name, vnode, len(rows))  # fmt: skip
 
     def store_small(
         self,
@@ -965,7 +1036,7 @@ class Volume:
             v.ctime_ns = now_ns
             self._put(db, v)
             self._bump_update(now_ns)
-        self._later(lambda: self._redo_applied(seq, vnode, unique, offset, data, new_size))
+        self._later(lambda: self._redo_applied(seq, vnode, unique, offset, data, new_size), vnode)
         return v
 
     @property
@@ -1003,12 +1074,12 @@ class Volume:
         self.stats.fsync("", "redo", n)
         return n
 
-    def _later(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once the change being made is committed."""
-        if self._in_batch or self._depth:
-            self._after.append(fn)
-        else:
-            fn()
+    def _later(self, fn: Callable[[], None], vnode: int | None = None) -> None:
+        """Run ``fn`` (a step on ``vnode``'s data file) once the change being
+        made is committed."""
+        self._after.append((vnode, fn))
+        if not (self._in_batch or self._depth):
+            self._run_steps()
 
     # -- namespace changes -----------------------------------------------------
 
