@@ -300,6 +300,9 @@ def alias_cells(lab: Lab) -> None:
           "B is SIGSTOPped; A's write completes within the server's break bound; B resumes, "
           "receives the delayed break and reads the new data", break_timeout=1.0)  # fmt: skip
 def dead_client(lab: Lab) -> None:
+    # Every step waits on an event, never on a duration: how long A's close
+    # takes (about the break bound) is shown, not asserted (speed belongs in
+    # benchmarks, and a loaded machine stretches it).
     bound = float(lab.server_options["break_timeout"])
     a, b = lab.mount("A"), lab.mount("B")
     f = "dead.txt"
@@ -309,21 +312,29 @@ def dead_client(lab: Lab) -> None:
     lab.phase("B's daemon is SIGSTOPped")
     b.pause()
     w = a.write(f, b"after!", trunc=False)
-    took = (w.end or time.time()) - w.t
-    lab.check(took < bound + 1.5, f"A's write+close took {took:.2f} s (break bound {bound} s, "
-              f"limit {bound + 1.5} s)")  # fmt: skip
-    failed = lab.events("server", "break", since=w.t, fid=fid, client="B")
-    lab.check(any(e.get("result") in ("failed", "delayed") for e in failed),
-              "the server gave up on B within the bound and kept the break as delayed")  # fmt: skip
+    closed = w.end or time.time()
+    gave_up = [e for e in lab.events("server", "break", since=w.t, fid=fid, client="B")
+               if e.get("result") in ("failed", "delayed")]  # fmt: skip
+    lab.require(bool(gave_up),
+                "the server gave up on B and kept the break as delayed")  # fmt: skip
+    change = lab.events("server", "change", since=w.t, client="A")
+    waited = f"{gave_up[0].t - change[0].t:.2f} s after A's change" if change else "?"
+    lab.check(
+        gave_up[0].t <= closed + CLIENT_SLACK,
+        f"A's close returned ({closed - w.t:.2f} s) after the server gave up on B "
+        f"({waited}; break bound {bound} s): it waited for the bound, not for B",
+    )
     lab.check(bool(lab.events("server", "client_down", since=w.t, client="B")),
               "the server marked B down")  # fmt: skip
-    time.sleep(0.3)
     b.resume()
     t_cont = lab.mark
-    lab.expect("B", "break_received", within=5, fid=fid)
+    lab.expect("B", "break_received", within=30, fid=fid)
+    # B's next call to the server (this read's revalidation) is answered only
+    # after the delayed break was delivered and B marked up (or a background
+    # retry did both first): by the time the read returns both are logged.
     lab.check(b.read(f) == b"after!", "B reads the new data")
-    redo = lab.wait_for("server", "break", within=3 * bound + 3, since=t_cont, fid=fid,
-                        client="B", result="sent", delayed="1")  # fmt: skip
+    redo = lab.events("server", "break", since=t_cont, fid=fid, client="B", result="sent",
+                      delayed="1")  # fmt: skip
     lab.check(bool(redo), "the server delivered the delayed break (delayed=1) once B was back")
     lab.check(bool(lab.events("server", "client_up", since=t_cont, client="B")),
               "the server marked B up again")  # fmt: skip
