@@ -123,6 +123,7 @@ class VolumeMounts:
         if now - vol.located_at < RELOCATE_INTERVAL and not force:
             return False
         vol.located_at = now
+        log_event("vl_query", cell=vol.cell, volume=vol.volume_id, forced=int(force))
         try:
             entry = await self.vl.call(
                 self.cells.get(vol.cell), M.VL_GET_ENTRY_BY_ID, vol.volume_id
@@ -142,6 +143,7 @@ class VolumeMounts:
         vol.detach_all()
         for rec in records:
             vol.attach(rec)
+            log_event("interest", server=rec.uuid, cell=vol.cell, volume=vol.volume_id)
         volume_break(self.ctx, vol, "moved")
         log_event("volume_moved", cell=vol.cell, volume=vol.volume_id, servers=",".join(uuids))
         return True

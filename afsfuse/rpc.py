@@ -6,7 +6,7 @@ form, ``err`` (an ``RpcError`` by code) and ``maps_errors`` (only
 ``RpcError``/``OSError`` leave a cache-manager operation; anything else is
 EIO, so a malformed reply never ends the FUSE daemon).
 
-May import: ``afsfuse.server_record``, ``afsfuse.validation`` (types only),
+May import: ``afsfuse.server_record``, ``afsfuse.stats``, ``afsfuse.validation`` (types only),
 ``protocol``.
 """
 
@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from afsfuse.server_record import NoConnection, ServerRecord
+from afsfuse.stats import log_event
 from protocol import methods as M
 from protocol.connection import ConnectionLost
 from protocol.errors import MOVED, RpcError
@@ -71,6 +72,7 @@ async def call(
         except RpcError as exc:
             if exc.code != MOVED or follows <= 0:
                 raise
+            log_event("moved_answer", server=server.uuid, method=method)
             follows -= 1
             moved_to = await follow_move(server, params, snap)
             if moved_to is None:

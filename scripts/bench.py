@@ -22,8 +22,10 @@ fsync + close, small-file creation; two-client staleness; callback handling
 time against the number of cached vnodes (in-process, at the cache manager
 level); then the real tools of ``scripts/bench_tools.py`` (git clone, a
 second mount's git status, a commit seen by the second mount, make -j2, tar
-x, rm -rf, each checked).  Prints a markdown table with goals met/missed,
-and writes ``BENCHMARKS.md`` and ``BENCHMARKS.json``.
+x, rm -rf, each checked); and what TLS costs against ``--insecure`` on a cold
+read, write + fsync and small files (``scripts/bench_tls.py``, issue 17).
+Prints a markdown table with goals met/missed, and writes ``BENCHMARKS.md``
+and ``BENCHMARKS.json``.
 
     .venv/bin/python scripts/bench.py [--quick] [--reps 3] [--tools-reps 3] ...
 
@@ -978,6 +980,7 @@ def render(
     cols: list[str] | None = None,
     afs: str = "afsfuse",
     tools_md: list[str] | None = None,
+    tls_md: str | None = None,
 ) -> str:
     cols = cols or COLS
     extra_afs = [c for c in cols if c not in COLS]
@@ -1074,6 +1077,14 @@ def render(
             f"| {c['callback_us']:.1f} [{c['callback_min']:.1f}-{c['callback_max']:.1f}] |"
         )
     L.append("")
+    if tls_md:
+        L.append("## TLS against `--insecure` (issue 17)\n")
+        L.append(
+            "The same mount workloads with TLS (the default) and with `--insecure` on both "
+            "ends, one fileserver and one mount each, in this run "
+            "(`scripts/bench_tls.py`); CPU is the daemon's and the server's.\n"
+        )
+        L.append(tls_md)
     L.append("## Goals\n")
     L.append("| goal | measured | verdict |")
     L.append("|---|---|---|")
@@ -1117,6 +1128,9 @@ QUICK_ARGS = {  # --quick: every section, small, once
     "cb_sizes": "10,1000,10000",
     "cb_runs": 300,
     "tools_reps": 1,
+    "tls_big_mib": 32,
+    "tls_small": 100,
+    "tls_reps": 1,
 }
 
 
@@ -1142,6 +1156,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="max seconds for B to show A's commit")  # fmt: skip
     ap.add_argument("--no-tools", action="store_true", help="skip the real-tools section")
     ap.add_argument("--no-micro", action="store_true", help="skip the micro benchmarks")
+    ap.add_argument("--no-tls-cost", action="store_true",
+                    help="skip the TLS against --insecure section")  # fmt: skip
+    ap.add_argument("--tls-big-mib", type=int, default=128, help="TLS section: file size (MiB)")
+    ap.add_argument("--tls-small", type=int, default=300, help="TLS section: small files")
+    ap.add_argument("--tls-reps", type=int, default=5, help="TLS section: repetitions")
     ap.add_argument("--targets", default=",".join(COLS), help="comma-separated subset")
     ap.add_argument("--no-install", "--no-sshfs-install", action="store_true",
                     help="never run apt-get (sshfs, GlusterFS)")  # fmt: skip
@@ -1367,6 +1386,7 @@ def main(argv: list[str] | None = None, variants: tuple[AfsVariant, ...] | None 
     stale: dict[str, Result] = {}
     tools: dict[str, dict[str, Step]] = {}
     loads: dict[str, str] = {}
+    tls: dict[str, Any] = {}
     if not drop_caches():
         log.warning("cannot drop kernel caches: cold runs only remount")
     why = install_problems(wanted, args.no_install)
@@ -1379,6 +1399,11 @@ def main(argv: list[str] | None = None, variants: tuple[AfsVariant, ...] | None 
             tools, loads = run_all_tools(args, svc, variants, wanted, why, sizes)
         sizes_cb = [int(x) for x in args.cb_sizes.split(",") if x]
         cbs = cb_scaling(sizes_cb, args.cb_runs, base / "cb") if not args.no_micro else {}
+        if not args.no_tls_cost:
+            import bench_tls
+
+            tls = bench_tls.measure(base / "tls", args.tls_big_mib, args.tls_small, args.tls_reps)
+            log.info("TLS cost: %s", {w: f"{c:+.1%}" for w, c in tls["tls_cost"].items()})
     finally:
         svc.close()
         remove_workdir(base)
@@ -1388,10 +1413,16 @@ def main(argv: list[str] | None = None, variants: tuple[AfsVariant, ...] | None 
     # Other processes share the cores: say how busy the machine was.
     info["busy"] = f"at start {load_start}; at end {load_note(Path('/nonexistent'))}"
     goal_rows = goals(res, stale, cbs, afs) + tool_goals(tools, afs, sizes)
+    tls_md = None
+    if tls:
+        import bench_tls
+
+        goal_rows += bench_tls.goal_rows(tls)
+        tls_md = bench_tls.render(tls)
     tcols = TOOL_COLS + [v.name for v in variants]
     tools_md = render_tools(args, tools, why, tcols, afs, sizes, loads) if tools else None
     md = render(args, info, res, why, stale, cbs, goal_rows, runtime, cols=cols, afs=afs,
-                tools_md=tools_md)  # fmt: skip
+                tools_md=tools_md, tls_md=tls_md)  # fmt: skip
     print(md)
     args.out_md.write_text(md)
     doc = {
@@ -1405,6 +1436,7 @@ def main(argv: list[str] | None = None, variants: tuple[AfsVariant, ...] | None 
         "tools": {t: {k: vars(s) for k, s in st.items()} for t, st in tools.items()},
         "tools_sizes": vars(sizes),
         "tools_load": loads,
+        "tls_cost": tls,
         "goals": [{"goal": g, "measured": m, "verdict": v} for g, m, v in goal_rows],
         "unavailable": why,
     }

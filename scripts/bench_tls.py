@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """What TLS costs (issue 17): the same workloads through a real mount, with
-TLS and with ``--insecure`` on both ends, in one run.
+TLS and with ``--insecure`` on both ends, in one run.  ``make bench``
+(``scripts/bench.py``) runs this as its "TLS against --insecure" section;
+this file also runs it alone.
 
 Workloads (each repeated ``--reps`` times, medians reported, the two modes
 interleaved so a change in machine load hits both alike):
@@ -11,10 +13,12 @@ interleaved so a change in machine load hits both alike):
 - ``write_fsync``: sequential write of a ``--big-mib`` file, fsync, close;
 - ``small_files``: create ``--small`` files of 4 KiB (one store each).
 
-    .venv/bin/python scripts/bench_tls.py [--big-mib 64] [--small 300] [--reps 3] [--json]
+    .venv/bin/python scripts/bench_tls.py [--big-mib 128] [--small 300] [--reps 5] [--json]
 
-``measure(base, ...)`` returns the figures for scripts/bench.py.  Every
-process started here is stopped by its pid and every mount unmounted.
+The mounts and servers are bench.py's (``AfsVariant``, ``AfsTarget``), as
+are the workloads.  ``measure(base, ...)`` returns the figures, ``render``
+the markdown table, ``goal_rows`` the goal verdicts.  Every process started
+here is stopped by its pid and every mount unmounted.
 """
 
 from __future__ import annotations
@@ -22,40 +26,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from afsfuse.lab.mount import ClientMount
-from afsfuse.lab.server import ServerProcess
+from bench import (
+    MIB,
+    AfsTarget,
+    AfsVariant,
+    read_big,
+    remove_workdir,
+    small_files,
+    timed,
+    verdict,
+    write_big,
+)
 
-MIB = 1 << 20
-MODES = ("tls", "insecure")
+#: The two configurations compared: TLS (the default) and plaintext on both ends.
+VARIANTS = {
+    "tls": AfsVariant("tls"),
+    "insecure": AfsVariant("insecure", ("--insecure",), ("--insecure",)),
+}
+MODES = tuple(VARIANTS)
 WORKLOADS = ("cold_read", "write_fsync", "small_files")
+LABELS = {"cold_read": "cold sequential read", "write_fsync": "write + fsync + close",
+          "small_files": "small files (4 KiB)"}  # fmt: skip
 #: The issue's goal: TLS costs at most this much more time on each workload.
 GOAL = 0.15
-
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass  # not root: the remount with an empty cache still makes it cold
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -65,61 +67,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def write_big(path: Path, size: int) -> None:
-    block = os.urandom(MIB)  # incompressible, not that TLS compresses
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        left = size
-        while left > 0:
-            left -= os.write(fd, block[: min(MIB, left)])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_big(path: Path, size: int) -> None:
-    buf = bytearray(MIB)
-    got = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            got += n
-    if got != size:
-        raise RuntimeError(f"read {got} bytes of {path}, expected {size}")
-
-
-def small_files(d: Path, n: int) -> None:
-    d.mkdir()
-    data = b"s" * 4096
-    for i in range(n):
-        fd = os.open(d / f"s{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(fd, data)
-        os.close(fd)
-
-
 class Side:
     """One fileserver and one mount of it, in one mode."""
 
     def __init__(self, base: Path, mode: str) -> None:
-        extra = ["--insecure"] if mode == "insecure" else []
-        self.server = ServerProcess(base / mode / "fs", extra_args=extra, events=False)
-        self.work = base / mode / "client"
-        self.mount: ClientMount | None = None
+        v = VARIANTS[mode]
+        self.server = v.server(base / mode / "fs")
+        self.target = AfsTarget(self.server, base / mode / "client", v.mount_args, v.name)
 
     def start(self) -> None:
         self.server.start()
-        self.remount()
-
-    def remount(self) -> None:
-        if self.mount is not None:
-            self.mount.stop()
-        shutil.rmtree(self.work / "cache", ignore_errors=True)
-        drop_caches()
-        self.mount = ClientMount(self.server, self.work, events=False).start()
+        self.target.cold()
 
     def cpu(self) -> float:
         """CPU seconds used so far by the client daemon and the fileserver."""
-        assert self.mount is not None
-        return cpu_seconds(self.mount.pid) + cpu_seconds(self.server.pid)
+        assert self.target.mount is not None
+        return cpu_seconds(self.target.mount.pid) + cpu_seconds(self.server.pid)
 
     def run(self, fn: Callable[[], Any]) -> tuple[float, float]:
         """(wall seconds, CPU seconds of daemon + server) of ``fn``."""
@@ -127,22 +90,17 @@ class Side:
         wall = timed(fn)
         return wall, self.cpu() - c0
 
-    @property
-    def mnt(self) -> Path:
-        assert self.mount is not None
-        return self.mount.mnt
-
     def stop(self) -> None:
         try:
-            if self.mount is not None:
-                self.mount.stop()
+            self.target.stop()
         finally:
             self.server.stop()
 
 
-def measure(base: Path, big_mib: int = 64, small: int = 300, reps: int = 3) -> dict[str, Any]:
+def measure(base: Path, big_mib: int = 128, small: int = 300, reps: int = 5) -> dict[str, Any]:
     """Medians (seconds) per mode and workload, and TLS's cost per workload."""
     size = big_mib * MIB
+    block = os.urandom(MIB)  # incompressible, not that TLS compresses
     sides = {m: Side(base, m) for m in MODES}
     samples: dict[str, dict[str, list[float]]] = {m: {w: [] for w in WORKLOADS} for m in MODES}
     cpu: dict[str, dict[str, list[float]]] = {m: {w: [] for w in WORKLOADS} for m in MODES}
@@ -157,12 +115,11 @@ def measure(base: Path, big_mib: int = 64, small: int = 300, reps: int = 3) -> d
         for rep in range(reps):
             for mode in MODES if rep % 2 == 0 else MODES[::-1]:
                 s = sides[mode]
-                big = s.mnt / f"big{rep}"
-                note(mode, "write_fsync", s.run(lambda: write_big(big, size)))  # noqa: B023
-                s.remount()  # empty client cache, dropped kernel caches
-                big = s.mnt / f"big{rep}"
+                big = s.target.root / f"big{rep}"
+                note(mode, "write_fsync", s.run(lambda: write_big(big, size, block)))  # noqa: B023
+                s.target.cold()  # empty client cache, dropped kernel caches
                 note(mode, "cold_read", s.run(lambda: read_big(big, size)))  # noqa: B023
-                d = s.mnt / f"small{rep}"
+                d = s.target.root / f"small{rep}"
                 note(mode, "small_files", s.run(lambda: small_files(d, small)))  # noqa: B023
                 os.unlink(big)  # keep the data dir small
     finally:
@@ -178,8 +135,14 @@ def measure(base: Path, big_mib: int = 64, small: int = 300, reps: int = 3) -> d
             "load": os.getloadavg()}  # fmt: skip
 
 
+def _rate(r: dict[str, Any], w: str, s: float) -> str:
+    if w == "small_files":
+        return f"{r['small'] / s:,.0f} files/s"
+    return f"{r['big_mib'] / s:,.1f} MiB/s"
+
+
 def render(r: dict[str, Any]) -> str:
-    mib = r["big_mib"]
+    """The markdown table of a ``measure`` result."""
     rows = [
         "| workload | TLS | --insecure | TLS cost | goal <= 15% | CPU s TLS / insecure "
         "(daemon + server) | CPU cost |",
@@ -187,30 +150,39 @@ def render(r: dict[str, Any]) -> str:
     ]
     for w in WORKLOADS:
         t, p = r["median_s"]["tls"][w], r["median_s"]["insecure"][w]
-        if w == "small_files":
-            fig = lambda s: f"{r['small'] / s:,.0f} files/s"  # noqa: E731
-        else:
-            fig = lambda s: f"{mib / s:,.1f} MiB/s"  # noqa: E731
         c, ct, cp = r["tls_cost"][w], r["cpu_median_s"]["tls"][w], r["cpu_median_s"]["insecure"][w]
-        rows.append(f"| {w} | {fig(t)} ({t:.2f} s) | {fig(p)} ({p:.2f} s) | {c:+.1%} | "
-                    f"{'met' if c <= GOAL else 'MISSED'} | {ct:.2f} / {cp:.2f} | "
-                    f"{r['tls_cpu_cost'][w]:+.1%} |")  # fmt: skip
+        rows.append(f"| {LABELS[w]} | {_rate(r, w, t)} ({t:.2f} s) | {_rate(r, w, p)} "
+                    f"({p:.2f} s) | {c:+.1%} | {'met' if c <= GOAL else 'MISSED'} | "
+                    f"{ct:.2f} / {cp:.2f} | {r['tls_cpu_cost'][w]:+.1%} |")  # fmt: skip
     return "\n".join(rows) + (
-        f"\n\nmedians of {r['reps']}; {mib} MiB file, {r['small']} small files of 4 KiB; "
-        f"load average at the end {r['load'][0]:.1f}\n"
+        f"\n\nMedians of {r['reps']} (modes interleaved); {r['big_mib']} MiB file, "
+        f"{r['small']} small files of 4 KiB; load average at the end {r['load'][0]:.1f}.\n"
     )
+
+
+def goal_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(goal, measured, verdict) per workload, for bench.py's goals table."""
+    out = []
+    for w in WORKLOADS:
+        cost = r["tls_cost"][w]
+        out.append((f"TLS costs <= 15% on {LABELS[w]}",
+                    f"{cost:+.1%} (medians of {r['reps']})", verdict(cost <= GOAL)))  # fmt: skip
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--big-mib", type=int, default=64)
+    ap.add_argument("--big-mib", type=int, default=128)
     ap.add_argument("--small", type=int, default=300)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
-        r = measure(Path(tmp), args.big_mib, args.small, args.reps)
+    base = Path(tempfile.mkdtemp(prefix="bench-tls-"))
+    try:
+        r = measure(base, args.big_mib, args.small, args.reps)
+    finally:
+        remove_workdir(base)
     print(json.dumps(r, indent=2) if args.json else render(r))
     return 0
 

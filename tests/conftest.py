@@ -1,16 +1,28 @@
-"""Shared test configuration.
+"""Shared test configuration and fixtures.
 
 Integration tests mount real FUSE filesystems.  When this machine cannot
 (no /dev/fuse or no fusermount3), those tests FAIL with a message saying so,
 and the summary repeats it: a run must never pass by silently skipping them.
+
+Fixtures for them (defined here, so test modules use them without importing,
+which ruff would flag as a redefinition, F811):
+
+- ``pair``: one fileserver and two client mounts ``(a, b)`` of its root
+  volume, once per test module;
+- ``dirs``: a fresh directory named for the test in ``pair``'s volume, as
+  ``(path on a, path on b)``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
+
+from afsfuse.lab.mount import ClientMount
+from afsfuse.lab.server import ServerProcess
 
 
 def fuse_problem() -> str | None:
@@ -33,6 +45,28 @@ def require_fuse() -> None:
     problem = fuse_problem()
     if problem:
         pytest.fail(f"FUSE IS NOT AVAILABLE: {problem}; mount tests cannot run", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClientMount, ClientMount]]:
+    problem = fuse_problem()
+    if problem:
+        pytest.fail(f"FUSE IS NOT AVAILABLE: {problem}", pytrace=False)
+    base = tmp_path_factory.mktemp("pair")
+    with (
+        ServerProcess(base / "fs") as srv,
+        ClientMount(srv, base / "a") as a,
+        ClientMount(srv, base / "b") as b,
+    ):
+        yield a, b
+
+
+@pytest.fixture
+def dirs(pair: tuple[ClientMount, ClientMount], request: pytest.FixtureRequest) -> tuple:
+    a, b = pair
+    name = request.node.name[:60]
+    (a.mnt / name).mkdir()
+    return a.mnt / name, b.mnt / name
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

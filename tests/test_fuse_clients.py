@@ -11,48 +11,19 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import time
 
 import pytest
 
-from afsfuse.lab.mount import ClientMount
-from afsfuse.lab.server import ServerProcess
+from tests.posix_support import eventually as _eventually
 
 pytestmark = pytest.mark.mount
 
 STAT_BOUND = 2.0  # seconds: generous; the benchmark measures the real figure
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    from tests.conftest import fuse_problem
-
-    if fuse_problem():
-        pytest.fail(f"FUSE IS NOT AVAILABLE: {fuse_problem()}", pytrace=False)
-    base = tmp_path_factory.mktemp("pair")
-    with (
-        ServerProcess(base / "fs") as srv,
-        ClientMount(srv, base / "a") as a,
-        ClientMount(srv, base / "b") as b,
-    ):
-        yield a, b
-
-
-@pytest.fixture
-def dirs(pair, request):
-    a, b = pair
-    name = request.node.name[:60]
-    (a.mnt / name).mkdir()
-    return a.mnt / name, b.mnt / name
-
-
 def eventually(fn, bound=STAT_BOUND):
-    deadline = time.monotonic() + bound
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
+    """Bounded polling (``pair`` and ``dirs`` come from tests/conftest.py)."""
+    return _eventually(fn, bound)
 
 
 def test_write_close_then_open_on_b_sees_it(dirs):

@@ -12,48 +12,15 @@ server must be the server's answers.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
-from afsfuse.lab.mount import ClientMount
-from afsfuse.lab.server import ServerProcess
+from tests.posix_support import eventually
 
 pytestmark = pytest.mark.mount
 
-BOUND = 5.0  # seconds a kernel invalidation may take here, generously
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    from tests.conftest import fuse_problem
-
-    if fuse_problem():
-        pytest.fail(f"FUSE IS NOT AVAILABLE: {fuse_problem()}", pytrace=False)
-    base = tmp_path_factory.mktemp("fast")
-    with (
-        ServerProcess(base / "fs") as srv,
-        ClientMount(srv, base / "a") as a,
-        ClientMount(srv, base / "b") as b,
-    ):
-        yield a, b
-
-
-@pytest.fixture
-def dirs(pair, request):
-    a, b = pair
-    name = request.node.name[:60]
-    (a.mnt / name).mkdir()
-    return a.mnt / name, b.mnt / name
-
-
-def eventually(fn, bound=BOUND):
-    deadline = time.monotonic() + bound
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
+# ``eventually``'s default bound (5 s) is the time a kernel invalidation may
+# take here, generously; ``pair`` and ``dirs`` come from tests/conftest.py.
 
 
 def test_negative_entry_is_cached_and_dropped_when_another_client_creates(pair, dirs):

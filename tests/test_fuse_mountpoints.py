@@ -11,32 +11,16 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-from afsfuse.lab.mount import REPO, ClientMount
+from afsfuse.lab.mount import ClientMount
 from afsfuse.lab.server import ServerProcess
+from tests.cli_support import run
+from tests.posix_support import eventually
 
 pytestmark = pytest.mark.mount
-
-
-def run(*argv):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-m", *map(str, argv)], capture_output=True,
-                         text=True, cwd=REPO, env=env, timeout=60)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    return res.stdout
-
-
-def eventually(fn, bound=2.0):
-    deadline = time.monotonic() + bound
-    while not (value := fn()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return value
 
 
 def test_mount_point_enters_another_volume(tmp_path, require_fuse):

@@ -4,32 +4,17 @@ its own server record on the client, and changes flowing both ways."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from afsfuse.lab.etcd import EtcdCluster
-from afsfuse.lab.mount import REPO, ClientMount
+from afsfuse.lab.mount import ClientMount
 from afsfuse.lab.server import ServerProcess
 from protocol.logfmt import parse
+from tests.cli_support import admin, run
 
 pytestmark = pytest.mark.mount
-
-
-def run(*argv):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-m", *map(str, argv)], capture_output=True,
-                         text=True, cwd=REPO, env=env, timeout=60)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    return res.stdout
-
-
-def admin(srv, *argv):
-    return json.loads(run("fileserver.cli", *argv, "--data-dir", srv.data_dir, "--json"))
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from afsfuse.lab import Lab, ScenarioFailed
 from afsfuse.lab.plot import plot
 from afsfuse.lab.server import REPO
 from scripts import coherence
@@ -72,6 +73,23 @@ USER_FILE = textwrap.dedent("""
 def _scenario_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "scripts/scenario.py", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=240)  # fmt: skip
+
+
+def test_add_server_needs_the_cell_vldb_from_the_start(tmp_path) -> None:
+    # A second server must share the first one's VLDB (etcd): once the first
+    # server runs without it, add_server refuses instead of making a second
+    # cell; the lab still stops what it started.
+    lab = Lab(tmp_path / "lab")
+    try:
+        first = lab.server
+        with pytest.raises(ScenarioFailed, match="before the first use of"):
+            lab.add_server("fs2")
+        assert list(lab.servers) == ["server"] and lab.etcd is None
+        with pytest.raises(ScenarioFailed, match="no server 'nope'"):
+            lab.move("root.cell", to="nope")
+    finally:
+        assert lab.close() == []
+    assert first.proc.proc is not None and first.proc.proc.poll() is not None
 
 
 @pytest.mark.mount

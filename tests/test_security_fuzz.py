@@ -38,6 +38,15 @@ FUZZ_BUDGET = 12.5
 _deadline = [0.0]
 #: Frames each fuzzer actually sent: a fuzzer that fed nothing fails.
 _fed = {"malformed": 0, "mutated": 0}
+#: Mutated frames that are well-formed calls of an FS handler sent on a
+#: connection the server kept open (it must dispatch them), and those of them
+#: it answered (each answer means the handler ran and was counted in its
+#: ``rpcs`` stats).  A connection the server closed over an earlier frame of
+#: the batch runs nothing after it: those frames are not counted.
+_fs_calls = {"fed": 0, "answered": 0}
+#: How long a mutated call waits for its answer: a bound for a hung handler,
+#: not a speed expectation (answers normally come in milliseconds).
+REPLY_WAIT = 5.0
 
 
 class SyncPeer:
@@ -49,6 +58,7 @@ class SyncPeer:
         self.sock = client_context(bundle).wrap_socket(raw)
         self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
         self.ids = itertools.count(1)
+        self.eof = False  # the server hung up
 
     def close(self) -> None:
         self.sock.close()
@@ -66,8 +76,10 @@ class SyncPeer:
             except TimeoutError:
                 return
             except OSError:
+                self.eof = True
                 return
             if not data:
+                self.eof = True
                 return
             self.unpacker.feed(data)
 
@@ -186,6 +198,10 @@ def valid_requests(root: list[int]) -> list[tuple[str, list[Any]]]:
     ]
 
 
+#: The FS methods the mutations start from: every one has a handler.
+FS_HANDLED = frozenset(m for m, _ in valid_requests([1, 1, 1]))
+
+
 @st.composite
 def mutated(draw: st.DrawFn, root: list[int]) -> tuple[Any, ...]:
     method, params = draw(st.sampled_from(valid_requests(root)))
@@ -205,6 +221,14 @@ def mutated(draw: st.DrawFn, root: list[int]) -> tuple[Any, ...]:
     else:
         msgid = draw(st.integers(min_value=-5, max_value=2**33) | values)
     return (0, msgid, method, params)
+
+
+def dispatched(msg: tuple[Any, ...]) -> bool:
+    """Whether the server must run an FS handler for ``msg`` (and count it):
+    a valid msgid, a params list and an FS method it serves (not FS.Hello)."""
+    _, msgid, method, params = msg
+    return (type(msgid) is int and 0 <= msgid <= 2**32 - 1 and type(params) is list
+            and method in FS_HANDLED)  # fmt: skip
 
 
 def frame_of(msg: tuple[Any, ...]) -> bytes:
@@ -279,14 +303,25 @@ def fuzz_mutated_requests(server: ServerProcess, data: st.DataObject) -> None:
             except (ValueError, TypeError, OverflowError):
                 continue  # not encodable: nothing to send
             _fed["mutated"] += 1
-            for reply in p.messages(0.2):
+            must_run = dispatched(msg)
+            answered = False
+            # A call the server must dispatch waits for its own answer (a
+            # later call on a connection closed early would not be run); any
+            # other frame waits briefly for an error answer or the hang-up.
+            for reply in p.messages(REPLY_WAIT if must_run else 0.2):
                 if isinstance(reply, list) and reply and reply[0] == 0:
                     p.send(msgpack.packb([1, reply[1], None, None]))
                     continue
                 # Every error is an [errno name, text] pair.
                 if isinstance(reply, list) and len(reply) == 4 and reply[2] is not None:
                     assert isinstance(reply[2][0], str) and reply[2][0].startswith("E")
+                answered = isinstance(reply, list) and len(reply) == 4 and reply[1] == msg[1]
                 break
+            if must_run and (answered or not p.eof):
+                _fs_calls["fed"] += 1
+                _fs_calls["answered"] += answered
+            if p.eof:
+                break  # hung up: nothing more is read on this connection
     except OSError:
         pass
     finally:
@@ -302,8 +337,15 @@ def test_server_survives_and_data_dir_is_clean(
     stats = server_stats(server.data_dir)
     # FS.Hello is every handshake, not a mutation reaching a handler.
     handled = sum(n for m, n in stats["rpcs"].items() if m.startswith("FS.") and m != "FS.Hello")
-    print(f"fuzz: {handled} FS calls handled, errors {stats['rpc_errors']}")
-    assert handled > 300  # the mutations did reach the handlers
+    fed, answered = _fs_calls["fed"], _fs_calls["answered"]
+    print(f"fuzz: {handled} FS calls handled, {answered} of {fed} dispatchable mutated calls "
+          f"answered, errors {stats['rpc_errors']}")  # fmt: skip
+    # The mutations reached the handlers: however many frames the budget
+    # allowed, the server answered nearly every call it had to dispatch, and
+    # counted each one it answered.
+    assert fed > 0, "no mutated frame was a call the server must dispatch"
+    assert answered >= 0.9 * fed, f"only {answered} of {fed} dispatchable calls were answered"
+    assert handled >= answered
     with ClientMount(server, tmp_path / "m") as m:
         (m.mnt / "after-fuzz").write_bytes(b"still fine")
         assert (m.mnt / "after-fuzz").read_bytes() == b"still fine"

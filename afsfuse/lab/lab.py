@@ -24,6 +24,12 @@ timeline.  ``lab.expect`` waits for an event in a process's log;
 ``lab.check`` records a verdict; a scenario passes when it ran to the end,
 made at least one check, and every check held.
 
+A cell of several fileservers: ``lab.add_server("fs2")`` (before the first
+use of ``lab.server``) starts a single-node etcd for the VLDB, the first
+server on it and a second one with the cell's key; ``lab.move(volume,
+to="fs2")`` runs ``afs-fileserver vol move``.  Each extra server's events
+are its own actor (``fs2``); the first server's stay ``server``.
+
 May import ``afsfuse.lab.server``, ``.mount``, ``.timeline`` and ``protocol``
 (never the test suite).  Every process started here is stopped by its pid and
 every mount unmounted (after SIGCONT when paused), unless ``keep``.
@@ -47,6 +53,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from afsfuse.lab.etcd import EtcdCluster
 from afsfuse.lab.mount import ClientMount, unmount
 from afsfuse.lab.server import REPO, ServerProcess
 from afsfuse.lab.timeline import CLIENT_SLACK, Event, Timeline, render
@@ -339,9 +346,25 @@ class Server:
     event; the server logs the injection and each effect.
     """
 
-    def __init__(self, lab: Lab, proc: ServerProcess | ExternalServer) -> None:
+    def __init__(
+        self, lab: Lab, proc: ServerProcess | ExternalServer, name: str = "server"
+    ) -> None:
         self.lab = lab
         self.proc = proc
+        #: Its actor on the timeline ("server" for the first, else its name).
+        self.name = name
+
+    @property
+    def uuid(self) -> str:
+        """The server's UUID (``server.json`` in its data dir)."""
+        try:
+            return str(json.loads((self.data_dir / "server.json").read_text())["uuid"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ScenarioFailed(f"{self.name}: no server.json in {self.data_dir}") from exc
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     @property
     def host(self) -> str:
@@ -455,6 +478,14 @@ class Server:
         ev.end = time.time()
         return out
 
+    def move(self, volume: str, to: Server) -> dict[str, Any]:
+        """``afs-fileserver vol move VOLUME --to TO`` from this server (a
+        ``lab`` event ``vol_move`` spanning the move); the command's answer."""
+        ev = self._note("vol_move", volume=volume, **{"from": self.name}, to=to.name)
+        out = self.admin("vol", "move", volume, "--to", to.address)
+        ev.end = time.time()
+        return out
+
     def stats(self) -> dict[str, Any]:
         return self.admin("stats")
 
@@ -482,7 +513,9 @@ class Lab:
     ``lab.server`` (a ``Server``), ``lab.mount(name)`` (a ``Mount``),
     ``lab.expect``, ``lab.events``, ``lab.check``, ``lab.phase``; ``lab.base``
     is a scratch directory; ``lab.options`` the run's parameters (``files``,
-    ``race_mib``, ...).
+    ``race_mib``, ...).  ``lab.add_server(name)`` and ``lab.move(volume,
+    to=name)`` make a cell of several servers (VLDB on etcd);
+    ``lab.servers`` holds every server by actor name.
     """
 
     def __init__(
@@ -504,6 +537,10 @@ class Lab:
         self.focus_t: float | None = None
         self.mark = time.time()  # expect's default ``since``
         self._server: Server | None = None
+        #: Every server by actor name ("server" first, then add_server's).
+        self.servers: dict[str, Server] = {}
+        #: The cell's VLDB, once add_server started one.
+        self.etcd: EtcdCluster | None = None
 
     # -- processes --------------------------------------------------------------
 
@@ -521,14 +558,67 @@ class Lab:
                 ext.server, Path(ext.data_dir), ext.server_log
             )
         else:
-            proc = ServerProcess(self.base / "fs", extra_args=server_args(self.server_options))
+            args = server_args(self.server_options) + self._vldb_args()
+            proc = ServerProcess(self.base / "fs", extra_args=args)
             proc.start()
-        if proc.log_path is not None:
-            self.timeline.add_server(proc.log_path)
+        return self._register(Server(self, proc), "fs")
+
+    def _vldb_args(self) -> list[str]:
+        return ["--vldb", self.etcd.url] if self.etcd is not None else []
+
+    def _register(self, srv: Server, label: str) -> Server:
+        """Put a started server on the timeline (its log, its UUID's label)."""
+        if srv.proc.log_path is not None:
+            self.timeline.add_server(srv.proc.log_path, srv.name)
         with contextlib.suppress(OSError, ValueError, KeyError):
-            ident = json.loads((Path(proc.data_dir) / "server.json").read_text())
-            self.timeline.server_uuids[ident["uuid"]] = "fs"
-        return Server(self, proc)
+            ident = json.loads((Path(srv.proc.data_dir) / "server.json").read_text())
+            self.timeline.server_uuids[ident["uuid"]] = label
+        self.servers[srv.name] = srv
+        return srv
+
+    def add_server(self, name: str, **options: Any) -> Server:
+        """Start another fileserver of the cell, actor ``name`` on the timeline
+        (its UUID is also named ``name``); ``options`` as the scenario's.
+
+        The servers of a cell share a VLDB: the first call starts a
+        single-node etcd (127.0.0.1) and the first server (``lab.server``)
+        on it, so call it before anything uses ``lab.server``.  The new server
+        has the cell's key and no root volume of its own."""
+        if self.external is not None:
+            raise ScenarioFailed("add_server: not with a user's fileserver (--server)")
+        if name in self.servers or name in self.mounts or name in (LAB, "server", "fs"):
+            raise ScenarioFailed(f"server name {name!r} is taken")
+        if self.etcd is None:
+            if self._server is not None:
+                raise ScenarioFailed("add_server must come before the first use of "
+                                     "lab.server (it must use the cell's etcd VLDB)")  # fmt: skip
+            ev = self.note("etcd_start")
+            self.etcd = EtcdCluster(self.base / "etcd", size=1).start()
+            ev.fields["url"] = self.etcd.url
+            ev.end = time.time()
+        first = self.server
+        ev = self.note("server_add", server=name)
+        args = server_args(options) + self._vldb_args()
+        args += ["--key-file", str(first._own().key_file), "--no-root-volume"]
+        proc = ServerProcess(self.base / name, extra_args=args)
+        proc.start()
+        ev.fields["addr"] = f"{proc.host}:{proc.port}"
+        ev.end = time.time()
+        return self._register(Server(self, proc, name), name)
+
+    def move(self, volume: str, *, to: str, source: str | None = None) -> dict[str, Any]:
+        """Move ``volume`` to server ``to`` (a name from ``add_server``, or
+        "server"): ``afs-fileserver vol move`` run against the server that
+        holds it (``source``, by default the one the VLDB names).  Returns
+        the command's answer (``to``: the target's UUID, ``bytes_sent``...)."""
+        if to not in self.servers:
+            raise ScenarioFailed(f"move: no server {to!r} (servers: {', '.join(self.servers)})")
+        if source is None:
+            where = self.server.admin("vol", "examine", volume)["servers"][0]["uuid"]
+            source = next((n for n, s in self.servers.items() if s.uuid == where), None)
+            if source is None:
+                raise ScenarioFailed(f"move: {volume} is on {where}, not a lab server")
+        return self.servers[source].move(volume, self.servers[to])
 
     def mount(
         self,
@@ -694,6 +784,7 @@ class Lab:
                 os.kill(pid, signal.SIGCONT)
             self.paused.discard(pid)
         srv = self._server.proc if self._server is not None else None
+        extra = [s.proc for n, s in self.servers.items() if s is not self._server]
         if keep:
             out = []
             for m in self.mounts.values():
@@ -703,6 +794,13 @@ class Lab:
             if isinstance(srv, ServerProcess) and srv.proc is not None:
                 out.append(f"kill {srv.proc.pid}   # fileserver {srv.host}:{srv.port}, "
                            f"data {srv.data_dir}, log {srv.log_path}")  # fmt: skip
+            for p in extra:
+                if isinstance(p, ServerProcess) and p.proc is not None:
+                    out.append(f"kill {p.proc.pid}   # fileserver {p.host}:{p.port}, "
+                               f"data {p.data_dir}, log {p.log_path}")  # fmt: skip
+            for m in self.etcd.members if self.etcd is not None else []:
+                if m.proc is not None:
+                    out.append(f"kill {m.proc.pid}   # etcd {m.endpoint}, log {m.log_path}")
             out.append(f"rm -rf {self.base}   # afterwards: logs, data and cache")
             return out
         errors = []
@@ -714,11 +812,17 @@ class Lab:
                     errors.append(f"stopping {m.path}: {exc!r}")
                     with contextlib.suppress(Exception):
                         unmount(m.path)
-        if isinstance(srv, ServerProcess):
+        for p in [srv, *extra]:
+            if isinstance(p, ServerProcess):
+                try:
+                    p.stop()
+                except Exception as exc:
+                    errors.append(f"stopping the fileserver {p.data_dir.name}: {exc!r}")
+        if self.etcd is not None:
             try:
-                srv.stop()
+                self.etcd.stop()
             except Exception as exc:
-                errors.append(f"stopping the fileserver: {exc!r}")
+                errors.append(f"stopping etcd: {exc!r}")
         return errors
 
 

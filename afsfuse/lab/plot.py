@@ -48,6 +48,10 @@ CLIENT_MARKS = {
     "data_zapped": ("d", "#5d4037", "data zapped"),
     "stored": ("^", "#00838f", "stored"),
     "server_connected": ("P", "#455a64", "connected"),
+    "moved_answer": ("x", "#c62828", "moved answer"),
+    "vl_query": ("p", "#455a64", "VL query"),
+    "interest": ("P", "#2e7d32", "interest"),
+    "volume_moved": ("*", "#ef6c00", "volume moved"),
 }
 
 
@@ -77,16 +81,30 @@ def as_run(r: Any) -> Run:
     return Run(r.name, r.summary, r.passed, r.checks, r.focus_t, r.events, r.fids)
 
 
+#: Events only a fileserver logs: an actor that logs one is a server's
+#: lifeline (``server``, or one a lab added with ``add_server``).
+SERVER_EVENTS = frozenset({"grant", "change", "break", "hello", "break_volume",
+                           "init_callback_state", "client_up", "client_down"})  # fmt: skip
+
+
+def servers(events: list[Event]) -> list[str]:
+    """The server lifelines: ``server`` first, then any other actor that
+    logged a server's event, by name."""
+    extra = {e.actor for e in events if e.name in SERVER_EVENTS and e.actor != "server"}
+    return ["server", *sorted(extra - {"lab"})]
+
+
 def actors(events: list[Event]) -> list[str]:
-    """Lifelines, left to right: lab, then app:X beside X around the server."""
+    """Lifelines, left to right: lab, then app:X beside X around the servers."""
     seen = {e.actor for e in events}
-    mounts = sorted({a for a in seen if a not in ("server", "lab") and not a.startswith("app:")}
+    srv = servers(events)
+    mounts = sorted({a for a in seen if a not in (*srv, "lab") and not a.startswith("app:")}
                     | {a[4:] for a in seen if a.startswith("app:")})  # fmt: skip
     left, right = mounts[: (len(mounts) + 1) // 2], mounts[(len(mounts) + 1) // 2 :]
     order = ["lab"]
     for m in left:
         order += [f"app:{m}", m]
-    order.append("server")
+    order += srv
     for m in right:
         order += [m, f"app:{m}"]
     return [a for a in order if a in seen or a == "server"]
@@ -112,6 +130,7 @@ def figure(run: Run) -> Any:
 
     evs = shown(run)
     lanes = actors(evs)
+    server_lanes = set(servers(evs))
     x = {a: i for i, a in enumerate(lanes)}
     rows = max(len(evs), 1)
     n_checks = max(len(run.checks), 1)
@@ -139,7 +158,7 @@ def figure(run: Run) -> Any:
     for e in evs:
         if e.name == "break_received":
             received.setdefault((e.actor, e.get("fid")), []).append(e)
-        elif e.actor == "server" and e.name == "change":
+        elif e.actor in server_lanes and e.name == "change":
             changes.append(e)
     for e in evs:
         y = row[id(e)]
@@ -167,14 +186,15 @@ def figure(run: Run) -> Any:
                     label += f" → {e.get('got')}"
                 if e.get("error"):
                     label += f" ✗ {e.get('error')}"
-        elif e.actor == "server":
+        elif e.actor in server_lanes:
             if e.name == "break":
                 client = e.get("client")
                 result = e.get("result")
                 if result == "sent" and client in x:
                     got = received.get((client, e.get("fid")), [])
                     rec = next((g for g in got if g.t <= e.t + 0.002), None)
-                    change = next((c for c in reversed(changes) if c.t <= e.t), None)
+                    change = next((c for c in reversed(changes)
+                                   if c.t <= e.t and c.actor == e.actor), None)  # fmt: skip
                     start = row[id(change)] if change is not None and not e.get("delayed") else y
                     if rec is not None:
                         ry = row[id(rec)]
@@ -209,6 +229,9 @@ def figure(run: Run) -> Any:
             marker, color, what = CLIENT_MARKS.get(e.name, (".", "#455a64", e.name))
             ax.plot(xa, y, marker=marker, color=color, ms=6, zorder=3)
             label = what + (f" ({e.get('why')})" if e.get("why") else "")
+            if e.name in ("moved_answer", "interest", "volume_moved"):  # which server
+                label += f" {e.get('method')} ← {e.get('server')}" if e.name == "moved_answer" \
+                    else f" → {e.get('server') or e.get('servers')}"  # fmt: skip
         if label:
             width = 90 if e.name == "phase" else 40
             ax.text(xa + 0.12, y + 0.25, _short(label, width), fontsize=7, va="bottom")

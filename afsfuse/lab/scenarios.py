@@ -11,6 +11,7 @@ May import ``afsfuse.lab``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import threading
@@ -300,6 +301,9 @@ def alias_cells(lab: Lab) -> None:
           "B is SIGSTOPped; A's write completes within the server's break bound; B resumes, "
           "receives the delayed break and reads the new data", break_timeout=1.0)  # fmt: skip
 def dead_client(lab: Lab) -> None:
+    # Every step waits on an event, never on a duration: how long A's close
+    # takes (about the break bound) is shown, not asserted (speed belongs in
+    # benchmarks, and a loaded machine stretches it).
     bound = float(lab.server_options["break_timeout"])
     a, b = lab.mount("A"), lab.mount("B")
     f = "dead.txt"
@@ -309,21 +313,29 @@ def dead_client(lab: Lab) -> None:
     lab.phase("B's daemon is SIGSTOPped")
     b.pause()
     w = a.write(f, b"after!", trunc=False)
-    took = (w.end or time.time()) - w.t
-    lab.check(took < bound + 1.5, f"A's write+close took {took:.2f} s (break bound {bound} s, "
-              f"limit {bound + 1.5} s)")  # fmt: skip
-    failed = lab.events("server", "break", since=w.t, fid=fid, client="B")
-    lab.check(any(e.get("result") in ("failed", "delayed") for e in failed),
-              "the server gave up on B within the bound and kept the break as delayed")  # fmt: skip
+    closed = w.end or time.time()
+    gave_up = [e for e in lab.events("server", "break", since=w.t, fid=fid, client="B")
+               if e.get("result") in ("failed", "delayed")]  # fmt: skip
+    lab.require(bool(gave_up),
+                "the server gave up on B and kept the break as delayed")  # fmt: skip
+    change = lab.events("server", "change", since=w.t, client="A")
+    waited = f"{gave_up[0].t - change[0].t:.2f} s after A's change" if change else "?"
+    lab.check(
+        gave_up[0].t <= closed + CLIENT_SLACK,
+        f"A's close returned ({closed - w.t:.2f} s) after the server gave up on B "
+        f"({waited}; break bound {bound} s): it waited for the bound, not for B",
+    )
     lab.check(bool(lab.events("server", "client_down", since=w.t, client="B")),
               "the server marked B down")  # fmt: skip
-    time.sleep(0.3)
     b.resume()
     t_cont = lab.mark
-    lab.expect("B", "break_received", within=5, fid=fid)
+    lab.expect("B", "break_received", within=30, fid=fid)
+    # B's next call to the server (this read's revalidation) is answered only
+    # after the delayed break was delivered and B marked up (or a background
+    # retry did both first): by the time the read returns both are logged.
     lab.check(b.read(f) == b"after!", "B reads the new data")
-    redo = lab.wait_for("server", "break", within=3 * bound + 3, since=t_cont, fid=fid,
-                        client="B", result="sent", delayed="1")  # fmt: skip
+    redo = lab.events("server", "break", since=t_cont, fid=fid, client="B", result="sent",
+                      delayed="1")  # fmt: skip
     lab.check(bool(redo), "the server delivered the delayed break (delayed=1) once B was back")
     lab.check(bool(lab.events("server", "client_up", since=t_cont, client="B")),
               "the server marked B up again")  # fmt: skip
@@ -355,6 +367,10 @@ def expiry(lab: Lab) -> None:
     lab.check(why == {"expired"}, f"every revalidation says why=expired ({sorted(why)})")
     grant = lab.events("server", "grant", since=t, fid=fid, client="A")
     lab.check(bool(grant), "the server granted a fresh promise")
+
+
+def _shown_bytes(data: bytes) -> str:
+    return data[:32].decode(errors="replace")
 
 
 def _diff(got: bytes, want: bytes) -> str:
@@ -513,3 +529,56 @@ def overflow(lab: Lab) -> None:
     lab.check(not missed, f"A revalidated every one of them ({len(missed)} not)")
     why = {e.get("why") for e in lab.events("A", "validate_slow", since=t_use)}
     lab.check(why <= {"server_break", "no_status"}, f"why=server_break ({sorted(why)})")
+
+
+@scenario("volume-move",
+          "a mounted volume moves to a second fileserver (VLDB on etcd); B's next call gets "
+          "'moved', asks VL, registers its interest on the new server, revalidates, and reads "
+          "the data written before the move from there")  # fmt: skip
+def volume_move(lab: Lab) -> None:
+    new = lab.add_server("fs2")  # first: it starts etcd and the first server on it
+    old = lab.server
+    vol = "proj"
+    old.admin("vol", "create", vol)
+    a, b = lab.mount("A", volume=vol), lab.mount("B", volume=vol)
+    f = "before-move.txt"
+    a.write(f, b"written on fs before the move")
+    fid = a.fid(f)
+    lab.require(b.read(f) == b"written on fs before the move", "B reads the file from fs")
+    lab.check(b.examine(f)["server"] == old.uuid and b.examine(f)["promise"] == "ok",
+              "B holds a promise on the file from fs")  # fmt: skip
+    t = lab.phase(f"admin: vol move {vol} to fs2").t
+    moved = lab.move(vol, to="fs2")
+    lab.check(moved.get("to") == new.uuid, f"vol move answered: {vol} is on fs2")
+    where = old.admin("vol", "examine", vol)["servers"][0]["uuid"]
+    lab.check(where == new.uuid, "the VLDB names fs2 for the volume")
+    # The source's whole-volume break voids B's promises from fs; B's next
+    # call to fs is answered "moved".
+    lab.expect("B", "volume_break", within=5, since=t)
+    t_use = lab.note("use", what="B reads the file again").t
+    got = b.read(f)
+    lab.check(got == b"written on fs before the move",
+              f"B reads the data written before the move ({_shown_bytes(got)})")  # fmt: skip
+    answer = lab.expect("B", "moved_answer", within=5, since=t_use, server="fs")
+    query = lab.expect("B", "vl_query", within=5, since=t_use, forced=1)
+    interest = lab.expect("B", "interest", within=5, since=t_use, server="fs2")
+    relocated = lab.expect("B", "volume_moved", within=5, since=t_use)
+    slow = lab.expect("B", "validate_slow", within=5, since=t_use, fid=fid)
+    grant = lab.expect("fs2", "grant", within=5, since=t_use, fid=fid, client="B")
+    steps = [answer, query, interest, grant]
+    lab.check(
+        all(x.t <= y.t + CLIENT_SLACK for x, y in itertools.pairwise(steps)),
+        f"in order: fs answered moved ({answer.get('method')}), B asked VL, registered its "
+        f"interest on fs2, fs2 granted the revalidated file (why={slow.get('why')})",
+    )
+    lab.check(relocated.get("servers") == "fs2", f"B's volume now names fs2 "
+              f"({relocated.get('servers')})")  # fmt: skip
+    lab.check(b.examine(f)["server"] == new.uuid and b.examine(f)["promise"] == "ok",
+              "B holds a fresh promise on the file from fs2")  # fmt: skip
+    lab.check(not lab.events("server", "grant", since=t_use, fid=fid, client="B"),
+              "fs granted B nothing after the move")  # fmt: skip
+    t2 = lab.phase("A rewrites the file (through fs2)").t
+    a.write(f, b"written on fs2 after the move")
+    lab.expect("fs2", "break", within=5, since=t2, fid=fid, client="B", result="sent")
+    lab.check(b.read(f) == b"written on fs2 after the move",
+              "B reads A's change, broken by fs2")  # fmt: skip

@@ -156,6 +156,9 @@ class Timeline:
                     ev.fields[k] = self.names[ev.fields[k]]
             if ev.fields.get("server") in self.server_uuids:
                 ev.fields["server"] = self.server_uuids[ev.fields["server"]]
+            if "servers" in ev.fields:
+                named = (self.server_uuids.get(u, u) for u in ev.fields["servers"].split(","))
+                ev.fields["servers"] = ",".join(named)
         order = {a: i for i, a in enumerate(["server", *sorted({e.actor for e in evs})])}
         evs.sort(key=lambda e: (e.t, order.get(e.actor, 0), e.seq))
         return evs
