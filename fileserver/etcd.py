@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
+import trio
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ class EtcdError(Exception):
 
 
 class EtcdUnavailable(EtcdError):
-    """No endpoint answered."""
+    """No endpoint answered (``electing``: some answered, without a quorum)."""
+
+    electing = False
 
 
 def parse_endpoints(url: str) -> list[Endpoint]:
@@ -91,8 +94,27 @@ class EtcdClient:
         await self._http.aclose()
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST to the endpoint that answered last, then each other in turn."""
+        """POST to the endpoint that answered last, then each other in turn.
+
+        When members answer but none has a quorum behind it (a leader
+        election after a member died: "leader changed", "no leader"), try
+        them all again a few times over about 3 s: an election settles in a
+        few election timeouts.  Endpoints that do not answer at all fail at
+        once."""
+        delay = 0.1
+        for _attempt in range(5):
+            try:
+                return await self._post_once(path, body)
+            except EtcdUnavailable as exc:
+                if not exc.electing:
+                    raise
+                await trio.sleep(delay)
+                delay *= 2
+        return await self._post_once(path, body)
+
+    async def _post_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         last: Exception | None = None
+        electing = False
         n = len(self.endpoints)
         for i in range(n):
             idx = (self._current + i) % n
@@ -112,6 +134,7 @@ class EtcdClient:
                 code = int(reply.get("code", 0))
                 if code in (14, 4):  # UNAVAILABLE, DEADLINE_EXCEEDED: no quorum behind it
                     last = EtcdError(f"{url}: {reply['error']}", code)
+                    electing = True
                     continue
                 self._current = idx
                 raise EtcdError(str(reply["error"]), code)
@@ -120,7 +143,9 @@ class EtcdClient:
                 continue
             self._current = idx
             return reply
-        raise EtcdUnavailable(f"no etcd endpoint of {self.endpoints} answered: {last!r}")
+        err = EtcdUnavailable(f"no etcd endpoint of {self.endpoints} answered: {last!r}")
+        err.electing = electing
+        raise err
 
     # -- keys -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 import trio
 
@@ -118,6 +119,25 @@ async def test_etcd_client_moves_past_a_dead_endpoint(etcd):
     async with EtcdClient([("127.0.0.1", dead)], timeout=1) as c:
         with pytest.raises(EtcdUnavailable):
             await c.get(b"/failover")
+
+
+async def test_etcd_client_waits_out_a_leader_election(autojump_clock):
+    # Members that answer "leader changed" (no quorum behind them yet) are
+    # asked again for a few seconds; members that do not answer are not.
+    answers = [{"error": "etcdserver: leader changed", "code": 14}] * 4 + [{"kvs": []}]
+    asked = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        return httpx.Response(200, json=answers.pop(0))
+
+    async with EtcdClient([("127.0.0.1", 1), ("127.0.0.1", 2)]) as client:
+        client._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        assert await client.range(b"k") == []
+        assert len(asked) == 5  # two rounds of both members, then one answer
+        answers[:] = [{"error": "etcdserver: no leader", "code": 14}] * 20
+        with pytest.raises(EtcdUnavailable):
+            await client.range(b"k")  # bounded: gives up after about 3 s
 
 
 async def test_two_servers_share_the_cells_vldb(tmp_path, etcd, cell):
