@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -47,18 +49,28 @@ def require_fuse() -> None:
         pytest.fail(f"FUSE IS NOT AVAILABLE: {problem}; mount tests cannot run", pytrace=False)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClientMount, ClientMount]]:
+@contextmanager
+def two_mounts(
+    base: Path, extra_args: Sequence[str] = ()
+) -> Iterator[tuple[ClientMount, ClientMount]]:
+    """A fileserver in ``base`` and two client mounts ``(a, b)`` of its root
+    volume; fails (never skips) when FUSE is unavailable.  Test modules that
+    need mount options of their own define ``pair`` with it."""
     problem = fuse_problem()
     if problem:
         pytest.fail(f"FUSE IS NOT AVAILABLE: {problem}", pytrace=False)
-    base = tmp_path_factory.mktemp("pair")
     with (
         ServerProcess(base / "fs") as srv,
-        ClientMount(srv, base / "a") as a,
-        ClientMount(srv, base / "b") as b,
+        ClientMount(srv, base / "a", extra_args=tuple(extra_args)) as a,
+        ClientMount(srv, base / "b", extra_args=tuple(extra_args)) as b,
     ):
         yield a, b
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClientMount, ClientMount]]:
+    with two_mounts(tmp_path_factory.mktemp("pair")) as ab:
+        yield ab
 
 
 @pytest.fixture

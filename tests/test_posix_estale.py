@@ -19,27 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from afsfuse.lab.mount import ClientMount
-from afsfuse.lab.server import ServerProcess
 from scripts import coherence
 from scripts.coherence import Op
 
 ROUNDS = 40
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    from tests.conftest import fuse_problem
-
-    if fuse_problem():
-        pytest.fail(f"FUSE IS NOT AVAILABLE: {fuse_problem()}", pytrace=False)
-    base = tmp_path_factory.mktemp("estale")
-    with (
-        ServerProcess(base / "fs") as srv,
-        ClientMount(srv, base / "a") as a,
-        ClientMount(srv, base / "b") as b,
-    ):
-        yield a, b
 
 
 def _write(p: Path, data: bytes) -> None:

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from afsfuse.lab.mount import ClientMount
-from afsfuse.lab.server import ServerProcess, fs_client, running_server
+from afsfuse.lab.server import fs_client, running_server
 from protocol.errors import RpcError
 from protocol.records import Fid
+from tests.conftest import two_mounts
 from tests.posix_support import as_user, eventually
 
 U1, U2 = 1001, 1002
@@ -29,18 +29,8 @@ pytestmark = pytest.mark.mount
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from tests.conftest import fuse_problem
-
-    if fuse_problem():
-        pytest.fail(f"FUSE IS NOT AVAILABLE: {fuse_problem()}", pytrace=False)
-    base = tmp_path_factory.mktemp("suid")
-    opts = ("-o", "allow_other")
-    with (
-        ServerProcess(base / "fs") as srv,
-        ClientMount(srv, base / "a", extra_args=opts) as a,
-        ClientMount(srv, base / "b", extra_args=opts) as b,
-    ):
-        yield a, b
+    with two_mounts(tmp_path_factory.mktemp("suid"), ("-o", "allow_other")) as ab:
+        yield ab
 
 
 def u1_file(m: Path, name: str, mode: int) -> None:

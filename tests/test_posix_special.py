@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from afsfuse.lab.mount import ClientMount
-from afsfuse.lab.server import ServerProcess, fs_client, running_server
+from afsfuse.lab.server import fs_client, running_server
 from fileserver.volume import Volume
 from protocol.errors import RpcError
 from protocol.records import FileStatus, FileType
+from tests.conftest import two_mounts
 from tests.posix_support import as_user, eventually
 
 U1 = 1001
@@ -36,18 +36,8 @@ BLK = os.makedev(7, 5)
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from tests.conftest import fuse_problem
-
-    if fuse_problem():
-        pytest.fail(f"FUSE IS NOT AVAILABLE: {fuse_problem()}", pytrace=False)
-    base = tmp_path_factory.mktemp("special")
-    opts = ("-o", "allow_other")
-    with (
-        ServerProcess(base / "fs") as srv,
-        ClientMount(srv, base / "a", extra_args=opts) as a,
-        ClientMount(srv, base / "b", extra_args=opts) as b,
-    ):
-        yield a, b
+    with two_mounts(tmp_path_factory.mktemp("special"), ("-o", "allow_other")) as ab:
+        yield ab
 
 
 def _bind(path: Path) -> socket.socket:

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 import trio
 
-from afsfuse.lab.mount import ClientMount
-from afsfuse.lab.server import ServerProcess, fs_client, running_server
+from afsfuse.lab.server import fs_client, running_server
 from fileserver.volume import Volume
 from protocol.errors import RpcError
 from protocol.limits import MAX_XATTR_TOTAL, MAX_XATTR_VALUE
 from protocol.records import Fid, FileStatus, FileType
+from tests.conftest import two_mounts
 from tests.posix_support import as_user
 from tests.test_cm_integration import make
 
@@ -36,18 +36,8 @@ U1, U2 = 1001, 1002
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from tests.conftest import fuse_problem
-
-    if fuse_problem():
-        pytest.fail(f"FUSE IS NOT AVAILABLE: {fuse_problem()}", pytrace=False)
-    base = tmp_path_factory.mktemp("xattr")
-    opts = ("-o", "allow_other")
-    with (
-        ServerProcess(base / "fs") as srv,
-        ClientMount(srv, base / "a", extra_args=opts) as a,
-        ClientMount(srv, base / "b", extra_args=opts) as b,
-    ):
-        yield a, b
+    with two_mounts(tmp_path_factory.mktemp("xattr"), ("-o", "allow_other")) as ab:
+        yield ab
 
 
 def errno_of(fn: Any, *args: Any) -> int:
