@@ -1,0 +1,171 @@
+"""The two TLS stream classes under the connection layer (protocol/tls.py).
+
+``SocketTLSStream`` (TLS on the socket itself, every TCP connection) and
+``TLSStream`` (TLS through memory BIOs, any other stream) must carry bytes
+exactly, both ways at once, in any chunking; report EOF, a broken session
+and a close the way ``trio.SSLStream`` does; and never leave a task hanging
+on a stream another task closed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from protocol.tls import (
+    CellCA,
+    ServerTLS,
+    SocketTLSStream,
+    TLSStream,
+    client_context,
+    ensure_server_cert,
+    wrap_client,
+    write_client_bundle,
+)
+
+
+@pytest.fixture(scope="module")
+def cell(tmp_path_factory: pytest.TempPathFactory) -> tuple[ServerTLS, ssl.SSLContext]:
+    d: Path = tmp_path_factory.mktemp("cell")
+    ca = CellCA.create(d / "ca.pem", "streams")
+    cert = ensure_server_cert(ca, d / "server.pem", "uuid", ["127.0.0.1"])
+    write_client_bundle(ca, d / "client.pem")
+    return ServerTLS.for_server(ca, cert), client_context(d / "client.pem")
+
+
+async def tcp_pair(cell, nursery):
+    """(client stream, server stream), both SocketTLSStream over loopback."""
+    server_tls, cctx = cell
+    send, recv = trio.open_memory_channel(1)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        s, _serial, refused = await server_tls.accept(stream, "peer", 10)
+        assert refused is None
+        await send.send(s)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    port = listeners[0].socket.getsockname()[1]
+    client = await wrap_client(await trio.open_tcp_stream("127.0.0.1", port), cctx, "srv")
+    server = await recv.receive()
+    return client, server
+
+
+async def bio_pair(cell):
+    """(client, server) TLSStreams over an in-memory stream pair."""
+    server_tls, cctx = cell
+    a, b = trio.testing.memory_stream_pair()
+    out = {}
+
+    async def srv() -> None:
+        out["s"], _, _ = await server_tls.accept(b, "peer", 10)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(srv)
+        out["c"] = await wrap_client(a, cctx, "srv")
+    return out["c"], out["s"]
+
+
+async def pump(src, dst, payload: bytes, chunk: int) -> None:
+    for i in range(0, len(payload), chunk):
+        await src.send_all(payload[i : i + chunk])
+
+
+async def drain(stream, n: int, max_bytes: int | None) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        data = await stream.receive_some(max_bytes)
+        assert data, "EOF before every byte arrived"
+        got += data
+    return bytes(got)
+
+
+async def exchange(c, s) -> None:
+    """Both directions at once: 8 MiB one way in odd chunks, 3 MiB back."""
+    up, down = os.urandom(8 << 20), os.urandom(3 << 20)
+    res = {}
+
+    async def take(name, stream, n, max_bytes):
+        res[name] = await drain(stream, n, max_bytes)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(pump, c, s, up, 70_001)
+        n.start_soon(pump, s, c, down, 1 << 20)
+        n.start_soon(take, "up", s, len(up), 5_000)
+        n.start_soon(take, "down", c, len(down), None)
+    assert hashlib.sha256(res["up"]).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(res["down"]).digest() == hashlib.sha256(down).digest()
+
+
+async def test_tcp_connections_run_tls_on_the_socket_and_carry_bytes_exactly(cell):
+    async with trio.open_nursery() as n:
+        c, s = await tcp_pair(cell, n)
+        assert isinstance(c, SocketTLSStream) and isinstance(s, SocketTLSStream)
+        assert c.sock.version() == "TLSv1.3"
+        assert s.getpeercert(binary_form=True)  # the client's certificate
+        await exchange(c, s)
+        await c.aclose()
+        assert await s.receive_some() == b""  # close_notify reads as EOF
+        await s.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_memory_streams_use_the_bio_stream_and_carry_bytes_exactly(cell):
+    c, s = await bio_pair(cell)
+    assert isinstance(c, TLSStream) and isinstance(s, TLSStream)
+    await exchange(c, s)
+    await c.aclose()
+    assert await s.receive_some() == b""
+    await s.aclose()
+
+
+async def test_closing_a_tcp_stream_wakes_its_waiting_reader(cell):
+    async with trio.open_nursery() as n:
+        c, _s = await tcp_pair(cell, n)
+        outcome = {}
+
+        async def reader() -> None:
+            try:
+                await c.receive_some()
+            except trio.ClosedResourceError:
+                outcome["closed"] = True
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(reader)
+            await trio.sleep(0.05)
+            with trio.fail_after(5):
+                await c.aclose()
+        assert outcome == {"closed": True}
+        with pytest.raises(trio.ClosedResourceError):
+            await c.send_all(b"x")
+        n.cancel_scope.cancel()
+
+
+async def test_a_cancelled_receive_leaves_the_tcp_stream_usable(cell):
+    async with trio.open_nursery() as n:
+        c, s = await tcp_pair(cell, n)
+        with trio.move_on_after(0.05) as scope:
+            await c.receive_some()
+        assert scope.cancelled_caught
+        await s.send_all(b"after the cancel")
+        assert await drain(c, 16, None) == b"after the cancel"
+        n.cancel_scope.cancel()
+
+
+async def test_garbage_on_the_wire_breaks_the_tcp_session(cell):
+    async with trio.open_nursery() as n:
+        c, s = await tcp_pair(cell, n)
+        # Bytes that are no TLS record of this session, written under it.
+        os.write(c.sock.fileno(), b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        with pytest.raises(trio.BrokenResourceError):
+            await drain(s, 1, None)
+        with pytest.raises(trio.BrokenResourceError):
+            await s.send_all(b"x")
+        await s.aclose()
+        n.cancel_scope.cancel()
