@@ -645,6 +645,9 @@ class SocketTLSStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         self._check()
+        # As trio's own streams: a cancellation is seen before any byte is
+        # taken, never after (the bytes read would be lost).
+        await trio.lowlevel.checkpoint_if_cancelled()
         limit = max_bytes or TRANSPORT_READ
         waited = False
         while True:
@@ -677,11 +680,12 @@ class SocketTLSStream(trio.abc.Stream):
             if len(parts) > 1:
                 first = b"".join(parts)
         if not waited:
-            await trio.lowlevel.checkpoint()  # a busy reader must not starve others
+            await trio.lowlevel.cancel_shielded_checkpoint()  # a busy reader must not starve others
         return first
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
+        await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         with memoryview(data) as whole:
             mv = whole.cast("B")
@@ -705,7 +709,7 @@ class SocketTLSStream(trio.abc.Stream):
                 self._check()
             mv.release()
         if not waited:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check()

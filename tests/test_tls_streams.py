@@ -169,3 +169,19 @@ async def test_garbage_on_the_wire_breaks_the_tcp_session(cell):
             await s.send_all(b"x")
         await s.aclose()
         n.cancel_scope.cancel()
+
+
+async def test_a_cancelled_caller_never_loses_bytes_already_here(cell):
+    async with trio.open_nursery() as n:
+        c, s = await tcp_pair(cell, n)
+        await s.send_all(b"abc")
+        await trio.sleep(0.05)  # the record is in c's socket now
+        reached = False
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await c.receive_some()
+            reached = True
+        assert scope.cancelled_caught and not reached
+        with trio.fail_after(5):
+            assert await drain(c, 3, None) == b"abc"
+        n.cancel_scope.cancel()
