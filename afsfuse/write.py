@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import trio
+
 from afsfuse.context import CacheContext
 from afsfuse.file import OpenFile
 from afsfuse.read import Reader
@@ -33,6 +35,10 @@ from protocol.limits import MAX_IO
 from protocol.records import Fid, FileStatus, FileType
 
 log = logging.getLogger(__name__)
+
+#: StoreData calls in flight per file: enough to keep the connection and the
+#: server busy while the next payload is gathered.
+STORE_DEPTH = 4
 
 
 class Writer:
@@ -145,6 +151,9 @@ class Writer:
         # after each StoreData would cost the square of its size.
         key_dv: int | None = None
         while True:
+            # The vnode is write-locked across a whole batch of pipelined
+            # calls: no status fetched meanwhile can interleave with our own
+            # DV bumps (P6), so only the DVs of our replies need sorting out.
             async with v.lock.write():
                 if v.status is None:
                     raise err("ESTALE")
@@ -164,70 +173,151 @@ class Writer:
                 idx = [i for d, i in self.ctx.datacache.dirty_chunks(v.fid) if d == key_dv]
                 if not idx and v.local_size is None:
                     return
-                fsize = v.size()
-                run = idx[:1]
-                for i in idx[1:]:
-                    if i == run[-1] + 1 and len(run) < per_call:
-                        run.append(i)
+                runs: list[list[int]] = []
+                for i in idx:
+                    if runs and i == runs[-1][-1] + 1 and len(runs[-1]) < per_call:
+                        runs[-1].append(i)
                     else:
-                        break
-                if run:
-                    parts = []
-                    # Off the trio thread when large: the io lock and the
-                    # vnode's write lock keep these dirty chunks as they are.
-                    chunks = await self.ctx.chunk_io(
-                        len(run) * cs, self._get_chunks, v.fid, key_dv, run
-                    )
-                    for i, chunk in zip(run, chunks, strict=True):
-                        if chunk is None:
-                            raise err("EIO", f"{v.fid}: dirty chunk {i} lost")
-                        # A short cached chunk reads as zeros up to the file
-                        # size: send those zeros, so the server's old bytes
-                        # there are replaced too.
-                        span = max(0, min(cs, fsize - i * cs))
-                        parts.append(chunk[:span].ljust(span, b"\0"))
-                    off = run[0] * cs
-                    payload = b"".join(parts)[: max(0, fsize - off)]
-                else:
-                    off, payload = fsize, b""
-                server = v.volume.server
-                snap = CallSnapshot(v.volume, server, (v,))
-                try:
-                    reply = await call(
-                        server, M.FS_STORE_DATA, cred, v.fid, off, payload, fsize, None,
-                        snap=snap,
-                    )  # fmt: skip
-                except RpcError as exc:
-                    if exc.code in ("ENOENT", "ESTALE"):
-                        # Removed by someone else: these writes can never land.
-                        mark_deleted(self.ctx, v)
-                        raise err("ESTALE", f"{v.fid} was removed") from None
-                    raise
-                self.ctx.stats.bytes_stored += len(payload)
-                note_volsync(self.ctx, v.volume, reply.get("volsync"))
-                new = FileStatus.from_wire(reply["status"])
-                for i in run:
-                    self.ctx.datacache.mark_clean(v.fid, key_dv, i)
-                own = new.data_version == dv + 1
-                # C2: the kernel's pages hold the new data only if they held
-                # the DV this store started from and nobody else wrote.
-                pages_current = v.kernel_dv == dv and own
-                apply_reply(self.ctx, v, reply["status"], None, snap, own_from_dv=dv)
-                v.kernel_dv = new.data_version if pages_current else None
-                v.touch()
-                log_event("stored", fid=v.fid, offset=off, bytes=len(payload),
-                          dv=new.data_version)  # fmt: skip
-                if not own:
+                        runs.append([i])
+                batch = _Batch(v, key_dv, v.size())
+                await self._store_batch(batch, runs or [[]], cred)
+                if batch.foreign:
                     # Someone else wrote too: their version's data replaced our
-                    # clean chunks (zapped above); what is still dirty is
-                    # re-filed under the current DV at the next pass.
+                    # clean chunks (zapped); what is still dirty is re-filed
+                    # under the current DV at the next pass.
                     key_dv = None
+                if batch.error is not None:
+                    raise batch.error
                 if not self.ctx.datacache.dirty_chunks(v.fid):
                     if key_dv is not None:
-                        self.ctx.datacache.rekey(v.fid, key_dv, new.data_version)
+                        assert v.status is not None
+                        self.ctx.datacache.rekey(v.fid, key_dv, v.status.data_version)
                     v.local_size = None
                     v.truncated = False
                     return
+
+    async def _store_batch(self, b: _Batch, runs: list[list[int]], cred: Any) -> None:
+        """Send ``runs`` with up to ``STORE_DEPTH`` StoreData calls in flight.
+
+        Every call carries the same final length and the runs are disjoint,
+        so the order the server runs them in does not change the result.
+        A failed call does not cancel the others (their bytes may land
+        anyway): all are waited for, and the first error is kept."""
+        slots = trio.Semaphore(STORE_DEPTH)
+        async with trio.open_nursery() as nursery:
+            for run in runs:
+                await slots.acquire()
+                if b.error is not None:
+                    slots.release()
+                    break
+                try:
+                    payload = await self._payload(b, run)
+                except BaseException:
+                    slots.release()
+                    raise
+                nursery.start_soon(self._store_one, b, run, payload, cred, slots)
+        self._settle(b, final=True)
+
+    async def _payload(self, b: _Batch, run: list[int]) -> bytes:
+        if not run:
+            return b""
+        cs = self.ctx.datacache.chunk_size
+        # Off the trio thread when large: the io lock and the vnode's write
+        # lock keep these dirty chunks as they are.
+        chunks = await self.ctx.chunk_io(len(run) * cs, self._get_chunks, b.v.fid, b.key_dv, run)
+        parts = []
+        for i, chunk in zip(run, chunks, strict=True):
+            if chunk is None:
+                raise err("EIO", f"{b.v.fid}: dirty chunk {i} lost")
+            # A short cached chunk reads as zeros up to the file size: send
+            # those zeros, so the server's old bytes there are replaced too.
+            span = max(0, min(cs, b.fsize - i * cs))
+            parts.append(chunk[:span].ljust(span, b"\0"))
+        return b"".join(parts)[: max(0, b.fsize - run[0] * cs)]
+
+    async def _store_one(
+        self, b: _Batch, run: list[int], payload: bytes, cred: Any, slots: trio.Semaphore
+    ) -> None:
+        v = b.v
+        off = run[0] * self.ctx.datacache.chunk_size if run else b.fsize
+        try:
+            server = v.volume.server
+            snap = CallSnapshot(v.volume, server, (v,))
+            try:
+                reply = await call(
+                    server, M.FS_STORE_DATA, cred, v.fid, off, payload, b.fsize, None, snap=snap
+                )
+            except RpcError as exc:
+                if exc.code in ("ENOENT", "ESTALE"):
+                    # Removed by someone else: these writes can never land.
+                    mark_deleted(self.ctx, v)
+                    b.fail(err("ESTALE", f"{v.fid} was removed"))
+                else:
+                    b.fail(exc)
+                return
+            self.ctx.stats.bytes_stored += len(payload)
+            note_volsync(self.ctx, v.volume, reply.get("volsync"))
+            # These bytes are on the server whatever order the replies come in.
+            for i in run:
+                self.ctx.datacache.mark_clean(v.fid, b.key_dv, i)
+            status = FileStatus.from_wire(reply["status"])
+            b.replies[status.data_version] = (reply["status"], snap)
+            log_event("stored", fid=v.fid, offset=off, bytes=len(payload),
+                      dv=status.data_version)  # fmt: skip
+            self._settle(b, final=False)
+        finally:
+            slots.release()
+
+    def _settle(self, b: _Batch, *, final: bool) -> None:
+        """Apply the replies received so far in DV order: one that moves the
+        DV by exactly one from the current status is our own change alone (as
+        in the one-call-at-a-time store); at the end of the batch whatever is
+        left (a gap: someone else's change, or a failed call's) is applied as
+        news, the newest last, so its data is zapped."""
+        v = b.v
+        while v.status is not None:
+            nxt = b.replies.pop(v.status.data_version + 1, None)
+            if nxt is None:
+                break
+            self._apply(b, nxt, own=True)
+        if final and b.replies:
+            b.foreign = True
+            stale = [d for d in b.replies if v.status is not None and d <= v.status.data_version]
+            for d in stale:
+                del b.replies[d]
+            for d in sorted(b.replies):
+                self._apply(b, b.replies.pop(d), own=False)
+
+    def _apply(self, b: _Batch, got: tuple[Any, CallSnapshot], *, own: bool) -> None:
+        v = b.v
+        status_wire, snap = got
+        assert v.status is not None
+        dv = v.status.data_version
+        new = FileStatus.from_wire(status_wire)
+        # C2: the kernel's pages hold the new data only if they held the DV
+        # this store started from and nobody else wrote.
+        pages_current = v.kernel_dv == dv and own
+        apply_reply(self.ctx, v, status_wire, None, snap, own_from_dv=dv if own else None)
+        v.kernel_dv = new.data_version if pages_current else None
+        v.touch()
+
+
+class _Batch:
+    """One batch of pipelined StoreData calls for one vnode."""
+
+    __slots__ = ("error", "foreign", "fsize", "key_dv", "replies", "v")
+
+    def __init__(self, v: Vnode, key_dv: int, fsize: int) -> None:
+        self.v = v
+        self.key_dv = key_dv  # the DV the dirty chunks are filed under
+        self.fsize = fsize  # the file's final length, sent with every call
+        self.replies: dict[int, tuple[Any, CallSnapshot]] = {}  # reply DV -> reply
+        self.foreign = False  # a reply did not follow our own chain of DVs
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
 
 
 __all__ = ["Writer"]
