@@ -222,9 +222,14 @@ class Writer:
         if not run:
             return b""
         cs = self.ctx.datacache.chunk_size
-        # Off the trio thread when large: the io lock and the vnode's write
-        # lock keep these dirty chunks as they are.
-        chunks = await self.ctx.chunk_io(len(run) * cs, self._get_chunks, b.v.fid, b.key_dv, run)
+        # Off the trio thread when read from disk (in memory there is no
+        # I/O to wait for): the io lock and the vnode's write lock keep these
+        # dirty chunks as they are.
+        dc = self.ctx.datacache
+        nbytes = len(run) * cs
+        if dc.resident(b.v.fid, b.key_dv, run[0] * cs, nbytes):
+            nbytes = 0
+        chunks = await self.ctx.chunk_io(nbytes, self._get_chunks, b.v.fid, b.key_dv, run)
         parts = []
         for i, chunk in zip(run, chunks, strict=True):
             if chunk is None:
