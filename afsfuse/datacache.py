@@ -450,6 +450,7 @@ class DataCache:
             # Read back from disk: worth keeping resident (a clean chunk).
             whole = bytes(memoryview(raw)[_HEADER.size :])
             self._mem_add(key, whole)
+            self._mem_shrink(protect=key)
             return whole[start:end]
         return bytes(memoryview(raw)[_HEADER.size + start : _HEADER.size + end])
 

@@ -553,3 +553,15 @@ def test_memory_layer_overwrite_unlinks_the_outdated_file(tmp_path: Path) -> Non
         assert again.get(F, 1, 0) is None
     finally:
         again.close()
+
+
+def test_memory_layer_bound_holds_for_chunks_read_back_from_disk(tmp_path: Path) -> None:
+    """Chunks read back from their files become resident, within the bound."""
+    with DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS) as dc:
+        fill(dc, F, 1, pattern(50 * CS))  # written to disk, no memory layer
+    with DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS, mem_bytes=8 * CS) as dc:
+        for _ in range(2):
+            for i in range(50):
+                assert dc.get(F, 1, i) == pattern(50 * CS)[i * CS : (i + 1) * CS]
+                assert dc.stats()["mem_bytes"] <= 8 * CS
+        assert dc.stats()["mem_chunks"] > 0
