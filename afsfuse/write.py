@@ -3,11 +3,15 @@
 Writes land in local dirty chunks (a partly overwritten chunk starts from
 its server content, fetched through the ``Reader``); an ``open(O_TRUNC)``
 is a local write too.  ``store`` sends every dirty chunk with FS.StoreData
-(contiguous runs, at most ``MAX_IO`` a call) under the vnode's io lock; our
-own store moves the DV by exactly one per call and the chunks are
-re-labelled to it, not dropped.  Dirty chunks left by an earlier run for a
-fid nobody wrote in this one are discarded when the vnode is first made
-(``on_new_vnode``): they are never stored behind the server's back.
+(contiguous runs, at most ``MAX_IO`` a call, up to ``STORE_DEPTH`` calls in
+flight) under the vnode's io lock; our own store moves the DV by exactly
+one per call and the chunks are re-labelled to it, not dropped.  Replies
+of calls in flight may come in any order: they are applied in DV order,
+and one that does not continue our own chain of DVs is someone else's
+change (its data zapped, our dirty chunks stored again under it).  Dirty
+chunks left by an earlier run for a fid nobody wrote in this one are
+discarded when the vnode is first made (``on_new_vnode``): they are never
+stored behind the server's back.
 
 May import: ``afsfuse.context``, ``afsfuse.file`` (OpenFile), ``afsfuse.read``,
 ``afsfuse.rpc``, ``afsfuse.stats``, ``afsfuse.store_failure``, ``afsfuse.validation``,
