@@ -780,6 +780,15 @@ class DataCache:
             (fid, dv, i) in mem for i in range(offset // cs, (offset + length - 1) // cs + 1)
         )
 
+    def full_and_dirty(self, fid: Fid, dv: int, indexes: list[int]) -> bool:
+        """Whether each chunk ``indexes`` of ``dv`` is cached, dirty and full."""
+        with self._lock:
+            for i in indexes:
+                e = self._entries.get((fid, dv, i))
+                if e is None or not e.dirty or e.length != self.chunk_size:
+                    return False
+            return True
+
     def missing(self, fid: Fid, dv: int, offset: int, length: int, size: int) -> list[int]:
         """Indexes of the chunks ``read`` with the same arguments needs and does not have."""
         _check(offset=offset, length=length, size=size)

@@ -50,6 +50,10 @@ class Writer:
         self.ctx = ctx
         self.reader = reader
         self.written: set[Fid] = set()  # fids written locally in this run
+        #: Write-behind: full runs of a file being written sequentially are
+        #: stored while the application goes on writing (see ``_Behind``).
+        self.write_behind = True
+        self._behind: dict[Vnode, _Behind] = {}
 
     def on_new_vnode(self, v: Vnode) -> None:
         """Dirty chunks of a fid nobody wrote in this run are left over from a
@@ -79,6 +83,11 @@ class Writer:
         old bytes are part of this file: nothing is fetched as a base for
         writes, and holes read as zeros (see Reader._fetch_runs)."""
         async with v.io_lock:
+            await self._drain_behind(v)
+            b = self._behind.get(v)
+            if b is not None:
+                b.sent_runs.clear()  # the old runs are gone with the truncation
+                b.stored.clear()
             self.ctx.datacache.drop(v.fid, keep_dirty=False)
             v.local_size = 0
             v.truncated = True
@@ -123,7 +132,99 @@ class Writer:
             self.written.add(v.fid)
             self.ctx.datacache.write(v.fid, dv, offset, data, base.get)
             v.local_size = max(v.size(), end)
+            b = self._behind.get(v)
+            if b is not None:
+                # Written again after (or while) its store went out: it is
+                # stored again by the closing store, after that one is answered.
+                touched = set(range(offset // cs, (end - 1) // cs + 1))
+                b.rewritten.update(touched & b.inflight)
+                b.stored.difference_update(touched)
+            if self.write_behind:
+                await self._maybe_behind(v, wc, dv, offset)
         return len(data)
+
+    async def _maybe_behind(self, v: Vnode, cred: Any, dv: int, offset: int) -> None:
+        """A write starting in run r: store run r - 1 now if it is whole (every
+        chunk full and dirty, none in flight).  Caller holds the io lock."""
+        cs = self.ctx.datacache.chunk_size
+        per_call = max(1, MAX_IO // cs)
+        r = offset // cs // per_call - 1
+        if r < 0:
+            return
+        b = self._behind.get(v)
+        if b is not None and r in b.sent_runs:
+            return
+        run = list(range(r * per_call, (r + 1) * per_call))
+        if not self.ctx.datacache.full_and_dirty(v.fid, dv, run):
+            return
+        if b is None:
+            b = self._behind[v] = _Behind(dv)
+        if dv != b.base_dv:
+            b.tainted = True  # the DV moved under us: nothing stored counts
+        if b.inflight.intersection(run):
+            return
+        b.sent_runs.add(r)
+        chunks = [self.ctx.datacache.get(v.fid, dv, i) for i in run]
+        if any(c is None or len(c) != cs for c in chunks):
+            return
+        # At most STORE_DEPTH in flight: a writer faster than the server waits here.
+        await b.slots.acquire()
+        b.inflight.update(run)
+        b.calls += 1
+        if b.calls == 1:
+            b.drained = trio.Event()
+        try:
+            self.reader._spawn(self._behind_one, v, b, run, b"".join(chunks), cred)  # type: ignore[attr-defined]
+        except RuntimeError:  # closing: the closing store sends these chunks
+            self._behind_done(b, run)
+
+    async def _behind_one(
+        self, v: Vnode, b: _Behind, run: list[int], payload: bytes, cred: Any
+    ) -> None:
+        """One write-behind StoreData: no new length (the file is still
+        growing; the closing store sends it), no status applied and the
+        chunks left dirty: the closing store applies every reply in DV order,
+        and only if the replies are our own chain are these chunks taken as
+        stored (else they are sent again)."""
+        off = run[0] * self.ctx.datacache.chunk_size
+        try:
+            server = v.volume.server
+            snap = CallSnapshot(v.volume, server, (v,))
+            reply = await call(
+                server, M.FS_STORE_DATA, cred, v.fid, off, payload, None, None, snap=snap
+            )
+            self.ctx.stats.bytes_stored += len(payload)
+            note_volsync(self.ctx, v.volume, reply.get("volsync"))
+            b.stored.update(i for i in run if i not in b.rewritten)
+            status = FileStatus.from_wire(reply["status"])
+            b.replies[status.data_version] = (reply["status"], snap)
+            log_event("stored_behind", fid=v.fid, offset=off, bytes=len(payload),
+                      dv=status.data_version)  # fmt: skip
+        except RpcError as exc:
+            if exc.code in ("ENOENT", "ESTALE"):
+                mark_deleted(self.ctx, v)
+                exc = err("ESTALE", f"{v.fid} was removed")
+            b.fail(exc)
+        except Exception as exc:  # a task of the manager's nursery must not raise
+            log.warning("%s: write-behind store failed: %r", v.fid, exc)
+            b.fail(err("EIO", f"{v.fid}: write-behind store failed"))
+        finally:
+            self._behind_done(b, run)
+
+    @staticmethod
+    def _behind_done(b: _Behind, run: list[int]) -> None:
+        for i in run:
+            b.inflight.discard(i)
+            b.rewritten.discard(i)
+        b.calls -= 1
+        b.slots.release()
+        if b.calls == 0:
+            b.drained.set()
+
+    async def _drain_behind(self, v: Vnode) -> None:
+        b = self._behind.get(v)
+        if b is not None:
+            await b.drained.wait()
 
     def _get_chunks(self, fid: Fid, dv: int, run: list[int]) -> list[bytes | None]:
         return [self.ctx.datacache.get(fid, dv, i) for i in run]
@@ -137,15 +238,19 @@ class Writer:
         interleave (P6).  Reads on this client wait for the store (``storing``)
         rather than read the server's half-stored file."""
         async with v.io_lock:
+            # Close-to-open: every write-behind call is answered first.
+            await self._drain_behind(v)
             v.storing = True
             try:
                 await self._store_runs(v, cred)
             except RpcError as exc:
                 if refused(exc):  # never lands: show the server's file again
                     forget_unstored(self.ctx, v, exc)
+                    self._behind.pop(v, None)
                 raise
             finally:
                 v.storing = False
+            self._behind.pop(v, None)
 
     async def _store_runs(self, v: Vnode, cred: Any) -> None:
         cs = self.ctx.datacache.chunk_size
@@ -177,6 +282,14 @@ class Writer:
                 idx = [i for d, i in self.ctx.datacache.dirty_chunks(v.fid) if d == key_dv]
                 if not idx and v.local_size is None:
                     return
+                behind = self._behind.get(v)
+                stored: set[int] = set()
+                if behind is not None:
+                    if not behind.tainted and behind.base_dv == key_dv:
+                        # Already on the server (if the replies prove it).
+                        stored = behind.stored & set(idx)
+                        idx = [i for i in idx if i not in stored]
+                    behind.stored = set()
                 runs: list[list[int]] = []
                 for i in idx:
                     if runs and i == runs[-1][-1] + 1 and len(runs[-1]) < per_call:
@@ -184,7 +297,22 @@ class Writer:
                     else:
                         runs.append([i])
                 batch = _Batch(v, key_dv, v.size())
+                if behind is not None:
+                    # The write-behind replies are applied with this batch's.
+                    batch.replies.update(behind.replies)
+                    behind.replies.clear()
+                    failed, behind.error = behind.error, None
+                    if failed is not None and (refused(failed) or failed.code == "ESTALE"):
+                        # Reported at close/fsync; what did land is sorted out
+                        # as after any failed call.
+                        self._settle(batch, final=True)
+                        raise failed
                 await self._store_batch(batch, runs or [[]], cred)
+                if stored and not batch.foreign and batch.error is None:
+                    # Every reply continued our own chain: the write-behind
+                    # bytes are on the server, under the DV we now hold.
+                    for i in stored:
+                        self.ctx.datacache.mark_clean(v.fid, key_dv, i)
                 if batch.foreign:
                     # Someone else wrote too: their version's data replaced our
                     # clean chunks (zapped); what is still dirty is re-filed
@@ -309,6 +437,32 @@ class Writer:
         apply_reply(self.ctx, v, status_wire, None, snap, own_from_dv=dv if own else None)
         v.kernel_dv = new.data_version if pages_current else None
         v.touch()
+
+
+class _Behind:
+    """Write-behind state of one vnode, from its first background store to
+    the closing store that applies the replies."""
+
+    __slots__ = ("base_dv", "calls", "drained", "error", "inflight", "replies", "rewritten",
+                 "sent_runs", "slots", "stored", "tainted")  # fmt: skip
+
+    def __init__(self, base_dv: int) -> None:
+        self.base_dv = base_dv  # the DV the chunks were filed under at the first call
+        self.tainted = False  # a later call found another DV: resend everything
+        self.stored: set[int] = set()  # chunks answered, not written again since
+        self.calls = 0  # write-behind calls in flight
+        self.drained = trio.Event()
+        self.drained.set()
+        self.slots = trio.Semaphore(STORE_DEPTH)
+        self.inflight: set[int] = set()  # chunk indexes being stored
+        self.rewritten: set[int] = set()  # of those, written again meanwhile
+        self.sent_runs: set[int] = set()  # runs (MAX_IO each) already considered
+        self.replies: dict[int, tuple[Any, CallSnapshot]] = {}  # reply DV -> reply
+        self.error: RpcError | None = None
+
+    def fail(self, exc: RpcError) -> None:
+        if self.error is None:
+            self.error = exc
 
 
 class _Batch:

@@ -11,6 +11,7 @@ own, and writes or truncates that come while stores are in flight win.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -220,3 +221,129 @@ async def test_memory_bound_respected_while_writing_big_files(tmp_path):
         assert cm.datacache.stats()["mem_bytes"] <= bound
         assert bytes(fake.node(f.fid.to_wire()).data) == data
         assert await read_all(cm, f, len(data)) == data
+
+
+# -- write-behind: runs stored while the application is still writing ---------------
+
+
+async def write_in_pieces(cm: Any, h: Any, data: bytes, piece: int = CS, start: int = 0) -> None:
+    for off in range(0, len(data), piece):
+        await cm.write(h, start + off, data[off : off + piece])
+
+
+async def test_write_behind_stores_full_runs_before_close(tmp_path):
+    fake = SlowStores(delay=lambda off: 0)
+    data = pattern(6 * RUN + 100, 10)
+    async with running(tmp_path, fake) as (_net, fake, cm):
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.create(root, b"f", 0o644)
+        h = await cm.open(f, flags=2)
+        await write_in_pieces(cm, h, data)
+        await trio.sleep(0.1)
+        assert fake.calls["FS.StoreData"] >= 5  # runs 0..4 went while writing
+        await cm.flush(h)
+        await cm.release(h)
+        node = fake.node(f.fid.to_wire())
+        assert bytes(node.data) == data and f.data_version == node.dv
+        fetched = cm.stats.rpc["FS.FetchData"]
+        assert await read_all(cm, f, len(data)) == data
+        assert cm.stats.rpc["FS.FetchData"] == fetched  # kept as our own
+
+
+async def test_write_behind_chunk_written_again_while_in_flight(tmp_path):
+    fake = SlowStores(delay=lambda off: 0.3 if off == 0 else 0)
+    data = pattern(4 * RUN, 11)
+    newer = pattern(CS, 12)
+    async with running(tmp_path, fake) as (_net, fake, cm):
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.create(root, b"f", 0o644)
+        h = await cm.open(f, flags=2)
+        await write_in_pieces(cm, h, data[: 2 * RUN])  # run 0 goes behind
+        await trio.sleep(0.05)
+        assert 0 in cm.writer._behind[f].inflight
+        await cm.write(h, CS, newer)  # the same bytes again, while in flight
+        await write_in_pieces(cm, h, data[2 * RUN :], start=2 * RUN)
+        await cm.flush(h)
+        await cm.release(h)
+        want = data[:CS] + newer + data[2 * CS :]
+        assert bytes(fake.node(f.fid.to_wire()).data) == want
+        assert await read_all(cm, f, len(want)) == want
+
+
+async def test_write_behind_refused_call_is_reported_at_close(tmp_path):
+    fake = SlowStores(delay=lambda off: 0)
+    data = pattern(4 * RUN, 13)
+    async with running(tmp_path, fake) as (_net, fake, cm):
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.create(root, b"f", 0o644)
+        h = await cm.open(f, flags=2)
+        fake.fail_at[RUN] = "EDQUOT"
+        await write_in_pieces(cm, h, data)
+        with pytest.raises(RpcError) as exc:
+            await cm.flush(h)
+        assert exc.value.code == "EDQUOT"
+        await cm.release(h)
+        node = fake.node(f.fid.to_wire())
+        assert bytes(node.data[RUN : 2 * RUN]) != data[RUN : 2 * RUN]
+        # The client shows what the server has, not the bytes it refused.
+        assert await read_all(cm, f, len(data) + 10) == bytes(node.data)
+
+
+async def test_write_behind_foreign_change_means_everything_is_sent_again(tmp_path):
+    fake = SlowStores(delay=lambda off: 0.05)
+    data = pattern(8 * RUN, 14)
+    async with running(tmp_path, fake) as (_net, fake, cm):
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.create(root, b"f", 0o644)
+        h = await cm.open(f, flags=2)
+
+        async def someone_else_writes(conn, cred, fid, offset, *rest) -> None:
+            if offset == RUN:
+                # Another client's store lands between two of ours, over a
+                # range we already stored: not our DV bump.
+                fake.hooks.pop("FS.StoreData")
+                n = fake.node(fid)
+                n.data[0:CS] = b"X" * CS
+                n.dv += 1
+                await fake.break_fids([n.fid])
+
+        fake.hooks["FS.StoreData"] = someone_else_writes
+        await write_in_pieces(cm, h, data)
+        await cm.flush(h)
+        await cm.release(h)
+        # Last closer wins: A's whole file, and A's cache agrees with the server.
+        assert bytes(fake.node(f.fid.to_wire()).data) == data
+        assert await read_all(cm, f, len(data)) == data
+
+
+async def test_write_behind_truncate_drains_first(tmp_path):
+    fake = SlowStores(delay=lambda off: 0.2)
+    data = pattern(3 * RUN, 15)
+    async with running(tmp_path, fake) as (_net, fake, cm):
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.create(root, b"f", 0o644)
+        h = await cm.open(f, flags=2)
+        await write_in_pieces(cm, h, data)
+        assert fake.inside > 0 or cm.writer._behind[f].calls > 0  # in flight
+        await cm.setattr(f, size=RUN + 5)
+        await cm.flush(h)
+        await cm.release(h)
+        assert bytes(fake.node(f.fid.to_wire()).data) == data[: RUN + 5]
+        assert await read_all(cm, f, len(data)) == data[: RUN + 5]
+
+
+async def test_write_behind_then_o_trunc_reopen(tmp_path):
+    fake = SlowStores(delay=lambda off: 0.2)
+    data = pattern(3 * RUN, 16)
+    async with running(tmp_path, fake) as (_net, fake, cm):
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.create(root, b"f", 0o644)
+        h = await cm.open(f, flags=2)
+        await write_in_pieces(cm, h, data)
+        h2 = await cm.open(f, flags=os.O_WRONLY | os.O_TRUNC)
+        await cm.write(h2, 0, b"short")
+        await cm.flush(h2)
+        await cm.release(h2)
+        await cm.release(h)
+        assert bytes(fake.node(f.fid.to_wire()).data) == b"short"
+        assert await read_all(cm, f, 100) == b"short"
