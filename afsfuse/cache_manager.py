@@ -179,7 +179,10 @@ class CacheManager:
         if self._nursery is not None:
             return self
         self.ctx.datacache = DataCache(
-            self.cache_dir / "data", self.config.cache_bytes, self.config.chunk_size
+            self.cache_dir / "data",
+            self.config.cache_bytes,
+            self.config.chunk_size,
+            mem_bytes=self.config.cache_mem_bytes,
         )
         self._stack = AsyncExitStack()
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())

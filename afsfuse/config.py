@@ -27,6 +27,9 @@ class CacheConfig:
     cache_dir: str | Path
     cache_bytes: int = 1 << 30
     chunk_size: int = 256 * 1024
+    #: Chunk data held in memory (fetched and freshly written chunks are
+    #: served from it; chunk files are written behind).  0: disk only.
+    cache_mem_bytes: int = 32 << 20
     idle_record_lifetime: float = 600.0  # a record with no interests lives this long
     rpc_timeout: float = 30.0
     connect_timeout: float = 10.0

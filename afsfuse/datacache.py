@@ -31,6 +31,17 @@ blocks).  Clean chunks are evicted least recently used first to stay within
 ``max_bytes``; dirty chunks (written locally, not yet on the server) are never
 evicted, so the cache may exceed the limit rather than lose data.
 
+Memory (``mem_bytes`` > 0): the most recently used chunks are also held in
+memory, and a put (a fetched run, a local write) goes to memory first: the
+chunk file is written behind by a worker thread of this object, so the
+caller (the daemon's trio thread) never waits for the disk.  A chunk whose
+file is not yet written (*pending*) has no file at all: a file that existed
+under its key is unlinked when the key becomes pending, so a crash never
+leaves an outdated file behind.  Memory holds at most ``mem_bytes`` of
+chunk data; when pending chunks alone exceed it, the put that went over
+writes the oldest ones itself (back-pressure) instead of growing.
+``close()`` writes every pending chunk.
+
 Threads: methods do blocking file I/O.  The caller may run them in
 ``trio.to_thread.run_sync``; the object is safe for one worker thread at a time
 and an internal lock serialises calls from several threads anyway.
@@ -87,6 +98,8 @@ class CacheDirBusy(RuntimeError):
 
 class _Entry:
     __slots__ = ("dirty", "length", "verified")
+    # A chunk's bytes may also sit in DataCache._mem; DataCache._pending
+    # holds the keys whose file is not written yet.
 
     def __init__(self, length: int, dirty: bool, verified: bool) -> None:
         self.length = length
@@ -104,6 +117,7 @@ class DataCache:
         cache_dir: str | os.PathLike[str],
         max_bytes: int,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        mem_bytes: int = 0,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
@@ -124,6 +138,16 @@ class DataCache:
         self._by_fid: dict[Fid, set[tuple[int, int]]] = {}
         self._lock = threading.RLock()
         self._over_warned = False
+        self.mem_bytes = max(0, mem_bytes)
+        self._mem: OrderedDict[Key, bytes] = OrderedDict()  # resident copies, LRU first
+        self._mem_used = 0
+        self._pending: OrderedDict[Key, int] = OrderedDict()  # key -> generation, oldest first
+        self._pending_bytes = 0
+        self._gen = 0
+        self._wake = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
+        self._closing = False
+        self.writes_behind = 0
         os.makedirs(self._root, exist_ok=True)
         self._lockfile: Any = None
         self._acquire_dir_lock()
@@ -149,8 +173,18 @@ class DataCache:
         self._lockfile = f
 
     def close(self) -> None:
-        """Release the directory lock.  The cache contents stay on disk."""
+        """Write what is pending, stop the writer thread and release the
+        directory lock.  The cache contents stay on disk."""
         with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+            flusher = self._flusher
+        if flusher is not None:
+            flusher.join()
+        with self._lock:
+            self._flusher = None
+            while self._pending:
+                self._flush_one_locked()
             if self._lockfile is not None:
                 self._lockfile.close()  # closing the fd releases the flock
                 self._lockfile = None
@@ -284,6 +318,10 @@ class DataCache:
         return f"{self._root}/v{fid[0]}/{fid[1]}.{fid[2]}"
 
     def _reset_index(self) -> None:
+        self._mem.clear()
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._mem_used = 0
         self._entries.clear()
         self._lru.clear()
         self._by_fid.clear()
@@ -300,6 +338,9 @@ class DataCache:
             self._lru[key] = None
 
     def _forget(self, key: Key) -> _Entry | None:
+        if self._pending.pop(key, None) is not None:
+            self._pending_bytes -= len(self._mem[key])
+        self._mem_drop(key)
         e = self._entries.pop(key, None)
         if e is None:
             return None
@@ -377,6 +418,10 @@ class DataCache:
 
     def _read_chunk(self, key: Key, e: _Entry, start: int, end: int) -> bytes | None:
         """Payload bytes [start, end) of a cached chunk (end <= e.length), or None if damaged."""
+        data = self._mem.get(key)
+        if data is not None:
+            self._mem.move_to_end(key)
+            return data if start == 0 and end == len(data) else data[start:end]
         try:
             with open(self._path(key), "rb", buffering=0) as f:
                 fd = f.fileno()
@@ -401,6 +446,12 @@ class DataCache:
             self._corrupt(key, "bad header or checksum")
             return None
         e.verified = True
+        if self.mem_bytes and e.length <= self.mem_bytes // 4:
+            # Read back from disk: worth keeping resident (a clean chunk).
+            whole = bytes(memoryview(raw)[_HEADER.size :])
+            self._mem_add(key, whole)
+            self._mem_shrink(protect=key)
+            return whole[start:end]
         return bytes(memoryview(raw)[_HEADER.size + start : _HEADER.size + end])
 
     def _load_chunk(self, key: Key) -> bytes | None:
@@ -463,6 +514,9 @@ class DataCache:
             self._put(key, bytes(data), dirty)
 
     def _put(self, key: Key, data: bytes, dirty: bool) -> None:
+        if self.mem_bytes:
+            self._put_mem(key, data, dirty)
+            return
         try:
             try:
                 self._store(key, data, dirty)
@@ -482,6 +536,150 @@ class DataCache:
         self._forget(key)
         self._add(key, len(data), dirty, verified=True)
         self._evict(protect=key)
+
+    # ------------------------------------------------------- memory layer
+
+    def _mem_add(self, key: Key, data: bytes) -> None:
+        old = self._mem.pop(key, None)
+        if old is not None:
+            self._mem_used -= len(old)
+        self._mem[key] = data
+        self._mem_used += len(data)
+
+    def _mem_drop(self, key: Key) -> None:
+        old = self._mem.pop(key, None)
+        if old is not None:
+            self._mem_used -= len(old)
+
+    def _put_mem(self, key: Key, data: bytes, dirty: bool) -> None:
+        """Put into memory; the file follows from the writer thread."""
+        if key not in self._pending and key in self._entries:
+            # The file under this key is about to be outdated: it goes now,
+            # so a crash before the write-behind finds nothing, not old bytes.
+            _unlink(self._path(key))
+        self._forget(key)
+        self._add(key, len(data), dirty, verified=True)
+        self._mem_add(key, data)
+        self._gen += 1
+        self._pending[key] = self._gen
+        self._pending_bytes += len(data)
+        if self._behind():
+            self._start_flusher()
+            self._wake.notify()
+        self._mem_shrink(protect=key)
+        self._evict(protect=key)
+
+    def _mem_shrink(self, protect: Key | None = None) -> None:
+        """Hold memory to ``mem_bytes``: drop resident copies that are on disk,
+        least recently used first; write pending ones here if need be."""
+        while self._mem_used > self.mem_bytes and self._mem:
+            victim = next((k for k in self._mem if k not in self._pending and k != protect), None)
+            if victim is not None:
+                self._mem_drop(victim)
+                continue
+            if not any(k != protect for k in self._pending):
+                break
+            self._flush_one_locked(skip=protect)  # back-pressure: the disk is behind
+
+    def _behind(self) -> bool:
+        """Whether the writer thread should write now: only once pending
+        chunks fill half the memory, so short-lived chunks (a small file's,
+        a store's before its re-label) are not written twice, and the
+        thread does not compete with the trio thread for every put."""
+        return self._pending_bytes > self.mem_bytes // 2
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None and not self._closing:
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name="datacache-writer", daemon=True
+            )
+            self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        with self._lock:
+            while True:
+                while not self._behind() and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                key, gen = next(iter(self._pending.items()))
+                data = self._mem[key]
+                e = self._entries[key]
+                dirty = e.dirty
+                tmp = f"{self._fid_dir(key[0])}/{_TMP_PREFIX}{key[1]}.{key[2]}.{gen}"
+                # The write itself runs without the lock: the trio thread
+                # goes on putting and reading meanwhile.
+                self._lock.release()
+                try:
+                    ok = self._write_tmp(tmp, data, dirty)
+                finally:
+                    self._lock.acquire()
+                try:
+                    self._finish_flush(key, gen, tmp, ok)
+                except Exception:  # the thread must live on: puts rely on it
+                    log.exception("data cache: writing %s behind failed", self._path(key))
+
+    def _write_tmp(self, tmp: str, data: bytes, dirty: bool) -> bool:
+        header = _HEADER.pack(_MAGIC, _DIRTY if dirty else _CLEAN, len(data), zlib.crc32(data))
+        try:
+            try:
+                f = open(tmp, "wb")  # noqa: SIM115 (retried below)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                f = open(tmp, "wb")  # noqa: SIM115
+            with f:
+                f.write(header)
+                f.write(data)
+            return True
+        except OSError:
+            log.warning("data cache: could not write %s", tmp, exc_info=True)
+            _unlink(tmp)
+            return False
+
+    def _finish_flush(self, key: Key, gen: int, tmp: str, ok: bool) -> None:
+        """Under the lock: the file goes in place only if the chunk is still
+        the one written (no newer put, mark_clean, rekey or drop since)."""
+        if self._pending.get(key) != gen:
+            if ok:
+                _unlink(tmp)
+            return
+        if ok:
+            try:
+                os.replace(tmp, self._path(key))
+            except OSError:
+                _unlink(tmp)
+                ok = False
+        if ok:
+            del self._pending[key]
+            self._pending_bytes -= len(self._mem[key])
+            self.writes_behind += 1
+            self._mem_shrink()
+            return
+        e = self._entries.get(key)
+        if e is not None and not e.dirty:
+            self._remove(key)  # a clean chunk is only a copy: forget it
+        else:
+            # A dirty chunk must not be lost: it stays in memory, pending;
+            # retried after the others.
+            self._pending.move_to_end(key)
+
+    def _flush_one_locked(self, skip: Key | None = None) -> None:
+        """Write the oldest pending chunk (not ``skip``) in the calling thread."""
+        key = next((k for k in self._pending if k != skip), None)
+        if key is None:
+            return
+        gen = self._pending[key]
+        tmp = f"{self._fid_dir(key[0])}/{_TMP_PREFIX}{key[1]}.{key[2]}.{gen}"
+        ok = self._write_tmp(tmp, self._mem[key], self._entries[key].dirty)
+        if not ok and self._entries[key].dirty:
+            raise OSError(errno.EIO, f"data cache: cannot write dirty chunk {self._path(key)}")
+        self._finish_flush(key, gen, tmp, ok)
+
+    def flush(self) -> None:
+        """Write every pending chunk now (tests, ``fs flush``)."""
+        with self._lock:
+            while self._pending:
+                self._flush_one_locked()
 
     def write(
         self,
@@ -571,6 +769,26 @@ class DataCache:
             self.hits += len(wanted)
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def resident(self, fid: Fid, dv: int, offset: int, length: int) -> bool:
+        """Whether every chunk of ``[offset, offset + length)`` is in memory
+        (reading it costs no disk I/O: no worker thread needed)."""
+        if not self.mem_bytes or length <= 0:
+            return False
+        cs = self.chunk_size
+        mem = self._mem
+        return all(
+            (fid, dv, i) in mem for i in range(offset // cs, (offset + length - 1) // cs + 1)
+        )
+
+    def full_and_dirty(self, fid: Fid, dv: int, indexes: list[int]) -> bool:
+        """Whether each chunk ``indexes`` of ``dv`` is cached, dirty and full."""
+        with self._lock:
+            for i in indexes:
+                e = self._entries.get((fid, dv, i))
+                if e is None or not e.dirty or e.length != self.chunk_size:
+                    return False
+            return True
+
     def missing(self, fid: Fid, dv: int, offset: int, length: int, size: int) -> list[int]:
         """Indexes of the chunks ``read`` with the same arguments needs and does not have."""
         _check(offset=offset, length=length, size=size)
@@ -599,6 +817,13 @@ class DataCache:
             e = self._entries.get(key)
             if e is None or not e.dirty:
                 return
+            if key in self._pending:
+                # Not on disk yet: the file is written with the new flag.
+                self._gen += 1
+                self._pending[key] = self._gen
+                self._set_clean(key, e)
+                self._evict()
+                return
             try:
                 fd = os.open(self._path(key), os.O_WRONLY)
             except FileNotFoundError:
@@ -626,7 +851,20 @@ class DataCache:
             moving = sorted(i for dv, i in self._by_fid.get(fid, ()) if dv == old_dv)
             for index in moving:
                 old_key, new_key = (fid, old_dv, index), (fid, new_dv, index)
-                self._forget(new_key)  # its file is replaced by the rename
+                if new_key in self._entries:
+                    self._remove(new_key)  # replaced by the rename
+                if old_key in self._pending:
+                    # Only in memory: move it, and write it under its new name.
+                    data = self._mem[old_key]
+                    e = self._forget(old_key)
+                    assert e is not None
+                    self._add(new_key, e.length, e.dirty, e.verified)
+                    self._mem_add(new_key, data)
+                    self._gen += 1
+                    self._pending[new_key] = self._gen
+                    self._pending_bytes += len(data)
+                    continue
+                resident = self._mem.get(old_key)
                 try:
                     os.replace(self._path(old_key), self._path(new_key))
                 except FileNotFoundError:
@@ -635,6 +873,8 @@ class DataCache:
                 e = self._forget(old_key)
                 assert e is not None
                 self._add(new_key, e.length, e.dirty, e.verified)
+                if resident is not None:
+                    self._mem_add(new_key, resident)
 
     def drop(self, fid: Fid, *, keep_dv: int | None = None, keep_dirty: bool = True) -> int:
         """Drop the chunks of ``fid`` whose DV is not ``keep_dv`` (all if None).
@@ -701,6 +941,12 @@ class DataCache:
                 "evictions": self.evictions,
                 "corrupt": self.corrupt,
                 "chunk_size": self.chunk_size,
+                "mem_bytes": self._mem_used,
+                "mem_max_bytes": self.mem_bytes,
+                "mem_chunks": len(self._mem),
+                "pending_writes": len(self._pending),
+                "pending_bytes": self._pending_bytes,
+                "writes_behind": self.writes_behind,
             }
 
 

@@ -59,9 +59,10 @@ class Reader:
             if offset >= fsize or size <= 0:
                 return b""
             length = min(size, fsize - offset)
-            data = await self.ctx.chunk_io(
-                length, self.ctx.datacache.read, v.fid, dv, offset, length, fsize
-            )
+            dc = self.ctx.datacache
+            # In memory: no disk I/O, so no worker thread either.
+            nbytes = 0 if dc.resident(v.fid, dv, offset, length) else length
+            data = await self.ctx.chunk_io(nbytes, dc.read, v.fid, dv, offset, length, fsize)
             if data is not None:
                 self.ctx.stats.cache_hits += 1
                 sequential = offset == v.next_read

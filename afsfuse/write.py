@@ -3,11 +3,15 @@
 Writes land in local dirty chunks (a partly overwritten chunk starts from
 its server content, fetched through the ``Reader``); an ``open(O_TRUNC)``
 is a local write too.  ``store`` sends every dirty chunk with FS.StoreData
-(contiguous runs, at most ``MAX_IO`` a call) under the vnode's io lock; our
-own store moves the DV by exactly one per call and the chunks are
-re-labelled to it, not dropped.  Dirty chunks left by an earlier run for a
-fid nobody wrote in this one are discarded when the vnode is first made
-(``on_new_vnode``): they are never stored behind the server's back.
+(contiguous runs, at most ``MAX_IO`` a call, up to ``STORE_DEPTH`` calls in
+flight) under the vnode's io lock; our own store moves the DV by exactly
+one per call and the chunks are re-labelled to it, not dropped.  Replies
+of calls in flight may come in any order: they are applied in DV order,
+and one that does not continue our own chain of DVs is someone else's
+change (its data zapped, our dirty chunks stored again under it).  Dirty
+chunks left by an earlier run for a fid nobody wrote in this one are
+discarded when the vnode is first made (``on_new_vnode``): they are never
+stored behind the server's back.
 
 May import: ``afsfuse.context``, ``afsfuse.file`` (OpenFile), ``afsfuse.read``,
 ``afsfuse.rpc``, ``afsfuse.stats``, ``afsfuse.store_failure``, ``afsfuse.validation``,
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+
+import trio
 
 from afsfuse.context import CacheContext
 from afsfuse.file import OpenFile
@@ -34,12 +40,20 @@ from protocol.records import Fid, FileStatus, FileType
 
 log = logging.getLogger(__name__)
 
+#: StoreData calls in flight per file: enough to keep the connection and the
+#: server busy while the next payload is gathered.
+STORE_DEPTH = 4
+
 
 class Writer:
     def __init__(self, ctx: CacheContext, reader: Reader) -> None:
         self.ctx = ctx
         self.reader = reader
         self.written: set[Fid] = set()  # fids written locally in this run
+        #: Write-behind: full runs of a file being written sequentially are
+        #: stored while the application goes on writing (see ``_Behind``).
+        self.write_behind = True
+        self._behind: dict[Vnode, _Behind] = {}
 
     def on_new_vnode(self, v: Vnode) -> None:
         """Dirty chunks of a fid nobody wrote in this run are left over from a
@@ -69,6 +83,11 @@ class Writer:
         old bytes are part of this file: nothing is fetched as a base for
         writes, and holes read as zeros (see Reader._fetch_runs)."""
         async with v.io_lock:
+            await self._drain_behind(v)
+            b = self._behind.get(v)
+            if b is not None:
+                b.sent_runs.clear()  # the old runs are gone with the truncation
+                b.stored.clear()
             self.ctx.datacache.drop(v.fid, keep_dirty=False)
             v.local_size = 0
             v.truncated = True
@@ -113,7 +132,99 @@ class Writer:
             self.written.add(v.fid)
             self.ctx.datacache.write(v.fid, dv, offset, data, base.get)
             v.local_size = max(v.size(), end)
+            b = self._behind.get(v)
+            if b is not None:
+                # Written again after (or while) its store went out: it is
+                # stored again by the closing store, after that one is answered.
+                touched = set(range(offset // cs, (end - 1) // cs + 1))
+                b.rewritten.update(touched & b.inflight)
+                b.stored.difference_update(touched)
+            if self.write_behind:
+                await self._maybe_behind(v, wc, dv, offset)
         return len(data)
+
+    async def _maybe_behind(self, v: Vnode, cred: Any, dv: int, offset: int) -> None:
+        """A write starting in run r: store run r - 1 now if it is whole (every
+        chunk full and dirty, none in flight).  Caller holds the io lock."""
+        cs = self.ctx.datacache.chunk_size
+        per_call = max(1, MAX_IO // cs)
+        r = offset // cs // per_call - 1
+        if r < 0:
+            return
+        b = self._behind.get(v)
+        if b is not None and r in b.sent_runs:
+            return
+        run = list(range(r * per_call, (r + 1) * per_call))
+        if not self.ctx.datacache.full_and_dirty(v.fid, dv, run):
+            return
+        if b is None:
+            b = self._behind[v] = _Behind(dv)
+        if dv != b.base_dv:
+            b.tainted = True  # the DV moved under us: nothing stored counts
+        if b.inflight.intersection(run):
+            return
+        b.sent_runs.add(r)
+        chunks = [self.ctx.datacache.get(v.fid, dv, i) for i in run]
+        if any(c is None or len(c) != cs for c in chunks):
+            return
+        # At most STORE_DEPTH in flight: a writer faster than the server waits here.
+        await b.slots.acquire()
+        b.inflight.update(run)
+        b.calls += 1
+        if b.calls == 1:
+            b.drained = trio.Event()
+        try:
+            self.reader._spawn(self._behind_one, v, b, run, b"".join(chunks), cred)  # type: ignore[attr-defined]
+        except RuntimeError:  # closing: the closing store sends these chunks
+            self._behind_done(b, run)
+
+    async def _behind_one(
+        self, v: Vnode, b: _Behind, run: list[int], payload: bytes, cred: Any
+    ) -> None:
+        """One write-behind StoreData: no new length (the file is still
+        growing; the closing store sends it), no status applied and the
+        chunks left dirty: the closing store applies every reply in DV order,
+        and only if the replies are our own chain are these chunks taken as
+        stored (else they are sent again)."""
+        off = run[0] * self.ctx.datacache.chunk_size
+        try:
+            server = v.volume.server
+            snap = CallSnapshot(v.volume, server, (v,))
+            reply = await call(
+                server, M.FS_STORE_DATA, cred, v.fid, off, payload, None, None, snap=snap
+            )
+            self.ctx.stats.bytes_stored += len(payload)
+            note_volsync(self.ctx, v.volume, reply.get("volsync"))
+            b.stored.update(i for i in run if i not in b.rewritten)
+            status = FileStatus.from_wire(reply["status"])
+            b.replies[status.data_version] = (reply["status"], snap)
+            log_event("stored_behind", fid=v.fid, offset=off, bytes=len(payload),
+                      dv=status.data_version)  # fmt: skip
+        except RpcError as exc:
+            if exc.code in ("ENOENT", "ESTALE"):
+                mark_deleted(self.ctx, v)
+                exc = err("ESTALE", f"{v.fid} was removed")
+            b.fail(exc)
+        except Exception as exc:  # a task of the manager's nursery must not raise
+            log.warning("%s: write-behind store failed: %r", v.fid, exc)
+            b.fail(err("EIO", f"{v.fid}: write-behind store failed"))
+        finally:
+            self._behind_done(b, run)
+
+    @staticmethod
+    def _behind_done(b: _Behind, run: list[int]) -> None:
+        for i in run:
+            b.inflight.discard(i)
+            b.rewritten.discard(i)
+        b.calls -= 1
+        b.slots.release()
+        if b.calls == 0:
+            b.drained.set()
+
+    async def _drain_behind(self, v: Vnode) -> None:
+        b = self._behind.get(v)
+        if b is not None:
+            await b.drained.wait()
 
     def _get_chunks(self, fid: Fid, dv: int, run: list[int]) -> list[bytes | None]:
         return [self.ctx.datacache.get(fid, dv, i) for i in run]
@@ -127,15 +238,19 @@ class Writer:
         interleave (P6).  Reads on this client wait for the store (``storing``)
         rather than read the server's half-stored file."""
         async with v.io_lock:
+            # Close-to-open: every write-behind call is answered first.
+            await self._drain_behind(v)
             v.storing = True
             try:
                 await self._store_runs(v, cred)
             except RpcError as exc:
                 if refused(exc):  # never lands: show the server's file again
                     forget_unstored(self.ctx, v, exc)
+                    self._behind.pop(v, None)
                 raise
             finally:
                 v.storing = False
+            self._behind.pop(v, None)
 
     async def _store_runs(self, v: Vnode, cred: Any) -> None:
         cs = self.ctx.datacache.chunk_size
@@ -145,6 +260,9 @@ class Writer:
         # after each StoreData would cost the square of its size.
         key_dv: int | None = None
         while True:
+            # The vnode is write-locked across a whole batch of pipelined
+            # calls: no status fetched meanwhile can interleave with our own
+            # DV bumps (P6), so only the DVs of our replies need sorting out.
             async with v.lock.write():
                 if v.status is None:
                     raise err("ESTALE")
@@ -164,70 +282,205 @@ class Writer:
                 idx = [i for d, i in self.ctx.datacache.dirty_chunks(v.fid) if d == key_dv]
                 if not idx and v.local_size is None:
                     return
-                fsize = v.size()
-                run = idx[:1]
-                for i in idx[1:]:
-                    if i == run[-1] + 1 and len(run) < per_call:
-                        run.append(i)
+                behind = self._behind.get(v)
+                stored: set[int] = set()
+                if behind is not None:
+                    if not behind.tainted and behind.base_dv == key_dv:
+                        # Already on the server (if the replies prove it).
+                        stored = behind.stored & set(idx)
+                        idx = [i for i in idx if i not in stored]
+                    behind.stored = set()
+                runs: list[list[int]] = []
+                for i in idx:
+                    if runs and i == runs[-1][-1] + 1 and len(runs[-1]) < per_call:
+                        runs[-1].append(i)
                     else:
-                        break
-                if run:
-                    parts = []
-                    # Off the trio thread when large: the io lock and the
-                    # vnode's write lock keep these dirty chunks as they are.
-                    chunks = await self.ctx.chunk_io(
-                        len(run) * cs, self._get_chunks, v.fid, key_dv, run
-                    )
-                    for i, chunk in zip(run, chunks, strict=True):
-                        if chunk is None:
-                            raise err("EIO", f"{v.fid}: dirty chunk {i} lost")
-                        # A short cached chunk reads as zeros up to the file
-                        # size: send those zeros, so the server's old bytes
-                        # there are replaced too.
-                        span = max(0, min(cs, fsize - i * cs))
-                        parts.append(chunk[:span].ljust(span, b"\0"))
-                    off = run[0] * cs
-                    payload = b"".join(parts)[: max(0, fsize - off)]
-                else:
-                    off, payload = fsize, b""
-                server = v.volume.server
-                snap = CallSnapshot(v.volume, server, (v,))
-                try:
-                    reply = await call(
-                        server, M.FS_STORE_DATA, cred, v.fid, off, payload, fsize, None,
-                        snap=snap,
-                    )  # fmt: skip
-                except RpcError as exc:
-                    if exc.code in ("ENOENT", "ESTALE"):
-                        # Removed by someone else: these writes can never land.
-                        mark_deleted(self.ctx, v)
-                        raise err("ESTALE", f"{v.fid} was removed") from None
-                    raise
-                self.ctx.stats.bytes_stored += len(payload)
-                note_volsync(self.ctx, v.volume, reply.get("volsync"))
-                new = FileStatus.from_wire(reply["status"])
-                for i in run:
-                    self.ctx.datacache.mark_clean(v.fid, key_dv, i)
-                own = new.data_version == dv + 1
-                # C2: the kernel's pages hold the new data only if they held
-                # the DV this store started from and nobody else wrote.
-                pages_current = v.kernel_dv == dv and own
-                apply_reply(self.ctx, v, reply["status"], None, snap, own_from_dv=dv)
-                v.kernel_dv = new.data_version if pages_current else None
-                v.touch()
-                log_event("stored", fid=v.fid, offset=off, bytes=len(payload),
-                          dv=new.data_version)  # fmt: skip
-                if not own:
+                        runs.append([i])
+                batch = _Batch(v, key_dv, v.size())
+                if behind is not None:
+                    # The write-behind replies are applied with this batch's.
+                    batch.replies.update(behind.replies)
+                    behind.replies.clear()
+                    failed, behind.error = behind.error, None
+                    if failed is not None and (refused(failed) or failed.code == "ESTALE"):
+                        # Reported at close/fsync; what did land is sorted out
+                        # as after any failed call.
+                        self._settle(batch, final=True)
+                        raise failed
+                await self._store_batch(batch, runs or [[]], cred)
+                if stored and not batch.foreign and batch.error is None:
+                    # Every reply continued our own chain: the write-behind
+                    # bytes are on the server, under the DV we now hold.
+                    for i in stored:
+                        self.ctx.datacache.mark_clean(v.fid, key_dv, i)
+                if batch.foreign:
                     # Someone else wrote too: their version's data replaced our
-                    # clean chunks (zapped above); what is still dirty is
-                    # re-filed under the current DV at the next pass.
+                    # clean chunks (zapped); what is still dirty is re-filed
+                    # under the current DV at the next pass.
                     key_dv = None
+                if batch.error is not None:
+                    raise batch.error
                 if not self.ctx.datacache.dirty_chunks(v.fid):
                     if key_dv is not None:
-                        self.ctx.datacache.rekey(v.fid, key_dv, new.data_version)
+                        assert v.status is not None
+                        self.ctx.datacache.rekey(v.fid, key_dv, v.status.data_version)
                     v.local_size = None
                     v.truncated = False
                     return
+
+    async def _store_batch(self, b: _Batch, runs: list[list[int]], cred: Any) -> None:
+        """Send ``runs`` with up to ``STORE_DEPTH`` StoreData calls in flight.
+
+        Every call carries the same final length and the runs are disjoint,
+        so the order the server runs them in does not change the result.
+        A failed call does not cancel the others (their bytes may land
+        anyway): all are waited for, and the first error is kept."""
+        slots = trio.Semaphore(STORE_DEPTH)
+        async with trio.open_nursery() as nursery:
+            for run in runs:
+                await slots.acquire()
+                if b.error is not None:
+                    slots.release()
+                    break
+                try:
+                    payload = await self._payload(b, run)
+                except BaseException:
+                    slots.release()
+                    raise
+                nursery.start_soon(self._store_one, b, run, payload, cred, slots)
+        self._settle(b, final=True)
+
+    async def _payload(self, b: _Batch, run: list[int]) -> bytes:
+        if not run:
+            return b""
+        cs = self.ctx.datacache.chunk_size
+        # Off the trio thread when read from disk (in memory there is no
+        # I/O to wait for): the io lock and the vnode's write lock keep these
+        # dirty chunks as they are.
+        dc = self.ctx.datacache
+        nbytes = len(run) * cs
+        if dc.resident(b.v.fid, b.key_dv, run[0] * cs, nbytes):
+            nbytes = 0
+        chunks = await self.ctx.chunk_io(nbytes, self._get_chunks, b.v.fid, b.key_dv, run)
+        parts = []
+        for i, chunk in zip(run, chunks, strict=True):
+            if chunk is None:
+                raise err("EIO", f"{b.v.fid}: dirty chunk {i} lost")
+            # A short cached chunk reads as zeros up to the file size: send
+            # those zeros, so the server's old bytes there are replaced too.
+            span = max(0, min(cs, b.fsize - i * cs))
+            parts.append(chunk[:span].ljust(span, b"\0"))
+        return b"".join(parts)[: max(0, b.fsize - run[0] * cs)]
+
+    async def _store_one(
+        self, b: _Batch, run: list[int], payload: bytes, cred: Any, slots: trio.Semaphore
+    ) -> None:
+        v = b.v
+        off = run[0] * self.ctx.datacache.chunk_size if run else b.fsize
+        try:
+            server = v.volume.server
+            snap = CallSnapshot(v.volume, server, (v,))
+            try:
+                reply = await call(
+                    server, M.FS_STORE_DATA, cred, v.fid, off, payload, b.fsize, None, snap=snap
+                )
+            except RpcError as exc:
+                if exc.code in ("ENOENT", "ESTALE"):
+                    # Removed by someone else: these writes can never land.
+                    mark_deleted(self.ctx, v)
+                    b.fail(err("ESTALE", f"{v.fid} was removed"))
+                else:
+                    b.fail(exc)
+                return
+            self.ctx.stats.bytes_stored += len(payload)
+            note_volsync(self.ctx, v.volume, reply.get("volsync"))
+            # These bytes are on the server whatever order the replies come in.
+            for i in run:
+                self.ctx.datacache.mark_clean(v.fid, b.key_dv, i)
+            status = FileStatus.from_wire(reply["status"])
+            b.replies[status.data_version] = (reply["status"], snap)
+            log_event("stored", fid=v.fid, offset=off, bytes=len(payload),
+                      dv=status.data_version)  # fmt: skip
+            self._settle(b, final=False)
+        finally:
+            slots.release()
+
+    def _settle(self, b: _Batch, *, final: bool) -> None:
+        """Apply the replies received so far in DV order: one that moves the
+        DV by exactly one from the current status is our own change alone (as
+        in the one-call-at-a-time store); at the end of the batch whatever is
+        left (a gap: someone else's change, or a failed call's) is applied as
+        news, the newest last, so its data is zapped."""
+        v = b.v
+        while v.status is not None:
+            nxt = b.replies.pop(v.status.data_version + 1, None)
+            if nxt is None:
+                break
+            self._apply(b, nxt, own=True)
+        if final and b.replies:
+            b.foreign = True
+            stale = [d for d in b.replies if v.status is not None and d <= v.status.data_version]
+            for d in stale:
+                del b.replies[d]
+            for d in sorted(b.replies):
+                self._apply(b, b.replies.pop(d), own=False)
+
+    def _apply(self, b: _Batch, got: tuple[Any, CallSnapshot], *, own: bool) -> None:
+        v = b.v
+        status_wire, snap = got
+        assert v.status is not None
+        dv = v.status.data_version
+        new = FileStatus.from_wire(status_wire)
+        # C2: the kernel's pages hold the new data only if they held the DV
+        # this store started from and nobody else wrote.
+        pages_current = v.kernel_dv == dv and own
+        apply_reply(self.ctx, v, status_wire, None, snap, own_from_dv=dv if own else None)
+        v.kernel_dv = new.data_version if pages_current else None
+        v.touch()
+
+
+class _Behind:
+    """Write-behind state of one vnode, from its first background store to
+    the closing store that applies the replies."""
+
+    __slots__ = ("base_dv", "calls", "drained", "error", "inflight", "replies", "rewritten",
+                 "sent_runs", "slots", "stored", "tainted")  # fmt: skip
+
+    def __init__(self, base_dv: int) -> None:
+        self.base_dv = base_dv  # the DV the chunks were filed under at the first call
+        self.tainted = False  # a later call found another DV: resend everything
+        self.stored: set[int] = set()  # chunks answered, not written again since
+        self.calls = 0  # write-behind calls in flight
+        self.drained = trio.Event()
+        self.drained.set()
+        self.slots = trio.Semaphore(STORE_DEPTH)
+        self.inflight: set[int] = set()  # chunk indexes being stored
+        self.rewritten: set[int] = set()  # of those, written again meanwhile
+        self.sent_runs: set[int] = set()  # runs (MAX_IO each) already considered
+        self.replies: dict[int, tuple[Any, CallSnapshot]] = {}  # reply DV -> reply
+        self.error: RpcError | None = None
+
+    def fail(self, exc: RpcError) -> None:
+        if self.error is None:
+            self.error = exc
+
+
+class _Batch:
+    """One batch of pipelined StoreData calls for one vnode."""
+
+    __slots__ = ("error", "foreign", "fsize", "key_dv", "replies", "v")
+
+    def __init__(self, v: Vnode, key_dv: int, fsize: int) -> None:
+        self.v = v
+        self.key_dv = key_dv  # the DV the dirty chunks are filed under
+        self.fsize = fsize  # the file's final length, sent with every call
+        self.replies: dict[int, tuple[Any, CallSnapshot]] = {}  # reply DV -> reply
+        self.foreign = False  # a reply did not follow our own chain of DVs
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
 
 
 __all__ = ["Writer"]

@@ -16,7 +16,7 @@ from fileserver.server import FileServer
 from protocol.tls import tcp_connect, tls_connector
 
 
-def make(tmp_path, name, server) -> CacheManager:
+def make(tmp_path, name, server, **kw) -> CacheManager:
     cfg = CacheConfig(
         cells=CellDB.single((server.host, server.port), name="localcell"),
         cache_dir=tmp_path / name,
@@ -26,6 +26,7 @@ def make(tmp_path, name, server) -> CacheManager:
         key=server.auth.key,
         # TLS with the server's own certificate (a client one of its cell CA).
         connector=tls_connector(server.client_tls),
+        **kw,
     )
     return CacheManager(cfg)
 
@@ -147,14 +148,15 @@ async def test_breaks_missed_while_disconnected_arrive_at_reconnect(tmp_path):
 
 
 async def test_large_chunk_io_runs_off_the_trio_thread_and_stays_exact(tmp_path):
-    """Big reads and store payloads go through worker threads; the bytes a
-    second client reads are exactly the ones written."""
+    """Big reads and store payloads from the disk cache go through worker
+    threads (no memory layer here: with one, they come from memory); the
+    bytes a second client reads are exactly the ones written."""
     data = bytes(range(256)) * 4096  # 1 MiB, 16 chunks of 64 KiB
     with trio.fail_after(60):
         async with (
             running_server(tmp_path / "fs") as server,
-            make(tmp_path, "a", server) as a,
-            make(tmp_path, "b", server) as b,
+            make(tmp_path, "a", server, cache_mem_bytes=0) as a,
+            make(tmp_path, "b", server, cache_mem_bytes=0) as b,
         ):
             ra = await a.mount_volume(None, "root.cell")
             rb = await b.mount_volume(None, "root.cell")

@@ -349,6 +349,7 @@ ops = st.lists(
         st.tuples(st.just("read"), st.integers(0, MAXSZ + 4), st.integers(0, 3 * PCS)),
         st.tuples(st.just("store")),
         st.tuples(st.just("restart")),
+        st.tuples(st.just("crash")),
     ),
     max_size=25,
 )
@@ -357,17 +358,29 @@ ops = st.lists(
 @settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(initial=st.binary(max_size=MAXSZ), steps=ops, max_chunks=st.integers(1, 6))
+@given(
+    initial=st.binary(max_size=MAXSZ),
+    steps=ops,
+    max_chunks=st.integers(1, 6),
+    mem=st.sampled_from([0, 0, PCS, 3 * PCS, 64 * PCS]),
+)
 def test_property_write_read_truncate_match_bytearray(
-    initial: bytes, steps: list[tuple], max_chunks: int
+    initial: bytes, steps: list[tuple], max_chunks: int, mem: int
 ) -> None:
     """The cache driven like the cache manager drives it always agrees with a bytearray.
 
     `server` and `watermark` emulate what a correct cache manager supplies as
     `base`: the server's clean bytes, but nothing past a local truncation.
+    With a memory layer (`mem` > 0) the same holds, memory never holds more
+    than its bound, and a crash (pending chunk files never written) leaves
+    no clean chunk file whose bytes are not the server's.
     """
     with tempfile.TemporaryDirectory() as d:
-        dc = DataCache(d, max_bytes=max_chunks * PCS, chunk_size=PCS)
+
+        def new_cache() -> DataCache:
+            return DataCache(d, max_bytes=max_chunks * PCS, chunk_size=PCS, mem_bytes=mem)
+
+        dc = new_cache()
         model = bytearray(initial)
         server, watermark, dv = bytes(initial), len(initial), 1
 
@@ -424,10 +437,24 @@ def test_property_write_read_truncate_match_bytearray(
                     dc.rekey(F, dv, dv + 1)
                     dv += 1
                     assert dc.drop(F, keep_dv=dv) == 0
+                elif step[0] == "crash":
+                    crash(dc)
+                    dc = new_cache()
+                    # What a crash left is at worst missing, never outdated:
+                    # every clean chunk holds the server's bytes.
+                    for cdv, i in sorted(dc._by_fid.get(F, ())):
+                        got = dc.get(F, cdv, i)
+                        if got is not None and not dc._entries[(F, cdv, i)].dirty:
+                            assert cdv == dv
+                            want = server[i * PCS : (i + 1) * PCS]
+                            assert got == want[: len(got)] and len(got) <= len(want)
+                    # The cache manager drops unstored writes of a past run.
+                    dc.drop(F, keep_dirty=False)
+                    model, watermark = bytearray(server), len(server)
                 else:
                     before = (dc.bytes_used, dc.dirty_chunks(F))
                     dc.close()
-                    dc = DataCache(d, max_bytes=max_chunks * PCS, chunk_size=PCS)
+                    dc = new_cache()
                     # Same chunks, unless the just-put chunk that a put may keep over
                     # the bound is now evicted (the bound applies at start).
                     assert dc.dirty_chunks(F) == before[1]
@@ -437,6 +464,104 @@ def test_property_write_read_truncate_match_bytearray(
                         assert dc.bytes_used <= max(dc.max_bytes, dc.dirty_bytes)
                 s = dc.stats()
                 assert s["bytes_used"] <= max(dc.max_bytes, s["dirty_bytes"] + PCS)
+                assert s["mem_bytes"] <= max(mem, PCS if mem else 0)
             assert fetch_read(0, MAXSZ * 2) == bytes(model)
         finally:
             dc.close()
+
+
+def crash(dc: DataCache) -> None:
+    """The process dies: the writer thread stops, pending files are never written."""
+    with dc._lock:
+        dc._closing = True
+        dc._wake.notify_all()
+    if dc._flusher is not None:
+        dc._flusher.join()
+    dc._pending.clear()
+    dc._lockfile.close()
+    dc._lockfile = None
+
+
+# ---------------------------------------------------------------- memory layer
+
+
+def test_memory_layer_bound_and_write_behind(tmp_path: Path) -> None:
+    """Puts go to memory and their files follow; memory never holds more than
+    its bound, even when dirty chunks come faster than the disk takes them."""
+    dc = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS, mem_bytes=4 * CS)
+    try:
+        for i in range(200):
+            dc.put(F, 1, i, pattern(CS, i), dirty=True)
+            assert dc.stats()["mem_bytes"] <= 4 * CS
+        for i in range(200):
+            assert dc.get(F, 1, i) == pattern(CS, i)
+        dc.flush()
+        assert dc.stats()["pending_writes"] == 0
+        for i in range(200):
+            raw = chunk_path(tmp_path, F, 1, i).read_bytes()
+            assert raw.endswith(pattern(CS, i))
+    finally:
+        dc.close()
+    again = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    try:
+        assert again.dirty_chunks(F) == [(1, i) for i in range(200)]
+        assert again.read(F, 1, 0, 200 * CS, 200 * CS) == b"".join(
+            pattern(CS, i) for i in range(200)
+        )
+    finally:
+        again.close()
+
+
+def test_memory_layer_rekey_and_mark_clean_of_pending_chunks(tmp_path: Path) -> None:
+    """A chunk still only in memory can be marked clean and re-labelled: its
+    file appears under the new label with the clean flag, never under the old."""
+    dc = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS, mem_bytes=64 * CS)
+    try:
+        with dc._lock:  # hold the writer thread off: the chunk stays pending
+            dc.put(F, 1, 0, b"x" * CS, dirty=True)
+            dc.mark_clean(F, 1, 0)
+            dc.rekey(F, 1, 2)
+            assert dc.stats()["pending_writes"] == 1
+            assert not chunk_path(tmp_path, F, 1, 0).exists()
+        dc.flush()
+        assert not chunk_path(tmp_path, F, 1, 0).exists()
+        assert chunk_path(tmp_path, F, 2, 0).exists()
+        assert dc.get(F, 2, 0) == b"x" * CS and dc.dirty_chunks(F) == []
+    finally:
+        dc.close()
+    again = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    try:
+        assert again.get(F, 2, 0) == b"x" * CS and again.dirty_chunks(F) == []
+    finally:
+        again.close()
+
+
+def test_memory_layer_overwrite_unlinks_the_outdated_file(tmp_path: Path) -> None:
+    """A chunk overwritten in memory loses its old file at once: a crash
+    before the new one is written finds nothing rather than old bytes."""
+    dc = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS, mem_bytes=64 * CS)
+    dc.put(F, 1, 0, b"old")
+    dc.flush()
+    assert chunk_path(tmp_path, F, 1, 0).exists()
+    with dc._lock:
+        dc.put(F, 1, 0, b"new", dirty=True)
+        assert not chunk_path(tmp_path, F, 1, 0).exists()
+        crash_locked = dc
+    crash(crash_locked)
+    again = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    try:
+        assert again.get(F, 1, 0) is None
+    finally:
+        again.close()
+
+
+def test_memory_layer_bound_holds_for_chunks_read_back_from_disk(tmp_path: Path) -> None:
+    """Chunks read back from their files become resident, within the bound."""
+    with DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS) as dc:
+        fill(dc, F, 1, pattern(50 * CS))  # written to disk, no memory layer
+    with DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS, mem_bytes=8 * CS) as dc:
+        for _ in range(2):
+            for i in range(50):
+                assert dc.get(F, 1, i) == pattern(50 * CS)[i * CS : (i + 1) * CS]
+                assert dc.stats()["mem_bytes"] <= 8 * CS
+        assert dc.stats()["mem_chunks"] > 0
