@@ -462,6 +462,8 @@ class FsOps:
                 vol._storing.add(vn)  # before the checks: see Volume.run_batch
                 try:
                     _v, new_size = await h.read(begin, lambda _: ())
+                    if vol.is_inline(vn):  # its bytes to a data file first
+                        await h.commit(partial(vol.uninline, vn, f.unique), op="FS.StoreData:spill")
                     if vn not in vol._armed:
                         try:
                             await h.commit(partial(vol.arm, vn, f.unique), op="FS.StoreData:intent")

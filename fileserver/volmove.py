@@ -141,7 +141,10 @@ def snapshot(vol: Volume, dest: Path) -> Files:
     finally:
         out.close()
     rows = vol.db.execute(
-        "SELECT vnode, uniq, dv, size FROM vnodes WHERE type = ?", (int(FileType.FILE),)
+        # Inline files' bytes travel in the database copy.
+        "SELECT vnode, uniq, dv, size FROM vnodes WHERE type = ? "
+        "AND vnode NOT IN (SELECT vnode FROM inline_data)",
+        (int(FileType.FILE),),
     ).fetchall()
     return {f"data/{vn}.{uq}": (dv, size) for vn, uq, dv, size in rows}
 
