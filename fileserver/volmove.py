@@ -246,7 +246,8 @@ class Receiver:
             fsync_dir(final.parent)
             store = self.server.store
             # recovery settles what the copy carried
-            return Volume(final, sync=store.sync, stats=store.sync_stats)
+            return Volume(final, sync=store.sync, stats=store.sync_stats,
+                          inline_max=store.inline_max)  # fmt: skip
 
         vol = await trio.to_thread.run_sync(install)
         del self.incoming[vid]

@@ -319,6 +319,7 @@ class Volume:
         gid: int = 0,
         sync: str = "always",
         stats: SyncStats | None = None,
+        inline_max: int = INLINE_MAX,
     ) -> Volume:
         """Create an empty volume whose root directory is vnode 1 unique 1."""
         path = Path(path)
@@ -344,7 +345,7 @@ class Volume:
         # The rename makes the volume appear whole or not at all.
         os.rename(tmp, path)
         _fsync_dir(path.parent)
-        return cls(path, sync=sync, stats=stats)
+        return cls(path, sync=sync, stats=stats, inline_max=inline_max)
 
     def _load_header(self) -> None:
         row = self.db.execute(

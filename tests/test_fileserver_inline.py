@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import trio
 
-from afsfuse.lab.server import ServerProcess, fs_client
+from afsfuse.lab.server import ServerProcess, fs_client, running_server
+from fileserver.config import ServerConfig
 from fileserver.salvage import salvage
 from fileserver.volume import Volume
 from protocol.errors import RpcError
@@ -159,6 +160,22 @@ def test_an_empty_file_with_a_pending_truncation_is_not_inlined(tmp_path, monkey
     vol = Volume(tmp_path / "v")
     assert _read(vol, f) == b"hi" and vol.check() == []
     vol.close()
+
+
+async def test_the_inline_limit_is_a_server_knob(tmp_path):
+    with pytest.raises(ValueError):
+        ServerConfig(data_dir=tmp_path, inline_max=-1)
+    for limit, inline in ((0, False), (8, False), (64 * 1024, True)):
+        async with (
+            running_server(tmp_path / f"fs{limit}", inline_max=limit) as srv,
+            fs_client(srv.host, srv.port) as c,
+        ):
+            root = await c.root_fid()
+            fid = (await c.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
+            await c.call("FS.StoreData", None, fid, 0, b"ten bytes!", None, None)
+            h = srv.store.get(root[0])
+            assert h.vol.is_inline(fid[1]) is inline
+            assert (await c.call("FS.FetchData", None, fid, 0, 100))["data"] == b"ten bytes!"
 
 
 # -- kill -9 of a real server ---------------------------------------------------
