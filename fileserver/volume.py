@@ -3,8 +3,17 @@
 Layout of a volume directory ``volumes/<id>/``::
 
     volume.db        SQLite (WAL; synchronous=FULL under --sync always): header, vnodes,
-                     dirents, intents, pending, xattrs (user.* attributes, by vnode)
+                     dirents, intents, pending, xattrs (user.* attributes, by vnode),
+                     inline_data (the bytes of small files, see below)
     data/<vnode>.<unique>   file contents (named by vnode + uniquifier, never by user names)
+
+Small files.  A store that leaves a file (inline already, or empty with no
+data file and no redo record) at most ``inline_max`` long puts its bytes in
+``inline_data`` in the transaction of its metadata: one WAL sync, no data
+file.  Growing past the limit spills them to a data file, written and
+synced before the commit that drops the blob; until that commit the blob
+wins (recovery removes a data file beside one).  Everything below is about
+files with data files.
 
 Crash consistency.  A store of a file writes its bytes into the data file
 only while the file has a committed intent record (table ``intents``: which
