@@ -266,3 +266,15 @@ async def test_sigkill_during_inline_to_file_migration(tmp_path):
             steps += [(0, bytes([48 + k]) * 200_000) for k in range(10)]
         plan.append(steps)
     await _sigkill_run(tmp_path, plan)
+
+
+def test_inline_stores_count_against_the_quota(tmp_path):
+    vol = Volume.create(tmp_path / "v", 7, "v", quota_bytes=100)
+    f, _ = vol.create_vnode(1, 1, b"f", FileType.FILE, 0o644, 0, 0)
+    vol.store_small(f.vnode, f.unique, 0, b"x" * 60, None, None)
+    with pytest.raises(RpcError) as ei:
+        vol.store_small(f.vnode, f.unique, 60, b"x" * 41, None, None)
+    assert ei.value.code == "EDQUOT"
+    assert vol.is_inline(f.vnode) and vol.bytes_used == 60
+    assert vol.volume_status()["bytes_used"] == 60 and vol.check() == []
+    vol.close()
