@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="always (default): a reply means the change survives power loss; "
                         "batch: it survives a server crash and is synced within ~1 s; "
                         "none: never synced by the server")  # fmt: skip
+    s.add_argument("--inline-max", type=int, default=64 * 1024, metavar="BYTES",
+                   help="files at most this long keep their bytes in the volume "
+                        "database (one WAL sync per store, no data file); 0: never "
+                        "(default %(default)s)")  # fmt: skip
     s.add_argument("--ca-file", type=Path, default=None,
                    help="cell CA, certificate + key (default: cell-ca.pem next to the cell key, "
                         "created 0600 at first start); servers of one cell share it")  # fmt: skip
@@ -316,6 +320,7 @@ def serve(args: argparse.Namespace) -> int:
         max_dir_entries=args.max_dir_entries,
         max_file_size=args.max_file_size,
         sync=args.sync,
+        inline_max=args.inline_max,
     )
     server = FileServer(config)
 

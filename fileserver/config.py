@@ -135,6 +135,9 @@ class ServerConfig:
     #: the change is on stable storage), ``batch`` (after it is written; synced
     #: within about a second), ``none`` (never synced by the server).
     sync: str = "always"
+    #: A file at most this long keeps its bytes in its volume's database
+    #: (``fileserver.volume.INLINE_MAX``); 0: every file has a data file.
+    inline_max: int = 64 * 1024
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -146,3 +149,5 @@ class ServerConfig:
         self.max_file_size = min(self.max_file_size, MAX_FILE_SIZE)
         if self.sync not in ("always", "batch", "none"):
             raise ValueError(f"sync must be always, batch or none, not {self.sync!r}")
+        if not 0 <= self.inline_max <= 1 << 20:
+            raise ValueError("inline_max must be 0 .. 1 MiB")

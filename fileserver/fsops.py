@@ -462,6 +462,10 @@ class FsOps:
                 vol._storing.add(vn)  # before the checks: see Volume.run_batch
                 try:
                     _v, new_size = await h.read(begin, lambda _: ())
+                    # Its bytes to a data file first (read on the trio thread's
+                    # own read connection, never the writer's).
+                    if await h.read(partial(vol.is_inline, vn), lambda _: (), inline=True):
+                        await h.commit(partial(vol.uninline, vn, f.unique), op="FS.StoreData:spill")
                     if vn not in vol._armed:
                         try:
                             await h.commit(partial(vol.arm, vn, f.unique), op="FS.StoreData:intent")

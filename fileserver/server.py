@@ -84,7 +84,7 @@ class FileServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.datadir = DataDir(config.data_dir)
-        self.store = VolumeStore(self.datadir, sync=config.sync)
+        self.store = VolumeStore(self.datadir, sync=config.sync, inline_max=config.inline_max)
         self.metrics = Metrics()
         self.metrics.durability(self.store.sync_stats)
         self.table = CallbackTable(

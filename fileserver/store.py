@@ -41,7 +41,7 @@ from fileserver.config import (
     VOLUMES_DIR,
 )
 from fileserver.durability import SyncStats
-from fileserver.volume import Volume, fsync_dir
+from fileserver.volume import INLINE_MAX, Volume, fsync_dir
 from protocol.errors import RpcError
 from protocol.limits import MAX_UINT32
 
@@ -461,9 +461,12 @@ class VolumeHandle:
 class VolumeStore:
     """All volumes of this server, by id and by name."""
 
-    def __init__(self, datadir: DataDir, *, sync: str = "always") -> None:
+    def __init__(
+        self, datadir: DataDir, *, sync: str = "always", inline_max: int = INLINE_MAX
+    ) -> None:
         self.datadir = datadir
         self.sync = sync
+        self.inline_max = inline_max
         self.sync_stats = SyncStats()  # shared by every volume
         self.by_id: dict[int, VolumeHandle] = {}
         self.by_name: dict[str, VolumeHandle] = {}
@@ -472,7 +475,7 @@ class VolumeStore:
     def open_all(self) -> None:
         """Open (and recover) every volume; blocking, call from a thread or at start."""
         for p in self.datadir.volume_paths(cleanup=True):
-            vol = Volume(p, sync=self.sync, stats=self.sync_stats)
+            vol = Volume(p, sync=self.sync, stats=self.sync_stats, inline_max=self.inline_max)
             self._add(VolumeHandle(vol))
 
     def _add(self, h: VolumeHandle) -> None:
@@ -534,7 +537,7 @@ class VolumeStore:
             raise RpcError("EINVAL", "quota must be a non-negative int")
         vol = Volume.create(self.datadir.volumes_dir / str(volume_id), volume_id, name,
                             quota_bytes=quota_bytes, sync=self.sync,
-                            stats=self.sync_stats)  # fmt: skip
+                            stats=self.sync_stats, inline_max=self.inline_max)  # fmt: skip
         h = VolumeHandle(vol)
         self._add(h)
         log.info("created volume %s (%d)", name, volume_id)

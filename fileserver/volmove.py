@@ -141,7 +141,10 @@ def snapshot(vol: Volume, dest: Path) -> Files:
     finally:
         out.close()
     rows = vol.db.execute(
-        "SELECT vnode, uniq, dv, size FROM vnodes WHERE type = ?", (int(FileType.FILE),)
+        # Inline files' bytes travel in the database copy.
+        "SELECT vnode, uniq, dv, size FROM vnodes WHERE type = ? "
+        "AND vnode NOT IN (SELECT vnode FROM inline_data)",
+        (int(FileType.FILE),),
     ).fetchall()
     return {f"data/{vn}.{uq}": (dv, size) for vn, uq, dv, size in rows}
 
@@ -243,7 +246,8 @@ class Receiver:
             fsync_dir(final.parent)
             store = self.server.store
             # recovery settles what the copy carried
-            return Volume(final, sync=store.sync, stats=store.sync_stats)
+            return Volume(final, sync=store.sync, stats=store.sync_stats,
+                          inline_max=store.inline_max)  # fmt: skip
 
         vol = await trio.to_thread.run_sync(install)
         del self.incoming[vid]

@@ -3,8 +3,17 @@
 Layout of a volume directory ``volumes/<id>/``::
 
     volume.db        SQLite (WAL; synchronous=FULL under --sync always): header, vnodes,
-                     dirents, intents, pending, xattrs (user.* attributes, by vnode)
+                     dirents, intents, pending, xattrs (user.* attributes, by vnode),
+                     inline_data (the bytes of small files, see below)
     data/<vnode>.<unique>   file contents (named by vnode + uniquifier, never by user names)
+
+Small files.  A store that leaves a file (inline already, or empty with no
+data file and no redo record) at most ``inline_max`` long puts its bytes in
+``inline_data`` in the transaction of its metadata: one WAL sync, no data
+file.  Growing past the limit spills them to a data file, written and
+synced before the commit that drops the blob; until that commit the blob
+wins (recovery removes a data file beside one).  Everything below is about
+files with data files.
 
 Crash consistency.  A store of a file writes its bytes into the data file
 only while the file has a committed intent record (table ``intents``: which
@@ -85,6 +94,10 @@ ROOT_DIR_MODE = 0o1777
 #: intents are dropped riding on later commits.
 ARMED_IDLE_S = 10.0
 MAX_FILE_SIZE = 1 << 44  # also the default of ServerConfig.max_file_size
+#: A file whose stores leave it at most this long keeps its bytes in the
+#: database (table ``inline_data``), committed with its metadata: one WAL
+#: sync per store, no data file, no data fsync, no intent.
+INLINE_MAX = 64 * 1024
 #: FS.SetXattr flags (the values of Linux's XATTR_CREATE / XATTR_REPLACE).
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -138,6 +151,11 @@ CREATE TABLE IF NOT EXISTS xattrs (
     value BLOB NOT NULL,
     PRIMARY KEY (vnode, name)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inline_data (
+    vnode INTEGER PRIMARY KEY,
+    uniq INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pending (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     vnode INTEGER NOT NULL,
@@ -231,8 +249,10 @@ class Volume:
         recover: bool = True,
         sync: str = "always",
         stats: SyncStats | None = None,
+        inline_max: int = INLINE_MAX,
     ) -> None:
         self.path = Path(path)
+        self.inline_max = inline_max
         self.data_dir = self.path / "data"
         self._db_path = self.path / "volume.db"
         if not self._db_path.exists():
@@ -308,6 +328,7 @@ class Volume:
         gid: int = 0,
         sync: str = "always",
         stats: SyncStats | None = None,
+        inline_max: int = INLINE_MAX,
     ) -> Volume:
         """Create an empty volume whose root directory is vnode 1 unique 1."""
         path = Path(path)
@@ -333,7 +354,7 @@ class Volume:
         # The rename makes the volume appear whole or not at all.
         os.rename(tmp, path)
         _fsync_dir(path.parent)
-        return cls(path, sync=sync, stats=stats)
+        return cls(path, sync=sync, stats=stats, inline_max=inline_max)
 
     def _load_header(self) -> None:
         row = self.db.execute(
@@ -682,10 +703,14 @@ class Volume:
             return v, (v.target or b"")[offset : offset + length]
         if offset >= v.size or length == 0:
             return v, b""
+        n = min(length, v.size - offset)
+        blob = self.inline_bytes(v.vnode, v.unique)
+        if blob is not None:  # in this read's snapshot, with its status
+            data = blob[offset : offset + n]
+            return v, data + bytes(n - len(data)) if len(data) < n else data
         if v.vnode in self.broken:
             # Committed redo records are not all on the data file yet.
             raise RpcError("EIO", f"vnode {v.vnode}: data file awaits repair")
-        n = min(length, v.size - offset)
         try:
             with open(self._data_path(v.vnode, v.unique), "rb") as f:
                 data = os.pread(f.fileno(), n, offset)
@@ -806,6 +831,8 @@ class Volume:
             # record of this file: replaying them at recovery would write
             # older bytes over this store's.
             db.execute("DELETE FROM pending WHERE vnode = ?", (vnode,))
+            # The data file holds every byte now (``uninline`` ran first).
+            db.execute("DELETE FROM inline_data WHERE vnode = ?", (vnode,))
             self.bytes_used += new_size - v.size
             v.size = new_size
             v.dv += 1
@@ -845,6 +872,8 @@ class Volume:
         v, new_size = self.store_begin(vnode, unique, offset, len(data), new_length)
         self._storing.add(vnode)
         try:
+            if self.is_inline(vnode):
+                self.uninline(vnode, unique)
             if vnode not in self._armed:
                 self.arm(vnode, unique)
             # The intent is durable: from here on a crash ends in a DV bump at
@@ -885,7 +914,11 @@ class Volume:
             for vn, uq in rows:
                 v = self.get(vn, uq)
                 path = self._data_path(vn, uq)
-                size = path.stat().st_size if path.exists() else 0
+                blob = self.inline_bytes(vn, uq)
+                if blob is not None:  # the blob wins over a spill that did not commit
+                    size = len(blob)
+                else:
+                    size = path.stat().st_size if path.exists() else 0
                 self.bytes_used += size - v.size
                 v.size = size
                 v.dv += 1
@@ -921,7 +954,19 @@ class Volume:
             self._unsynced.add(vnode)
 
     def _set_size(self, v: Vnode, new_size: int, now_ns: int, db: sqlite3.Connection) -> None:
-        """Truncate/extend inside the caller's transaction, via a redo record."""
+        """Truncate/extend inside the caller's transaction, via a redo record
+        (an inline file: its blob, or its bytes moved to a data file first)."""
+        cur = self.inline_bytes(v.vnode, v.unique)
+        if cur is not None:
+            if new_size <= self.inline_max:
+                db.execute("UPDATE inline_data SET data = ? WHERE vnode = ?",
+                           (_spliced(cur, 0, b"", new_size), v.vnode))  # fmt: skip
+                self.bytes_used += new_size - v.size
+                v.size = new_size
+                v.dv += 1
+                v.mtime_ns = now_ns
+                return
+            self._spill(db, v.vnode, v.unique, cur)
         seq = db.execute(
             "INSERT INTO pending (vnode, uniq, offset, data, new_size) VALUES (?,?,0,?,?)",
             (v.vnode, v.unique, b"", new_size),
@@ -1021,9 +1066,33 @@ class Volume:
         """A store small enough to go into the commit itself: its bytes are a
         redo record committed with the new metadata (one WAL sync makes both
         durable, no intent, no data fsync on the reply's path); the data file
-        gets them right after the commit."""
+        gets them right after the commit.
+
+        A file that is inline (or empty, with no data file yet) and stays at
+        most ``inline_max`` long gets its bytes in ``inline_data`` instead, in
+        the same transaction: nothing to apply or sync afterwards.  One that
+        grows past it moves its bytes to a data file, written (and synced)
+        before the commit that drops the blob."""
         v, new_size = self.store_begin(vnode, unique, offset, len(data), new_length)
         now_ns = time.time_ns()
+        cur = self._inline_current(v)
+        if cur is not None and (new_size <= self.inline_max or self.is_inline(vnode)):
+            with self._txn() as db:
+                if new_size <= self.inline_max:
+                    db.execute("INSERT OR REPLACE INTO inline_data VALUES (?,?,?)",
+                               (vnode, unique, _spliced(cur, offset, data, new_size)))  # fmt: skip
+                    # Records a truncation left (no data file yet) must not replay.
+                    db.execute("DELETE FROM pending WHERE vnode = ?", (vnode,))
+                else:
+                    self._spill(db, vnode, unique, cur, offset, data, new_size)
+                self.bytes_used += new_size - v.size
+                v.size = new_size
+                v.dv += 1
+                v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
+                v.ctime_ns = now_ns
+                self._put(db, v)
+                self._bump_update(now_ns)
+            return v
         with self._txn() as db:
             seq = db.execute(
                 "INSERT INTO pending (vnode, uniq, offset, data, new_size) VALUES (?,?,?,?,?)",
@@ -1038,6 +1107,74 @@ class Volume:
             self._bump_update(now_ns)
         self._later(lambda: self._redo_applied(seq, vnode, unique, offset, data, new_size), vnode)
         return v
+
+    # -- inline data (small files' bytes in the database) ------------------------
+
+    def inline_bytes(self, vnode: int, unique: int) -> bytes | None:
+        """The file's bytes when they are inline (in this thread's snapshot)."""
+        row = (
+            self._rdb()
+            .execute("SELECT data FROM inline_data WHERE vnode = ? AND uniq = ?", (vnode, unique))
+            .fetchone()
+        )
+        return bytes(row[0]) if row is not None else None
+
+    def is_inline(self, vnode: int) -> bool:
+        row = self._rdb().execute("SELECT 1 FROM inline_data WHERE vnode = ?", (vnode,)).fetchone()
+        return row is not None
+
+    def _inline_current(self, v: Vnode) -> bytes | None:
+        """The bytes of a file that may be stored inline: its blob, or ``b""``
+        for an empty file with no data file and no redo record; else None."""
+        blob = self.inline_bytes(v.vnode, v.unique)
+        if blob is not None:
+            return blob
+        if v.size or v.vnode in self._storing or v.vnode in self.broken:
+            return None
+        if self._rdb().execute("SELECT 1 FROM pending WHERE vnode = ? LIMIT 1",
+                               (v.vnode,)).fetchone():  # fmt: skip
+            return None
+        return None if self._data_path(v.vnode, v.unique).exists() else b""
+
+    def _spill(
+        self,
+        db: sqlite3.Connection,
+        vnode: int,
+        unique: int,
+        cur: bytes,
+        offset: int = 0,
+        data: bytes = b"",
+        new_size: int | None = None,
+    ) -> None:
+        """Move an inline file's bytes (with ``data`` stored at ``offset``) to
+        its data file, inside the caller's transaction: the file is written
+        and synced now, its name synced by this commit (``_commit``), so the
+        commit that drops the blob finds the bytes durable.  A crash before
+        that commit leaves the blob (it wins; recovery drops the file)."""
+        path = self._data_path(vnode, unique)
+        path.unlink(missing_ok=True)  # a leftover of a spill that did not commit
+        size = len(cur) if new_size is None else new_size
+        self._write(vnode, unique, 0, cur[:size], size, False)
+        if data:
+            self._write(vnode, unique, offset, data, size, False)
+        if self._sync_data:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            self.stats.fsync("", "data")
+        self._dir_sync_needed = True
+        db.execute("DELETE FROM inline_data WHERE vnode = ?", (vnode,))
+        db.execute("DELETE FROM pending WHERE vnode = ?", (vnode,))
+
+    def uninline(self, vnode: int, unique: int) -> None:
+        """Move an inline file's bytes to a data file (one commit), before a
+        store that writes the data file itself."""
+        with self._txn() as db:
+            cur = self.inline_bytes(vnode, unique)
+            if cur is not None:
+                self._spill(db, vnode, unique, cur)
 
     @property
     def redo_unsynced(self) -> int:
@@ -1176,6 +1313,7 @@ class Volume:
         db.execute("DELETE FROM pending WHERE vnode = ?", (v.vnode,))
         db.execute("DELETE FROM intents WHERE vnode = ?", (v.vnode,))
         db.execute("DELETE FROM xattrs WHERE vnode = ?", (v.vnode,))
+        db.execute("DELETE FROM inline_data WHERE vnode = ?", (v.vnode,))
         self._armed.pop(v.vnode, None)
         self._unsynced.discard(v.vnode)  # its name needs no sync any more
         for seq in [s for s, (vn, _p) in list(self._redo_unsynced.items()) if vn == v.vnode]:
@@ -1401,7 +1539,10 @@ class Volume:
         return {f"{vn}.{uq}" for vn, uq in rows}
 
     def _remove_orphan_files(self) -> int:
-        live = self._live_files()
+        # A data file beside a blob is a spill that did not commit: the blob wins.
+        live = self._live_files() - {
+            f"{vn}.{uq}" for vn, uq in self.db.execute("SELECT vnode, uniq FROM inline_data")
+        }
         n = 0
         for entry in os.scandir(self.data_dir):
             if entry.name not in live:
@@ -1421,6 +1562,18 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _spliced(cur: bytes, offset: int, data: bytes, new_size: int) -> bytes:
+    """``cur`` with ``data`` written at ``offset``, cut or zero-filled to ``new_size``."""
+    buf = bytearray(cur)
+    end = offset + len(data)
+    if len(buf) < end:
+        buf.extend(bytes(end - len(buf)))
+    buf[offset:end] = data
+    del buf[new_size:]
+    buf.extend(bytes(new_size - len(buf)))
+    return bytes(buf)
 
 
 def _vnode_of(path: Path) -> int:

@@ -431,7 +431,9 @@ async def lookup_dir(host: str, port: int, name: bytes) -> list[int]:
         return (await c.call("FS.Lookup", None, root, name))["fid"]  # type: ignore[no-any-return]
 
 
-def profile(pid: int, out_dir: Path, seconds: float) -> subprocess.Popen[bytes] | None:
+def profile(
+    pid: int, out_dir: Path, seconds: float, gil: bool = False
+) -> subprocess.Popen[bytes] | None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         print("py-spy not found (pip install py-spy): no profile", flush=True)
@@ -439,6 +441,7 @@ def profile(pid: int, out_dir: Path, seconds: float) -> subprocess.Popen[bytes] 
     out_dir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
                              "--rate", "200", "--format", "raw", "--threads", "--nonblocking",
+                             *(["--gil"] if gil else []),
                              "-o", str(out_dir / "cycles16.txt")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
@@ -524,6 +527,11 @@ def main() -> None:
     ap.add_argument("--sync", default="always", choices=("always", "batch", "none"))
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR")
     ap.add_argument("--profile-sessions", type=int, default=16)
+    ap.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="profile only samples holding the GIL (py-spy --gil)",
+    )
     ap.add_argument("--promises", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
@@ -542,7 +550,7 @@ def main() -> None:
                 for n in [int(x) for x in args.sessions.split(",")]:
                     prof = None
                     if args.profile is not None and n == args.profile_sessions:
-                        prof = profile(srv.pid, args.profile, args.seconds)
+                        prof = profile(srv.pid, args.profile, args.seconds, args.profile_gil)
                     print(f"cycles with {n} sessions ...", flush=True)
                     rows.append(trio.run(partial(run_cycles, srv.host, srv.port, data_dir, n,
                                                  args.seconds, args.max_cycles,

@@ -144,7 +144,8 @@ async def test_failed_post_commit_step_still_acknowledges_the_batch(tmp_path, mo
         root = await x.root_fid()
         a = (await x.call("FS.CreateFile", None, root, b"a", 0o644))["fid"]
         b = (await x.call("FS.CreateFile", None, root, b"b", 0o644))["fid"]
-        await x.call("FS.StoreData", None, a, 0, b"old a contents", None, None)
+        # Stored as a large store, so a has a data file (small files' bytes are inline).
+        await x.call("FS.StoreData", None, a, 0, b"old a contents" + bytes(70_000), 14, None)
         for f in (a, b):
             await holder.call("FS.FetchStatus", None, f)
         h = srv.store.get(root[0])
