@@ -833,13 +833,7 @@ class Volume:
             db.execute("DELETE FROM pending WHERE vnode = ?", (vnode,))
             # The data file holds every byte now (``uninline`` ran first).
             db.execute("DELETE FROM inline_data WHERE vnode = ?", (vnode,))
-            self.bytes_used += new_size - v.size
-            v.size = new_size
-            v.dv += 1
-            v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
-            v.ctime_ns = now_ns
-            self._put(db, v)
-            self._bump_update(now_ns)
+            self._data_changed(db, v, new_size, now_ns, mtime_ns)
         for seq in [s for s, (vn, _p) in list(self._redo_unsynced.items()) if vn == vnode]:
             self._redo_unsynced.pop(seq, None)  # gone with that commit: nothing to sync
         if vnode in self._armed:
@@ -953,29 +947,39 @@ class Volume:
             # that relies on it (``_commit``), shared by every file created since.
             self._unsynced.add(vnode)
 
+    def _data_changed(
+        self, db: sqlite3.Connection, v: Vnode, new_size: int, now_ns: int, mtime_ns: int | None
+    ) -> None:
+        """A store's new length, DV and times, in the caller's transaction."""
+        self.bytes_used += new_size - v.size
+        v.size = new_size
+        v.dv += 1
+        v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
+        v.ctime_ns = now_ns
+        self._put(db, v)
+        self._bump_update(now_ns)
+
     def _set_size(self, v: Vnode, new_size: int, now_ns: int, db: sqlite3.Connection) -> None:
         """Truncate/extend inside the caller's transaction, via a redo record
         (an inline file: its blob, or its bytes moved to a data file first)."""
         cur = self.inline_bytes(v.vnode, v.unique)
-        if cur is not None:
-            if new_size <= self.inline_max:
-                db.execute("UPDATE inline_data SET data = ? WHERE vnode = ?",
-                           (_spliced(cur, 0, b"", new_size), v.vnode))  # fmt: skip
-                self.bytes_used += new_size - v.size
-                v.size = new_size
-                v.dv += 1
-                v.mtime_ns = now_ns
-                return
-            self._spill(db, v.vnode, v.unique, cur)
-        seq = db.execute(
-            "INSERT INTO pending (vnode, uniq, offset, data, new_size) VALUES (?,?,0,?,?)",
-            (v.vnode, v.unique, b"", new_size),
-        ).lastrowid
+        seq = None
+        if cur is not None and new_size <= self.inline_max:
+            db.execute("UPDATE inline_data SET data = ? WHERE vnode = ?",
+                       (_spliced(cur, 0, b"", new_size), v.vnode))  # fmt: skip
+        else:
+            if cur is not None:
+                self._spill(db, v.vnode, v.unique, cur)
+            seq = db.execute(
+                "INSERT INTO pending (vnode, uniq, offset, data, new_size) VALUES (?,?,0,?,?)",
+                (v.vnode, v.unique, b"", new_size),
+            ).lastrowid
         self.bytes_used += new_size - v.size
         v.size = new_size
         v.dv += 1
         v.mtime_ns = now_ns
-        self._after_commit.append((seq, v.vnode, v.unique, new_size))
+        if seq is not None:
+            self._after_commit.append((seq, v.vnode, v.unique, new_size))
 
     _after_commit: list[tuple[int | None, int, int, int]]
 
@@ -1085,26 +1089,14 @@ class Volume:
                     db.execute("DELETE FROM pending WHERE vnode = ?", (vnode,))
                 else:
                     self._spill(db, vnode, unique, cur, offset, data, new_size)
-                self.bytes_used += new_size - v.size
-                v.size = new_size
-                v.dv += 1
-                v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
-                v.ctime_ns = now_ns
-                self._put(db, v)
-                self._bump_update(now_ns)
+                self._data_changed(db, v, new_size, now_ns, mtime_ns)
             return v
         with self._txn() as db:
             seq = db.execute(
                 "INSERT INTO pending (vnode, uniq, offset, data, new_size) VALUES (?,?,?,?,?)",
                 (vnode, unique, offset, data, new_size),
             ).lastrowid
-            self.bytes_used += new_size - v.size
-            v.size = new_size
-            v.dv += 1
-            v.mtime_ns = now_ns if mtime_ns is None else mtime_ns
-            v.ctime_ns = now_ns
-            self._put(db, v)
-            self._bump_update(now_ns)
+            self._data_changed(db, v, new_size, now_ns, mtime_ns)
         self._later(lambda: self._redo_applied(seq, vnode, unique, offset, data, new_size), vnode)
         return v
 
