@@ -60,10 +60,15 @@ class SlowStores(FakeServer):
             self.inside -= 1
 
 
-async def write_file(cm: Any, name: bytes, data: bytes) -> tuple[Any, Any]:
+async def new_file(cm: Any, name: bytes) -> tuple[Any, Any]:
+    """A new file in the volume root, open for writing: (vnode, handle)."""
     root = await cm.mount_volume("test", "root.cell")
     f = await cm.create(root, name, 0o644)
-    h = await cm.open(f, flags=2)
+    return f, await cm.open(f, flags=2)
+
+
+async def write_file(cm: Any, name: bytes, data: bytes) -> tuple[Any, Any]:
+    f, h = await new_file(cm, name)
     await cm.write(h, 0, data)
     return f, h
 
@@ -210,9 +215,7 @@ async def test_memory_bound_respected_while_writing_big_files(tmp_path):
     bound = 8 * CS
     data = pattern(40 * CS, 8)
     async with running(tmp_path, fake, cache_mem_bytes=bound) as (_net, fake, cm):
-        root = await cm.mount_volume("test", "root.cell")
-        f = await cm.create(root, b"f", 0o644)
-        h = await cm.open(f, flags=2)
+        f, h = await new_file(cm, b"f")
         for off in range(0, len(data), 3000):
             await cm.write(h, off, data[off : off + 3000])
             assert cm.datacache.stats()["mem_bytes"] <= bound
@@ -235,9 +238,7 @@ async def test_write_behind_stores_full_runs_before_close(tmp_path):
     fake = SlowStores(delay=lambda off: 0)
     data = pattern(6 * RUN + 100, 10)
     async with running(tmp_path, fake) as (_net, fake, cm):
-        root = await cm.mount_volume("test", "root.cell")
-        f = await cm.create(root, b"f", 0o644)
-        h = await cm.open(f, flags=2)
+        f, h = await new_file(cm, b"f")
         await write_in_pieces(cm, h, data)
         await trio.sleep(0.1)
         assert fake.calls["FS.StoreData"] >= 5  # runs 0..4 went while writing
@@ -255,9 +256,7 @@ async def test_write_behind_chunk_written_again_while_in_flight(tmp_path):
     data = pattern(4 * RUN, 11)
     newer = pattern(CS, 12)
     async with running(tmp_path, fake) as (_net, fake, cm):
-        root = await cm.mount_volume("test", "root.cell")
-        f = await cm.create(root, b"f", 0o644)
-        h = await cm.open(f, flags=2)
+        f, h = await new_file(cm, b"f")
         await write_in_pieces(cm, h, data[: 2 * RUN])  # run 0 goes behind
         await trio.sleep(0.05)
         assert 0 in cm.writer._behind[f].inflight
@@ -274,9 +273,7 @@ async def test_write_behind_refused_call_is_reported_at_close(tmp_path):
     fake = SlowStores(delay=lambda off: 0)
     data = pattern(4 * RUN, 13)
     async with running(tmp_path, fake) as (_net, fake, cm):
-        root = await cm.mount_volume("test", "root.cell")
-        f = await cm.create(root, b"f", 0o644)
-        h = await cm.open(f, flags=2)
+        f, h = await new_file(cm, b"f")
         fake.fail_at[RUN] = "EDQUOT"
         await write_in_pieces(cm, h, data)
         with pytest.raises(RpcError) as exc:
@@ -293,9 +290,7 @@ async def test_write_behind_foreign_change_means_everything_is_sent_again(tmp_pa
     fake = SlowStores(delay=lambda off: 0.05)
     data = pattern(8 * RUN, 14)
     async with running(tmp_path, fake) as (_net, fake, cm):
-        root = await cm.mount_volume("test", "root.cell")
-        f = await cm.create(root, b"f", 0o644)
-        h = await cm.open(f, flags=2)
+        f, h = await new_file(cm, b"f")
 
         async def someone_else_writes(conn, cred, fid, offset, *rest) -> None:
             if offset == RUN:
@@ -320,9 +315,7 @@ async def test_write_behind_truncate_drains_first(tmp_path):
     fake = SlowStores(delay=lambda off: 0.2)
     data = pattern(3 * RUN, 15)
     async with running(tmp_path, fake) as (_net, fake, cm):
-        root = await cm.mount_volume("test", "root.cell")
-        f = await cm.create(root, b"f", 0o644)
-        h = await cm.open(f, flags=2)
+        f, h = await new_file(cm, b"f")
         await write_in_pieces(cm, h, data)
         assert fake.inside > 0 or cm.writer._behind[f].calls > 0  # in flight
         await cm.setattr(f, size=RUN + 5)
@@ -336,9 +329,7 @@ async def test_write_behind_then_o_trunc_reopen(tmp_path):
     fake = SlowStores(delay=lambda off: 0.2)
     data = pattern(3 * RUN, 16)
     async with running(tmp_path, fake) as (_net, fake, cm):
-        root = await cm.mount_volume("test", "root.cell")
-        f = await cm.create(root, b"f", 0o644)
-        h = await cm.open(f, flags=2)
+        f, h = await new_file(cm, b"f")
         await write_in_pieces(cm, h, data)
         h2 = await cm.open(f, flags=os.O_WRONLY | os.O_TRUNC)
         await cm.write(h2, 0, b"short")
