@@ -587,8 +587,8 @@ class SocketTLSStream(trio.abc.Stream):
     from OpenSSL's own read buffer into the reply, and encrypted straight
     onto the socket.  Through memory BIOs (``trio.SSLStream``, ``TLSStream``)
     every byte is also copied into and out of a BIO and through Python
-    objects: on this machine a 1 MiB round trip took 3.6 ms that way, 2.2 ms
-    here, and 1.0 ms in plaintext; a 4 KiB one 113 / 88 / 68 us.
+    objects: on this machine a 1 MiB round trip took 3.6 ms that way, 2.1 ms
+    here, and 1.0 ms in plaintext; a 4 KiB one 113 / 74 / 68 us.
 
     Used for every TCP connection (``trio.SocketStream``); other streams get
     ``TLSStream``.  Semantics follow ``trio.SSLStream``: a TLS error is
