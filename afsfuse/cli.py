@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from afsfuse.kernel_readahead import DEFAULT_KIB as KERNEL_READAHEAD_KIB
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 7000
@@ -107,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attr-timeout", type=float, default=3600.0, help="kernel attribute cache")
     m.add_argument("--entry-timeout", type=float, default=3600.0, help="kernel entry cache")
     m.add_argument("--rpc-timeout", type=float, default=30.0)
+    m.add_argument(
+        "--kernel-readahead", type=int, default=KERNEL_READAHEAD_KIB, metavar="KIB",
+        help="the kernel's read-ahead window for the mount (root only; 0: the kernel's 128 KiB)",
+    )  # fmt: skip
     m.add_argument("-o", dest="fuse_options", action="append", default=[], help="FUSE options")
     m.add_argument("--log-file", type=Path, help="daemon log (default: CACHE_DIR/daemon.log)")
     m.add_argument(
@@ -175,6 +181,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             attr_timeout=args.attr_timeout,
             entry_timeout=args.entry_timeout,
             rpc_timeout=args.rpc_timeout,
+            kernel_readahead_kib=args.kernel_readahead,
             fuse_options=[o for opt in args.fuse_options for o in opt.split(",") if o],
             debug=args.debug,
         )

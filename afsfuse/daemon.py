@@ -19,12 +19,13 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from afsfuse import kernel_readahead
 from afsfuse.cache_manager import CacheConfig, CacheManager
 from afsfuse.cells import CellDB
 from afsfuse.fuse_ops import AfsOperations, drain_invalidations
@@ -60,6 +61,8 @@ class MountOptions:
     entry_timeout: float = 3600.0
     rpc_timeout: float = 30.0
     fuse_options: list[str] = field(default_factory=list)
+    #: The kernel's read-ahead window for the mount, KiB (0: its default).
+    kernel_readahead_kib: int = kernel_readahead.DEFAULT_KIB
     debug: bool = False
 
 
@@ -201,6 +204,8 @@ async def serve(opts: MountOptions, ready: Ready) -> None:
                 nursery.start_soon(drain_invalidations, ops)
                 nursery.start_soon(ops.locks.run)  # extends held server locks
                 nursery.start_soon(_watch_signals)
+                if opts.kernel_readahead_kib:
+                    nursery.start_soon(_widen_readahead, ops, opts)
                 await pyfuse3.main()
                 unmounted = True
                 nursery.cancel_scope.cancel()
@@ -209,6 +214,13 @@ async def serve(opts: MountOptions, ready: Ready) -> None:
             # their dirty data in the cache manager; cm.close() stores it.
             pyfuse3.close(unmount=True)
             log.info("FUSE session ended (%s)", "unmounted" if unmounted else "terminated")
+
+
+async def _widen_readahead(ops: AfsOperations, opts: MountOptions) -> None:
+    # Only after FUSE_INIT: its reply sets the window to at most what the
+    # kernel offered in it (the 128 KiB default), undoing an earlier setting.
+    await ops.initialized.wait()
+    kernel_readahead.set_readahead(opts.mountpoint, opts.kernel_readahead_kib)
 
 
 async def _watch_signals() -> None:
@@ -221,6 +233,9 @@ async def _watch_signals() -> None:
 
 def run_daemon(opts: MountOptions, ready_fd: int | None = None) -> int:
     ready = Ready(ready_fd)
+    # Absolute and without symlinks, as /proc/self/mountinfo names it, taken
+    # now: once mounted, this process must never touch the path again.
+    opts = replace(opts, mountpoint=Path(os.path.realpath(opts.mountpoint)))
     if opts.debug:
         logging.getLogger().setLevel(logging.DEBUG)
     try:

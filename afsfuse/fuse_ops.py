@@ -149,6 +149,8 @@ class AfsOperations(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.cm = cm
+        #: Set once the kernel's FUSE_INIT was answered (its settings final).
+        self.initialized = trio.Event()
         self.hot_window = hot_window
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
@@ -288,6 +290,9 @@ class AfsOperations(pyfuse3.Operations):
 
     def init(self) -> None:
         log.info("FUSE session initialised")
+        # libfuse replies right after this returns, before any task runs:
+        # a waiter sees the kernel's state after the reply.
+        self.initialized.set()
         if not getattr(pyfuse3, "AFSFUSE_EXTENSION", 0):
             log.warning("pyfuse3 lacks patches/pyfuse3: locks stay local to this machine")
 
