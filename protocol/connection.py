@@ -538,8 +538,15 @@ class Connection:
     async def _run_handler(
         self, msgid: int | None, method: str, handler: Handler, params: list[Any]
     ) -> None:
+        limiter = self._limiter
         try:
-            async with self._limiter:
+            # A free slot is taken without the checkpoint (one task switch per
+            # request) ``async with limiter`` costs; the handler checkpoints.
+            try:
+                limiter.acquire_nowait()
+            except trio.WouldBlock:
+                await limiter.acquire()
+            try:
                 try:
                     coro = handler(self, *params)
                 except TypeError as exc:
@@ -549,6 +556,8 @@ class Connection:
                         raise RpcError("EINVAL", f"{method}: wrong number of params") from None
                     raise
                 result = await coro
+            finally:
+                limiter.release()
         except RpcError as exc:
             if msgid is not None:
                 self._reply(msgid, exc, None)
