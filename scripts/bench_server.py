@@ -31,8 +31,10 @@ Sections (``--only``, comma separated):
 The server runs as a subprocess (``afsfuse.lab.server.ServerProcess``, event
 lines off) so the clients' work does not share its event loop.  ``--profile
 DIR`` records the server with py-spy (``pip install py-spy``) during the
-16-session cycles and writes DIR/cycles16.txt (collapsed stacks) and a top
-list of functions.
+16-session cycles (``--profile-sessions N``) and writes DIR/cycles16.txt
+(collapsed stacks) and a top list of functions; ``--profile-gil`` keeps only
+samples holding the GIL, ``--profile-native`` adds C frames (it pauses the
+server at each sample: its cycle figures are then not comparable).
 
 Goals (issue 12, 2 cores, durable default): 1 session >= 1,000 cycles/s;
 16 sessions >= 4x one; fsyncs/op <= 0.25 at 16 sessions; FetchStatus p99 <
