@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from fileserver.committer import Committer
 from fileserver.config import (
     ADDRESS_FILE,
     IDENTITY_FILE,
@@ -211,6 +212,7 @@ class VolumeHandle:
         self.removed = False
         self._queue: list[_Job] = []
         self._leading = False
+        self._committer = Committer(f"commit-{vol.name}")
         self._file_locks: dict[int, list[Any]] = {}  # vnode -> [lock, users]
         self.storing: dict[int, trio.Event] = {}
         self._changes: dict[int, int] = {}  # vnode -> seq of its last change
@@ -302,8 +304,8 @@ class VolumeHandle:
         batch, self._queue = self._queue, []
         busy: list[Path] = []
         try:
-            results, busy = await trio.to_thread.run_sync(
-                self.vol.run_batch, [(j.op, j.fn) for j in batch]
+            results, busy = await self._committer.run(
+                partial(self.vol.run_batch, [(j.op, j.fn) for j in batch])
             )
             for j, (ok, value) in zip(batch, results, strict=True):
                 if ok:

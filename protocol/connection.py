@@ -340,26 +340,31 @@ class Connection:
         self._writer_lot.unpark()
 
     async def _writer(self) -> None:
-        while not self._closed:
-            if not self._out:
-                await self._writer_lot.park()
-                continue
-            out, self._out = self._out, []
-            self._out_bytes = 0
-            data = out[0] if len(out) == 1 else b"".join(out)
-            self._writing = True
-            try:
-                with trio.fail_after(self.send_timeout):
+        # One cancel scope for the whole loop, armed only around a send: a
+        # send that times out ends the writer anyway, and entering a fresh
+        # fail_after per send was a visible share of a small RPC's cost.
+        with trio.CancelScope() as timer:
+            while not self._closed:
+                if not self._out:
+                    await self._writer_lot.park()
+                    continue
+                out, self._out = self._out, []
+                self._out_bytes = 0
+                data = out[0] if len(out) == 1 else b"".join(out)
+                self._writing = True
+                try:
+                    if self.send_timeout is not None:
+                        timer.deadline = trio.current_time() + self.send_timeout
                     await self.stream.send_all(data)
-            except trio.TooSlowError:
-                self._fail(f"peer accepted no data for {self.send_timeout} s")
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._fail(f"send failed: {exc!r}")
-                return
-            finally:
-                self._writing = False
-                self._drained_lot.unpark_all()
+                    timer.deadline = math.inf
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._fail(f"send failed: {exc!r}")
+                    return
+                finally:
+                    self._writing = False
+                    self._drained_lot.unpark_all()
+        if timer.cancelled_caught:
+            self._fail(f"peer accepted no data for {self.send_timeout} s")
 
     def _fail(self, reason: str) -> None:
         self.close_reason = self.close_reason or reason
@@ -395,54 +400,58 @@ class Connection:
         head = b""  # first bytes of the partial message at offset head_pos
         head_pos = -1
         frame_started: float | None = None  # when the current partial message began
+        wait = math.inf
+        # One cancel scope for the whole loop, its deadline moved before each
+        # receive (a timeout ends the reader anyway): cheaper than entering a
+        # move_on_after per receive.  Nothing between receives checkpoints.
+        timer = trio.CancelScope()
         try:
-            while True:
-                wait = math.inf
-                if self.idle_timeout is not None:
-                    wait = self.idle_timeout
-                if frame_started is not None and self.frame_timeout is not None:
-                    wait = min(wait, frame_started + self.frame_timeout - trio.current_time())
-                chunk = None
-                try:
-                    with trio.move_on_after(max(wait, 0)):
+            with timer:
+                while True:
+                    wait = math.inf
+                    if self.idle_timeout is not None:
+                        wait = self.idle_timeout
+                    if frame_started is not None and self.frame_timeout is not None:
+                        wait = min(wait, frame_started + self.frame_timeout - trio.current_time())
+                    try:
+                        timer.deadline = trio.current_time() + max(wait, 0)
                         chunk = await self.stream.receive_some(_RECV_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self.close_reason = self.close_reason or f"receive failed: {exc!r}"
-                    return
-                if chunk is None:
-                    what = "a partial message stalled" if frame_started is not None else "idle"
-                    log.warning("%s: %s for %.3g s, closing", self.name, what, wait)
-                    self.close_reason = self.close_reason or f"{what}: timed out"
-                    return
-                if not chunk:
-                    self.close_reason = self.close_reason or "peer closed the connection"
-                    return
-                unpacker.feed(chunk)
-                fed += len(chunk)
-                start = unpacker.tell()
-                for msg in unpacker:
-                    end = unpacker.tell()
-                    if end - start > self.max_frame:
-                        self._refuse_oversized(msg)
-                    start = end
-                    self._dispatch(msg)
-                pos = start
-                leftover = fed - pos
-                if leftover == 0:
-                    frame_started = None
-                elif head_pos != pos:
-                    frame_started = trio.current_time()
-                if leftover == 0:
-                    head, head_pos = b"", -1
-                elif head_pos != pos:
-                    head, head_pos = bytes(chunk[len(chunk) - leftover :][:_HEAD_KEEP]), pos
-                elif len(head) < _HEAD_KEEP:
-                    head += chunk[: _HEAD_KEEP - len(head)]
-                if leftover > self.max_frame:
-                    msgid = _msgid_from_head(head)
-                    if msgid is not None:
-                        self._reply(msgid, RpcError("EMSGSIZE", "frame over the limit"), None)
-                    raise _ProtocolViolation(f"frame over {self.max_frame} bytes")
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        self.close_reason = self.close_reason or f"receive failed: {exc!r}"
+                        return
+                    if not chunk:
+                        self.close_reason = self.close_reason or "peer closed the connection"
+                        return
+                    unpacker.feed(chunk)
+                    fed += len(chunk)
+                    start = unpacker.tell()
+                    for msg in unpacker:
+                        end = unpacker.tell()
+                        if end - start > self.max_frame:
+                            self._refuse_oversized(msg)
+                        start = end
+                        self._dispatch(msg)
+                    pos = start
+                    leftover = fed - pos
+                    if leftover == 0:
+                        frame_started = None
+                    elif head_pos != pos:
+                        frame_started = trio.current_time()
+                    if leftover == 0:
+                        head, head_pos = b"", -1
+                    elif head_pos != pos:
+                        head, head_pos = bytes(chunk[len(chunk) - leftover :][:_HEAD_KEEP]), pos
+                    elif len(head) < _HEAD_KEEP:
+                        head += chunk[: _HEAD_KEEP - len(head)]
+                    if leftover > self.max_frame:
+                        msgid = _msgid_from_head(head)
+                        if msgid is not None:
+                            self._reply(msgid, RpcError("EMSGSIZE", "frame over the limit"), None)
+                        raise _ProtocolViolation(f"frame over {self.max_frame} bytes")
+            if timer.cancelled_caught:
+                what = "a partial message stalled" if frame_started is not None else "idle"
+                log.warning("%s: %s for %.3g s, closing", self.name, what, wait)
+                self.close_reason = self.close_reason or f"{what}: timed out"
         except _ProtocolViolation as exc:
             self._protocol_error(str(exc))
         except (msgpack.UnpackException, ValueError, TypeError, UnicodeDecodeError) as exc:
@@ -529,8 +538,15 @@ class Connection:
     async def _run_handler(
         self, msgid: int | None, method: str, handler: Handler, params: list[Any]
     ) -> None:
+        limiter = self._limiter
         try:
-            async with self._limiter:
+            # A free slot is taken without the checkpoint (one task switch per
+            # request) ``async with limiter`` costs; the handler checkpoints.
+            try:
+                limiter.acquire_nowait()
+            except trio.WouldBlock:
+                await limiter.acquire()
+            try:
                 try:
                     coro = handler(self, *params)
                 except TypeError as exc:
@@ -540,6 +556,8 @@ class Connection:
                         raise RpcError("EINVAL", f"{method}: wrong number of params") from None
                     raise
                 result = await coro
+            finally:
+                limiter.release()
         except RpcError as exc:
             if msgid is not None:
                 self._reply(msgid, exc, None)

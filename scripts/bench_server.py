@@ -31,8 +31,10 @@ Sections (``--only``, comma separated):
 The server runs as a subprocess (``afsfuse.lab.server.ServerProcess``, event
 lines off) so the clients' work does not share its event loop.  ``--profile
 DIR`` records the server with py-spy (``pip install py-spy``) during the
-16-session cycles and writes DIR/cycles16.txt (collapsed stacks) and a top
-list of functions.
+16-session cycles (``--profile-sessions N``) and writes DIR/cycles16.txt
+(collapsed stacks) and a top list of functions; ``--profile-gil`` keeps only
+samples holding the GIL, ``--profile-native`` adds C frames (it pauses the
+server at each sample: its cycle figures are then not comparable).
 
 Goals (issue 12, 2 cores, durable default): 1 session >= 1,000 cycles/s;
 16 sessions >= 4x one; fsyncs/op <= 0.25 at 16 sessions; FetchStatus p99 <
@@ -432,7 +434,7 @@ async def lookup_dir(host: str, port: int, name: bytes) -> list[int]:
 
 
 def profile(
-    pid: int, out_dir: Path, seconds: float, gil: bool = False
+    pid: int, out_dir: Path, seconds: float, gil: bool = False, native: bool = False
 ) -> subprocess.Popen[bytes] | None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
@@ -440,7 +442,8 @@ def profile(
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                             "--rate", "200", "--format", "raw", "--threads", "--nonblocking",
+                             "--rate", "200", "--format", "raw", "--threads",
+                             *(["--native"] if native else ["--nonblocking"]),
                              *(["--gil"] if gil else []),
                              "-o", str(out_dir / "cycles16.txt")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -532,6 +535,11 @@ def main() -> None:
         action="store_true",
         help="profile only samples holding the GIL (py-spy --gil)",
     )
+    ap.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="include C frames (py-spy --native; pauses the server per sample)",
+    )
     ap.add_argument("--promises", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
@@ -550,7 +558,13 @@ def main() -> None:
                 for n in [int(x) for x in args.sessions.split(",")]:
                     prof = None
                     if args.profile is not None and n == args.profile_sessions:
-                        prof = profile(srv.pid, args.profile, args.seconds, args.profile_gil)
+                        prof = profile(
+                            srv.pid,
+                            args.profile,
+                            args.seconds,
+                            args.profile_gil,
+                            args.profile_native,
+                        )
                     print(f"cycles with {n} sessions ...", flush=True)
                     rows.append(trio.run(partial(run_cycles, srv.host, srv.port, data_dir, n,
                                                  args.seconds, args.max_cycles,
