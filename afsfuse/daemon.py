@@ -205,7 +205,9 @@ async def serve(opts: MountOptions, ready: Ready) -> None:
                 nursery.start_soon(ops.locks.run)  # extends held server locks
                 nursery.start_soon(_watch_signals)
                 if opts.kernel_readahead_kib:
-                    nursery.start_soon(_widen_readahead, ops, opts)
+                    nursery.start_soon(
+                        _widen_readahead, ops, opts.mountpoint, opts.kernel_readahead_kib
+                    )
                 await pyfuse3.main()
                 unmounted = True
                 nursery.cancel_scope.cancel()
@@ -216,11 +218,11 @@ async def serve(opts: MountOptions, ready: Ready) -> None:
             log.info("FUSE session ended (%s)", "unmounted" if unmounted else "terminated")
 
 
-async def _widen_readahead(ops: AfsOperations, opts: MountOptions) -> None:
+async def _widen_readahead(ops: AfsOperations, mountpoint: Path, kib: int) -> None:
     # Only after FUSE_INIT: its reply sets the window to at most what the
     # kernel offered in it (the 128 KiB default), undoing an earlier setting.
     await ops.initialized.wait()
-    kernel_readahead.set_readahead(opts.mountpoint, opts.kernel_readahead_kib)
+    kernel_readahead.set_readahead(mountpoint, kib)
 
 
 async def _watch_signals() -> None:

@@ -22,10 +22,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from protocol.limits import MAX_IO
+
 log = logging.getLogger(__name__)
 
-#: Default window, KiB: one FetchData (4 MiB).
-DEFAULT_KIB = 4096
+#: Default window, KiB: one FetchData's worth (MAX_IO, 4 MiB).
+DEFAULT_KIB = MAX_IO // 1024
 
 
 def _unescape(field: str) -> str:

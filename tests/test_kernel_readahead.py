@@ -9,6 +9,7 @@ the daemon in 1 MiB requests instead of 128 KiB ones; ``--kernel-readahead
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ import pytest
 from afsfuse.kernel_readahead import mount_device, set_readahead
 from afsfuse.lab.mount import ClientMount
 from afsfuse.lab.server import ServerProcess
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from bench import drop_caches
 
 MIB = 1 << 20
 
@@ -46,18 +50,12 @@ def test_setting_writes_the_bdi_and_a_missing_mount_or_sysfs_is_harmless(tmp_pat
     assert not set_readahead(Path("/tmp/a b/mnt"), 4096, proc=info, sysfs=bdi)  # no such bdi dir
 
 
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:  # the suite runs as root
-        f.write("3\n")
-
-
 def cold_read_requests(m: ClientMount, name: str, size: int) -> int:
     """Kernel read requests the daemon got for a sequential read of a file
     this mount wrote, with the kernel's page cache dropped first."""
     p = m.mnt / name
     p.write_bytes(os.urandom(size))
-    drop_caches()
+    assert drop_caches(), "dropping the page cache needs root (the suite runs as root)"
     before = m.fuse_requests().get("read", 0)
     with open(p, "rb") as f:
         while f.read(MIB):
