@@ -315,3 +315,15 @@ async def test_a_server_of_another_ca_cannot_register_with_the_vl(tmp_path):
             await wait_until(lambda: "not from this cell's CA" in fs2.registrar.last_error, 10)
             assert not fs2.registrar.registered.is_set()
         assert "vol2" not in [e["name"] for e in await vl.vl.list_entries(None)]
+
+
+def test_bench_crypto_floor_runs_records_through_the_production_contexts(tmp_path: Path) -> None:
+    """``make bench``'s TLS floor: a real TLS 1.3 session between the server
+    and client contexts, every record decrypted (a failed one would raise)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import bench_tls
+
+    f = bench_tls.crypto_floor(tmp_path, mib=4)
+    tls13 = {"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256"}
+    assert f["cipher"] in tls13
+    assert f["encrypt_ms_per_mib"] > 0 and f["decrypt_ms_per_mib"] > 0
