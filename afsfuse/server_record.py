@@ -84,6 +84,8 @@ class ServerRecord:
         self.cb_s_break = 0
         self.epoch: int | None = None
         self.cell: str | None = None
+        #: What the server said it does at the last Hello (FS.Hello's reply).
+        self.capabilities: frozenset[str] = frozenset()
         self.interests: dict[int, set[VolumeInstance]] = {}
         self.idle_since: float | None = trio.current_time()
         self.conn: Connection | None = None
@@ -236,6 +238,9 @@ class ServerRecord:
         if uuid != self.uuid:
             raise ConnectionLost(f"server at {self.addrs} is {uuid}, not {self.uuid}")
         self.cell = reply.get("cell")
+        caps = reply.get("capabilities")
+        self.capabilities = frozenset(c for c in caps if isinstance(c, str)) if isinstance(
+            caps, list) else frozenset()  # fmt: skip
         if self.epoch is not None and epoch != self.epoch and self.cb_s_break == before:
             # The server lost its callback state: every promise is void.  If it
             # already said so during this Hello (CB.InitCallBackState3, as a

@@ -40,6 +40,7 @@ class Stats:
         "cache_misses",
         "bytes_fetched",
         "bytes_stored",
+        "attrs_deferred",
         "dir_fetches",
         "dir_local_edits",
         "bulk_speculative",

@@ -38,6 +38,7 @@ def forget_unstored(ctx: CacheContext, v: Vnode, exc: RpcError) -> None:
     ctx.datacache.drop(v.fid, keep_dirty=False)
     v.local_size = None
     v.truncated = False
+    v.pending_attrs = None  # set while the writes waited: refused with them
     v.kernel_dv = None  # the kernel's pages may hold the refused bytes
     v.promise = None  # revalidate: the status the server has is the truth
     log_event("store_refused", fid=v.fid, error=exc.code)

@@ -239,6 +239,7 @@ def mark_deleted(ctx: CacheContext, v: Vnode) -> None:
     v.listing = None
     v.local_size = None
     v.truncated = False
+    v.pending_attrs = None
     ctx.datacache.drop(v.fid, keep_dirty=False)
     ctx.invalidations.put(Invalidate("inode", vnode=v))
 

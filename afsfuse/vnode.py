@@ -70,6 +70,9 @@ class Vnode:
         self.mod_at = 0  # volume.mod_clock at our last completed change (stale guard)
         self.local_size: int | None = None  # size including unstored writes
         self.truncated = False  # a local O_TRUNC not yet stored: no server bytes are ours
+        #: chmod/utimes of a file with unstored writes, stored with them (see
+        #: afsfuse.inode): mode, mtime_ns.  Shown here until then.
+        self.pending_attrs: dict[str, int] | None = None
         self.storing = False  # a store is under way (see CacheManager._store)
         self.listing: DirListing | None = None  # directories only
         self.old_listing: DirListing | None = None  # zapped one, to diff for the kernel
@@ -123,10 +126,15 @@ class Vnode:
         return self.status is not None and self.status.type != status.type
 
     def effective_status(self) -> FileStatus | None:
-        """The status with locally written but unstored size applied."""
+        """The status with locally written but unstored size (and attributes
+        waiting for that store) applied."""
         st = self.status
-        if st is not None and self.local_size is not None and self.local_size != st.size:
-            return replace(st, size=self.local_size)
+        if st is None:
+            return st
+        if self.local_size is not None and self.local_size != st.size:
+            st = replace(st, size=self.local_size)
+        if self.pending_attrs:
+            st = replace(st, **self.pending_attrs)
         return st
 
     def size(self) -> int:

@@ -91,6 +91,7 @@ class Writer:
             self.ctx.datacache.drop(v.fid, keep_dirty=False)
             v.local_size = 0
             v.truncated = True
+            _written_after_utimes(v)
             self.written.add(v.fid)
 
     async def write(self, target: Vnode | OpenFile, offset: int, data: bytes,
@@ -132,6 +133,7 @@ class Writer:
             self.written.add(v.fid)
             self.ctx.datacache.write(v.fid, dv, offset, data, base.get)
             v.local_size = max(v.size(), end)
+            _written_after_utimes(v)
             b = self._behind.get(v)
             if b is not None:
                 # Written again after (or while) its store went out: it is
@@ -236,13 +238,24 @@ class Writer:
         re-labelled to the final DV, not dropped.  The vnode is locked for
         writing across each call, so no status fetched meanwhile can
         interleave (P6).  Reads on this client wait for the store (``storing``)
-        rather than read the server's half-stored file."""
+        rather than read the server's half-stored file.  Attributes set while
+        the writes waited (``Vnode.pending_attrs``) go with the StoreData
+        calls (the mtime always, the mode where the server takes it), else
+        in one StoreStatus right after."""
         async with v.io_lock:
             # Close-to-open: every write-behind call is answered first.
             await self._drain_behind(v)
             v.storing = True
+            pending = dict(v.pending_attrs or {})
+            with_data = "store-attrs" in v.volume.server.capabilities
+            carried = {k: x for k, x in pending.items() if with_data or k == "mtime_ns"}
             try:
-                await self._store_runs(v, cred)
+                if not await self._store_runs(v, cred, carried):
+                    carried = {}  # nothing was stored: every attribute goes alone
+                rest = {k: x for k, x in pending.items() if k not in carried}
+                if rest:
+                    await self._store_status(v, cred, rest)
+                v.pending_attrs = None
             except RpcError as exc:
                 if refused(exc):  # never lands: show the server's file again
                     forget_unstored(self.ctx, v, exc)
@@ -252,13 +265,26 @@ class Writer:
                 v.storing = False
             self._behind.pop(v, None)
 
-    async def _store_runs(self, v: Vnode, cred: Any) -> None:
+    async def _store_status(self, v: Vnode, cred: Any, attrs: dict[str, int]) -> None:
+        """The waiting attributes a server without ``store-attrs`` could not
+        take with the data."""
+        async with v.lock.write():
+            server = v.volume.server
+            snap = CallSnapshot(v.volume, server, (v,))
+            reply = await call(server, M.FS_STORE_STATUS, cred, v.fid, attrs, snap=snap)
+            note_volsync(self.ctx, v.volume, reply.get("volsync"))
+            apply_reply(self.ctx, v, reply["status"], None, snap, own_from_dv=v.data_version)
+            v.touch()
+
+    async def _store_runs(self, v: Vnode, cred: Any, attrs: dict[str, int]) -> bool:
+        """The store's calls; False when there was nothing to store."""
         cs = self.ctx.datacache.chunk_size
         per_call = max(1, MAX_IO // cs)
         # The chunks stay filed under one DV (key_dv) for the whole store and
         # are re-labelled once at the end: re-labelling every chunk of the file
         # after each StoreData would cost the square of its size.
         key_dv: int | None = None
+        made = False
         while True:
             # The vnode is write-locked across a whole batch of pipelined
             # calls: no status fetched meanwhile can interleave with our own
@@ -281,7 +307,7 @@ class Writer:
                                 self.ctx.datacache.put(v.fid, dv, i, b"", dirty=True)
                 idx = [i for d, i in self.ctx.datacache.dirty_chunks(v.fid) if d == key_dv]
                 if not idx and v.local_size is None:
-                    return
+                    return made
                 behind = self._behind.get(v)
                 stored: set[int] = set()
                 if behind is not None:
@@ -296,7 +322,7 @@ class Writer:
                         runs[-1].append(i)
                     else:
                         runs.append([i])
-                batch = _Batch(v, key_dv, v.size())
+                batch = _Batch(v, key_dv, v.size(), attrs)
                 if behind is not None:
                     # The write-behind replies are applied with this batch's.
                     batch.replies.update(behind.replies)
@@ -308,6 +334,7 @@ class Writer:
                         self._settle(batch, final=True)
                         raise failed
                 await self._store_batch(batch, runs or [[]], cred)
+                made = True
                 if stored and not batch.foreign and batch.error is None:
                     # Every reply continued our own chain: the write-behind
                     # bytes are on the server, under the DV we now hold.
@@ -326,7 +353,7 @@ class Writer:
                         self.ctx.datacache.rekey(v.fid, key_dv, v.status.data_version)
                     v.local_size = None
                     v.truncated = False
-                    return
+                    return made
 
     async def _store_batch(self, b: _Batch, runs: list[list[int]], cred: Any) -> None:
         """Send ``runs`` with up to ``STORE_DEPTH`` StoreData calls in flight.
@@ -381,9 +408,9 @@ class Writer:
             server = v.volume.server
             snap = CallSnapshot(v.volume, server, (v,))
             try:
-                reply = await call(
-                    server, M.FS_STORE_DATA, cred, v.fid, off, payload, b.fsize, None, snap=snap
-                )
+                extra = (b.attrs,) if b.attrs else ()
+                reply = await call(server, M.FS_STORE_DATA, cred, v.fid, off, payload, b.fsize,
+                                   b.mtime_ns, *extra, snap=snap)  # fmt: skip
             except RpcError as exc:
                 if exc.code in ("ENOENT", "ESTALE"):
                     # Removed by someone else: these writes can never land.
@@ -439,6 +466,13 @@ class Writer:
         v.touch()
 
 
+def _written_after_utimes(v: Vnode) -> None:
+    """A write after futimens moves the mtime again (to the server's clock
+    at the store): the mtime that was waiting is dropped."""
+    if v.pending_attrs and v.pending_attrs.pop("mtime_ns", None) is not None:
+        v.pending_attrs = v.pending_attrs or None
+
+
 class _Behind:
     """Write-behind state of one vnode, from its first background store to
     the closing store that applies the replies."""
@@ -468,10 +502,15 @@ class _Behind:
 class _Batch:
     """One batch of pipelined StoreData calls for one vnode."""
 
-    __slots__ = ("error", "foreign", "fsize", "key_dv", "replies", "v")
+    __slots__ = ("attrs", "error", "foreign", "fsize", "key_dv", "mtime_ns", "replies", "v")
 
-    def __init__(self, v: Vnode, key_dv: int, fsize: int) -> None:
+    def __init__(self, v: Vnode, key_dv: int, fsize: int,
+                 attrs: dict[str, int] | None = None) -> None:  # fmt: skip
         self.v = v
+        # Attributes that waited for this store (Vnode.pending_attrs), sent
+        # with every call: the same values, so the calls' order is moot.
+        self.mtime_ns = attrs.get("mtime_ns") if attrs else None
+        self.attrs = {k: val for k, val in attrs.items() if k != "mtime_ns"} if attrs else {}
         self.key_dv = key_dv  # the DV the dirty chunks are filed under
         self.fsize = fsize  # the file's final length, sent with every call
         self.replies: dict[int, tuple[Any, CallSnapshot]] = {}  # reply DV -> reply

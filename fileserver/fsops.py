@@ -81,7 +81,7 @@ from protocol.records import (
 log = logging.getLogger(__name__)
 
 CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break", "locks",
-                "special-files", "xattrs"]  # fmt: skip
+                "special-files", "xattrs", "store-attrs"]  # fmt: skip
 #: Stores up to this size go into their commit as a redo record (bytes
 #: written twice, no data fsync on the reply's path); larger ones are written
 #: into the data file beside other commits and fdatasynced.
@@ -137,6 +137,25 @@ def _st(v: Vnode, c: Caller) -> Any:
 def parse_mode(mode: Any) -> int:
     # Clients may pass a full st_mode; only the permission bits are kept.
     return _uint(mode, 0o177777, "mode") & 0o7777
+
+
+def parse_attrs(attrs: Any, allowed: tuple[str, ...]) -> dict[str, int]:
+    """A StoreStatus (or StoreData) attribute map, checked key by key."""
+    if not isinstance(attrs, dict):
+        raise RpcError("EINVAL", "attrs must be a map")
+    clean: dict[str, int] = {}
+    for k, val in attrs.items():
+        if k not in allowed:
+            raise RpcError("EINVAL", f"unknown attribute {k!r:.50}")
+        if k == "mode":
+            clean[k] = _uint(val, 0o7777, "mode")
+        elif k in ("owner", "group"):
+            clean[k] = _uint(val, MAX_UINT32, k)
+        elif k == "mtime_ns":
+            clean[k] = _int64(val, k)
+        else:
+            clean[k] = _uint(val, MAX_UINT64, k)
+    return clean
 
 
 def _callback(told: int) -> CallBack:
@@ -378,6 +397,7 @@ class FsOps:
         data: Any,
         new_length: Any,
         mtime_ns: Any,
+        attrs: Any = None,
     ) -> dict[str, Any]:
         c = self.caller(cred)
         f = Fid.from_wire(fid)
@@ -389,6 +409,9 @@ class FsOps:
             new_length = _uint(new_length, MAX_UINT64, "new_length")
         if mtime_ns is not None:
             mtime_ns = _int64(mtime_ns, "mtime_ns")
+        # chmod/chown that waited for the bytes on the client ("store-attrs"):
+        # checked before any byte lands, applied after them in their commit.
+        status = parse_attrs(attrs, ("mode", "owner", "group")) if attrs is not None else {}
         h = self._vol(f)
 
         limit = self.config.max_file_size
@@ -400,8 +423,17 @@ class FsOps:
         def begin() -> tuple[Vnode, int]:
             old = h.vol.get(f.vnode, f.unique)
             require_write(old, c, "write")
+            if status:
+                check_store_status(old, c, status)
             before.append(_changeable(old))
             return h.vol.store_begin(f.vnode, f.unique, offset, len(data), new_length)
+
+        def then_status(v: Vnode) -> Vnode:
+            # After the bytes, as the client's chmod came after its writes
+            # (a write's setuid clearing must not undo a chmod that followed).
+            if not status:
+                return v
+            return h.vol.store_status(f.vnode, f.unique, check_store_status(v, c, status))
 
         def drop_privs() -> Vnode:
             old = h.vol.get(f.vnode, f.unique)
@@ -416,7 +448,7 @@ class FsOps:
                 # lands, and stay gone if the store then fails (as on Linux).
                 before.append(_changeable(cur))
                 await h.commit(drop_privs, op="FS.StoreData:privs")
-            v = await self._store(h, f, begin, data, offset, new_length, mtime_ns)
+            v = await self._store(h, f, begin, data, offset, new_length, mtime_ns, then_status)
         except Exception:
             # A store that failed may still have changed the file (bytes
             # landed and the DV moved, or setuid went): holders hear of it
@@ -438,8 +470,10 @@ class FsOps:
         offset: int,
         new_length: int | None,
         mtime_ns: int | None,
+        then: Callable[[Vnode], Vnode],
     ) -> Vnode:
-        """Checks, intent (unless the file is armed), bytes, metadata commit.
+        """Checks, intent (unless the file is armed), bytes, metadata commit
+        (``then`` adds to it: the attributes that came with the store).
 
         Under the file's lock; the bytes go in beside other commits.  Shielded:
         a store that started finishes (or settles) even when the server stops.
@@ -449,7 +483,7 @@ class FsOps:
             # Into the commit itself (Volume.store_small): one WAL sync, shared.
             def small() -> Vnode:
                 begin()
-                return vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns)
+                return then(vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns))
 
             async with h.active(), h.file_lock(vn):
                 with h.writing(vn):
@@ -484,7 +518,7 @@ class FsOps:
                                 m.FS_STORE_DATA,
                             )
                             return await h.commit(
-                                partial(vol.store_finish, vn, f.unique, new_size, mtime_ns),
+                                lambda: then(vol.store_finish(vn, f.unique, new_size, mtime_ns)),
                                 op=m.FS_STORE_DATA,
                             )
                         except BaseException:
@@ -501,20 +535,7 @@ class FsOps:
     ) -> dict[str, Any]:
         c = self.caller(cred)
         f = Fid.from_wire(fid)
-        if not isinstance(attrs, dict):
-            raise RpcError("EINVAL", "attrs must be a map")
-        clean: dict[str, int] = {}
-        for k, val in attrs.items():
-            if k == "mode":
-                clean[k] = _uint(val, 0o7777, "mode")
-            elif k in ("owner", "group"):
-                clean[k] = _uint(val, MAX_UINT32, k)
-            elif k == "mtime_ns":
-                clean[k] = _int64(val, k)
-            elif k == "size":
-                clean[k] = _uint(val, MAX_UINT64, k)
-            else:
-                raise RpcError("EINVAL", f"unknown attribute {k!r:.50}")
+        clean = parse_attrs(attrs, ("mode", "owner", "group", "mtime_ns", "size"))
         limit = self.config.max_file_size
         if clean.get("size", 0) > limit:
             raise self._over("EFBIG", f"file would be larger than {limit} bytes")

@@ -281,3 +281,35 @@ async def test_quota(env):
     await c.call("FS.StoreData", None, f, 0, b"", 0, None)  # shrinking is always fine
     v = await c.call("FS.GetVolumeStatus", None, h.id)
     assert v["bytes_used"] == 0 and v["quota_bytes"] == 10
+
+
+async def test_store_data_takes_attributes_after_its_bytes(env):
+    """``store-attrs``: a chmod/chown that waited on the client for the file's
+    writes comes with them, checked before any byte lands and applied after."""
+    c = env
+    assert "store-attrs" in (await c.call("FS.GetCapabilities"))["capabilities"]
+    owner = [1000, 100, [100]]
+    fid = (await c.call("FS.CreateFile", owner, c.root, b"t", 0o600))["fid"]
+    big = b"b" * (256 * 1024)  # past the small-store size: the data-file path too
+    for data in (b"small", big):
+        s = await c.call("FS.StoreData", owner, fid, 0, data, len(data), 7, {"mode": 0o644})
+        st = s["status"]
+        assert st[1] == 0o644 and st[3] == len(data) and st[7] == 7
+        assert (await c.call("FS.FetchData", None, fid, 0, 10))["data"] == data[:10]
+        await c.call("FS.StoreStatus", None, fid, {"mode": 0o600})
+    # Someone who may write but not chmod: refused, and not a byte landed.
+    await c.call("FS.StoreStatus", None, fid, {"mode": 0o666})
+    dv = (await c.call("FS.FetchStatus", None, fid))["status"][4]
+    await expect("EPERM", c.call("FS.StoreData", [2000, 200, [200]], fid, 0, b"NO", None, None,
+                                 {"mode": 0o777}))  # fmt: skip
+    await expect("EPERM", c.call("FS.StoreData", owner, fid, 0, b"NO", None, None,
+                                 {"owner": 0}))  # fmt: skip
+    st = (await c.call("FS.FetchStatus", None, fid))["status"]
+    assert st[4] == dv and st[1] == 0o666 and st[5] == 1000
+    assert (await c.call("FS.FetchData", None, fid, 0, 2))["data"] == b"bb"
+    # Only mode, owner and group: the size and the mtime have their own arguments.
+    for bad in ({"size": 1}, {"mtime_ns": 1}, {"mode": "x"}, [1]):
+        await expect("EINVAL", c.call("FS.StoreData", None, fid, 0, b"", None, None, bad))
+    # Root gives the file away with its bytes (setuid would go, as with chown).
+    s = await c.call("FS.StoreData", None, fid, 0, b"root", None, None, {"owner": 5, "group": 6})
+    assert s["status"][5:7] == [5, 6]

@@ -178,3 +178,34 @@ def test_mtime_set_before_close_survives_the_store(dirs):
     with open(b / "f", "rb") as f:
         assert f.read() == b"x" * 5000
     assert os.stat(b / "f").st_mtime_ns == mtime_ns
+
+
+def test_tar_x_on_a_is_what_tar_d_on_b_expects_with_one_store_per_file(pair, dirs, tmp_path):
+    """tar's futimens, fchown and fchmod before each close ride on the
+    file's store (no StoreStatus of their own), and a second client finds
+    every file's bytes, mode and mtime as the archive has them."""
+    import subprocess
+
+    a, b = dirs
+    src = tmp_path / "src"
+    files = 0
+    for d in range(3):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(8):
+            p = src / f"d{d}" / f"f{i}"
+            p.write_bytes(os.urandom(100 + 700 * i))
+            p.chmod((0o644, 0o755, 0o600, 0o664)[i % 4])
+            os.utime(p, ns=(10**18 + i, 10**18 + i * 10**9))
+            files += 1
+    subprocess.run(["tar", "cf", tmp_path / "t.tar", "-C", src, "."], check=True)
+    before = pair[0].stats()["rpc"]
+    subprocess.run(["tar", "xf", tmp_path / "t.tar", "-C", a], check=True)
+    after = pair[0].stats()["rpc"]
+
+    def delta(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta("FS.StoreData") == files
+    assert delta("FS.StoreStatus") <= 2 * 4  # the directories' modes and times only
+    res = subprocess.run(["tar", "df", tmp_path / "t.tar", "-C", b], capture_output=True)
+    assert res.returncode == 0, res.stdout + res.stderr
