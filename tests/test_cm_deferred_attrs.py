@@ -13,33 +13,13 @@ once A's close returned.
 from __future__ import annotations
 
 import errno
-from contextlib import asynccontextmanager
 
 import pytest
-import trio
-from test_cm_integration import make
+from test_cm_integration import two_clients
 
-from afsfuse.lab.server import running_server
 from protocol.errors import RpcError
 
 MTIME = 1_000_000_000 * 10**9  # 2001: never the server's clock
-
-
-@asynccontextmanager
-async def two_clients(tmp_path):
-    """A real fileserver and two cache managers with root.cell mounted."""
-    with trio.fail_after(30):
-        async with (
-            running_server(tmp_path / "fs") as server,
-            make(tmp_path, "a", server) as a,
-            make(tmp_path, "b", server) as b,
-        ):
-            yield (
-                a,
-                await a.mount_volume(None, "root.cell"),
-                b,
-                await b.mount_volume(None, "root.cell"),
-            )
 
 
 def _calls(cm, *names: str) -> dict[str, int]:

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 from test_cm_fakeserver import until
@@ -29,6 +32,20 @@ def make(tmp_path, name, server, **kw) -> CacheManager:
         **kw,
     )
     return CacheManager(cfg)
+
+
+@asynccontextmanager
+async def two_clients(tmp_path) -> AsyncIterator[tuple[Any, ...]]:
+    """A real fileserver and two cache managers with root.cell mounted:
+    ``(a, a's root, b, b's root)``, all within 30 s."""
+    with trio.fail_after(30):
+        async with (
+            running_server(tmp_path / "fs") as server,
+            make(tmp_path, "a", server) as a,
+            make(tmp_path, "b", server) as b,
+        ):
+            ra = await a.mount_volume(None, "root.cell")
+            yield a, ra, b, await b.mount_volume(None, "root.cell")
 
 
 async def test_two_clients_close_to_open_and_breaks(tmp_path):

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from afsfuse.lab.server import fs_client, running_server
 from fileserver.volume import Volume
@@ -29,7 +28,7 @@ from protocol.limits import MAX_XATTR_TOTAL, MAX_XATTR_VALUE
 from protocol.records import Fid, FileStatus, FileType
 from tests.conftest import two_mounts
 from tests.posix_support import as_user
-from tests.test_cm_integration import make
+from tests.test_cm_integration import two_clients
 
 U1, U2 = 1001, 1002
 
@@ -209,32 +208,25 @@ def test_attributes_go_with_the_vnode_and_survive_a_restart(tmp_path):
 
 
 async def test_client_caches_under_the_promise_and_refetches_after_a_break(tmp_path):
-    with trio.fail_after(30):
-        async with (
-            running_server(tmp_path / "fs") as server,
-            make(tmp_path, "a", server) as a,
-            make(tmp_path, "b", server) as b,
-        ):
-            ra = await a.mount_volume(None, "root.cell")
-            rb = await b.mount_volume(None, "root.cell")
-            fa = await a.create(ra, b"f", 0o644)
-            await a.xattrs.set(fa, b"user.k", b"1")
-            fb = await b.lookup(rb, b"f")
-            assert await b.xattrs.get(fb, b"user.k") == b"1"
-            fetches = b.stats.rpc["FS.FetchXattrs"]
-            assert await b.xattrs.get(fb, b"user.k") == b"1"  # from the cache
-            assert await b.xattrs.list(fb) == [b"user.k"]
-            assert b.stats.rpc["FS.FetchXattrs"] == fetches
-            await a.xattrs.set(fa, b"user.k", b"2")  # breaks B before it returns
-            assert await b.xattrs.get(fb, b"user.k") == b"2"
-            assert b.stats.rpc["FS.FetchXattrs"] == fetches + 1
-            await b.xattrs.remove(fb, b"user.k")  # B's own change drops its copy
-            with pytest.raises(RpcError) as ei:
-                await b.xattrs.get(fb, b"user.k")
-            assert ei.value.code == "ENODATA"
-            with pytest.raises(RpcError) as ei:
-                await a.xattrs.get(fa, b"user.k")
-            assert ei.value.code == "ENODATA"
+    async with two_clients(tmp_path) as (a, ra, b, rb):
+        fa = await a.create(ra, b"f", 0o644)
+        await a.xattrs.set(fa, b"user.k", b"1")
+        fb = await b.lookup(rb, b"f")
+        assert await b.xattrs.get(fb, b"user.k") == b"1"
+        fetches = b.stats.rpc["FS.FetchXattrs"]
+        assert await b.xattrs.get(fb, b"user.k") == b"1"  # from the cache
+        assert await b.xattrs.list(fb) == [b"user.k"]
+        assert b.stats.rpc["FS.FetchXattrs"] == fetches
+        await a.xattrs.set(fa, b"user.k", b"2")  # breaks B before it returns
+        assert await b.xattrs.get(fb, b"user.k") == b"2"
+        assert b.stats.rpc["FS.FetchXattrs"] == fetches + 1
+        await b.xattrs.remove(fb, b"user.k")  # B's own change drops its copy
+        with pytest.raises(RpcError) as ei:
+            await b.xattrs.get(fb, b"user.k")
+        assert ei.value.code == "ENODATA"
+        with pytest.raises(RpcError) as ei:
+            await a.xattrs.get(fa, b"user.k")
+        assert ei.value.code == "ENODATA"
 
 
 async def test_a_server_without_xattrs_lists_none_and_refuses_the_rest(tmp_path):
