@@ -508,7 +508,7 @@ class Namespace:
         if v is None:
             return
         if status is None or FileStatus.from_wire(status).nlink == 0:
-            mark_deleted(self.ctx, v)
+            mark_deleted(self.ctx, v, own_removal=True)
         else:
             async with v.lock.write():
                 apply_reply(self.ctx, v, status, None, snap, own_from_dv=v.data_version)

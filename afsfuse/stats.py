@@ -48,6 +48,7 @@ class Stats:
         "invalidations_queued",
         "invalidations_coalesced",
         "invalidations_degraded",
+        "kernel_notify_skipped",
         "reconnects",
         "kernel_forgets",
         "records_destroyed",

@@ -233,7 +233,12 @@ def break_aliases(ctx: CacheContext, v: Vnode) -> None:
                     break_vnode(ctx, other, "alias_own_change")
 
 
-def mark_deleted(ctx: CacheContext, v: Vnode) -> None:
+def mark_deleted(ctx: CacheContext, v: Vnode, *, own_removal: bool = False) -> None:
+    """``v`` is gone from the server.  ``own_removal``: the kernel itself just
+    removed its last name through us (unlink, rmdir, rename over it) and
+    updated the inode (nlink, ctime) itself; its pages still hold the file's
+    last contents, so telling it again would only cost a thread round trip,
+    usually to hear that it already forgot the inode."""
     v.deleted = True
     v.promise = None
     v.listing = None
@@ -241,7 +246,10 @@ def mark_deleted(ctx: CacheContext, v: Vnode) -> None:
     v.truncated = False
     v.pending_attrs = None
     ctx.datacache.drop(v.fid, keep_dirty=False)
-    ctx.invalidations.put(Invalidate("inode", vnode=v))
+    if own_removal:
+        ctx.stats.kernel_notify_skipped += 1
+    else:
+        ctx.invalidations.put(Invalidate("inode", vnode=v))
 
 
 async def validate(ctx: CacheContext, v: Vnode, cred: Any) -> FileStatus:

@@ -197,3 +197,33 @@ async def test_large_chunk_io_runs_off_the_trio_thread_and_stays_exact(tmp_path)
             # A warm reread of the same range comes from the cache, exactly.
             assert await b.read(fb, 300_000, 100_000) == data[300_000:400_000]
             assert b.stats.chunk_io_threaded == threaded + 1
+
+
+def _drain(cm: CacheManager) -> list[Any]:
+    return [cm.invalidations.get_nowait() for _ in range(len(cm.invalidations))]
+
+
+async def test_own_removal_leaves_the_kernel_alone_and_a_break_still_reaches_others(tmp_path):
+    """The client that removed a file's last name tells its kernel nothing
+    more (the kernel did the unlink itself); a client that merely cached the
+    file hears of it through the break and invalidates its kernel's inode."""
+    async with two_clients(tmp_path) as (a, ra, b, rb):
+        f1 = await a.create(ra, b"f1", 0o644)
+        f2 = await a.create(ra, b"f2", 0o644)
+        await a.link(f2, ra, b"h")
+        d = await a.mkdir(ra, b"d", 0o755)
+        b_f1 = await b.lookup(rb, b"f1")
+        assert (await b.getattr(b_f1)).nlink == 1  # B holds a promise on it
+        _drain(a)
+        _drain(b)
+        await a.unlink(ra, b"f1")
+        await a.rmdir(ra, b"d")
+        await a.unlink(ra, b"f2")  # "h" still names it: not a removal
+        assert f1.deleted and d.deleted and not f2.deleted
+        assert a.stats.kernel_notify_skipped == 2
+        gone = [ev.vnode for ev in _drain(a) if ev.kind == "inode"]
+        assert f1 not in gone and d not in gone
+        assert (await a.getattr(await a.lookup(ra, b"h"))).nlink == 1
+        # B's promise on f1 was broken before A's unlink returned.
+        await until(lambda: any(ev.kind == "inode" and ev.vnode is b_f1 for ev in _drain(b)))
+        assert b.stats.kernel_notify_skipped == 0
