@@ -136,6 +136,11 @@ class FileHandle:
 
 class AfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
+    # Off: with it the kernel trusts its own size and times of a regular file
+    # over ours, so another client's change never shows (tried 2026-12-03:
+    # B kept size 3 after A wrote 10 bytes, and B's append then overwrote A's
+    # bytes at offset 3; test_b_stat_follows_within_bound fails), and small
+    # files were slower (304 against 460 per s).
     enable_writeback_cache = False
 
     def __init__(
