@@ -565,3 +565,60 @@ def test_memory_layer_bound_holds_for_chunks_read_back_from_disk(tmp_path: Path)
                 assert dc.get(F, 1, i) == pattern(50 * CS)[i * CS : (i + 1) * CS]
                 assert dc.stats()["mem_bytes"] <= 8 * CS
         assert dc.stats()["mem_chunks"] > 0
+
+
+def test_a_retired_chunk_file_is_emptied_kept_and_its_inode_reused(tmp_path: Path) -> None:
+    """A dropped chunk's file goes to spare/ empty (no bytes counted or
+    held) and the next chunk written is that same inode, with the new
+    bytes: files come and go without the file system handing out a new
+    inode each time."""
+    dc = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    dc.put(F, 1, 0, b"first")
+    ino = chunk_path(tmp_path, F, 1, 0).stat().st_ino
+    dc.drop(F)
+    spares = list((tmp_path / "spare").iterdir())
+    assert [p.stat().st_ino for p in spares] == [ino]
+    assert spares[0].stat().st_size == 0
+    assert dc.bytes_used == 0 and dc.stats()["spare_files"] == 1
+    dc.put(G, 1, 0, b"second")
+    assert chunk_path(tmp_path, G, 1, 0).stat().st_ino == ino
+    assert not any((tmp_path / "spare").iterdir())
+    assert dc.get(G, 1, 0) == b"second"
+    assert dc.get(F, 1, 0) is None
+    assert (dc.stats()["spare_files"], dc.stats()["spares_reused"]) == (0, 1)
+    dc.close()
+    again = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    try:
+        assert again.get(G, 1, 0) == b"second"  # a reused inode reads back after a restart
+    finally:
+        again.close()
+
+
+def test_spares_survive_a_restart_and_stay_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("afsfuse.datacache.SPARE_MAX", 2)
+    dc = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    for i in range(3):
+        dc.put(F, 1, i, b"x")
+    dc.drop(F)
+    assert dc.stats()["spare_files"] == 2  # the third was unlinked
+    assert len(list((tmp_path / "spare").iterdir())) == 2
+    dc.close()
+    (tmp_path / "spare" / "junk").write_bytes(b"not ours")
+    again = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    try:
+        assert again.stats()["spare_files"] == 2 and again.bytes_used == 0
+        assert not (tmp_path / "spare" / "junk").exists()
+        again.put(G, 1, 0, b"y")
+        again.put(G, 1, 1, b"z")
+        assert again.stats()["spares_reused"] == 2
+        again.put(F, 2, 0, b"w")  # none left: a new file
+        assert again.stats()["spares_reused"] == 2
+        assert (again.get(G, 1, 0), again.get(G, 1, 1), again.get(F, 2, 0)) == (b"y", b"z", b"w")
+        again.drop(G)
+        again.drop(F)
+        # Retired names never collide with the spares found at start.
+        assert len(list((tmp_path / "spare").iterdir())) == 2
+    finally:
+        again.close()
