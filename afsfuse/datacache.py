@@ -266,12 +266,16 @@ class DataCache:
             return
         try:
             os.truncate(path, 0)
-            spare = f"{self._spare_dir}/{next(self._spare_seq)}"
-            os.rename(path, spare)
         except FileNotFoundError:
-            return
+            return  # a chunk that never had a file (pending), or gone already
         except OSError:
             _unlink(path)
+            return
+        spare = f"{self._spare_dir}/{next(self._spare_seq)}"
+        try:
+            os.rename(path, spare)
+        except OSError:
+            _unlink(path)  # spare/ gone or unusable: never leave it emptied in place
             return
         self._spare.append(spare)
 

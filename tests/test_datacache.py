@@ -622,3 +622,17 @@ def test_spares_survive_a_restart_and_stay_bounded(
         assert len(list((tmp_path / "spare").iterdir())) == 2
     finally:
         again.close()
+
+
+def test_a_lost_spare_dir_never_leaves_emptied_chunk_files(tmp_path: Path) -> None:
+    dc = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    try:
+        dc.put(F, 1, 0, b"a")
+        dc.put(F, 1, 1, b"b")
+        (tmp_path / "spare").rmdir()  # someone tidied the cache dir
+        dc.drop(F)
+        assert [p for p in tmp_path.glob("v*/**/*") if p.is_file()] == []
+        dc.put(G, 1, 0, b"c")
+        assert dc.get(G, 1, 0) == b"c"
+    finally:
+        dc.close()
