@@ -241,6 +241,24 @@ def test_volume_from_before_the_intents_table_opens_and_stores(tmp_path):
     vol.close()
 
 
+@pytest.mark.parametrize("table", ["intents", "pending"])
+def test_deletes_by_vnode_search_an_index_also_in_an_older_volume(tmp_path, table):
+    """Intent and redo rows go by vnode on every store, remove and idle
+    disarm; every file stored into in the last ARMED_IDLE_S keeps an intent
+    row, so a scan there is work growing with the write rate (issue 12: no
+    hidden linear costs).  A volume made before the index gets it at open."""
+    vol = Volume.create(tmp_path / "v", 7, "v")
+    vol.db.execute(f"DROP INDEX IF EXISTS {table}_by_vnode")  # as an older version created it
+    vol.close()
+    vol = Volume(tmp_path / "v")
+    try:
+        plan = vol.db.execute(f"EXPLAIN QUERY PLAN DELETE FROM {table} WHERE vnode = ?", (5,))
+        detail = " ".join(row[-1] for row in plan)
+        assert f"INDEX {table}_by_vnode" in detail and "SCAN" not in detail, detail
+    finally:
+        vol.close()
+
+
 def test_small_store_committed_before_its_bytes_landed_is_replayed(tmp_path, monkeypatch):
     vol, f = _volume_with_a_file(tmp_path / "v")
     # The process dies right after the commit, before the data file got the bytes.
