@@ -8,6 +8,7 @@ exactly the cached DV + 1, instead of refetching (SPEC section 5).
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 
@@ -26,12 +27,17 @@ class DirEntry:
 class DirListing:
     """The entries of one directory at data version ``dv``."""
 
-    __slots__ = ("_sorted", "dv", "entries")
+    __slots__ = ("_names", "_sorted", "dv", "entries")
 
     def __init__(self, dv: int, entries: dict[bytes, DirEntry] | None = None) -> None:
         self.dv = dv
         self.entries: dict[bytes, DirEntry] = entries or {}
+        # Name order, built at first use and then kept up by add/remove (a
+        # re-sort per edit cost 3.7 ms at 100,000 entries).  Edits replace
+        # the lists rather than change them: a caller may be iterating one
+        # across an await.
         self._sorted: list[DirEntry] | None = None
+        self._names: list[bytes] | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -40,18 +46,42 @@ class DirListing:
         return self.entries.get(name)
 
     def add(self, name: bytes, fid: Fid, ftype: FileType) -> None:
-        self.entries[name] = DirEntry(name, fid, ftype)
-        self._sorted = None
+        ent = DirEntry(name, fid, ftype)
+        replaced = name in self.entries
+        self.entries[name] = ent
+        if self._sorted is None or self._names is None:
+            return
+        i = bisect.bisect_left(self._names, name)
+        ents = self._sorted.copy()
+        if replaced:
+            ents[i] = ent
+        else:
+            ents.insert(i, ent)
+            names = self._names.copy()
+            names.insert(i, name)
+            self._names = names
+        self._sorted = ents
 
     def remove(self, name: bytes) -> DirEntry | None:
-        self._sorted = None
-        return self.entries.pop(name, None)
+        ent = self.entries.pop(name, None)
+        if ent is not None and self._sorted is not None and self._names is not None:
+            i = bisect.bisect_left(self._names, name)
+            self._sorted = self._sorted[:i] + self._sorted[i + 1 :]
+            self._names = self._names[:i] + self._names[i + 1 :]
+        return ent
 
     def sorted(self) -> list[DirEntry]:
         """Entries sorted by name bytes (the server's order; stable cookies)."""
-        if self._sorted is None:
+        if self._sorted is None or self._names is None:
             self._sorted = sorted(self.entries.values(), key=lambda e: e.name)
+            self._names = [e.name for e in self._sorted]
         return self._sorted
+
+    def position(self, name: bytes) -> int:
+        """Where ``name`` is, or would go, in ``sorted()``."""
+        self.sorted()
+        assert self._names is not None
+        return bisect.bisect_left(self._names, name)
 
 
 def own_change_applies(listing: DirListing | None, old_dv: int | None, new_dv: int) -> bool:

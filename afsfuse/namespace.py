@@ -15,7 +15,6 @@ May import: ``afsfuse.context``, ``afsfuse.dircache``, ``afsfuse.invalidation``,
 
 from __future__ import annotations
 
-import bisect
 import errno
 import logging
 from collections.abc import Callable
@@ -48,6 +47,8 @@ _READDIR_TRIES = 3  # listings refetched when a child vanished under them
 LOOKUP_LISTING_MAX = 4 * MAX_READDIR_ENTRIES
 #: Statuses one lookup fetches speculatively, and bulk calls in flight at once.
 SPECULATE_MAX = 4 * MAX_BULKSTAT_FIDS
+#: Siblings looked at, at most, to find them.
+SPECULATE_SCAN = 4 * SPECULATE_MAX
 _SPECULATE_WHEN = frozenset({"no_status", "expired"})
 BULK_IN_FLIGHT = 4
 
@@ -173,10 +174,14 @@ class Namespace:
         want = vol.get(ent0.fid) if ent0 is not None else None
         now = trio.current_time()
         entries = listing.sorted()
-        start = bisect.bisect_left([e.name for e in entries], name) if entries else 0
+        n = len(entries)
+        start = listing.position(name)
         stale: list[Vnode] = []
-        for ent in entries[start:] + entries[:start]:
-            v = vol.get(ent.fid)
+        # A bounded look, not the whole directory: where the siblings are
+        # fresh a lookup would otherwise walk every entry to find none (18 ms
+        # a lookup at 30,000 entries, against 0.7 ms now).
+        for k in range(min(n, SPECULATE_SCAN)):
+            v = vol.get(entries[(start + k) % n].fid)
             if v is not d and (v is want or v.promise_state(now) in _SPECULATE_WHEN):
                 stale.append(v)
                 if len(stale) >= SPECULATE_MAX:

@@ -8,12 +8,14 @@ siblings' statuses along in parallel bulk calls.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 
 import pytest
 import trio
 from test_cm_fakeserver import ROOT, running
 
+from afsfuse.namespace import SPECULATE_SCAN
 from protocol.errors import RpcError
 from protocol.records import FileType
 
@@ -125,3 +127,38 @@ async def test_after_a_mass_break_only_used_children_revalidate(tmp_path, autoju
         assert fake.calls["FS.InlineBulkStatus"] == base.get("FS.InlineBulkStatus", 0)
         # The directory and the one file used: nothing else.
         assert fake.calls["FS.FetchStatus"] - base.get("FS.FetchStatus", 0) == 2
+
+
+async def test_a_lookup_in_a_big_directory_looks_at_a_bounded_window_of_siblings(
+    tmp_path, autojump_clock
+):
+    """Speculation takes the stale siblings next to the name, within
+    ``SPECULATE_SCAN`` entries: in a big directory whose other children are
+    fresh, a lookup does not walk every entry to find none (issue 12/13: no
+    per-operation cost that grows with the directory)."""
+    n = SPECULATE_SCAN + 300
+    async with running(tmp_path) as (_net, fake, cm):
+        nodes = [fake.add(ROOT, f"f{i:05d}".encode()) for i in range(n)]
+        root = await cm.mount_volume("test", "root.cell")
+        await cm.readdir(root)  # every child primed under a fresh promise
+        vol = root.volume
+
+        def expire(i: int) -> None:
+            v = vol.get(nodes[i].fid)
+            v.promise = dataclasses.replace(v.promise, expires_at=0.0)
+
+        near, far = 7, SPECULATE_SCAN + 100
+        for i in (0, near, far):
+            expire(i)
+        base = dict(fake.calls)
+        f = await cm.lookup(root, b"f00000")
+        assert f.fid == nodes[0].fid
+        assert fake.calls["FS.InlineBulkStatus"] - base.get("FS.InlineBulkStatus", 0) == 1
+        now = trio.current_time()
+        assert vol.get(nodes[near].fid).promise_state(now) == "ok"  # brought along
+        assert vol.get(nodes[far].fid).promise_state(now) == "expired"  # out of the window
+        # Near the end of the name order the window wraps to the start.
+        expire(n - 1)
+        expire(1)
+        await cm.lookup(root, f"f{n - 1:05d}".encode())
+        assert vol.get(nodes[1].fid).promise_state(trio.current_time()) == "ok"
