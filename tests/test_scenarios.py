@@ -353,6 +353,34 @@ def test_checker_excuses_estale_after_another_clients_change_only() -> None:
     assert [(v.op.client, v.op.seq) for v in vs] == [(0, 3)]
 
 
+def test_checker_tolerates_an_open_estale_only_when_two_rebindings_raced_it() -> None:
+    """The kernel retries an open that met a vanished fid once; two other
+    clients replacing the name during the open can fail the retry too (seen
+    in the nemesis run, 2026-12-03: c1 and c2 replaced n0 while c0 opened it).
+    One replace, or the opener's own changes, leave ESTALE a violation."""
+    base = [_write(0, 1, "n0", 0.0, 1.0)]
+    two = [
+        _op(1, 2, "replace", "n0", 2.0, 2.2, token="w1.2", mid=2.1, fid="f2"),
+        _op(2, 2, "replace", "n0", 2.05, 2.3, token="w2.2", mid=2.15, fid="f3"),
+    ]
+    failed = _op(3, 1, "write", "n0", 2.1, 2.25, token="w3.1", error="ESTALE", in_open=True)
+    tolerated: dict[str, int] = {}
+    assert coherence.check([*base, *two, failed], tolerated) == []
+    assert tolerated == {"open ESTALE: a second rebinding raced the kernel's one retry": 1}
+    [v] = coherence.check([*base, two[0], failed])
+    assert v.op is failed and "ESTALE on a call by name" in v.what
+    # The same two replaces made by the opener's own client do not count.
+    own = [_op(3, 2, "replace", "n0", 2.0, 2.2, token="w3.2", mid=2.1, fid="f2"),
+           _op(3, 3, "replace", "n0", 2.05, 2.3, token="w3.3", mid=2.15, fid="f3")]  # fmt: skip
+    [v] = coherence.check([*base, *own, failed])
+    assert v.op is failed
+    # Nor do two that ended long before the open.
+    old = [_op(1, 2, "replace", "n0", 1.2, 1.3, token="w1.2", mid=1.25, fid="f2"),
+           _op(2, 2, "replace", "n0", 1.4, 1.5, token="w2.2", mid=1.45, fid="f3")]  # fmt: skip
+    [v] = coherence.check([*base, *old, failed])
+    assert v.op is failed
+
+
 def test_checker_still_checks_names_after_overlapping_renames() -> None:
     # Two renames in opposite directions overlap: afterwards each name holds
     # f1, f2 or nothing, and nothing else (an "unknown" seed of the rename
