@@ -381,6 +381,24 @@ def test_checker_tolerates_an_open_estale_only_when_two_rebindings_raced_it() ->
     assert v.op is failed
 
 
+def test_checker_accepts_a_write_over_a_version_that_landed_during_it() -> None:
+    """c1's open(O_CREAT|O_TRUNC) makes the file (nothing to truncate); c0
+    opens, writes w0.1043 and closes; c1 then writes w1.965 at offset 0 and
+    closes: the file holds w1.9653, as a local disk gives (found by
+    test_coherence_short_run, 2026-12-03).  Not when c0's write was over
+    before c1's open (c1's O_TRUNC then truncates it)."""
+    w1 = _op(1, 965, "write", "n2", 10.4073, 10.4324, token="w1.965",
+             mid_end=10.408, mid=10.424, fid="f1")  # fmt: skip
+    w0 = _op(0, 1043, "write", "n2", 10.414, 10.423, token="w0.1043",
+             mid_end=10.415, mid=10.422, fid="f1")  # fmt: skip
+    read = _read(1, 970, "n2", 10.4749, 10.4769, "w1.9653")
+    assert coherence.check([w1, w0, read]) == []
+    early = _op(0, 1043, "write", "n2", 10.30, 10.35, token="w0.1043",
+                mid_end=10.31, mid=10.34, fid="f1")  # fmt: skip
+    [v] = coherence.check([early, w1, read])
+    assert v.op is read and v.allowed == {"w1.965"}
+
+
 def test_checker_still_checks_names_after_overlapping_renames() -> None:
     # Two renames in opposite directions overlap: afterwards each name holds
     # f1, f2 or nothing, and nothing else (an "unknown" seed of the rename
