@@ -289,13 +289,11 @@ class DataCache:
             try:
                 os.rename(spare, tmp)
             except FileNotFoundError:
-                if not os.path.isdir(os.path.dirname(tmp)):
-                    os.makedirs(os.path.dirname(tmp), exist_ok=True)
-                    try:
-                        os.rename(spare, tmp)
-                    except OSError:
-                        continue
-                else:
+                # The fid's directory (its first chunk) or the spare is missing.
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                try:
+                    os.rename(spare, tmp)
+                except OSError:
                     continue  # the spare itself is gone
             except OSError:
                 _unlink(spare)

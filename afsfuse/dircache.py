@@ -66,8 +66,9 @@ class DirListing:
         ent = self.entries.pop(name, None)
         if ent is not None and self._sorted is not None and self._names is not None:
             i = bisect.bisect_left(self._names, name)
-            self._sorted = self._sorted[:i] + self._sorted[i + 1 :]
-            self._names = self._names[:i] + self._names[i + 1 :]
+            ents, names = self._sorted.copy(), self._names.copy()
+            del ents[i], names[i]
+            self._sorted, self._names = ents, names
         return ent
 
     def sorted(self) -> list[DirEntry]:

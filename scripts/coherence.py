@@ -429,7 +429,8 @@ def _files(ops: list[Op]) -> History:
 
 
 def _merges(o: Op, writes: list[Op]) -> set[str]:
-    """What ``o``'s close may store besides its token: its bytes over a
+    """What ``o``'s close may store besides its token (``writes``: the
+    closing writes of its file, as ``_files`` gathers them): its bytes over a
     longer version another write closed between ``o``'s open and its
     write(2), as on a local disk (the truncation came first, the other
     version landed, then ``o`` wrote at offset 0).  The client does this
@@ -441,8 +442,7 @@ def _merges(o: Op, writes: list[Op]) -> set[str]:
     return {
         o.token + p.token[len(o.token) :]
         for p in writes
-        if p is not o and p.mid and p.token and len(p.token) > len(o.token)
-        and p.mid <= o.mid and p.end >= o.start
+        if p is not o and len(p.token) > len(o.token) and p.mid <= o.mid and p.end >= o.start
     }  # fmt: skip
 
 
