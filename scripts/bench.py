@@ -22,7 +22,8 @@ fsync + close, small-file creation; two-client staleness; callback handling
 time against the number of cached vnodes (in-process, at the cache manager
 level); then the real tools of ``scripts/bench_tools.py`` (git clone, a
 second mount's git status, a commit seen by the second mount, make -j2, tar
-x, rm -rf, each checked); and what TLS costs against ``--insecure`` on a cold
+x, rm -rf, each checked; also on one ``ptlong`` mount, the floor of a
+pyfuse3 + trio daemon); and what TLS costs against ``--insecure`` on a cold
 read, write + fsync and small files (``scripts/bench_tls.py``, issue 17).
 Prints a markdown table with goals met/missed, and writes ``BENCHMARKS.md``
 and ``BENCHMARKS.json``.
@@ -740,7 +741,8 @@ ROWS = [
 ]
 COLS = ["local", "pt0", "ptlong", "afsfuse", "sshfs", "glusterfs"]
 OTHERS = ("sshfs", "glusterfs")  # what afsfuse is compared with
-TOOL_COLS = ["local", "sshfs", "glusterfs"]  # + the afsfuse variants
+# ptlong: the floor of any pyfuse3 + trio daemon (no network, no durability).
+TOOL_COLS = ["local", "ptlong", "sshfs", "glusterfs"]  # + the afsfuse variants
 GOAL_RATIO = 1.5  # issue 13: every goal below is ">= 1.5x"
 
 
@@ -930,7 +932,9 @@ def render_tools(
         f"tree (`git archive` of HEAD) into A; and `rm -rf`s the clone.  Checks: the clone's "
         f"HEAD, a clean `git status`, `git fsck` and its file count; B's HEAD and a clean "
         f"status; B reads the bytes A committed; the binary prints the right sum and `make -q` "
-        f"says it is up to date; `tar -d` finds no difference; the clone is gone.  Kernel "
+        f"says it is up to date; `tar -d` finds no difference; the clone is gone.  `ptlong` "
+        f"(one mount of `scripts/passthrough.py`, kernel timeouts {LONG_TIMEOUT:g} s) is the "
+        f"floor of a pyfuse3 + trio daemon: FUSE and Python, no network, nothing durable.  Kernel "
         f"caches are dropped before each repetition.  Ratios: the other's seconds over "
         f"{afs}'s (> 1: {afs} faster); goal >= {GOAL_RATIO:g}x.\n"
     )
@@ -1326,6 +1330,16 @@ def run_all_tools(
     if "local" in wanted:
         (base / "local").mkdir()
         go("local", base / "local", None)
+    if "ptlong" in wanted:
+        # One mount (no second client: the passthrough has no coherence to test).
+        (base / "ptlong").mkdir()
+        pt = PassthroughTarget(base / "ptlong", base / "mnt-pt-tools", LONG_TIMEOUT, base)
+        try:
+            with started(pt):
+                go("ptlong", pt.root, None)
+        except SETUP_ERRORS as exc:
+            why["ptlong"] = f"passthrough run failed: {exc}"[:300]
+            log.error("%s", why["ptlong"])
     if "sshfs" in wanted and "sshfs" not in why:
         try:
             sshd = svc.get_sshd()

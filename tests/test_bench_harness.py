@@ -162,3 +162,33 @@ def test_real_tool_goals_compare_seconds_and_judge_failures() -> None:
     assert bench.tool_ratio(tools, "status_b", "sshfs", "afsfuse") is None
     assert "FAILED 1/2" in bench.tool_cell(tools, "glusterfs", "clone", {})
     assert bench.tool_cell(tools, "local", "clone", {"local": "why"}) == "n/a (why)"
+
+
+def test_the_passthrough_floor_is_a_column_not_a_goal() -> None:
+    """The real-tools table shows ptlong (one passthrough mount: the floor of
+    any pyfuse3 + trio daemon) beside the others; the goals stay against
+    GlusterFS and sshfs only, and its two-mount steps read as not run."""
+    import bench
+
+    def ok(secs: float) -> bt.Step:
+        s = bt.Step()
+        s.record(secs, True)
+        return s
+
+    tools = {
+        "ptlong": {"clone": ok(2.0), "rm": ok(1.0)},
+        "afsfuse": {"clone": ok(3.0), "rm": ok(2.0), "status_b": ok(1.0)},
+        "glusterfs": {"clone": ok(6.0), "rm": ok(3.0), "status_b": ok(2.0)},
+    }
+    assert "ptlong" in bench.TOOL_COLS
+    goals = bench.tool_goals(tools, "afsfuse", SIZES)
+    assert goals and all("GlusterFS" in name or "sshfs" in name for name, _, _ in goals)
+    args = bench.parse_args(["--tools-reps", "1"])
+    md = "\n".join(bench.render_tools(args, tools, {}, [*bench.TOOL_COLS, "afsfuse"], "afsfuse",
+                                      SIZES, {}))  # fmt: skip
+    header = next(line for line in md.splitlines() if line.startswith("| real tool"))
+    assert "| ptlong |" in header
+    clone = next(line for line in md.splitlines() if line.startswith("| `git clone`"))
+    assert clone.split("|")[3].strip().startswith("2.00"), clone  # local, ptlong, ...
+    status = next(line for line in md.splitlines() if line.startswith("| second mount"))
+    assert status.split("|")[3].strip() == "n/a (no second mount)", status
