@@ -77,6 +77,7 @@ def _handler(fn: _F) -> _F:
     @functools.wraps(fn)
     async def wrapper(self: AfsOperations, *args: Any, **kwargs: Any) -> Any:
         self.requests[name] += 1  # what the kernel asks of us, for `fs stats`
+        t0 = time.perf_counter()
         try:
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -89,6 +90,10 @@ def _handler(fn: _F) -> _F:
         except Exception:
             log.exception("%s failed", name)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            # Time in the handler, waits included (the kernel's side of a
+            # request, its queueing and copies, is not in it).
+            self.request_seconds[name] += time.perf_counter() - t0
 
     return wrapper  # type: ignore[return-value]
 
@@ -161,6 +166,7 @@ class AfsOperations(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         self.inodes = InodeTable()
         self.requests: Counter[str] = Counter()  # FUSE requests by handler
+        self.request_seconds: Counter[str] = Counter()  # their time in the handler
         root.ino = self.inodes.set_root(inode_key(root), root, root.fid.unique).ino
         self.notifier = KernelNotifier(
             self.inodes, self._kernel_inval_inode, self._kernel_inval_entry,
@@ -797,6 +803,8 @@ class AfsOperations(pyfuse3.Operations):
             return info
         if name == b"afs.stats":
             return {**self.cm.stats_dict(), "kernel_requests": dict(self.requests),
+                    "kernel_request_ms": {k: round(t * 1000, 3)
+                                          for k, t in self.request_seconds.items()},
                     "kernel_notify": dict(self.notifier.stats),
                     "locks": {**self.locks.stats, "files": self.locks.listing()}}  # fmt: skip
         if name == b"afs.whereis":

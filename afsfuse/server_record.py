@@ -23,6 +23,7 @@ clients that are gone.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -284,7 +285,11 @@ class ServerRecord:
         self._stats.rpc[method] += 1
         if on_issue is not None:
             on_issue()
-        return await conn.call(method, *params, timeout=timeout)
+        t0 = time.perf_counter()
+        try:
+            return await conn.call(method, *params, timeout=timeout)
+        finally:
+            self._stats.rpc_seconds[method] += time.perf_counter() - t0
 
     # -- destruction (P2) -------------------------------------------------------
 

@@ -56,10 +56,14 @@ class Stats:
 
     def __init__(self) -> None:
         self.rpc: Counter[str] = Counter()
+        # Seconds spent awaiting each method's reply (its time on the wire and
+        # in the server, from this side): where a slow operation's time goes.
+        self.rpc_seconds: Counter[str] = Counter()
         for name in self.FIELDS:
             setattr(self, name, 0)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: getattr(self, name) for name in self.FIELDS}
         out["rpc"] = dict(self.rpc)
+        out["rpc_ms"] = {m: round(t * 1000, 3) for m, t in self.rpc_seconds.items()}
         return out

@@ -15,6 +15,7 @@ type), ``afsfuse.stats``, ``protocol.connection``, ``protocol.errors``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -107,8 +108,9 @@ class VLClient:
                 except (OSError, trio.TooSlowError) as exc:
                     last = exc
                     break
+                self._stats.rpc[method] += 1
+                t0 = time.perf_counter()
                 try:
-                    self._stats.rpc[method] += 1
                     return await conn.call(method, *params)
                 except (ConnectionLost, RpcTimeout) as exc:
                     last = exc
@@ -118,6 +120,8 @@ class VLClient:
                     # A kept connection the server closed meanwhile: once more.
                 except RpcError:
                     raise
+                finally:
+                    self._stats.rpc_seconds[method] += time.perf_counter() - t0
         raise ConnectionLost(f"no VL server of cell {cell.name} answered: {last!r}")
 
 

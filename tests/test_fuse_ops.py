@@ -234,6 +234,13 @@ def test_xattrs_and_fs_commands(mount, d):
     for key in ("rpc", "validations_fast", "validations_slow", "breaks", "volume_breaks",
                 "mass_breaks", "cache_hits", "cache_misses"):  # fmt: skip
         assert key in stats
+    # Where the time went: per method and per kind of FUSE request, the same
+    # names as the counts, and the write above waited for its create's reply.
+    assert set(stats["rpc_ms"]) <= set(stats["rpc"])
+    assert stats["rpc_ms"]["FS.CreateFile"] > 0
+    assert set(stats["kernel_request_ms"]) <= set(stats["kernel_requests"])
+    # Every FS.CreateFile is awaited inside a create handler.
+    assert stats["kernel_request_ms"]["create"] >= stats["rpc_ms"]["FS.CreateFile"]
     out = subprocess.run([*cli, "whereis", str(p), "--json"], capture_output=True, text=True)
     assert json.loads(out.stdout)["servers"]
     out = subprocess.run([*cli, "checkservers", str(p), "--json"], capture_output=True, text=True)
