@@ -161,6 +161,11 @@ class Connection:
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._drained_lot = trio.lowlevel.ParkingLot()
         self._writing = False
+        # A stream that can send without waiting (``SocketTLSStream``): a lone
+        # message (no other call or request in flight, nothing queued) goes
+        # out at once instead of a scheduling round later from the writer
+        # task; beside others, messages queue and the writer sends them joined.
+        self._send_now: Callable[[bytes], int] | None = getattr(stream, "send_nowait", None)
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self.close_reason = ""
@@ -324,7 +329,9 @@ class Connection:
         data = self._packer.pack(message)
         if len(data) > self.max_frame:
             raise RpcError("EMSGSIZE", f"message of {len(data)} bytes is over the limit")
-        self._enqueue(data)
+        # A call with none other outstanding may go at once; beside others it
+        # queues, so the writer sends them together.
+        self._enqueue(data, alone=message[0] == REQUEST and len(self._calls) <= 1)
         # Backpressure: a peer that reads slowly makes its callers wait here
         # instead of growing our buffer without bound.
         while self._out_bytes > SEND_HIGH_WATER and not self._closed:
@@ -332,9 +339,20 @@ class Connection:
         if self._closed:
             raise ConnectionLost(f"connection closed: {self.close_reason}")
 
-    def _enqueue(self, data: bytes) -> None:
+    def _enqueue(self, data: bytes, alone: bool = False) -> None:
+        """Queue ``data`` for the writer; with ``alone`` (nothing else in
+        flight to send it with), send it from this task if the stream can."""
         if self._closed:
             return
+        if alone and self._send_now is not None and not self._out and not self._writing:
+            try:
+                sent = self._send_now(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._fail(f"send failed: {exc!r}")
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]  # the rest, first in line (the stream's retry rule)
         self._out.append(data)
         self._out_bytes += len(data)
         self._writer_lot.unpark()
@@ -386,7 +404,7 @@ class Connection:
             data = self._packer.pack([RESPONSE, msgid, ["EIO", "unencodable result"], None])
         if len(data) > self.max_frame:
             data = self._packer.pack([RESPONSE, msgid, ["EMSGSIZE", "reply too large"], None])
-        self._enqueue(data)
+        self._enqueue(data, alone=self._incoming <= 1)  # the only request running here
 
     # -- receiving ------------------------------------------------------------
 

@@ -600,6 +600,9 @@ class SocketTLSStream(trio.abc.Stream):
         self.sock = sock
         self._closed = False
         self._broken: BaseException | None = None
+        # Length of a write OpenSSL asked to retry (``send_nowait``): the next
+        # piece ``send_all`` hands it must be the same bytes, of that length.
+        self._retry_len = 0
 
     @classmethod
     async def handshake(
@@ -692,9 +695,10 @@ class SocketTLSStream(trio.abc.Stream):
             pos, end = 0, len(mv)
             while pos < end:
                 # A retried SSL_write must get the same length (OpenSSL's rule).
-                piece = mv[pos : pos + SEND_CHUNK]
+                piece = mv[pos : pos + (self._retry_len or SEND_CHUNK)]
                 try:
                     pos += self.sock.send(piece)
+                    self._retry_len = 0
                     continue
                 except ssl.SSLWantWriteError:
                     await trio.lowlevel.wait_writable(self.sock)
@@ -710,6 +714,23 @@ class SocketTLSStream(trio.abc.Stream):
             mv.release()
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def send_nowait(self, data: bytes) -> int:
+        """Send ``data`` (at most ``SEND_CHUNK`` bytes) from the calling task
+        if the socket takes it now, without a checkpoint: the bytes sent (0
+        if it must wait).  After 0, the next ``send_all`` must start with
+        these same bytes (OpenSSL retries the write with them).  Errors as
+        ``send_all``'s."""
+        self._check()
+        if self._retry_len or len(data) > SEND_CHUNK:
+            return 0
+        try:
+            return self.sock.send(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            self._retry_len = len(data)
+            return 0
+        except (ssl.SSLError, OSError) as exc:
+            self._break(exc)
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check()

@@ -185,3 +185,41 @@ async def test_a_cancelled_caller_never_loses_bytes_already_here(cell):
         with trio.fail_after(5):
             assert await drain(c, 3, None) == b"abc"
         n.cancel_scope.cancel()
+
+
+async def test_send_nowait_sends_at_once_and_a_refused_write_is_retried_exactly(cell):
+    """``send_nowait`` (the connection layer's send when nothing is queued)
+    sends without waiting while the socket takes the bytes; once the peer
+    stops reading it refuses (0), and the next ``send_all`` starting with the
+    same bytes (OpenSSL's retry rule) delivers everything, in order."""
+    async with trio.open_nursery() as n:
+        c, s = await tcp_pair(cell, n)
+        chunk = 60_000
+        sent = []
+        for i in range(4000):  # bounded: loopback buffers hold a few MiB at most
+            data = i.to_bytes(4, "big") * (chunk // 4)
+            k = c.send_nowait(data)
+            if k == 0:
+                break
+            assert k == len(data)
+            sent.append(data)
+        else:
+            pytest.fail("the socket never filled up")
+        assert c.send_nowait(b"x") == 0, "nothing may overtake the write being retried"
+        rest = data + b"tail"
+        total = sum(map(len, sent)) + len(rest)
+        got = {}
+        done = trio.Event()
+
+        async def take() -> None:
+            got["b"] = await drain(s, total, None)
+            done.set()
+
+        n.start_soon(take)
+        await c.send_all(rest)
+        with trio.fail_after(30):
+            await done.wait()
+        assert got["b"] == b"".join(sent) + rest
+        assert c.send_nowait(b"more") == 4  # retried: sending at once again
+        await c.aclose()
+        n.cancel_scope.cancel()
