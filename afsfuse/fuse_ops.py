@@ -39,6 +39,7 @@ from afsfuse.invalidation import Invalidate
 from afsfuse.kernel_notify import KernelNotifier, inode_key, preferred_inode
 from afsfuse.locks import CacheManagerLocks, LockManager, fallocate, flock_type
 from afsfuse.statfs import VolumeSpace
+from afsfuse.stats import as_ms
 from afsfuse.vnode import Vnode
 from protocol.errors import RpcError
 from protocol.limits import MAX_NAME
@@ -803,8 +804,7 @@ class AfsOperations(pyfuse3.Operations):
             return info
         if name == b"afs.stats":
             return {**self.cm.stats_dict(), "kernel_requests": dict(self.requests),
-                    "kernel_request_ms": {k: round(t * 1000, 3)
-                                          for k, t in self.request_seconds.items()},
+                    "kernel_request_ms": as_ms(self.request_seconds),
                     "kernel_notify": dict(self.notifier.stats),
                     "locks": {**self.locks.stats, "files": self.locks.listing()}}  # fmt: skip
         if name == b"afs.whereis":

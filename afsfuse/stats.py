@@ -65,5 +65,10 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: getattr(self, name) for name in self.FIELDS}
         out["rpc"] = dict(self.rpc)
-        out["rpc_ms"] = {m: round(t * 1000, 3) for m, t in self.rpc_seconds.items()}
+        out["rpc_ms"] = as_ms(self.rpc_seconds)
         return out
+
+
+def as_ms(seconds: Counter[str]) -> dict[str, float]:
+    """Accumulated seconds by name, as the milliseconds ``fs stats`` shows."""
+    return {k: round(t * 1000, 3) for k, t in seconds.items()}
