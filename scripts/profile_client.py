@@ -15,7 +15,8 @@ For each step it prints the median wall time and what the step cost in
 RPCs (client-side counters of A and B, by method) and FUSE requests.
 ``--profile STEP`` runs ``py-spy record`` on A's daemon (or B's, for the
 ``_b`` steps) during that step of the first run and prints the hottest
-functions, self and inclusive.  Needs ``py-spy`` in the venv for that
+functions, self and inclusive; with ``--profile-server`` the
+fileserver's process instead (where a mutation's CPU goes).  Needs ``py-spy`` in the venv for that
 (``.venv/bin/pip install py-spy``).
 
     .venv/bin/python scripts/profile_client.py --runs 3
@@ -148,7 +149,8 @@ def summarize_profile(path: Path, top: int = 25) -> str:
 
 
 def run_once(a: ClientMount, b: ClientMount, srv: ServerProcess, repo: Path, n: int, files: int,
-             profile: str | None, work: Path) -> dict[str, tuple[float, Any]]:  # fmt: skip
+             profile: str | None, work: Path,
+             profile_server: bool = False) -> dict[str, tuple[float, Any]]:  # fmt: skip
     out: dict[str, tuple[float, Any]] = {}
     top_a = a.mnt / f"run{n}"
     top_b = b.mnt / f"run{n}"
@@ -160,7 +162,7 @@ def run_once(a: ClientMount, b: ClientMount, srv: ServerProcess, repo: Path, n: 
         cpu0 = {k: cpu_seconds(p) for k, p in (("A", a.pid), ("B", b.pid), ("srv", srv.pid))}
         prof = None
         if profile == name and n == 0:
-            prof = Profiler(m.pid, work / f"profile-{name}.txt")
+            prof = Profiler(srv.pid if profile_server else m.pid, work / f"profile-{name}.txt")
             prof.__enter__()
         t0 = time.perf_counter()
         try:
@@ -174,7 +176,8 @@ def run_once(a: ClientMount, b: ClientMount, srv: ServerProcess, repo: Path, n: 
         out[name] = (dt, {"A": delta(before_a, counters(a)), "B": delta(before_b, counters(b)),
                           "cpu": cpu})  # fmt: skip
         if prof is not None:
-            print(f"== py-spy, {name} ({'B' if m is b else 'A'}):")
+            who = "fileserver" if profile_server else ("B" if m is b else "A")
+            print(f"== py-spy, {name} ({who}):")
             print(summarize_profile(prof.out))
 
     def small_create() -> None:
@@ -214,6 +217,8 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--repo-files", type=int, default=1000)
     ap.add_argument("--profile", choices=STEPS)
+    ap.add_argument("--profile-server", action="store_true",
+                    help="profile the fileserver, not the step's daemon")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--mount-arg", action="append", default=[],
                     help="extra afsfuse mount argument (both mounts)")  # fmt: skip
@@ -228,7 +233,9 @@ def main() -> int:
                 ClientMount(srv, work / "b", events=False,
                             extra_args=tuple(args.mount_arg)) as b:  # fmt: skip
             for n in range(args.runs):
-                for name, r in run_once(a, b, srv, repo, n, args.files, args.profile, work).items():
+                for name, r in run_once(
+                    a, b, srv, repo, n, args.files, args.profile, work, args.profile_server
+                ).items():
                     results[name].append(r)
     finally:
         shutil.rmtree(work, ignore_errors=True)
