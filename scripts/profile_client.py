@@ -17,10 +17,16 @@ RPCs (client-side counters of A and B, by method) and FUSE requests.
 ``_b`` steps) during that step of the first run and prints the hottest
 functions, self and inclusive; with ``--profile-server`` the
 fileserver's process instead (where a mutation's CPU goes).  Needs ``py-spy`` in the venv for that
-(``.venv/bin/pip install py-spy``).
+(``.venv/bin/pip install py-spy``).  ``--perf`` samples the same process
+with Linux ``perf`` instead and prints its CPU by kind of code (the Python
+interpreter, the kernel, SQLite, OpenSSL, libfuse and pyfuse3, msgpack,
+libc) and the hottest native symbols: what py-spy cannot show, such as how
+much of a daemon's time is system calls and copies rather than Python
+(needs ``perf``: ``apt-get install linux-perf``).
 
     .venv/bin/python scripts/profile_client.py --runs 3
     .venv/bin/python scripts/profile_client.py --runs 1 --profile clone
+    .venv/bin/python scripts/profile_client.py --runs 1 --profile rm --profile-server --perf
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -123,6 +130,84 @@ class Profiler:
             self.proc.wait(10)
 
 
+class PerfProfiler:
+    """``perf record`` on one pid for the length of a ``with`` block."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid, self.out = pid, out
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> PerfProfiler:
+        self.proc = subprocess.Popen(
+            ["perf", "record", "-F", "999", "-p", str(self.pid), "-o", str(self.out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(0.5)  # let it attach
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(2)  # SIGINT: perf writes its data file and exits
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def report(self, sort: str) -> str:
+        out = subprocess.run(
+            ["perf", "report", "-i", str(self.out), "--stdio", "--no-children", "-n",
+             "--sort", sort],
+            capture_output=True, timeout=300,
+        )  # fmt: skip
+        return out.stdout.decode(errors="replace")
+
+
+#: How ``perf report --sort dso`` names map to kinds of code, first match wins.
+CODE_KINDS = (
+    ("python", re.compile(r"^libpython|^python3")),
+    ("kernel", re.compile(r"^\[kernel")),
+    ("sqlite", re.compile(r"sqlite3")),
+    ("tls", re.compile(r"^libcrypto|^libssl|^_ssl\.")),
+    ("fuse", re.compile(r"^libfuse|^__init__\.cpython")),  # pyfuse3's module
+    ("msgpack", re.compile(r"^_cmsgpack")),
+    ("libc", re.compile(r"^libc\.|^libm\.|^ld-linux")),
+)
+_REPORT_ROW = re.compile(r"^\s*([0-9.]+)%\s+([0-9]+)\s+(.+?)\s*$")
+
+
+def perf_rows(report: str) -> list[tuple[int, str]]:
+    """(samples, name) per row of a ``perf report --stdio -n`` table."""
+    rows = []
+    for line in report.splitlines():
+        if line.startswith("#"):
+            continue
+        m = _REPORT_ROW.match(line)
+        if m:
+            rows.append((int(m.group(2)), " ".join(m.group(3).split())))
+    return rows
+
+
+def code_kinds(dso_rows: list[tuple[int, str]]) -> dict[str, int]:
+    """Samples per kind of code (``CODE_KINDS``; the rest is ``other``)."""
+    out: dict[str, int] = collections.Counter()
+    for n, dso in dso_rows:
+        kind = next((k for k, rx in CODE_KINDS if rx.search(dso)), "other")
+        out[kind] += n
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def summarize_perf(prof: PerfProfiler, top: int = 15) -> str:
+    kinds = code_kinds(perf_rows(prof.report("dso")))
+    total = sum(kinds.values())
+    lines = [f"{total} samples (999 Hz: about {total / 999:.2f} CPU s)", "-- by kind of code --"]
+    lines += [f"{100 * n / max(total, 1):5.1f}%  {k}" for k, n in kinds.items()]
+    lines.append("-- hottest symbols --")
+    for n, sym in perf_rows(prof.report("dso,sym"))[:top]:
+        lines.append(f"{100 * n / max(total, 1):5.1f}%  {sym}")
+    return "\n".join(lines)
+
+
 def summarize_profile(path: Path, top: int = 25) -> str:
     """Hottest functions in a py-spy raw (collapsed stacks) file."""
     self_t: collections.Counter[str] = collections.Counter()
@@ -149,8 +234,8 @@ def summarize_profile(path: Path, top: int = 25) -> str:
 
 
 def run_once(a: ClientMount, b: ClientMount, srv: ServerProcess, repo: Path, n: int, files: int,
-             profile: str | None, work: Path,
-             profile_server: bool = False) -> dict[str, tuple[float, Any]]:  # fmt: skip
+             profile: str | None, work: Path, profile_server: bool = False,
+             use_perf: bool = False) -> dict[str, tuple[float, Any]]:  # fmt: skip
     out: dict[str, tuple[float, Any]] = {}
     top_a = a.mnt / f"run{n}"
     top_b = b.mnt / f"run{n}"
@@ -160,9 +245,13 @@ def run_once(a: ClientMount, b: ClientMount, srv: ServerProcess, repo: Path, n: 
         m = b if name.endswith("_b") else a
         before_a, before_b = counters(a), counters(b)
         cpu0 = {k: cpu_seconds(p) for k, p in (("A", a.pid), ("B", b.pid), ("srv", srv.pid))}
-        prof = None
+        prof: Profiler | PerfProfiler | None = None
         if profile == name and n == 0:
-            prof = Profiler(srv.pid if profile_server else m.pid, work / f"profile-{name}.txt")
+            pid = srv.pid if profile_server else m.pid
+            if use_perf:
+                prof = PerfProfiler(pid, work / f"perf-{name}.data")
+            else:
+                prof = Profiler(pid, work / f"profile-{name}.txt")
             prof.__enter__()
         t0 = time.perf_counter()
         try:
@@ -177,8 +266,12 @@ def run_once(a: ClientMount, b: ClientMount, srv: ServerProcess, repo: Path, n: 
                           "cpu": cpu})  # fmt: skip
         if prof is not None:
             who = "fileserver" if profile_server else ("B" if m is b else "A")
-            print(f"== py-spy, {name} ({who}):")
-            print(summarize_profile(prof.out))
+            if isinstance(prof, PerfProfiler):
+                print(f"== perf, {name} ({who}):")
+                print(summarize_perf(prof))
+            else:
+                print(f"== py-spy, {name} ({who}):")
+                print(summarize_profile(prof.out))
 
     def small_create() -> None:
         d = top_a / "small"
@@ -219,10 +312,15 @@ def main() -> int:
     ap.add_argument("--profile", choices=STEPS)
     ap.add_argument("--profile-server", action="store_true",
                     help="profile the fileserver, not the step's daemon")  # fmt: skip
+    ap.add_argument("--perf", action="store_true",
+                    help="profile with Linux perf (native code too) instead of py-spy")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--mount-arg", action="append", default=[],
                     help="extra afsfuse mount argument (both mounts)")  # fmt: skip
     args = ap.parse_args()
+    if args.perf and args.profile and shutil.which("perf") is None:
+        print("--perf needs perf (apt-get install linux-perf)", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="afs-profile-"))
     results: dict[str, list[tuple[float, Any]]] = {s: [] for s in STEPS}
     try:
@@ -233,9 +331,9 @@ def main() -> int:
                 ClientMount(srv, work / "b", events=False,
                             extra_args=tuple(args.mount_arg)) as b:  # fmt: skip
             for n in range(args.runs):
-                for name, r in run_once(
-                    a, b, srv, repo, n, args.files, args.profile, work, args.profile_server
-                ).items():
+                steps = run_once(a, b, srv, repo, n, args.files, args.profile, work,
+                                 args.profile_server, args.perf)  # fmt: skip
+                for name, r in steps.items():
                     results[name].append(r)
     finally:
         shutil.rmtree(work, ignore_errors=True)
