@@ -10,7 +10,12 @@ Each handler validates its params (EINVAL for wrong types, names through
   in order with every other change, its grants right after the commit, and
   then every other holder's promises on the changed fids are broken before
   the reply (or the break timeout passed).  ``_changed`` tells the handle
-  first, so reads that overlapped the change read again;
+  first, so reads that overlapped the change read again.  A removal
+  starts its breaks as soon as its SQL ran, while its commit syncs
+  (``_telling``): the two waits overlap, and until the commit is done no
+  other client is granted a promise on those fids (a promise on the state
+  before the change, granted after its break went out, would never be
+  broken);
 - a store holds its file's lock: checks, the bytes into the data file (in a
   worker thread, beside other commits), then its metadata in a group commit.
 
@@ -29,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -79,6 +84,7 @@ from protocol.records import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CAPABILITIES = ["readdir-status", "bulkstat", "rename-noreplace", "volume-break", "locks",
                 "special-files", "xattrs", "store-attrs"]  # fmt: skip
@@ -178,6 +184,9 @@ class FsOps:
         self.breaker = breaker
         self.metrics = metrics
         self.config = config
+        #: fid -> the clients whose change of it is being committed with its
+        #: breaks already on their way: nobody else gets a promise on it.
+        self._telling: dict[Fid, list[int]] = {}
 
     def caller(self, cred: Any) -> Caller:
         c = parse_cred(cred)
@@ -202,6 +211,12 @@ class FsOps:
     # -- helpers -------------------------------------------------------------
 
     def grant(self, st: ClientState, fid: Fid) -> CallBack:
+        changers = self._telling.get(fid) if self._telling else None
+        if changers is not None and any(cid != st.cid for cid in changers):
+            # What was read may predate a change whose break already went:
+            # no promise (the client asks again next time).
+            self.metrics.inc("grants_withheld")
+            return CallBack(1, 0, CallBackType.DROPPED)
         stats = self.table.stats
         before = stats["grants"]
         told = self.table.grant(st.cid, fid)
@@ -710,10 +725,72 @@ class FsOps:
             return v, dv, h.vol.volsync()
 
         op = m.FS_REMOVE_FILE if what == "unlink" else m.FS_REMOVE_DIR
-        v, dv, vs = await h.commit(write, then=lambda _: cbs.append(self.grant(st, d)), op=op)
-        f = Fid(d.volume, v.vnode, v.unique)
-        await self._changed(st, d, f)
-        return c, f, v, dv, vs, cbs[0]
+        v, dv, vs = await self._commit_telling(
+            st, h, write, lambda r: [d, Fid(d.volume, r[0].vnode, r[0].unique)],
+            then=lambda _: cbs.append(self.grant(st, d)), op=op,
+        )  # fmt: skip
+        return c, Fid(d.volume, v.vnode, v.unique), v, dv, vs, cbs[0]
+
+    async def _commit_telling(
+        self, st: ClientState, h: VolumeHandle, write: Callable[[], T],
+        changed: Callable[[T], list[Fid]], *, then: Callable[[T], None], op: str,
+    ) -> T:  # fmt: skip
+        """A change whose breaks go out while its commit syncs, so the reply
+        waits for the longer of the two, not their sum.  Sent once its SQL
+        ran (the change is decided, see ``VolumeHandle.commit``); from then
+        until the commit is done no other client gets a promise on
+        ``changed(result)`` (``grant``), so none is left on the state
+        before the change.  A commit that fails after the breaks went out
+        leaves only spurious breaks: the clients fetch again."""
+        told: list[Fid] = []
+        marked: list[Fid] = []  # what _telling holds for this change
+        decided = trio.Event()
+
+        def on_decided(result: T) -> None:  # trio thread, the commit still syncing
+            told[:] = changed(result)
+            self._tell(told, st)
+            marked[:] = told
+            decided.set()
+
+        def unmark() -> None:
+            if marked:
+                self._told(marked, st)
+                marked.clear()
+
+        async def tell() -> None:
+            await decided.wait()
+            event("change", client=st.uuid, fids=[str(f) for f in told])
+            await self.breaker.break_fids(told, st)
+
+        failed: Exception | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tell)
+                try:
+                    result = await h.commit(write, then=then, op=op, decided=on_decided)
+                except Exception as exc:  # raised below as itself, not in a group
+                    failed = exc
+                    nursery.cancel_scope.cancel()  # the change failed: nothing to tell
+                else:
+                    h.changed(f.vnode for f in told)  # reads that overlapped read again
+                    unmark()  # reads see the new state now: promises on it are right
+        finally:
+            unmark()
+        if failed is not None:
+            raise failed
+        return result
+
+    def _tell(self, fids: list[Fid], st: ClientState) -> None:
+        for f in fids:
+            self._telling.setdefault(f, []).append(st.cid)
+
+    def _told(self, fids: list[Fid], st: ClientState) -> None:
+        for f in fids:
+            changers = self._telling.get(f)
+            if changers is not None:
+                changers.remove(st.cid)
+                if not changers:
+                    del self._telling[f]
 
     async def rename(
         self,

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 COUNTERS = {
     "grants": "Callback promises granted (new, not renewals)",
     "renewals": "Callback promises renewed",
+    "grants_withheld": "Promises not granted: a fid whose change was committing, breaks sent",
     "breaks_sent": "Fids broken with CB.CallBack and acknowledged",
     "breaks_failed": "CB.CallBack deliveries that failed or timed out",
     "breaks_delayed": "Fid breaks kept as delayed for a down client",

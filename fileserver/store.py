@@ -171,16 +171,38 @@ class DataDir:
 class _Job:
     """One change waiting for (or in) a group commit."""
 
-    __slots__ = ("error", "finished", "fn", "op", "result", "then", "wake")
+    __slots__ = ("decided", "error", "finished", "fn", "op", "result", "then", "wake")
 
-    def __init__(self, fn: Callable[[], Any], then: Callable[[Any], None] | None, op: str) -> None:
+    def __init__(
+        self, fn: Callable[[], Any], then: Callable[[Any], None] | None, op: str,
+        decided: Callable[[Any], None] | None = None,
+    ) -> None:  # fmt: skip
         self.fn = fn
         self.then = then
         self.op = op
+        self.decided = decided
         self.result: Any = None
         self.error: BaseException | None = None
         self.finished = False
         self.wake = trio.Event()
+
+
+def _announcing(job: _Job, token: trio.lowlevel.TrioToken) -> Callable[[], Any]:
+    """``job.fn`` for the commit thread, handing its result to ``job.decided``
+    in the trio thread once it ran (before the COMMIT: the trio side may
+    start what needs no durability meanwhile, such as telling other clients).
+    Queued on the trio token ahead of the commit's own completion, so it
+    always runs first."""
+    if job.decided is None:
+        return job.fn
+    decided = job.decided
+
+    def run() -> Any:
+        result = job.fn()
+        token.run_sync_soon(decided, result)
+        return result
+
+    return run
 
 
 class VolumeHandle:
@@ -282,9 +304,14 @@ class VolumeHandle:
             return result
 
     async def commit(
-        self, fn: Callable[[], T], *, then: Callable[[T], None] | None = None, op: str = ""
-    ) -> T:
-        job = _Job(fn, then, op)
+        self, fn: Callable[[], T], *, then: Callable[[T], None] | None = None, op: str = "",
+        decided: Callable[[T], None] | None = None,
+    ) -> T:  # fmt: skip
+        """Run change ``fn`` in the next group commit; its result once durable.
+        ``decided(result)`` runs in the trio thread as soon as ``fn`` has run
+        in the commit thread, while the COMMIT (its sync) is still under way:
+        the change is then certain unless the whole commit fails."""
+        job = _Job(fn, then, op, decided)
         async with self.active():
             with trio.CancelScope(shield=True):
                 self._check()
@@ -304,8 +331,9 @@ class VolumeHandle:
         batch, self._queue = self._queue, []
         busy: list[Path] = []
         try:
+            token = trio.lowlevel.current_trio_token()
             results, busy = await self._committer.run(
-                partial(self.vol.run_batch, [(j.op, j.fn) for j in batch])
+                partial(self.vol.run_batch, [(j.op, _announcing(j, token)) for j in batch])
             )
             for j, (ok, value) in zip(batch, results, strict=True):
                 if ok:

@@ -1,0 +1,150 @@
+"""A removal's breaks go out while its commit syncs, and nothing is left on
+the state before it.
+
+The reply still waits for both (the design's rule: every other holder is
+broken before the reply), but the break's round trip no longer follows the
+sync.  While the commit is under way, reads by other clients are answered
+from the committed state without a promise (``CallBackType.DROPPED``): a
+promise on that state, granted after the break went out, would never be
+broken.  Each test parks the real server's commit thread just before its
+COMMIT (``Volume._commit``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import trio
+
+from afsfuse.lab.server import fs_client, running_server
+from protocol.errors import RemoteError
+from protocol.records import CallBack, CallBackType, Fid
+
+# A hang guard, not a speed assertion.
+HANG = 30
+
+
+def _park_commits(h: Any, fail: bool = False) -> tuple[threading.Event, threading.Event]:
+    """Make the volume's next COMMIT wait (in the commit thread) until
+    released; with ``fail``, that COMMIT raises instead of committing."""
+    parked, release = threading.Event(), threading.Event()
+    real = h.vol._commit
+
+    def parking_commit(ops: list[str]) -> None:
+        h.vol._commit = real  # only the next one
+        parked.set()
+        release.wait(HANG)
+        if fail:
+            raise OSError(5, "injected commit failure")
+        real(ops)
+
+    h.vol._commit = parking_commit
+    return parked, release
+
+
+def _cb(reply_cb: Any) -> CallBack:
+    return CallBack.from_wire(reply_cb)
+
+
+async def test_a_removal_breaks_other_holders_while_its_commit_syncs(tmp_path):
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        root = await x.root_fid()
+        fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
+        await x.call("FS.CreateFile", None, root, b"g", 0o644)
+        looked = await y.call("FS.Lookup", None, root, b"f")  # Y holds f and the root
+        assert _cb(looked["callback"]).type == CallBackType.SHARED
+        h = srv.store.get(root[0])
+        parked, release = _park_commits(h)
+        done: dict[str, Any] = {}
+
+        async def remove() -> None:
+            done["r"] = await x.call("FS.RemoveFile", None, root, b"f")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(remove)
+            assert await trio.to_thread.run_sync(parked.wait, HANG)
+            with trio.fail_after(HANG):
+                while Fid(*fid) not in y.breaks:  # told while the COMMIT is parked
+                    await trio.sleep(0.01)
+            assert Fid(*root) in y.breaks
+            assert "r" not in done  # the reply waits for the sync
+            # Y asks again meanwhile: the committed state, without a promise.
+            st = await y.call("FS.FetchStatus", None, fid)
+            assert _cb(st["callback"]).type == CallBackType.DROPPED
+            again = await y.call("FS.Lookup", None, root, b"f")
+            assert _cb(again["callback"]).type == CallBackType.DROPPED
+            assert _cb(again["dir_callback"]).type == CallBackType.DROPPED
+            # A file the removal does not change keeps its promises.
+            other = await y.call("FS.Lookup", None, root, b"g")
+            assert _cb(other["callback"]).type == CallBackType.SHARED
+            release.set()
+        # The remover itself keeps its promise on the directory.
+        assert _cb(done["r"]["dir_callback"]).type == CallBackType.SHARED
+        assert _cb(done["r"]["dir_callback"]).expires_in > 0
+        with pytest.raises(RemoteError, match="ENOENT"):
+            await y.call("FS.Lookup", None, root, b"f")
+        # Once committed, promises are granted again.
+        st = await y.call("FS.FetchStatus", None, root)
+        assert _cb(st["callback"]).type == CallBackType.SHARED
+        assert srv.fsops._telling == {}
+
+
+async def test_a_failed_removal_tells_nobody_and_raises_its_own_error(tmp_path):
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        root = await x.root_fid()
+        d = (await x.call("FS.MakeDir", None, root, b"d", 0o755))["fid"]
+        await x.call("FS.CreateFile", None, d, b"inside", 0o644)
+        await y.call("FS.FetchStatus", None, root)
+        await y.call("FS.FetchStatus", None, d)
+        with pytest.raises(RemoteError, match="ENOENT"):
+            await x.call("FS.RemoveFile", None, root, b"absent")
+        with pytest.raises(RemoteError, match="ENOTEMPTY"):
+            await x.call("FS.RemoveDir", None, root, b"d")
+        assert y.breaks == []
+        st = await y.call("FS.FetchStatus", None, d)
+        assert _cb(st["callback"]).type == CallBackType.SHARED
+        assert srv.fsops._telling == {}
+
+
+async def test_a_commit_failing_after_the_breaks_leaves_the_file_and_grants_again(tmp_path):
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        root = await x.root_fid()
+        fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
+        await y.call("FS.FetchStatus", None, fid)
+        h = srv.store.get(root[0])
+        parked, release = _park_commits(h, fail=True)
+        errors: list[BaseException] = []
+
+        async def remove() -> None:
+            try:
+                await x.call("FS.RemoveFile", None, root, b"f")
+            except RemoteError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(remove)
+            assert await trio.to_thread.run_sync(parked.wait, HANG)
+            with trio.fail_after(HANG):
+                while Fid(*fid) not in y.breaks:
+                    await trio.sleep(0.01)
+            release.set()
+        assert len(errors) == 1  # the remover hears of the failure
+        # Only a spurious break: the file is there, and promised again.
+        st = await y.call("FS.FetchStatus", None, fid)
+        assert _cb(st["callback"]).type == CallBackType.SHARED
+        assert (await y.call("FS.Lookup", None, root, b"f"))["fid"] == fid
+        assert srv.fsops._telling == {}
