@@ -9,6 +9,7 @@ Starts a fileserver and two mounts (A, B) on 127.0.0.1, then times, each
 - ``clone``: A runs ``git clone`` of a local repository this script makes
   (``--repo-files`` files in a nested tree, a few commits);
 - ``status_b``: B runs ``git status`` and ``git log -1`` in that clone;
+- ``tar``: A untars the repository's tree (``git archive`` of HEAD);
 - ``rm``: A removes the small files and the clone (``rm -rf``).
 
 For each step it prints the median wall time and what the step cost in
@@ -50,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from afsfuse.lab.mount import ClientMount
 from afsfuse.lab.server import ServerProcess
 
-STEPS = ("small_create", "small_stat_b", "clone", "status_b", "rm")
+STEPS = ("small_create", "small_stat_b", "clone", "status_b", "tar", "rm")
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "bench",
     "GIT_AUTHOR_EMAIL": "bench@example.org",
@@ -295,11 +296,18 @@ def run_once(a: ClientMount, b: ClientMount, srv: ServerProcess, repo: Path, n: 
         assert st == "", st
         git("log", "-1", "--format=%H", cwd=top_b / "clone")
 
+    def untar() -> None:
+        d = top_a / "tar"
+        d.mkdir()
+        subprocess.run(["tar", "xf", str(work / "tree.tar"), "-C", str(d)], check=True,
+                       timeout=600)  # fmt: skip
+
     def rm() -> None:
         shutil.rmtree(top_a)
 
     for name, fn in (("small_create", small_create), ("small_stat_b", small_stat_b),
-                     ("clone", clone), ("status_b", status_b), ("rm", rm)):  # fmt: skip
+                     ("clone", clone), ("status_b", status_b), ("tar", untar),
+                     ("rm", rm)):  # fmt: skip
         step(name, fn)
     return out
 
@@ -325,6 +333,7 @@ def main() -> int:
     results: dict[str, list[tuple[float, Any]]] = {s: [] for s in STEPS}
     try:
         repo = make_repo(work, args.repo_files)
+        git("archive", "-o", str(work / "tree.tar"), "HEAD", cwd=repo)
         with ServerProcess(work / "fs", events=False) as srv, \
                 ClientMount(srv, work / "a", events=False,
                             extra_args=tuple(args.mount_arg)) as a, \
