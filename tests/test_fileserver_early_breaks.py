@@ -48,6 +48,20 @@ def _cb(reply_cb: Any) -> CallBack:
     return CallBack.from_wire(reply_cb)
 
 
+def _on_break(client: Any, fid: Any) -> trio.Event:
+    """An event set when ``client`` is told of a break of ``fid``."""
+    seen = trio.Event()
+    note = client._note
+
+    def noting(kind: str, what: Any) -> None:
+        note(kind, what)
+        if kind == "break" and Fid(*fid) in what:
+            seen.set()
+
+    client._note = noting
+    return seen
+
+
 async def test_a_removal_breaks_other_holders_while_its_commit_syncs(tmp_path):
     async with (
         running_server(tmp_path / "fs") as srv,
@@ -61,6 +75,7 @@ async def test_a_removal_breaks_other_holders_while_its_commit_syncs(tmp_path):
         assert _cb(looked["callback"]).type == CallBackType.SHARED
         h = srv.store.get(root[0])
         parked, release = _park_commits(h)
+        broken = _on_break(y, fid)
         done: dict[str, Any] = {}
 
         async def remove() -> None:
@@ -70,8 +85,7 @@ async def test_a_removal_breaks_other_holders_while_its_commit_syncs(tmp_path):
             nursery.start_soon(remove)
             assert await trio.to_thread.run_sync(parked.wait, HANG)
             with trio.fail_after(HANG):
-                while Fid(*fid) not in y.breaks:  # told while the COMMIT is parked
-                    await trio.sleep(0.01)
+                await broken.wait()  # told while the COMMIT is parked
             assert Fid(*root) in y.breaks
             assert "r" not in done  # the reply waits for the sync
             # Y asks again meanwhile: the committed state, without a promise.
@@ -127,6 +141,7 @@ async def test_a_commit_failing_after_the_breaks_leaves_the_file_and_grants_agai
         await y.call("FS.FetchStatus", None, fid)
         h = srv.store.get(root[0])
         parked, release = _park_commits(h, fail=True)
+        broken = _on_break(y, fid)
         errors: list[BaseException] = []
 
         async def remove() -> None:
@@ -139,8 +154,7 @@ async def test_a_commit_failing_after_the_breaks_leaves_the_file_and_grants_agai
             nursery.start_soon(remove)
             assert await trio.to_thread.run_sync(parked.wait, HANG)
             with trio.fail_after(HANG):
-                while Fid(*fid) not in y.breaks:
-                    await trio.sleep(0.01)
+                await broken.wait()
             release.set()
         assert len(errors) == 1  # the remover hears of the failure
         # Only a spurious break: the file is there, and promised again.
