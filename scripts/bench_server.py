@@ -24,6 +24,11 @@ Sections (``--only``, comma separated):
   one afsfuse mount, then through ``--mounts`` mounts at once (default 4),
   each its own daemon in its own directory; the goal is the aggregate (FUSE
   in the path: this is the one section that mounts).
+- ``held``: ms per FS.RemoveFile of ``--held-files`` files (default 1,500),
+  alone and while a session in a process of its own holds a promise on
+  every one of them (each removal then breaks it before its reply; the
+  break goes out while the removal's commit syncs), alternating rounds,
+  medians.
 - ``table``: callback table grants, renewals, breaks per second and memory
   per promise on a table of ``--promises`` promises.
 - ``fanout``: wall time of one StoreData that breaks ``--clients`` clients.
@@ -301,6 +306,57 @@ def _fetch_status_elsewhere(host: str, port: int, fids: list[list[int]], stop: A
     return out
 
 
+def _holder_proc(host: str, port: int, d: list[int], names: list[bytes], ready: Any,
+                 stop: Any) -> None:  # fmt: skip
+    """Hold a promise on each of ``names`` in ``d`` and answer the breaks
+    (FsTestClient does) until ``stop`` is set."""
+
+    async def main() -> None:
+        async with fs_client(host, port) as y:
+            for name in names:
+                await y.call("FS.Lookup", None, d, name)
+            ready.set()
+            await trio.to_thread.run_sync(stop.wait, 600)
+
+    trio.run(main)
+
+
+async def run_held(host: str, port: int, files: int, rounds: int) -> dict[str, float]:
+    """ms per RemoveFile, alone and with another client holding promises on
+    the files, in alternating rounds: what a break adds to a removal."""
+    ctx = multiprocessing.get_context("spawn")
+    out: dict[str, list[float]] = {"alone": [], "held": []}
+    names = [b"f%d" % i for i in range(files)]
+    async with fs_client(host, port) as x:
+        root = await x.root_fid()
+        for r in range(2 * rounds):
+            kind = "held" if r % 2 else "alone"
+            dname = b"held-%d-%d" % (r, time.time_ns())
+            d = (await x.call("FS.MakeDir", None, root, dname, 0o755))["fid"]
+            for name in names:
+                await x.call("FS.CreateFile", None, d, name, 0o644)
+            proc, stop = None, ctx.Event()
+            if kind == "held":
+                ready = ctx.Event()
+                proc = ctx.Process(target=_holder_proc, args=(host, port, d, names, ready, stop))
+                proc.start()
+                if not await trio.to_thread.run_sync(ready.wait, 120):
+                    raise RuntimeError("the holding session did not start")
+            try:
+                t0 = time.perf_counter()
+                for name in names:
+                    await x.call("FS.RemoveFile", None, d, name)
+                out[kind].append((time.perf_counter() - t0) * 1000 / files)
+            finally:
+                if proc is not None:
+                    stop.set()
+                    await trio.to_thread.run_sync(proc.join, 60)
+            await x.call("FS.RemoveDir", None, root, dname)
+    alone, held = statistics.median(out["alone"]), statistics.median(out["held"])
+    return {"alone ms/remove": alone, "held ms/remove": held,
+            "added by the break ms": held - alone}  # fmt: skip
+
+
 async def run_big(host: str, port: int, mib: int) -> dict[str, Any]:
     """FetchStatus latency while another session stores ``mib`` MiB."""
     chunk = b"B" * (4 * MIB)
@@ -520,7 +576,8 @@ def print_table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--only", default="cycles,big,mounts,dirsize,table,fanout")
+    ap.add_argument("--only", default="cycles,big,mounts,held,dirsize,table,fanout")
+    ap.add_argument("--held-files", type=int, default=1500)
     ap.add_argument("--mounts", type=int, default=4)
     ap.add_argument("--sessions", default="1,4,16,64")
     ap.add_argument("--seconds", type=float, default=8.0, help="per cycles run (bound)")
@@ -612,6 +669,12 @@ def main() -> None:
                     print(f"  {k:40} {v:,.2f}")
                 goals.append(f"{args.mounts} mounts >= 2.5x one: {res['ratio']:.2f}x "
                              f"{'OK' if res['ratio'] >= 2.5 else 'MISSED'}")  # fmt: skip
+            if "held" in only:
+                print(f"\nremovals of {args.held_files:,} files, alone and held elsewhere ...",
+                      flush=True)  # fmt: skip
+                res = trio.run(run_held, srv.host, srv.port, args.held_files, 3)
+                for k, v in res.items():
+                    print(f"  {k:40} {v:,.3f}")
             if "dirsize" in only:
                 srv.stop()
                 print(f"\nfilling a directory with {args.big_dir:,} entries ...", flush=True)
