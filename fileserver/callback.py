@@ -351,6 +351,20 @@ class CallbackTable:
 
     # -- queries -------------------------------------------------------------
 
+    def others_hold(self, fid: Fid | tuple[int, int, int], cid: int) -> bool:
+        """Whether a client other than ``cid`` holds a promise on ``fid``
+        (expired or not).  Cheap, and safe to call from another thread: a
+        dict changed meanwhile answers True."""
+        cur = self._by_fid.get(fid_key(fid))
+        if cur is None:
+            return False
+        if type(cur) is int:
+            return cur & CID_MASK != cid
+        try:
+            return any(c != cid for c in cur)  # type: ignore[union-attr]
+        except RuntimeError:  # changed size under us
+            return True
+
     def holders(self, fid: Fid | tuple[int, int, int]) -> dict[int, int]:
         """{cid: seconds left (server side)} of unexpired promises on ``fid``."""
         cur = self._by_fid.get(fid_key(fid))

@@ -736,21 +736,22 @@ class FsOps:
         changed: Callable[[T], list[Fid]], *, then: Callable[[T], None], op: str,
     ) -> T:  # fmt: skip
         """A change whose breaks go out while its commit syncs, so the reply
-        waits for the longer of the two, not their sum.  Sent once its SQL
-        ran (the change is decided, see ``VolumeHandle.commit``); from then
+        waits for the longer of the two, not their sum.  When its SQL ran
+        (the change is decided, see ``VolumeHandle.commit``) and another
+        client holds a promise on ``changed(result)``, they are sent; from then
         until the commit is done no other client gets a promise on
         ``changed(result)`` (``grant``), so none is left on the state
         before the change.  A commit that fails after the breaks went out
-        leaves only spurious breaks: the clients fetch again."""
+        leaves only spurious breaks: the clients fetch again.  When nobody
+        else held one then, the breaks follow the commit as for other
+        changes (a promise granted meanwhile is found by them)."""
         told: list[Fid] = []
         marked: list[Fid] = []  # what _telling holds for this change
-        decided = trio.Event()
+        failed: Exception | None = None
 
-        def on_decided(result: T) -> None:  # trio thread, the commit still syncing
-            told[:] = changed(result)
-            self._tell(told, st)
-            marked[:] = told
-            decided.set()
+        def others_hold(result: T) -> bool:  # commit thread: only then wake trio
+            table = self.table
+            return any(table.others_hold(f, st.cid) for f in changed(result))
 
         def unmark() -> None:
             if marked:
@@ -758,26 +759,34 @@ class FsOps:
                 marked.clear()
 
         async def tell() -> None:
-            await decided.wait()
             event("change", client=st.uuid, fids=[str(f) for f in told])
             await self.breaker.break_fids(told, st)
 
-        failed: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(tell)
+
+                def on_decided(result: T) -> None:  # trio thread, the commit syncing
+                    told[:] = changed(result)
+                    self._tell(told, st)
+                    marked[:] = told
+                    nursery.start_soon(tell)
+
                 try:
-                    result = await h.commit(write, then=then, op=op, decided=on_decided)
+                    result = await h.commit(write, then=then, op=op, decided=on_decided,
+                                            decided_if=others_hold)  # fmt: skip
                 except Exception as exc:  # raised below as itself, not in a group
                     failed = exc
                     nursery.cancel_scope.cancel()  # the change failed: nothing to tell
                 else:
-                    h.changed(f.vnode for f in told)  # reads that overlapped read again
-                    unmark()  # reads see the new state now: promises on it are right
+                    if marked:
+                        h.changed(f.vnode for f in told)  # reads meanwhile read again
+                        unmark()  # reads see the new state now: promises on it are right
         finally:
             unmark()
         if failed is not None:
             raise failed
+        if not told:  # nobody else held a promise when the SQL ran: break as usual
+            await self._changed(st, *changed(result))
         return result
 
     def _tell(self, fids: list[Fid], st: ClientState) -> None:

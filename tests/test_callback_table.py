@@ -268,3 +268,21 @@ def test_volume_holders_counts_promises_per_client() -> None:
     assert t.volume_holders(1) == {a: 1, b: 1}
     t.give_up(a)
     assert t.volume_holders(1) == {b: 1} and t.volume_holders(5) == {}
+
+
+def test_others_hold_sees_every_holder_but_the_asker() -> None:
+    """What a removal asks before waking the trio thread to break early: a
+    wrong False would only fall back to breaking after the commit, but a
+    wrong True for the asker alone costs a wake-up per change."""
+    t = CallbackTable(clock=FakeClock())
+    a, b = t.new_client(), t.new_client()
+    f, g = Fid(1, 2, 3), Fid(1, 4, 5)
+    assert not t.others_hold(f, a)
+    t.grant(a, f)
+    assert not t.others_hold(f, a)  # one holder: the asker
+    assert t.others_hold(f, b)
+    t.grant(b, f)
+    assert t.others_hold(f, a) and t.others_hold(f, b)  # two holders
+    t.break_fid(f, except_cid=a)
+    assert not t.others_hold(f, a)
+    assert not t.others_hold(g, a)
