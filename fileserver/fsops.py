@@ -766,10 +766,17 @@ class FsOps:
             async with trio.open_nursery() as nursery:
 
                 def on_decided(result: T) -> None:  # trio thread, the commit syncing
-                    told[:] = changed(result)
-                    self._tell(told, st)
-                    marked[:] = told
-                    nursery.start_soon(tell)
+                    # Run by trio's entry queue, where an exception would end
+                    # the server: on any failure the breaks follow the commit.
+                    try:
+                        told[:] = changed(result)
+                        self._tell(told, st)
+                        marked[:] = told
+                        nursery.start_soon(tell)
+                    except Exception:
+                        log.exception("early breaks of %s failed; sent after the commit", op)
+                        unmark()
+                        told.clear()
 
                 try:
                     result = await h.commit(write, then=then, op=op, decided=on_decided,

@@ -195,15 +195,19 @@ def _announcing(job: _Job, token: trio.lowlevel.TrioToken) -> Callable[[], Any]:
     in the trio thread once it ran (before the COMMIT: the trio side may
     start what needs no durability meanwhile, such as telling other clients).
     Queued on the trio token ahead of the commit's own completion, so it
-    always runs first."""
+    always runs first.  Nothing here may fail the job once ``fn`` ran (its
+    SQL is in the batch): ``decided`` is then just not called."""
     if job.decided is None:
         return job.fn
     decided, decided_if = job.decided, job.decided_if
 
     def run() -> Any:
         result = job.fn()
-        if decided_if is None or decided_if(result):
-            token.run_sync_soon(decided, result)
+        try:
+            if decided_if is None or decided_if(result):
+                token.run_sync_soon(decided, result)
+        except Exception:  # the change stands: its caller hears of it after the commit
+            log.exception("volume %s: announcing a decided change failed", job.op)
         return result
 
     return run

@@ -162,3 +162,27 @@ async def test_a_commit_failing_after_the_breaks_leaves_the_file_and_grants_agai
         assert _cb(st["callback"]).type == CallBackType.SHARED
         assert (await y.call("FS.Lookup", None, root, b"f"))["fid"] == fid
         assert srv.fsops._telling == {}
+
+
+async def test_a_failing_holder_check_breaks_after_the_commit_instead(tmp_path, monkeypatch):
+    """The check in the commit thread (does anyone else hold these fids?)
+    failing must not fail the removal, whose SQL already ran: the breaks
+    then follow the commit, as for other changes."""
+    async with (
+        running_server(tmp_path / "fs") as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        root = await x.root_fid()
+        fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
+        await y.call("FS.FetchStatus", None, fid)
+
+        def broken_check(*_: Any) -> bool:
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(srv.fsops.table, "others_hold", broken_check)
+        await x.call("FS.RemoveFile", None, root, b"f")
+        assert Fid(*fid) in y.breaks  # broken before the reply all the same
+        with pytest.raises(RemoteError, match="ENOENT"):
+            await y.call("FS.Lookup", None, root, b"f")
+        assert srv.fsops._telling == {}
