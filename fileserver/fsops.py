@@ -746,7 +746,7 @@ class FsOps:
         else held one then, the breaks follow the commit as for other
         changes (a promise granted meanwhile is found by them)."""
         told: list[Fid] = []
-        marked: list[Fid] = []  # what _telling holds for this change
+        marked = False  # whether _telling holds ``told`` for this change
         failed: Exception | None = None
 
         def others_hold(result: T) -> bool:  # commit thread: only then wake trio
@@ -754,9 +754,10 @@ class FsOps:
             return any(table.others_hold(f, st.cid) for f in changed(result))
 
         def unmark() -> None:
+            nonlocal marked
             if marked:
-                self._told(marked, st)
-                marked.clear()
+                self._told(told, st)
+                marked = False
 
         async def tell() -> None:
             event("change", client=st.uuid, fids=[str(f) for f in told])
@@ -768,10 +769,11 @@ class FsOps:
                 def on_decided(result: T) -> None:  # trio thread, the commit syncing
                     # Run by trio's entry queue, where an exception would end
                     # the server: on any failure the breaks follow the commit.
+                    nonlocal marked
                     try:
                         told[:] = changed(result)
                         self._tell(told, st)
-                        marked[:] = told
+                        marked = True
                         nursery.start_soon(tell)
                     except Exception:
                         log.exception("early breaks of %s failed; sent after the commit", op)

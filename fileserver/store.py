@@ -207,7 +207,7 @@ def _announcing(job: _Job, token: trio.lowlevel.TrioToken) -> Callable[[], Any]:
             if decided_if is None or decided_if(result):
                 token.run_sync_soon(decided, result)
         except Exception:  # the change stands: its caller hears of it after the commit
-            log.exception("volume %s: announcing a decided change failed", job.op)
+            log.exception("%s: announcing a decided change failed", job.op)
         return result
 
     return run
