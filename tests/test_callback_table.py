@@ -134,8 +134,12 @@ class TableMachine(RuleBasedStateMachine):
             want = expect.get(cid, [])
             if self.down[cid] or conn.hang:
                 assert got == []
-                if want and not self.needs_init[cid]:
+                if want:
+                    # An unanswered break marks the client down even when an
+                    # InitCallBackState3 is owed (a promise granted after its
+                    # revocation); only then is nothing kept as delayed.
                     self.down[cid] = True
+                if want and not self.needs_init[cid]:
                     self.delayed[cid].update(want)
                     if len(self.delayed[cid]) > MAX_DELAYED:
                         self.delayed[cid].clear()
