@@ -36,7 +36,7 @@ import trio
 from afsfuse.cache_manager import CacheManager, OpenFile
 from afsfuse.inode_table import ROOT_INODE, InodeEntry, InodeTable
 from afsfuse.invalidation import Invalidate
-from afsfuse.kernel_notify import KernelNotifier, inode_key, preferred_inode
+from afsfuse.kernel_notify import ExpiringEntries, KernelNotifier, inode_key, preferred_inode
 from afsfuse.locks import CacheManagerLocks, LockManager, fallocate, flock_type
 from afsfuse.statfs import VolumeSpace
 from afsfuse.stats import as_ms
@@ -169,8 +169,10 @@ class AfsOperations(pyfuse3.Operations):
         self.requests: Counter[str] = Counter()  # FUSE requests by handler
         self.request_seconds: Counter[str] = Counter()  # their time in the handler
         root.ino = self.inodes.set_root(inode_key(root), root, root.fid.unique).ino
+        self.entry_inval = ExpiringEntries(getattr(pyfuse3, "expire_entry", None),
+                                           pyfuse3.invalidate_entry)  # fmt: skip
         self.notifier = KernelNotifier(
-            self.inodes, self._kernel_inval_inode, self._kernel_inval_entry,
+            self.inodes, self._kernel_inval_inode, self.entry_inval,
             is_open=self._is_open, reading=self._is_reading,
         )  # fmt: skip
         self._reads: dict[int, int] = {}  # read requests in flight, per inode
@@ -191,10 +193,6 @@ class AfsOperations(pyfuse3.Operations):
     @staticmethod
     def _kernel_inval_inode(ino: int, attr_only: bool) -> None:
         pyfuse3.invalidate_inode(ino, attr_only)
-
-    @staticmethod
-    def _kernel_inval_entry(parent: int, name: bytes) -> None:
-        pyfuse3.invalidate_entry(parent, name)
 
     def _is_open(self, ino: int) -> bool:
         return self._open_inos.get(ino, 0) > 0
@@ -805,7 +803,8 @@ class AfsOperations(pyfuse3.Operations):
         if name == b"afs.stats":
             return {**self.cm.stats_dict(), "kernel_requests": dict(self.requests),
                     "kernel_request_ms": as_ms(self.request_seconds),
-                    "kernel_notify": dict(self.notifier.stats),
+                    "kernel_notify": {**self.notifier.stats,
+                                      "entries_expire": self.entry_inval.expiring},
                     "locks": {**self.locks.stats, "files": self.locks.listing()}}  # fmt: skip
         if name == b"afs.whereis":
             return {

@@ -9,12 +9,17 @@ calls from one thread, in order, off the trio loop (PYFUSE3-NOTES,
 "Invalidation").  ENOENT from the kernel (it already forgot the inode) is
 expected and ignored.
 
-A directory break also drops every name the kernel learned in that
+A directory break also expires every name the kernel learned in that
 directory through us, because the kernel would otherwise keep resolving a
 removed or renamed entry from its dentry cache for the whole entry timeout.
+Expires, not drops (``ExpiringEntries``): a dropped dentry is unhashed, and
+a process on this client whose working directory it is (a shell, `git
+status` run in a subdirectory another client just changed the parent of)
+then gets ENOENT from ``getcwd``; an expired one is looked up again at its
+next use and stays if it still names the same inode.
 Volume, server and "all" events sweep the kernel-known inodes of that scope
 here, in the background, after the core has already bumped its counter in
-O(1); the sweep drops attributes and names, and leaves pages to the
+O(1); the sweep drops attributes, expires names, and leaves pages to the
 data-version check at the next open.
 """
 
@@ -38,6 +43,37 @@ READ_WAIT_STEPS = 200
 
 InvalidateInode = Callable[[int, bool], None]
 InvalidateEntry = Callable[[int, bytes], None]
+
+
+class ExpiringEntries:
+    """The entry invalidation the notifier calls: ``expire`` (the kernel keeps
+    the dentry and revalidates it at its next use, Linux 6.2+), falling back
+    for good to ``drop`` (unhash it) on a kernel that answers EINVAL, which
+    is how one without ``FUSE_EXPIRE_ONLY`` refuses the flag."""
+
+    def __init__(self, expire: InvalidateEntry | None, drop: InvalidateEntry) -> None:
+        self._expire = expire
+        self._drop = drop
+
+    @property
+    def expiring(self) -> bool:
+        return self._expire is not None
+
+    def __call__(self, parent_ino: int, name: bytes) -> None:
+        if self._expire is not None:
+            try:
+                self._expire(parent_ino, name)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._expire = None
+                log.warning(
+                    "the kernel refused FUSE_EXPIRE_ONLY (%s): directory breaks now drop "
+                    "names, and a process whose working directory is one sees getcwd fail",
+                    exc,
+                )  # fmt: skip
+        self._drop(parent_ino, name)
 
 
 def inode_key(vnode: Any) -> tuple[Any, int, int]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -147,6 +149,55 @@ def test_name_renamed_into_then_away_by_other_client(dirs):
     with pytest.raises(FileNotFoundError):
         (da / "x").read_text()
     assert (da / "z").read_text() == "A-data"
+
+
+_GETCWD_CHILD = """
+import os, sys
+for line in sys.stdin:
+    try:
+        print(os.getcwd(), flush=True)
+    except OSError as exc:
+        print("ERR", exc.errno, flush=True)
+"""
+
+
+def test_working_directory_survives_other_clients_change_of_its_parent(pair, dirs):
+    """A shell or `git status` on B sits in db/sub while A changes db: B's
+    kernel forgets what it learned in db (the break), but the dentry of sub
+    must stay usable as a working directory; getcwd() once failed with
+    ENOENT there (the names were dropped, which unhashes them).  A name A
+    really renamed away is still gone on B."""
+    _, b = pair
+    da, db = dirs
+    (da / "sub").mkdir()
+    assert eventually(lambda: (db / "sub").is_dir())
+    child = subprocess.Popen([sys.executable, "-c", _GETCWD_CHILD], cwd=db / "sub",
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+
+        def getcwd() -> str:
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write("?\n")
+            child.stdin.flush()
+            return child.stdout.readline().strip()
+
+        assert getcwd() == str(db / "sub")
+        for i in range(3):
+            before = b.stats()["kernel_notify"]["entry"]
+            (da / f"other{i}").write_text("x")  # breaks B's promise on db
+            assert eventually(lambda n=before: b.stats()["kernel_notify"]["entry"] > n)
+            assert getcwd() == str(db / "sub")
+            assert (db / f"other{i}").read_text() == "x"
+        assert b.stats()["kernel_notify"]["entries_expire"] is True
+        (da / "gone").write_text("g")
+        assert (db / "gone").read_text() == "g"  # B's kernel has a dentry for it
+        os.rename(da / "gone", da / "moved")
+        assert eventually(lambda: not (db / "gone").exists())
+        assert (db / "moved").read_text() == "g"
+        assert getcwd() == str(db / "sub")
+    finally:
+        child.kill()
+        child.wait(timeout=10)
 
 
 def test_truncating_rewrite_is_seen_whole_by_other_client(dirs):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import trio
 
 from afsfuse.inode_table import InodeTable
-from afsfuse.kernel_notify import KernelNotifier, inode_key
+from afsfuse.kernel_notify import ExpiringEntries, KernelNotifier, inode_key
 from protocol.records import Fid
 
 
@@ -116,3 +116,38 @@ async def test_volume_sweep_touches_only_that_volume():
     calls.clear()
     await kn.handle(Ev("server", volumes=(va, vb)))
     assert {c[1] for c in calls} == a_inos | b_inos
+
+
+def test_entries_expire_and_fall_back_to_drop_on_einval():
+    """Names are expired while the kernel takes FUSE_EXPIRE_ONLY; the first
+    EINVAL (a kernel without it) drops that name instead and every later one;
+    any other error (ENOENT: the kernel forgot the name) is the caller's."""
+    expired, dropped = [], []
+    refuse = {"on": False}
+
+    def expire(parent, name):
+        if refuse["on"]:
+            raise OSError(errno.EINVAL, "bad flags")
+        if name == b"gone":
+            raise OSError(errno.ENOENT, "no such entry")
+        expired.append((parent, name))
+
+    ents = ExpiringEntries(expire, lambda p, n: dropped.append((p, n)))
+    ents(5, b"a")
+    assert expired == [(5, b"a")] and dropped == [] and ents.expiring
+    try:
+        ents(5, b"gone")
+    except OSError as exc:
+        assert exc.errno == errno.ENOENT
+    else:
+        raise AssertionError("ENOENT was swallowed")
+    assert dropped == [] and ents.expiring
+    refuse["on"] = True
+    ents(5, b"b")
+    assert dropped == [(5, b"b")] and not ents.expiring
+    refuse["on"] = False
+    ents(6, b"c")  # no second try of a flag the kernel refused
+    assert dropped == [(5, b"b"), (6, b"c")] and expired == [(5, b"a")]
+    only_drop = ExpiringEntries(None, lambda p, n: dropped.append((p, n)))
+    only_drop(7, b"d")
+    assert dropped[-1] == (7, b"d") and not only_drop.expiring

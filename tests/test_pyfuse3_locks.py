@@ -101,6 +101,17 @@ def test_the_installed_pyfuse3_is_the_patched_build() -> None:
     assert "+afsfuse." in pyfuse3.__version__
 
 
+def test_expire_entry_is_there_and_needs_a_session() -> None:
+    """0002-expire-entry.patch: ``expire_entry`` writes FUSE_EXPIRE_ONLY to the
+    session's device; with no session (this process mounts nothing) it says
+    so instead of writing to a stray descriptor.  What the kernel does with
+    it is tested through afsfuse mounts (test_fuse_clients.py: a working
+    directory survives another client's change of its parent)."""
+    with pytest.raises(OSError) as err:
+        pyfuse3.expire_entry(1, b"name")
+    assert err.value.errno == errno.ENOTCONN
+
+
 def test_fcntl_requests_carry_owner_range_pid_and_close_drops_them(lockfs: Mounted) -> None:
     with open(lockfs.file, "r+b") as f:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 5)  # bytes 5..14

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 VERSION=3.5.0
-LOCAL=afsfuse.1   # bump whenever a patch here changes
+LOCAL=afsfuse.2   # bump whenever a patch here changes
 SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 
 here="$(cd "$(dirname "$0")" && pwd)"
