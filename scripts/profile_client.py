@@ -64,8 +64,10 @@ GIT_ENV = {
 
 def git(*args: str, cwd: Path) -> str:
     env = {**os.environ, **GIT_ENV}
-    out = subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True,
-                         timeout=600)  # fmt: skip
+    out = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} in {cwd}: exit {out.returncode}: "
+                           f"{out.stderr.decode(errors='replace').strip()}")  # fmt: skip
     return out.stdout.decode()
 
 
