@@ -160,6 +160,11 @@ class DataCache:
         self._pending_bytes = 0
         self._gen = 0
         self._wake = threading.Condition(self._lock)
+        # The chunk the writer thread is writing with the lock released, and
+        # the signal that it is done: nobody else may write that chunk's file
+        # meanwhile (same temporary name: two writers interleave their bytes).
+        self._inflight: Key | None = None
+        self._written = threading.Condition(self._lock)
         self._flusher: threading.Thread | None = None
         self._closing = False
         self.writes_behind = 0
@@ -682,15 +687,19 @@ class DataCache:
                 tmp = f"{self._fid_dir(key[0])}/{_TMP_PREFIX}{key[1]}.{key[2]}.{gen}"
                 # The write itself runs without the lock: the trio thread
                 # goes on putting and reading meanwhile.
+                self._inflight = key
                 self._lock.release()
                 try:
                     ok = self._write_tmp(tmp, data, dirty)
                 finally:
                     self._lock.acquire()
+                    self._inflight = None
                 try:
                     self._finish_flush(key, gen, tmp, ok)
                 except Exception:  # the thread must live on: puts rely on it
                     log.exception("data cache: writing %s behind failed", self._path(key))
+                finally:
+                    self._written.notify_all()
 
     def _write_tmp(self, tmp: str, data: bytes, dirty: bool) -> bool:
         header = _HEADER.pack(_MAGIC, _DIRTY if dirty else _CLEAN, len(data), zlib.crc32(data))
@@ -732,9 +741,18 @@ class DataCache:
             self._pending.move_to_end(key)
 
     def _flush_one_locked(self, skip: Key | None = None) -> None:
-        """Write the oldest pending chunk (not ``skip``) in the calling thread."""
-        key = next((k for k in self._pending if k != skip), None)
+        """Write the oldest pending chunk (not ``skip``) in the calling thread.
+
+        Never the one the writer thread is writing: both would write one
+        temporary file at once and interleave their bytes (a dirty chunk read
+        back as zeros, then stored).  When that one is all there is, wait
+        for the writer thread to finish it."""
+        busy = self._inflight
+        key = next((k for k in self._pending if k != skip and k != busy), None)
         if key is None:
+            if busy is not None and busy != skip and busy in self._pending:
+                while self._inflight == busy:
+                    self._written.wait()
             return
         gen = self._pending[key]
         tmp = f"{self._fid_dir(key[0])}/{_TMP_PREFIX}{key[1]}.{key[2]}.{gen}"
