@@ -162,7 +162,7 @@ class DataCache:
         self._wake = threading.Condition(self._lock)
         # The chunk the writer thread is writing with the lock released, and
         # the signal that it is done: nobody else may write that chunk's file
-        # meanwhile (same temporary name: two writers interleave their bytes).
+        # meanwhile (one temporary name: see _flush_one_locked).
         self._inflight: Key | None = None
         self._written = threading.Condition(self._lock)
         self._flusher: threading.Thread | None = None
@@ -743,10 +743,13 @@ class DataCache:
     def _flush_one_locked(self, skip: Key | None = None) -> None:
         """Write the oldest pending chunk (not ``skip``) in the calling thread.
 
-        Never the one the writer thread is writing: both would write one
-        temporary file at once and interleave their bytes (a dirty chunk read
-        back as zeros, then stored).  When that one is all there is, wait
-        for the writer thread to finish it."""
+        Never the one the writer thread is writing: both would use one
+        temporary name, and the writer thread creating it (a spare renamed
+        onto it, or an open that truncates) could replace or empty the file
+        written here just before it went in place and the chunk left memory,
+        so the chunk read back short (discarded: unstored writes lost) or as
+        zeros.
+        When that one is all there is, wait for the writer thread instead."""
         busy = self._inflight
         key = next((k for k in self._pending if k != skip and k != busy), None)
         if key is None:
