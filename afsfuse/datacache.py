@@ -694,12 +694,13 @@ class DataCache:
                 finally:
                     self._lock.acquire()
                     self._inflight = None
+                    # Waiters wake once the lock is free again, so after the
+                    # finish below (or after this thread died of the error).
+                    self._written.notify_all()
                 try:
                     self._finish_flush(key, gen, tmp, ok)
                 except Exception:  # the thread must live on: puts rely on it
                     log.exception("data cache: writing %s behind failed", self._path(key))
-                finally:
-                    self._written.notify_all()
 
     def _write_tmp(self, tmp: str, data: bytes, dirty: bool) -> bool:
         header = _HEADER.pack(_MAGIC, _DIRTY if dirty else _CLEAN, len(data), zlib.crc32(data))
@@ -748,8 +749,7 @@ class DataCache:
         onto it, or an open that truncates) could replace or empty the file
         written here just before it went in place and the chunk left memory,
         so the chunk read back short (discarded: unstored writes lost) or as
-        zeros.
-        When that one is all there is, wait for the writer thread instead."""
+        zeros.  When that one is all there is, wait for the writer thread."""
         busy = self._inflight
         key = next((k for k in self._pending if k != skip and k != busy), None)
         if key is None:
