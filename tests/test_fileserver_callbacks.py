@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from afsfuse.lab.server import fs_client, running_server, wait_until
+from afsfuse.lab.server import fs_client, running_server, server_and_two_clients, wait_until
 from protocol.errors import RpcError
 from protocol.records import Fid
 
@@ -15,11 +15,7 @@ async def _mkfile(c, root, name: bytes = b"f"):
 
 
 async def test_store_breaks_other_holder_before_reply(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         fid = await _mkfile(x, root)
         r = await y.call("FS.FetchStatus", None, fid)
@@ -55,11 +51,7 @@ async def test_three_clients_parallel_and_directory_breaks(tmp_path):
 
 
 async def test_rename_breaks_both_dirs_and_replaced_target(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (_srv, x, y):
         root = await x.root_fid()
         d1 = (await x.call("FS.MakeDir", None, root, b"d1", 0o755))["fid"]
         d2 = (await x.call("FS.MakeDir", None, root, b"d2", 0o755))["fid"]
@@ -137,11 +129,7 @@ async def test_fs_before_hello_is_eproto(tmp_path):
 
 
 async def test_volume_break_reaches_every_holder(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         await x.call("FS.FetchStatus", None, root)
         await y.call("FS.FetchStatus", None, root)
@@ -152,11 +140,7 @@ async def test_volume_break_reaches_every_holder(tmp_path):
 
 
 async def test_give_up_all_callbacks(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         fid = await _mkfile(x, root)
         await y.call("FS.FetchStatus", None, fid)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import trio
 
-from afsfuse.lab.server import fs_client, running_server
+from afsfuse.lab.server import fs_client, running_server, server_and_two_clients
 from fileserver.store import VolumeHandle
 from fileserver.volume import Volume
 from protocol.errors import RpcError
@@ -303,11 +303,7 @@ async def test_store_failing_half_written_is_settled_before_reads(tmp_path, monk
     """A large store whose bytes land half-way and then fail: a FetchData
     meanwhile gets the old version or the settled one (new DV), never the
     half-written bytes under the old DV."""
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
         old = b"o" * 100_000

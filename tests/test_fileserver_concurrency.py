@@ -12,7 +12,12 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from afsfuse.lab.server import FsTestClient, ServerProcess, fs_client, running_server
+from afsfuse.lab.server import (
+    FsTestClient,
+    ServerProcess,
+    fs_client,
+    server_and_two_clients,
+)
 from fileserver.salvage import salvage
 from protocol.errors import RpcError
 from protocol.records import Fid
@@ -33,11 +38,7 @@ async def test_reads_and_changes_complete_while_a_store_is_parked(tmp_path):
     changes of other files, complete meanwhile."""
     parked, release = threading.Event(), threading.Event()
     new = b"new data" * 20_000  # large: written beside the commits, not in one
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         fid = (await x.call("FS.CreateFile", None, root, b"big", 0o644))["fid"]
         other = (await x.call("FS.CreateFile", None, root, b"other", 0o644))["fid"]
@@ -87,11 +88,7 @@ async def test_reads_and_changes_complete_while_a_store_is_parked(tmp_path):
 async def test_reads_complete_while_a_group_commit_is_parked(tmp_path):
     """The commit thread itself parked (a slow fsync): reads do not queue behind it."""
     parked, release = threading.Event(), threading.Event()
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
         g = (await x.call("FS.CreateFile", None, root, b"g", 0o644))["fid"]
@@ -127,11 +124,7 @@ async def test_reads_complete_while_a_group_commit_is_parked(tmp_path):
 
 
 async def test_renames_in_opposite_directions_finish(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         a = (await x.call("FS.MakeDir", None, root, b"A", 0o755))["fid"]
         b = (await x.call("FS.MakeDir", None, root, b"B", 0o755))["fid"]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from afsfuse.lab.server import fs_client, running_server
+from afsfuse.lab.server import server_and_two_clients
 from protocol.errors import RemoteError
 from protocol.records import CallBack, CallBackType, Fid
 
@@ -63,11 +63,7 @@ def _on_break(client: Any, fid: Any) -> trio.Event:
 
 
 async def test_a_removal_breaks_other_holders_while_its_commit_syncs(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
         await x.call("FS.CreateFile", None, root, b"g", 0o644)
@@ -110,11 +106,7 @@ async def test_a_removal_breaks_other_holders_while_its_commit_syncs(tmp_path):
 
 
 async def test_a_failed_removal_tells_nobody_and_raises_its_own_error(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         d = (await x.call("FS.MakeDir", None, root, b"d", 0o755))["fid"]
         await x.call("FS.CreateFile", None, d, b"inside", 0o644)
@@ -131,11 +123,7 @@ async def test_a_failed_removal_tells_nobody_and_raises_its_own_error(tmp_path):
 
 
 async def test_a_commit_failing_after_the_breaks_leaves_the_file_and_grants_again(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
         await y.call("FS.FetchStatus", None, fid)
@@ -168,11 +156,7 @@ async def test_a_failing_holder_check_breaks_after_the_commit_instead(tmp_path, 
     """The check in the commit thread (does anyone else hold these fids?)
     failing must not fail the removal, whose SQL already ran: the breaks
     then follow the commit, as for other changes."""
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as x,
-        fs_client(srv.host, srv.port) as y,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         root = await x.root_fid()
         fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
         await y.call("FS.FetchStatus", None, fid)

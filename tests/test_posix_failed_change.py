@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from afsfuse.lab.server import fs_client, running_server
+from afsfuse.lab.server import server_and_two_clients
 from fileserver.fsops import SMALL_STORE
 from fileserver.volume import Volume
 from protocol.errors import RpcError
@@ -24,11 +24,7 @@ def cred(uid: int) -> list[Any]:
 
 
 async def test_store_failing_after_its_bytes_landed_breaks_first(tmp_path, monkeypatch):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as writer,
-        fs_client(srv.host, srv.port) as holder,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (_srv, writer, holder):
         root = await writer.root_fid()
         f = (await writer.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
         await writer.call("FS.StoreData", None, f, 0, b"old", None, None)
@@ -51,11 +47,7 @@ async def test_store_failing_after_its_bytes_landed_breaks_first(tmp_path, monke
 
 
 async def test_store_over_quota_after_setuid_cleared_breaks(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as writer,
-        fs_client(srv.host, srv.port) as holder,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, writer, holder):
         root = await writer.root_fid()
         f = (await writer.call("FS.CreateFile", cred(1001), root, b"f", 0o644))["fid"]
         await writer.call("FS.StoreStatus", cred(1001), f, {"mode": 0o4777})
@@ -70,11 +62,7 @@ async def test_store_over_quota_after_setuid_cleared_breaks(tmp_path):
 
 
 async def test_store_refused_before_any_change_breaks_nobody(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as writer,
-        fs_client(srv.host, srv.port) as holder,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (srv, writer, holder):
         root = await writer.root_fid()
         f = (await writer.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
         await holder.call("FS.FetchStatus", None, f)
@@ -86,11 +74,7 @@ async def test_store_refused_before_any_change_breaks_nobody(tmp_path):
 
 
 async def test_truncate_failing_after_its_commit_is_acknowledged(tmp_path, monkeypatch):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as writer,
-        fs_client(srv.host, srv.port) as holder,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (_srv, writer, holder):
         root = await writer.root_fid()
         f = (await writer.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
         await writer.call("FS.StoreData", None, f, 0, b"0123456789", None, None)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from afsfuse.lab.server import fs_client, running_server
+from afsfuse.lab.server import server_and_two_clients
 from protocol.errors import RpcError
 from protocol.records import Fid
 from tests.conftest import two_mounts
@@ -121,11 +121,7 @@ def cred(uid: int) -> list[Any]:
 
 
 async def test_server_clears_with_the_store_and_breaks(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as writer,
-        fs_client(srv.host, srv.port) as holder,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (_srv, writer, holder):
         root = await writer.root_fid()
         f = (await writer.call("FS.CreateFile", cred(U1), root, b"f", 0o644))["fid"]
         await writer.call("FS.StoreStatus", cred(U1), f, {"mode": 0o6777})

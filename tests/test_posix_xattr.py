@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from afsfuse.lab.server import fs_client, running_server
+from afsfuse.lab.server import server_and_two_clients
 from fileserver.volume import Volume
 from protocol.errors import RpcError
 from protocol.limits import MAX_XATTR_TOTAL, MAX_XATTR_VALUE
@@ -157,11 +157,7 @@ async def _code(coro: Any) -> str:
 
 
 async def test_server_breaks_before_reply_and_checks(tmp_path):
-    async with (
-        running_server(tmp_path / "fs") as srv,
-        fs_client(srv.host, srv.port) as c,
-        fs_client(srv.host, srv.port) as holder,
-    ):
+    async with server_and_two_clients(tmp_path / "fs") as (_srv, c, holder):
         root = await c.root_fid()
         f = (await c.call("FS.CreateFile", cred(U1), root, b"f", 0o640))["fid"]
         r = await holder.call("FS.FetchXattrs", None, f)

@@ -360,6 +360,20 @@ async def fs_client(
         yield c
 
 
+@asynccontextmanager
+async def server_and_two_clients(
+    data_dir: Path | str, **config: Any
+) -> AsyncIterator[tuple[FileServer, FsTestClient, FsTestClient]]:
+    """A ``running_server`` and two ``fs_client`` sessions of it: the usual
+    cast of a break test (one changes, the other holds promises)."""
+    async with (
+        running_server(data_dir, **config) as srv,
+        fs_client(srv.host, srv.port) as x,
+        fs_client(srv.host, srv.port) as y,
+    ):
+        yield srv, x, y
+
+
 INF = math.inf
 
 
