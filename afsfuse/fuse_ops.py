@@ -649,8 +649,9 @@ class AfsOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         f = self._file(fh)
         # Counted so a break's invalidation of this inode waits for the reply
-        # (see KernelNotifier._wait_reads).  pyfuse3 sends the reply right
-        # after this returns, before the notifier task can run again.
+        # (KernelNotifier._after_reads): the notifier's thread looks at the
+        # count right before it tells the kernel.  pyfuse3 sends the reply
+        # right after this returns.
         self._reads[f.ino] = self._reads.get(f.ino, 0) + 1
         try:
             return await self.cm.read(f.handle, off, size, f.cred)

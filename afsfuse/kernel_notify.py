@@ -9,6 +9,13 @@ calls from one thread, in order, off the trio loop (PYFUSE3-NOTES,
 "Invalidation").  ENOENT from the kernel (it already forgot the inode) is
 expected and ignored.
 
+The thread is the notifier's own, fed by a queue, and reports nothing back
+to trio for a call that went as expected: a ``trio.to_thread`` hop per call
+(a thread handoff there, a wakeup and a task reschedule back) was about a
+third of the Python CPU a client spends per break it receives while
+another client removes files it holds.  Waits on it are rare and explicit
+(``settled``, a full queue).
+
 A directory break also expires every name the kernel learned in that
 directory through us, because the kernel would otherwise keep resolving a
 removed or renamed entry from its dentry cache for the whole entry timeout.
@@ -27,6 +34,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import queue
+import threading
 from collections.abc import AsyncIterable, Callable
 from typing import Any
 
@@ -40,6 +49,10 @@ events_log = logging.getLogger("afsfuse.events")
 
 #: Milliseconds an inode invalidation waits at most for reads in flight.
 READ_WAIT_STEPS = 200
+#: Kernel calls queued for the thread at most; past it the worker waits.
+MAX_QUEUED = 1024
+#: Sweeps yield to the trio loop after this many inodes.
+SWEEP_STEP = 256
 
 InvalidateInode = Callable[[int, bool], None]
 InvalidateEntry = Callable[[int, bytes], None]
@@ -105,7 +118,16 @@ class KernelNotifier:
         self._nursery: trio.Nursery | None = None
         # Names the kernel resolved through us, per directory inode.
         self._names: dict[int, set[bytes]] = {}
-        self._thread = trio.CapacityLimiter(1)
+        # The thread's queue of jobs (None ends it).  ``_queued`` is written
+        # only by trio, ``_done`` only by the thread: their difference is
+        # what is waiting, without a lock.
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._queued = 0
+        self._done = 0
+        self._room: trio.Event | None = None
+        self._closed = False
         self.stats = {"inode": 0, "entry": 0, "sweeps": 0, "gone": 0, "failed": 0,
                       "read_wait_timeouts": 0}  # fmt: skip
 
@@ -126,17 +148,44 @@ class KernelNotifier:
     # -- the worker ------------------------------------------------------------
 
     async def run(self, events: AsyncIterable[Any]) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                async for ev in events:
-                    try:
-                        await self.handle(ev)
-                    except Exception:  # one bad event must not end kernel notification
-                        log.exception("kernel invalidation for %r failed", ev)
-            finally:
-                self._nursery = None
-                nursery.cancel_scope.cancel()
+        """Handle ``events`` until they end (then return once every kernel
+        call was made) or until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    async for ev in events:
+                        try:
+                            await self.handle(ev)
+                        except Exception:  # one bad event must not end kernel notification
+                            log.exception("kernel invalidation for %r failed", ev)
+                except BaseException:
+                    nursery.cancel_scope.cancel()
+                    raise
+                # The nursery now waits for invalidations deferred for reads.
+            self._nursery = None
+            await self.settled()
+        finally:
+            self._nursery = None
+            self.close()
+
+    def close(self) -> None:
+        """End the thread once the calls queued before have been made.  A call
+        blocked in the kernel does not keep the process from exiting (the
+        thread is a daemon), as an abandoned ``to_thread`` call did not."""
+        self._closed = True
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    async def settled(self) -> None:
+        """Return once every kernel call queued before this one was made."""
+        if self._thread is None:
+            return
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        self._submit(lambda: token.run_sync_soon(done.set))
+        await done.wait()
 
     async def handle(self, ev: Any) -> None:
         kind = ev.kind
@@ -159,25 +208,52 @@ class KernelNotifier:
             log.warning("unknown invalidation kind %r", kind)
 
     async def _inode(self, entry: InodeEntry, attr_only: bool) -> None:
-        # Dropping pages of an open file can hang with I/O in flight; such
-        # files get attributes dropped now and keep_cache off at next open.
-        attr_only = attr_only or self._is_open(entry.ino)
-        if self._reading(entry.ino) and self._nursery is not None:
-            # Reads in flight reply first (see _after_reads); the rest of the
-            # queue does not wait for them.
-            if entry.ino not in self._deferred:
-                self._deferred.add(entry.ino)
-                self._nursery.start_soon(self._after_reads, entry, attr_only)
+        if self._defer_for_reads(entry, attr_only):
             return
-        await self._call(self._inval_inode, entry.ino, attr_only)
-        self.stats["inode"] += 1
-        log_event(
-            "kernel_invalidate", ino=entry.ino, fid=getattr(entry.node, "fid", "?"),
-            attr_only=attr_only,
-        )  # fmt: skip
+        await self._submit_when_room(lambda: self._inode_now(entry, attr_only))
         if getattr(entry.node, "is_dir", False):
             for name in self._names.pop(entry.ino, ()):
                 await self._entry(entry.ino, name, forget_name=False)
+
+    def _defer_for_reads(self, entry: InodeEntry, attr_only: bool) -> bool:
+        """With reads in flight on ``entry``, have ``_after_reads`` invalidate
+        it once they replied, and say so; the rest of the queue goes on."""
+        if not self._reading(entry.ino) or self._nursery is None:
+            return False
+        if entry.ino not in self._deferred:
+            self._deferred.add(entry.ino)
+            self._nursery.start_soon(self._after_reads, entry, attr_only)
+        return True
+
+    def _recheck(self, entry: InodeEntry, attr_only: bool) -> None:
+        """In trio (``run_sync_soon``: it must not raise), for the thread that
+        found reads in flight: defer, or (they replied meanwhile, or the
+        worker is ending) queue the call again."""
+        try:
+            if self._defer_for_reads(entry, attr_only):
+                return
+        except RuntimeError:  # the nursery is closing
+            self._nursery = None
+        self._submit(lambda: self._inode_now(entry, attr_only))
+
+    def _inode_now(self, entry: InodeEntry, attr_only: bool) -> None:
+        """In the thread.  Open and reading are judged now, when the kernel is
+        told, not when the event was queued."""
+        if self._reading(entry.ino) and self._nursery is not None and self._token is not None:
+            try:
+                self._token.run_sync_soon(self._recheck, entry, attr_only)
+            except trio.RunFinishedError:
+                pass  # trio is gone: so is the mount
+            return
+        # Dropping pages of an open file can hang with I/O in flight; such
+        # files get attributes dropped now and keep_cache off at next open.
+        attr_only = attr_only or self._is_open(entry.ino)
+        if self._call(self._inval_inode, entry.ino, attr_only):
+            self.stats["inode"] += 1
+            log_event(
+                "kernel_invalidate", ino=entry.ino, fid=getattr(entry.node, "fid", "?"),
+                attr_only=attr_only,
+            )  # fmt: skip
 
     async def _after_reads(self, entry: InodeEntry, attr_only: bool) -> None:
         """Invalidate ``entry`` once the reads in flight on it replied (bounded).
@@ -199,13 +275,18 @@ class KernelNotifier:
     async def _entry(self, parent_ino: int, name: bytes, *, forget_name: bool = True) -> None:
         if forget_name:
             self.unlearned(parent_ino, name)
-        await self._call(self._inval_entry, parent_ino, name)
-        self.stats["entry"] += 1
+        await self._submit_when_room(lambda: self._entry_now(parent_ino, name))
+
+    def _entry_now(self, parent_ino: int, name: bytes) -> None:
+        if self._call(self._inval_entry, parent_ino, name):
+            self.stats["entry"] += 1
 
     async def _sweep(self, match: Callable[[InodeEntry], bool]) -> None:
         self.stats["sweeps"] += 1
         n = 0
-        for entry in self.inodes.entries():
+        for i, entry in enumerate(self.inodes.entries()):
+            if i % SWEEP_STEP == SWEEP_STEP - 1:
+                await trio.lowlevel.checkpoint()
             if entry.ino == ROOT_INODE or match(entry):
                 # Attributes only: pages of a file whose DV moved are dropped
                 # at its next open (keep_cache off), so a mass break does not
@@ -214,14 +295,56 @@ class KernelNotifier:
                 n += 1
         log_event("kernel_sweep", inodes=n)
 
-    async def _call(self, fn: Callable[..., None], *args: Any) -> None:
+    # -- the thread ------------------------------------------------------------
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self._closed:
+            return  # unmounting: nothing left to tell
+        if self._thread is None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._thread = threading.Thread(target=self._work, name="kernel-notify", daemon=True)
+            self._thread.start()
+        self._queued += 1
+        self._jobs.put(job)
+
+    async def _submit_when_room(self, job: Callable[[], None]) -> None:
+        # Bounded: a kernel that stalls leaves events waiting, coalesced, in
+        # the core's invalidation queue rather than here.
+        while self._queued - self._done >= MAX_QUEUED:
+            self._room = trio.Event()
+            if self._queued - self._done >= MAX_QUEUED:
+                # Timed: a wakeup the thread sent before the event existed
+                # costs a moment, not a hang.
+                with trio.move_on_after(0.05):
+                    await self._room.wait()
+        self._submit(job)
+
+    def _work(self) -> None:
+        jobs, token = self._jobs, self._token
+        while (job := jobs.get()) is not None:
+            try:
+                job()
+            except Exception:
+                log.exception("kernel invalidation failed")
+            self._done += 1
+            room = self._room
+            if room is not None and self._queued - self._done < MAX_QUEUED // 2:
+                self._room = None
+                try:
+                    assert token is not None
+                    token.run_sync_soon(room.set)
+                except trio.RunFinishedError:
+                    pass
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> bool:
+        """Make one kernel call (in the thread); whether it was made."""
         try:
-            # Abandonable: at shutdown a call blocked on a directory lock must
-            # not keep the daemon from unmounting.
-            await trio.to_thread.run_sync(fn, *args, limiter=self._thread, abandon_on_cancel=True)
+            fn(*args)
+            return True
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTCONN):
                 self.stats["gone"] += 1  # the kernel already forgot, or unmounted
             else:
                 self.stats["failed"] += 1
                 log.warning("kernel invalidation %s%r failed: %s", fn.__name__, args, exc)
+            return False
