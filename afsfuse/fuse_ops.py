@@ -650,15 +650,24 @@ class AfsOperations(pyfuse3.Operations):
         f = self._file(fh)
         # Counted so a break's invalidation of this inode waits for the reply
         # (KernelNotifier._after_reads): the notifier's thread looks at the
-        # count right before it tells the kernel.  pyfuse3 sends the reply
-        # right after this returns.
+        # count right before it tells the kernel.  pyfuse3 sends the reply in
+        # this task step, after this returns, and the notifier's thread can
+        # run in between: so the count drops only after the step, from trio's
+        # run_sync_soon queue.
         self._reads[f.ino] = self._reads.get(f.ino, 0) + 1
         try:
             return await self.cm.read(f.handle, off, size, f.cred)
         finally:
-            n = self._reads.pop(f.ino) - 1
-            if n:
-                self._reads[f.ino] = n
+            try:
+                trio.lowlevel.current_trio_token().run_sync_soon(self._read_replied, f.ino)
+            except trio.RunFinishedError:  # cannot happen inside the run; be safe
+                self._read_replied(f.ino)
+
+    def _read_replied(self, ino: int) -> None:
+        # From run_sync_soon: must not raise.
+        n = self._reads.pop(ino, 1) - 1
+        if n > 0:
+            self._reads[ino] = n
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -53,6 +53,8 @@ READ_WAIT_STEPS = 200
 MAX_QUEUED = 1024
 #: Sweeps yield to the trio loop after this many inodes.
 SWEEP_STEP = 256
+#: Seconds ``close`` waits for a kernel call in progress.
+CLOSE_WAIT = 1.0
 
 InvalidateInode = Callable[[int, bool], None]
 InvalidateEntry = Callable[[int, bytes], None]
@@ -114,7 +116,9 @@ class KernelNotifier:
         self._inval_entry = invalidate_entry
         self._is_open = is_open
         self._reading = reading
-        self._deferred: set[int] = set()  # inodes waiting for their reads
+        # Inodes waiting for their reads, and whether attributes alone go
+        # (False once any deferred event wanted the pages dropped too).
+        self._deferred: dict[int, bool] = {}
         self._nursery: trio.Nursery | None = None
         # Names the kernel resolved through us, per directory inode.
         self._names: dict[int, set[bytes]] = {}
@@ -170,13 +174,16 @@ class KernelNotifier:
             self.close()
 
     def close(self) -> None:
-        """End the thread once the calls queued before have been made.  A call
-        blocked in the kernel does not keep the process from exiting (the
-        thread is a daemon), as an abandoned ``to_thread`` call did not."""
+        """End the thread; calls still queued are not made (the mount is
+        going: pyfuse3 is about to destroy the session they would write
+        to).  Waits a moment for a call in progress.  One blocked in the
+        kernel does not keep the process from exiting (the thread is a
+        daemon), as an abandoned ``to_thread`` call did not."""
         self._closed = True
-        if self._thread is not None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._jobs.put(None)
-            self._thread = None
+            thread.join(CLOSE_WAIT)
 
     async def settled(self) -> None:
         """Return once every kernel call queued before this one was made."""
@@ -184,7 +191,14 @@ class KernelNotifier:
             return
         done = trio.Event()
         token = trio.lowlevel.current_trio_token()
-        self._submit(lambda: token.run_sync_soon(done.set))
+
+        def mark() -> None:
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        self._submit(mark)
         await done.wait()
 
     async def handle(self, ev: Any) -> None:
@@ -207,10 +221,10 @@ class KernelNotifier:
         else:
             log.warning("unknown invalidation kind %r", kind)
 
-    async def _inode(self, entry: InodeEntry, attr_only: bool) -> None:
-        if self._defer_for_reads(entry, attr_only):
+    async def _inode(self, entry: InodeEntry, attr_only: bool, force: bool = False) -> None:
+        if not force and self._defer_for_reads(entry, attr_only):
             return
-        await self._submit_when_room(lambda: self._inode_now(entry, attr_only))
+        await self._submit_when_room(lambda: self._inode_now(entry, attr_only, force))
         if getattr(entry.node, "is_dir", False):
             for name in self._names.pop(entry.ino, ()):
                 await self._entry(entry.ino, name, forget_name=False)
@@ -220,9 +234,11 @@ class KernelNotifier:
         it once they replied, and say so; the rest of the queue goes on."""
         if not self._reading(entry.ino) or self._nursery is None:
             return False
-        if entry.ino not in self._deferred:
-            self._deferred.add(entry.ino)
-            self._nursery.start_soon(self._after_reads, entry, attr_only)
+        if entry.ino in self._deferred:
+            self._deferred[entry.ino] = self._deferred[entry.ino] and attr_only
+        else:
+            self._nursery.start_soon(self._after_reads, entry)
+            self._deferred[entry.ino] = attr_only
         return True
 
     def _recheck(self, entry: InodeEntry, attr_only: bool) -> None:
@@ -236,10 +252,12 @@ class KernelNotifier:
             self._nursery = None
         self._submit(lambda: self._inode_now(entry, attr_only))
 
-    def _inode_now(self, entry: InodeEntry, attr_only: bool) -> None:
+    def _inode_now(self, entry: InodeEntry, attr_only: bool, force: bool = False) -> None:
         """In the thread.  Open and reading are judged now, when the kernel is
-        told, not when the event was queued."""
-        if self._reading(entry.ino) and self._nursery is not None and self._token is not None:
+        told, not when the event was queued (``force``: reads were waited
+        for long enough)."""
+        if (not force and self._reading(entry.ino) and self._nursery is not None
+                and self._token is not None):  # fmt: skip
             try:
                 self._token.run_sync_soon(self._recheck, entry, attr_only)
             except trio.RunFinishedError:
@@ -255,12 +273,13 @@ class KernelNotifier:
                 attr_only=attr_only,
             )  # fmt: skip
 
-    async def _after_reads(self, entry: InodeEntry, attr_only: bool) -> None:
+    async def _after_reads(self, entry: InodeEntry) -> None:
         """Invalidate ``entry`` once the reads in flight on it replied (bounded).
         A read that comes back short because the file shrank makes the kernel
         lower its size, but only if the inode's attributes did not change
         while the read was in flight; an invalidation landing then leaves the
         old size, and the kernel fills the gap with zeros the file never had."""
+        waited_out = False
         try:
             for _ in range(READ_WAIT_STEPS):
                 if not self._reading(entry.ino):
@@ -268,9 +287,10 @@ class KernelNotifier:
                 await trio.sleep(0.001)
             else:
                 self.stats["read_wait_timeouts"] += 1
+                waited_out = True  # steady reads must not put it off for ever
         finally:
-            self._deferred.discard(entry.ino)
-        await self._inode(entry, attr_only)
+            attr_only = self._deferred.pop(entry.ino, True)
+        await self._inode(entry, attr_only, force=waited_out)
 
     async def _entry(self, parent_ino: int, name: bytes, *, forget_name: bool = True) -> None:
         if forget_name:
@@ -322,6 +342,8 @@ class KernelNotifier:
     def _work(self) -> None:
         jobs, token = self._jobs, self._token
         while (job := jobs.get()) is not None:
+            if self._closed:
+                continue  # dropped: see close()
             try:
                 job()
             except Exception:

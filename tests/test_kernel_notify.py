@@ -273,3 +273,67 @@ async def test_the_thread_queue_is_bounded(monkeypatch):
             release.set()
         await kn.settled()
     assert handled == 10 and len(calls) == 10
+
+
+async def test_close_drops_the_calls_still_queued():
+    """At unmount pyfuse3 destroys the session right after the worker ends:
+    calls still queued then must not be made (they would write to a freed
+    session); the one in progress is waited for."""
+    table, kn, calls = setup()
+    vol = FakeVolume(("cell", 5))
+    files = [FakeVnode(vol, Fid(5, n, 1)) for n in range(3, 7)]
+    inos = [add(table, f) for f in files]
+    stalled, release = threading.Event(), threading.Event()
+    inner = kn._inval_inode
+
+    def stalling(ino, attr_only):
+        if ino == inos[0]:
+            stalled.set()
+            release.wait(HANG)
+        inner(ino, attr_only)
+
+    kn._inval_inode = stalling
+    with trio.fail_after(HANG):
+        for f in files:
+            await kn.handle(Ev("inode", vnode=f))
+        assert await trio.to_thread.run_sync(stalled.wait, HANG)
+    threading.Timer(0.1, release.set).start()
+    kn.close()  # returns once the call in progress did
+    assert [c[1] for c in calls] == [inos[0]]
+
+
+async def test_steady_reads_put_an_invalidation_off_only_for_a_while(monkeypatch):
+    monkeypatch.setattr(kernel_notify, "READ_WAIT_STEPS", 3)
+    table, kn, calls = setup()
+    f = FakeVnode(FakeVolume(("cell", 5)), Fid(5, 3, 1))
+    ino = add(table, f)
+    kn._reading = lambda i: True  # a reader that never stops
+
+    async def events():
+        yield Ev("inode", vnode=f)
+
+    with trio.fail_after(HANG):
+        await kn.run(events())
+    assert calls == [("inode", ino, False)]
+    assert kn.stats["read_wait_timeouts"] == 1
+
+
+async def test_a_deferred_invalidation_keeps_the_strongest_of_its_events():
+    """An attributes-only event and then a full one for a file with reads in
+    flight: one call once the reads replied, and it drops the pages too."""
+    table, kn, calls = setup()
+    f = FakeVnode(FakeVolume(("cell", 5)), Fid(5, 3, 1))
+    ino = add(table, f)
+    reading = {"on": True}
+    kn._reading = lambda i: reading["on"]
+    send, recv = trio.open_memory_channel(10)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kn.run, recv)
+            await send.send(Ev("inode", vnode=f, attr_only=True))
+            await send.send(Ev("inode", vnode=f, attr_only=False))
+            await trio.sleep(0.02)
+            assert calls == []
+            reading["on"] = False
+            await send.aclose()
+    assert calls == [("inode", ino, False)]
