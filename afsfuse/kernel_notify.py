@@ -123,8 +123,8 @@ class KernelNotifier:
         # Names the kernel resolved through us, per directory inode.
         self._names: dict[int, set[bytes]] = {}
         # The thread's queue of jobs (None ends it).  ``_queued`` is written
-        # only by trio, ``_done`` only by the thread: their difference is
-        # what is waiting, without a lock.
+        # only by trio, ``_done`` (jobs taken) only by the thread: their
+        # difference is what is waiting, without a lock.
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -168,7 +168,10 @@ class KernelNotifier:
                     raise
                 # The nursery now waits for invalidations deferred for reads.
             self._nursery = None
-            await self.settled()
+            # A call the thread handed back (reads in flight) is queued again
+            # by trio before the marker's wakeup runs: settle until none is.
+            while self._queued != self._done and self._thread is not None:
+                await self.settled()
         finally:
             self._nursery = None
             self.close()
@@ -342,13 +345,15 @@ class KernelNotifier:
     def _work(self) -> None:
         jobs, token = self._jobs, self._token
         while (job := jobs.get()) is not None:
+            # Counted as taken, before it runs: a job's own wakeups of trio
+            # (``settled``'s marker, a hand-back) then find it counted.
+            self._done += 1
             if self._closed:
                 continue  # dropped: see close()
             try:
                 job()
             except Exception:
                 log.exception("kernel invalidation failed")
-            self._done += 1
             room = self._room
             if room is not None and self._queued - self._done < MAX_QUEUED // 2:
                 self._room = None
