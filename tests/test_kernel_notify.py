@@ -179,15 +179,13 @@ def test_entries_expire_and_fall_back_to_drop_on_einval():
 HANG = 10
 
 
-async def test_a_stalled_kernel_call_holds_up_neither_trio_nor_the_queue():
-    """A kernel call blocked on a directory lock (the kernel waits for a
-    request that waits for us) must leave the trio loop and the worker free;
-    the calls queued behind it are made in order once it returns."""
-    table, kn, calls = setup()
+def stall_the_first_of_four(table, kn):
+    """Four files known to the kernel; the kernel call for the first blocks
+    (``stalled`` is set) until ``release`` is."""
     vol = FakeVolume(("cell", 5))
     files = [FakeVnode(vol, Fid(5, n, 1)) for n in range(3, 7)]
     inos = [add(table, f) for f in files]
-    release, stalled = threading.Event(), threading.Event()
+    stalled, release = threading.Event(), threading.Event()
     inner = kn._inval_inode
 
     def stalling(ino, attr_only):
@@ -197,6 +195,15 @@ async def test_a_stalled_kernel_call_holds_up_neither_trio_nor_the_queue():
         inner(ino, attr_only)
 
     kn._inval_inode = stalling
+    return files, inos, stalled, release
+
+
+async def test_a_stalled_kernel_call_holds_up_neither_trio_nor_the_queue():
+    """A kernel call blocked on a directory lock (the kernel waits for a
+    request that waits for us) must leave the trio loop and the worker free;
+    the calls queued behind it are made in order once it returns."""
+    table, kn, calls = setup()
+    files, inos, stalled, release = stall_the_first_of_four(table, kn)
     with trio.fail_after(HANG):
         for f in files:
             await kn.handle(Ev("inode", vnode=f))  # returns at once, stalled or not
@@ -280,19 +287,7 @@ async def test_close_drops_the_calls_still_queued():
     calls still queued then must not be made (they would write to a freed
     session); the one in progress is waited for."""
     table, kn, calls = setup()
-    vol = FakeVolume(("cell", 5))
-    files = [FakeVnode(vol, Fid(5, n, 1)) for n in range(3, 7)]
-    inos = [add(table, f) for f in files]
-    stalled, release = threading.Event(), threading.Event()
-    inner = kn._inval_inode
-
-    def stalling(ino, attr_only):
-        if ino == inos[0]:
-            stalled.set()
-            release.wait(HANG)
-        inner(ino, attr_only)
-
-    kn._inval_inode = stalling
+    files, inos, stalled, release = stall_the_first_of_four(table, kn)
     with trio.fail_after(HANG):
         for f in files:
             await kn.handle(Ev("inode", vnode=f))
