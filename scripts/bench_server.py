@@ -72,6 +72,7 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from afsfuse.lab.cpu import cpu_seconds as process_cpu_seconds  # noqa: E402
 from afsfuse.lab.server import FsTestClient, ServerProcess, fs_client  # noqa: E402
 from fileserver.admin import admin_call  # noqa: E402
 from fileserver.callback import CallbackTable  # noqa: E402
@@ -185,10 +186,9 @@ def cpu_seconds(pid: int | None) -> float:
     if pid is None:
         return math.nan
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return process_cpu_seconds(pid)
     except OSError:
         return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run_cycles(

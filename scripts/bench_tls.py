@@ -59,6 +59,7 @@ from bench import (
     write_big,
 )
 
+from afsfuse.lab.cpu import cpu_seconds
 from protocol import tls
 
 #: The two configurations compared: TLS (the default) and plaintext on both ends.
@@ -72,13 +73,6 @@ LABELS = {"cold_read": "cold sequential read", "write_fsync": "write + fsync + c
           "small_files": "small files (4 KiB)"}  # fmt: skip
 #: The issue's goal: TLS costs at most this much more time on each workload.
 GOAL = 0.15
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (its threads included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Side:

@@ -48,6 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from afsfuse.lab.cpu import cpu_seconds
 from afsfuse.lab.mount import ClientMount
 from afsfuse.lab.server import ServerProcess
 
@@ -85,12 +86,6 @@ def make_repo(root: Path, files: int, commits: int = 5) -> Path:
         git("add", "-A", cwd=repo)
         git("commit", "-q", "-m", f"commit {c}", cwd=repo)
     return repo
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def counters(m: ClientMount) -> dict[str, Any]:

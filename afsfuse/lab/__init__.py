@@ -9,7 +9,8 @@ copy); ``afsfuse.lab.timeline`` parses and renders the event logs;
 ``afsfuse.lab.plot`` draws them; ``afsfuse.lab.server`` starts a fileserver
 (a subprocess, or inside a trio loop) and gives a protocol-level client;
 ``afsfuse.lab.mount`` starts and stops client mounts; ``afsfuse.lab.admin``
-reads a running server's counters.  May import ``protocol``, ``fileserver``
+reads a running server's counters; ``afsfuse.lab.cpu`` the CPU time a
+process used.  May import ``protocol``, ``fileserver``
 and ``afsfuse``; nothing in the cache-manager core imports it.
 """
 
