@@ -658,10 +658,7 @@ class AfsOperations(pyfuse3.Operations):
         try:
             return await self.cm.read(f.handle, off, size, f.cred)
         finally:
-            try:
-                trio.lowlevel.current_trio_token().run_sync_soon(self._read_replied, f.ino)
-            except trio.RunFinishedError:  # cannot happen inside the run; be safe
-                self._read_replied(f.ino)
+            trio.lowlevel.current_trio_token().run_sync_soon(self._read_replied, f.ino)
 
     def _read_replied(self, ino: int) -> None:
         # From run_sync_soon: must not raise.
