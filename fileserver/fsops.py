@@ -501,8 +501,13 @@ class FsOps:
                 return then(vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns))
 
             async with h.active(), h.file_lock(vn):
+                # Light unless the file may outgrow its inline bytes (a spill
+                # writes and syncs a data file inside the change).
+                light = offset + len(data) <= vol.inline_max and (
+                    new_length is None or new_length <= vol.inline_max
+                )
                 with h.writing(vn):
-                    return await h.commit(small, op=m.FS_STORE_DATA)
+                    return await h.commit(small, op=m.FS_STORE_DATA, light=light)
         async with h.active(), h.file_lock(vn):
             with trio.CancelScope(shield=True):
                 # Redo records a failed post-commit step left go in first:
@@ -571,7 +576,7 @@ class FsOps:
                     with h.writing(f.vnode):
                         v, vs = await h.commit(write, op=m.FS_STORE_STATUS)
             else:
-                v, vs = await h.commit(write, op=m.FS_STORE_STATUS)
+                v, vs = await h.commit(write, op=m.FS_STORE_STATUS, light=True)
         except Exception:
             # A change that failed may still have moved the file (a failed
             # post-commit step does not fail it: see Volume.run_batch):
@@ -624,7 +629,7 @@ class FsOps:
 
         op = {FileType.FILE: m.FS_CREATE_FILE, FileType.DIRECTORY: m.FS_MAKE_DIR,
               FileType.SYMLINK: m.FS_SYMLINK}.get(ftype, m.FS_MAKE_NODE)  # fmt: skip
-        v, dv, vs = await h.commit(write, then=then, op=op)
+        v, dv, vs = await h.commit(write, then=then, op=op, light=True)
         await self._changed(st, d)
         return {"fid": Fid(d.volume, v.vnode, v.unique), "status": _st(v, c),
                 "callback": cbs[0], "dir_status": _st(dv, c), "dir_callback": cbs[1],
@@ -687,7 +692,7 @@ class FsOps:
             v, dv = h.vol.link(d.vnode, d.unique, name, f.vnode, f.unique)
             return v, dv, h.vol.volsync()
 
-        v, dv, vs = await h.commit(write, then=lambda _: cbs.append(self.grant(st, d)),
+        v, dv, vs = await h.commit(write, then=lambda _: cbs.append(self.grant(st, d)), light=True,
                                    op=m.FS_LINK)  # fmt: skip
         await self._changed(st, d, f)
         return {"status": _st(v, c), "dir_status": _st(dv, c), "dir_callback": cbs[0],
@@ -781,7 +786,7 @@ class FsOps:
                         told.clear()
 
                 try:
-                    result = await h.commit(write, then=then, op=op, decided=on_decided,
+                    result = await h.commit(write, then=then, op=op, decided=on_decided, light=True,
                                             decided_if=others_hold)  # fmt: skip
                 except Exception as exc:  # raised below as itself, not in a group
                     failed = exc
@@ -836,7 +841,7 @@ class FsOps:
             r = h.vol.rename(od.vnode, od.unique, old_name, nd.vnode, nd.unique, new_name, flags)
             return r, h.vol.volsync()
 
-        r, vs = await h.commit(write, op=m.FS_RENAME)
+        r, vs = await h.commit(write, op=m.FS_RENAME, light=True)
         vol = od.volume
         moved = Fid(vol, r.moved.vnode, r.moved.unique)
         repl = Fid(vol, r.replaced.vnode, r.replaced.unique) if r.replaced is not None else None

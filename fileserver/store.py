@@ -4,9 +4,10 @@
 server UUID and cell, admin secret, the address file admin tools and tests
 read, the flock that keeps two servers off one directory).  ``VolumeStore``
 holds the open volumes, each behind a ``VolumeHandle``: the group commit
-that runs every change of the volume in a commit thread, reads beside it in
-worker threads, and the per-file locks of stores, so the trio loop never
-stalls on disk and a read never waits behind a commit.
+that syncs every change of the volume in a commit thread (changes that are
+SQL only run in the trio thread before it), reads beside it in worker
+threads, and the per-file locks of stores, so the trio loop never waits
+for a sync and a read never waits behind a commit.
 
 Imports: ``fileserver.volume``, ``.durability``, ``.config``, ``protocol``, trio.
 """
@@ -171,15 +172,16 @@ class DataDir:
 class _Job:
     """One change waiting for (or in) a group commit."""
 
-    __slots__ = ("decided", "decided_if", "error", "finished", "fn", "op", "result", "then",
-                 "wake")  # fmt: skip
+    __slots__ = ("decided", "decided_if", "error", "finished", "fn", "light", "op", "result",
+                 "then", "wake")  # fmt: skip
 
     def __init__(
         self, fn: Callable[[], Any], then: Callable[[Any], None] | None, op: str,
         decided: Callable[[Any], None] | None = None,
-        decided_if: Callable[[Any], bool] | None = None,
+        decided_if: Callable[[Any], bool] | None = None, light: bool = False,
     ) -> None:  # fmt: skip
         self.fn = fn
+        self.light = light
         self.then = then
         self.op = op
         self.decided = decided
@@ -213,12 +215,24 @@ def _announcing(job: _Job, token: trio.lowlevel.TrioToken) -> Callable[[], Any]:
     return run
 
 
+def _announce_now(job: _Job, result: Any) -> None:
+    """``job.decided(result)`` in the trio thread, before the COMMIT, as
+    ``_announcing`` hands it over from the commit thread."""
+    assert job.decided is not None
+    try:
+        if job.decided_if is None or job.decided_if(result):
+            job.decided(result)
+    except Exception:  # the change stands: its caller hears of it after the commit
+        log.exception("%s: announcing a decided change failed", job.op)
+
+
 class VolumeHandle:
     """A volume, its group commit, and what keeps reads beside it coherent.
 
     - ``commit(fn)``: a change.  Changes queue; one caller at a time leads a
-      *batch*: it runs every queued change in the commit thread in one SQLite
-      transaction, COMMITs once, then completes each change in order (its
+      *batch*: it runs every queued change in one SQLite transaction (in the
+      commit thread, or in the trio thread when every change is ``light``),
+      COMMITs once in the commit thread, then completes each change in order (its
       ``then``, e.g. its grants, runs in the trio thread right after the
       commit, before any later batch's breaks), and hands the lead on.  Under
       one client a batch holds one change and costs nothing extra.
@@ -314,15 +328,21 @@ class VolumeHandle:
     async def commit(
         self, fn: Callable[[], T], *, then: Callable[[T], None] | None = None, op: str = "",
         decided: Callable[[T], None] | None = None,
-        decided_if: Callable[[T], bool] | None = None,
+        decided_if: Callable[[T], bool] | None = None, light: bool = False,
     ) -> T:  # fmt: skip
         """Run change ``fn`` in the next group commit; its result once durable.
         ``decided(result)`` runs in the trio thread as soon as ``fn`` has run
         in the commit thread, while the COMMIT (its sync) is still under way:
         the change is then certain unless the whole commit fails.  With
         ``decided_if`` (called in the commit thread) only when it is true
-        of the result: waking the trio thread costs a few tens of µs."""
-        job = _Job(fn, then, op, decided, decided_if)
+        of the result: waking the trio thread costs a few tens of µs.
+
+        ``light``: ``fn`` only runs SQL on the writer (no file of its own to
+        write or sync).  A batch of light changes runs them in the trio
+        thread and only its COMMIT in the commit thread: the thread's Python
+        work no longer competes with the trio loop for the GIL (16 sessions:
+        +18% cycles/s).  Reads still never wait for the sync."""
+        job = _Job(fn, then, op, decided, decided_if, light)
         async with self.active():
             with trio.CancelScope(shield=True):
                 self._check()
@@ -342,10 +362,17 @@ class VolumeHandle:
         batch, self._queue = self._queue, []
         busy: list[Path] = []
         try:
-            token = trio.lowlevel.current_trio_token()
-            results, busy = await self._committer.run(
-                partial(self.vol.run_batch, [(j.op, _announcing(j, token)) for j in batch])
-            )
+            if all(j.light for j in batch):
+                applied = self.vol.apply_batch([(j.op, j.fn) for j in batch])
+                for j, (ok, value) in zip(batch, applied.results, strict=True):
+                    if ok and j.decided is not None:
+                        _announce_now(j, value)
+                results, busy = await self._committer.run(partial(self.vol.commit_batch, applied))
+            else:
+                token = trio.lowlevel.current_trio_token()
+                results, busy = await self._committer.run(
+                    partial(self.vol.run_batch, [(j.op, _announcing(j, token)) for j in batch])
+                )
             for j, (ok, value) in zip(batch, results, strict=True):
                 if ok:
                     j.result = value

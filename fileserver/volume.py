@@ -225,6 +225,15 @@ class Vnode:
 
 
 @dataclass(slots=True)
+class Batch:
+    """A group commit's changes, run (``Volume.apply_batch``) but not yet
+    COMMITted: each job's op name and its ``(ok, result or exception)``."""
+
+    ops: list[str]
+    results: list[tuple[bool, Any]]
+
+
+@dataclass(slots=True)
 class RenameResult:
     moved: Vnode
     old_dir: Vnode
@@ -523,29 +532,38 @@ class Volume:
         ``(ok, result or exception)`` per job, plus the data files to unlink
         that a store may still be writing (the caller unlinks them once that
         store is done).  A job that fails is rolled back alone."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        return self.commit_batch(self.apply_batch(jobs))
+
+    def apply_batch(self, jobs: list[tuple[str, Callable[[], Any]]]) -> Batch:
+        """The first half of ``run_batch``: BEGIN and run the jobs; nothing is
+        durable until ``commit_batch`` (which may run in another thread: the
+        writer connection is used by one of them at a time)."""
+        self.db.execute("BEGIN IMMEDIATE")
         self._in_batch = True
         out: list[tuple[bool, Any]] = []
+        for _op, fn in jobs:
+            try:
+                out.append((True, fn()))
+            except BaseException as exc:  # handed to that job's caller
+                out.append((False, exc))
+        return Batch([op for op, _ in jobs], out)
+
+    def commit_batch(self, batch: Batch) -> tuple[list[tuple[bool, Any]], list[Path]]:
+        """The second half of ``run_batch``: COMMIT what ``apply_batch`` ran."""
         try:
-            for _op, fn in jobs:
-                try:
-                    out.append((True, fn()))
-                except BaseException as exc:  # handed to that job's caller
-                    out.append((False, exc))
             self._in_batch = False
-            self._commit([op for op, _ in jobs])
+            self._commit(batch.ops)
         except BaseException as exc:
             self._in_batch = False
             try:
-                db.execute("ROLLBACK")
+                self.db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
             self._load_header()
             self._armed.clear()  # unknown now; unknown intents are settled, which is safe
             self._after.clear()
             self._doomed.clear()
-            return [(False, exc)] * len(jobs), []
+            return [(False, exc)] * len(batch.ops), []
         # Committed: from here on nothing fails the jobs (each is acknowledged).
         self._run_steps()
         doomed, self._doomed = self._doomed, []
@@ -554,7 +572,7 @@ class Volume:
             self._unlink_files([p for p in doomed if _vnode_of(p) not in self._storing])
         except OSError:  # an orphan data file: removed by recovery or salvage
             log.exception("volume %s: unlinking dropped data files", self.name)
-        return out, busy
+        return batch.results, busy
 
     # -- intents -------------------------------------------------------------------
 

@@ -116,17 +116,18 @@ async def _until(pred: Any) -> None:
 
 
 def _park_batches(h: VolumeHandle) -> tuple[threading.Event, threading.Event, Any]:
-    """Park the next group commit in its thread until released (jobs queue meanwhile)."""
+    """Park the next group commit's COMMIT in its thread until released (jobs
+    queue meanwhile): what a slow sync does."""
     parked, release = threading.Event(), threading.Event()
-    real = h.vol.run_batch
+    real = h.vol.commit_batch
 
-    def parking(jobs: Any) -> Any:
+    def parking(batch: Any) -> Any:
         if not release.is_set():
             parked.set()
             release.wait(HANG)
-        return real(jobs)
+        return real(batch)
 
-    h.vol.run_batch = parking  # type: ignore[method-assign]
+    h.vol.commit_batch = parking  # type: ignore[method-assign]
     return parked, release, real
 
 
@@ -171,7 +172,7 @@ async def test_failed_post_commit_step_still_acknowledges_the_batch(tmp_path, mo
             nursery.start_soon(call, "c", holder, "FS.CreateFile", None, root, b"c", 0o644)
             await _until(lambda: len(h._queue) >= 3)
             release.set()
-        h.vol.run_batch = real_batch  # type: ignore[method-assign]
+        h.vol.commit_batch = real_batch  # type: ignore[method-assign]
         assert set(got) == {"first", "a", "b", "c"}  # every change acknowledged
         assert got["a"]["status"][DV] == 3 and got["a"]["status"][SIZE] == 3
         assert {Fid(*a), Fid(*b)} <= set(holder.breaks)
@@ -294,7 +295,7 @@ async def test_read_falling_back_to_the_commit_thread_waits_for_a_store(tmp_path
             go.set()
             await trio.sleep(0.2)  # the reader queues (or waits) behind the store
             release.set()
-    vol.run_batch = real_batch  # type: ignore[method-assign]
+    vol.commit_batch = real_batch  # type: ignore[method-assign]
     assert got and got[0] in {(2, b"old contents"), (3, b"NEW!")}
     vol.close()
 

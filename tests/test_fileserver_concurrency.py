@@ -95,14 +95,14 @@ async def test_reads_complete_while_a_group_commit_is_parked(tmp_path):
         await x.call("FS.StoreData", None, fid, 0, b"small", None, None)
         await x.call("FS.StoreData", None, g, 0, b"gee", None, None)
         h = srv.store.get(root[0])
-        real = h.vol.run_batch
+        real = h.vol.commit_batch
 
-        def parking_batch(jobs: Any) -> Any:
+        def parking_batch(batch: Any) -> Any:
             parked.set()
             release.wait(HANG)
-            return real(jobs)
+            return real(batch)
 
-        h.vol.run_batch = parking_batch  # type: ignore[method-assign]
+        h.vol.commit_batch = parking_batch  # type: ignore[method-assign]
         done: dict[str, Any] = {}
 
         async def store() -> None:
@@ -118,7 +118,7 @@ async def test_reads_complete_while_a_group_commit_is_parked(tmp_path):
                 await y.call("FS.InlineBulkStatus", None, [fid, g])
             assert "r" not in done
             release.set()
-        h.vol.run_batch = real  # type: ignore[method-assign]
+        h.vol.commit_batch = real  # type: ignore[method-assign]
         assert Fid(*fid) in y.breaks
         assert (await y.call("FS.FetchData", None, fid, 0, 100))["data"] == b"SMALL!"
 
