@@ -167,11 +167,16 @@ class Breaker:
         # Tracked before the first checkpoint: a change released by the same
         # group commit must find these breaks on their way, not a bare table.
         sends = self._prepare(per_client, origin.uuid if origin is not None else "admin")
-        async with trio.open_nursery() as nursery:
-            for args in sends:
-                nursery.start_soon(self._send_tracked, *args)
-            for ev in pending.values():  # each ends within its own break deadline
-                nursery.start_soon(ev.wait)
+        # Shielded (each send ends by its break deadline): the table has
+        # dropped these promises, so a send cut short (the changer's
+        # connection closing cancels its request) would leave a holder
+        # trusting a promise that nothing breaks any more.
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for args in sends:
+                    nursery.start_soon(self._send_tracked, *args)
+                for ev in pending.values():  # each ends within its own break deadline
+                    nursery.start_soon(ev.wait)
 
     def _pending_for(self, fid: Fid, except_cid: int | None, out: dict[int, trio.Event]) -> None:
         """Add the tellings on their way that cover ``fid``: its own, its
@@ -198,9 +203,10 @@ class Breaker:
 
     async def deliver(self, per_client: dict[int, list[Fid]], origin: str = "") -> None:
         sends = self._prepare(per_client, origin)
-        async with trio.open_nursery() as nursery:
-            for args in sends:
-                nursery.start_soon(self._send_tracked, *args)
+        with trio.CancelScope(shield=True):  # as in break_fids
+            async with trio.open_nursery() as nursery:
+                for args in sends:
+                    nursery.start_soon(self._send_tracked, *args)
 
     def _prepare(
         self, per_client: dict[int, list[Fid]], origin: str

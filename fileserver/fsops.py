@@ -463,7 +463,9 @@ class FsOps:
                 # lands, and stay gone if the store then fails (as on Linux).
                 before.append(_changeable(cur))
                 await h.commit(drop_privs, op="FS.StoreData:privs")
-            v = await self._store(h, f, begin, data, offset, new_length, mtime_ns, then_status)
+            v = await self._store(
+                h, f, begin, data, offset, new_length, mtime_ns, then_status, cur.size
+            )
         except Exception:
             # A store that failed may still have changed the file (bytes
             # landed and the DV moved, or setuid went): holders hear of it
@@ -486,9 +488,12 @@ class FsOps:
         new_length: int | None,
         mtime_ns: int | None,
         then: Callable[[Vnode], Vnode],
+        size: int,
     ) -> Vnode:
         """Checks, intent (unless the file is armed), bytes, metadata commit
         (``then`` adds to it: the attributes that came with the store).
+        ``size``: the file's size before it (read without its lock: a
+        truncation meanwhile that grows it past ``inline_max`` spills it then).
 
         Under the file's lock; the bytes go in beside other commits.  Shielded:
         a store that started finishes (or settles) even when the server stops.
@@ -502,10 +507,10 @@ class FsOps:
 
             async with h.active(), h.file_lock(vn):
                 # Light unless the file may outgrow its inline bytes (a spill
-                # writes and syncs a data file inside the change).
-                light = offset + len(data) <= vol.inline_max and (
-                    new_length is None or new_length <= vol.inline_max
-                )
+                # writes and syncs a data file inside the change); an inline
+                # file already over the limit (lowered since) spills too.
+                after = max(offset + len(data), size if new_length is None else new_length)
+                light = after <= vol.inline_max
                 with h.writing(vn):
                     return await h.commit(small, op=m.FS_STORE_DATA, light=light)
         async with h.active(), h.file_lock(vn):
@@ -789,8 +794,11 @@ class FsOps:
                     result = await h.commit(write, then=then, op=op, decided=on_decided, light=True,
                                             decided_if=others_hold)  # fmt: skip
                 except Exception as exc:  # raised below as itself, not in a group
+                    # A tell under way runs to its end: break_fids has already
+                    # dropped the holders' promises from the table, so a break
+                    # cut short would leave them trusting a promise nothing
+                    # breaks any more.  A spurious break only makes them fetch.
                     failed = exc
-                    nursery.cancel_scope.cancel()  # the change failed: nothing to tell
                 else:
                     if marked:
                         h.changed(f.vnode for f in told)  # reads meanwhile read again

@@ -367,7 +367,16 @@ class VolumeHandle:
                 for j, (ok, value) in zip(batch, applied.results, strict=True):
                     if ok and j.decided is not None:
                         _announce_now(j, value)
-                results, busy = await self._committer.run(partial(self.vol.commit_batch, applied))
+                try:
+                    results, busy = await self._committer.run(
+                        partial(self.vol.commit_batch, applied)
+                    )
+                except BaseException:
+                    # Committer.run fails only before the thread took the
+                    # COMMIT (it could not start): BEGIN is still open here.
+                    if self.vol.db.in_transaction:
+                        self.vol.abort_batch()
+                    raise
             else:
                 token = trio.lowlevel.current_trio_token()
                 results, busy = await self._committer.run(

@@ -554,15 +554,7 @@ class Volume:
             self._in_batch = False
             self._commit(batch.ops)
         except BaseException as exc:
-            self._in_batch = False
-            try:
-                self.db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            self._load_header()
-            self._armed.clear()  # unknown now; unknown intents are settled, which is safe
-            self._after.clear()
-            self._doomed.clear()
+            self.abort_batch()
             return [(False, exc)] * len(batch.ops), []
         # Committed: from here on nothing fails the jobs (each is acknowledged).
         self._run_steps()
@@ -573,6 +565,19 @@ class Volume:
         except OSError:  # an orphan data file: removed by recovery or salvage
             log.exception("volume %s: unlinking dropped data files", self.name)
         return batch.results, busy
+
+    def abort_batch(self) -> None:
+        """Roll back what ``apply_batch`` ran (its COMMIT failed, or never
+        ran) and forget what it had planned for after the commit."""
+        self._in_batch = False
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        self._load_header()
+        self._armed.clear()  # unknown now; unknown intents are settled, which is safe
+        self._after.clear()
+        self._doomed.clear()
 
     # -- intents -------------------------------------------------------------------
 

@@ -170,3 +170,73 @@ async def test_a_failing_holder_check_breaks_after_the_commit_instead(tmp_path, 
         with pytest.raises(RemoteError, match="ENOENT"):
             await y.call("FS.Lookup", None, root, b"f")
         assert srv.fsops._telling == {}
+
+
+def _slow_breaks(srv: Any, seconds: float) -> trio.Event:
+    """Hold every CB.CallBack ``seconds`` before it is sent (a slow path to
+    the holder); the returned event is set when the first one starts."""
+    started = trio.Event()
+    nem = srv.breaker.nemesis
+    real = nem.before_break
+
+    async def slow(client: str, fids: Any, remaining: float) -> None:
+        started.set()
+        await trio.sleep(seconds)
+        await real(client, fids, remaining)
+
+    nem.before_break = slow
+    return started
+
+
+async def test_a_commit_failing_while_its_break_is_on_the_way_still_tells_the_holder(tmp_path):
+    """The table drops a holder's promise when its break starts; if the break
+    were then cut short because the commit failed, the holder would trust a
+    promise nothing breaks any more (a later real change would skip it)."""
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
+        root = await x.root_fid()
+        fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
+        await y.call("FS.FetchStatus", None, fid)
+        h = srv.store.get(root[0])
+        started = _slow_breaks(srv, 0.5)
+        parked, release = _park_commits(h, fail=True)
+        errors: list[BaseException] = []
+
+        async def remove() -> None:
+            try:
+                await x.call("FS.RemoveFile", None, root, b"f")
+            except RemoteError as exc:
+                errors.append(exc)
+
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(remove)
+                assert await trio.to_thread.run_sync(parked.wait, HANG)
+                await started.wait()
+                release.set()  # the COMMIT fails while the break waits to go out
+        assert len(errors) == 1
+        assert Fid(*fid) in y.breaks  # told (spuriously) before the error reply
+
+
+async def test_a_changer_that_disconnects_does_not_cut_its_breaks_short(tmp_path):
+    """A committed change's breaks go out even when the changer's connection
+    closes meanwhile (which cancels its request on the server)."""
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
+        root = await x.root_fid()
+        fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
+        await y.call("FS.FetchStatus", None, fid)
+        started = _slow_breaks(srv, 0.5)
+        assert x.conn is not None
+
+        async def remove() -> None:
+            with pytest.raises(Exception):  # noqa: B017 - the connection closes under it
+                await x.call("FS.RemoveFile", None, root, b"f")
+
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(remove)
+                await started.wait()
+                await x.conn.aclose("the changer goes away")
+            await y.wait_for(lambda: Fid(*fid) in y.breaks, timeout=HANG)
+        # The removal committed: the name is gone for everyone.
+        with pytest.raises(RemoteError):
+            await y.call("FS.Lookup", None, root, b"f")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
 import trio
 
+from afsfuse.lab.server import server_and_two_clients
 from fileserver.store import VolumeHandle
 from fileserver.volume import Volume
 from protocol.records import FileType
@@ -110,3 +112,52 @@ async def test_a_light_change_is_announced_before_its_commit(tmp_path) -> None:
     assert at_commit == [1, 1]  # the first was told before its COMMIT; the second never
     assert announced[0][0].vnode == v.vnode
     vol.close()
+
+
+async def test_a_commit_thread_that_cannot_start_leaves_no_transaction_open(tmp_path) -> None:
+    """The light path BEGINs in the trio thread; when the COMMIT cannot even
+    be handed over, that transaction must be rolled back, or every later
+    change would fail ("cannot start a transaction within a transaction")."""
+    vol, h, seen = _volume(tmp_path)
+    real_run = h._committer.run
+
+    async def cannot_start(fn: Any) -> Any:
+        raise RuntimeError("can't start new thread")
+
+    h._committer.run = cannot_start  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError), trio.fail_after(HANG):
+        await h.commit(lambda: _create(vol, b"lost", seen), op="FS.CreateFile", light=True)
+    h._committer.run = real_run  # type: ignore[method-assign]
+    assert not vol.db.in_transaction
+    with trio.fail_after(HANG):
+        await h.commit(lambda: _create(vol, b"next", seen), op="FS.CreateFile", light=True)
+    names = {n for n, _ in vol.readdir(1, 1, None, 10)[0]}
+    assert b"next" in names and b"lost" not in names
+    vol.close()
+
+
+async def test_a_small_store_that_spills_an_inline_file_is_not_light(tmp_path) -> None:
+    """A file stored inline under a larger ``--inline-max`` than today's
+    moves to a data file at its next store (written and synced): that work
+    must run in the commit thread, never in the trio thread."""
+    async with server_and_two_clients(tmp_path / "fs", inline_max=4096) as (_srv, x, _y):
+        root = await x.root_fid()
+        fid = (await x.call("FS.CreateFile", None, root, b"f", 0o644))["fid"]
+        await x.call("FS.StoreData", None, fid, 0, b"a" * 3000, None, None)
+    async with server_and_two_clients(tmp_path / "fs", inline_max=1000) as (srv, x, _y):
+        vol = srv.store.get(fid[0]).vol
+        assert vol.is_inline(fid[1])
+        spilled_in: list[str] = []
+        real = vol._spill
+
+        def spill(*args: Any, **kw: Any) -> Any:
+            spilled_in.append(threading.current_thread().name)
+            return real(*args, **kw)
+
+        vol._spill = spill  # type: ignore[method-assign]
+        with trio.fail_after(HANG):
+            await x.call("FS.StoreData", None, fid, 0, b"b" * 10, None, None)
+        assert spilled_in and threading.current_thread().name not in spilled_in
+        assert not vol.is_inline(fid[1])
+        got = await x.call("FS.FetchData", None, fid, 0, 4000)
+        assert bytes(got["data"]) == b"b" * 10 + b"a" * 2990
