@@ -34,6 +34,13 @@ class RWLock:
     def readers(self) -> int:
         return self._readers
 
+    def free_for_read(self) -> bool:
+        """Whether a reader would get the lock at once (no writer holds it or
+        waits for it): a reader that needs no await while reading may then
+        read without taking it, which is the same as taking and releasing it
+        with nothing run in between."""
+        return not self._writer and not self._waiting_writers
+
     async def acquire_read(self) -> None:
         await trio.lowlevel.checkpoint()
         while self._writer or self._waiting_writers:

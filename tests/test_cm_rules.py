@@ -3,6 +3,8 @@ more) each, on memory streams with a fake fileserver and a mock clock."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import trio
 from test_cm_fakeserver import ROOT, VOL, FakeServer, running
 
@@ -193,6 +195,38 @@ async def test_p6_reader_never_sees_new_status_with_old_promise(tmp_path, autoju
             assert dv == n.dv and promise is not None and promise is not old_promise
         async with f.lock.read():
             assert f.status.data_version == n.dv and f.promise is not old_promise
+
+
+async def test_p6_a_valid_promise_is_not_read_past_a_writer(tmp_path, autojump_clock):
+    """The fast validation (promise intact) reads without the lock only when
+    no writer holds or waits for it: a change in progress under the write
+    lock (a store, a directory change awaiting its reply) is waited out."""
+    async with running(tmp_path) as (_net, fake, cm):
+        fake.add(ROOT, b"f", data=b"v1")
+        root = await cm.mount_volume("test", "root.cell")
+        f = await cm.lookup(root, b"f")
+        assert f.promise_state(trio.current_time()) == "ok"
+        fetches = fake.calls["FS.FetchStatus"]
+        seen: list[int] = []
+        release = trio.Event()
+
+        async def writer(task_status=trio.TASK_STATUS_IGNORED):
+            async with f.lock.write():
+                task_status.started()
+                await release.wait()
+                f.status = dataclasses.replace(f.status, size=99)  # applied at the end
+
+        async def reader():
+            seen.append((await cm.getattr(f)).size)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer)
+            nursery.start_soon(reader)
+            await trio.sleep(1)
+            assert seen == []  # waiting for the writer, not reading past it
+            release.set()
+        assert seen == [99]
+        assert fake.calls["FS.FetchStatus"] == fetches  # still no RPC: the promise held
 
 
 async def test_c1_dv_change_zaps_data_c2_same_dv_keeps_it(tmp_path, autojump_clock):
