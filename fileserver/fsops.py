@@ -729,9 +729,14 @@ class FsOps:
         remove = h.vol.remove_file if what == "unlink" else h.vol.remove_dir
         cbs: list[CallBack] = []
 
+        def may(dv: Vnode, v: Vnode | None) -> None:
+            if v is None:
+                require_dir_change(dv, c, what)
+            else:
+                check_sticky(dv, v, c, what)
+
         def write() -> tuple[Vnode, Vnode, VolSync]:
-            self._may_remove(h, d, name, c, what)
-            v, dv = remove(d.vnode, d.unique, name)
+            v, dv = remove(d.vnode, d.unique, name, may)
             return v, dv, h.vol.volsync()
 
         op = m.FS_REMOVE_FILE if what == "unlink" else m.FS_REMOVE_DIR
@@ -873,13 +878,6 @@ class FsOps:
         }
 
     # -- permission checks that need several vnodes (run under the volume lock) --
-
-    @staticmethod
-    def _may_remove(h: VolumeHandle, d: Fid, name: bytes, c: Caller, what: str) -> None:
-        dv = h.vol.get_dir(d.vnode, d.unique)
-        require_dir_change(dv, c, what)
-        v, _ = h.vol.lookup(d.vnode, d.unique, name)
-        check_sticky(dv, v, c, what)
 
     def _may_rename(
         self, h: VolumeHandle, od: Fid, old_name: bytes, nd: Fid, new_name: bytes, c: Caller

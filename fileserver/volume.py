@@ -246,6 +246,10 @@ def _stale(vnode: int, unique: int) -> RpcError:
     return RpcError("ESTALE", f"no vnode {vnode}.{unique}")
 
 
+#: A removal's checks: ``(dir, None)`` before the child is read, then ``(dir, child)``.
+MayRemove = Callable[["Vnode", "Vnode | None"], None]
+
+
 class Volume:
     """One volume on disk.
 
@@ -751,13 +755,16 @@ class Volume:
 
     def lookup(self, dir_vnode: int, dir_unique: int, name: bytes) -> tuple[Vnode, Vnode]:
         d = self.get_dir(dir_vnode, dir_unique)
+        return self._child(d, name), d
+
+    def _child(self, d: Vnode, name: bytes) -> Vnode:
         vn = self._entry(d.vnode, name)
         if vn is None:
             raise RpcError("ENOENT", f"no entry {name!r:.300}")
         v = self._load(vn)
         if v is None:  # cannot happen with a consistent volume; salvage fixes it
             raise RpcError("EIO", f"entry {name!r:.300} names missing vnode {vn}")
-        return v, d
+        return v
 
     def readdir(
         self, dir_vnode: int, dir_unique: int, cookie: bytes | None, max_entries: int
@@ -1352,10 +1359,18 @@ class Volume:
             except FileNotFoundError:
                 pass
 
-    def remove_file(self, dir_vnode: int, dir_unique: int, name: bytes) -> tuple[Vnode, Vnode]:
+    def remove_file(
+        self, dir_vnode: int, dir_unique: int, name: bytes, may: MayRemove | None = None
+    ) -> tuple[Vnode, Vnode]:
+        """unlink.  ``may(dir, None)`` then ``may(dir, child)``: the caller's
+        checks, run on the rows read here (each read once per removal)."""
         self._check_online()
         d = self.get_dir(dir_vnode, dir_unique)
-        v, _ = self.lookup(dir_vnode, dir_unique, name)
+        if may is not None:
+            may(d, None)
+        v = self._child(d, name)
+        if may is not None:
+            may(d, v)
         if v.is_dir:
             raise RpcError("EISDIR", f"{name!r:.300} is a directory")
         now_ns = time.time_ns()
@@ -1368,10 +1383,17 @@ class Volume:
         self._unlink_files(doomed)
         return v, d
 
-    def remove_dir(self, dir_vnode: int, dir_unique: int, name: bytes) -> tuple[Vnode, Vnode]:
+    def remove_dir(
+        self, dir_vnode: int, dir_unique: int, name: bytes, may: MayRemove | None = None
+    ) -> tuple[Vnode, Vnode]:
+        """rmdir; ``may`` as for ``remove_file``."""
         self._check_online()
         d = self.get_dir(dir_vnode, dir_unique)
-        v, _ = self.lookup(dir_vnode, dir_unique, name)
+        if may is not None:
+            may(d, None)
+        v = self._child(d, name)
+        if may is not None:
+            may(d, v)
         if not v.is_dir:
             raise RpcError("ENOTDIR", f"{name!r:.300} is not a directory")
         if not self._is_empty(v.vnode):

@@ -230,6 +230,20 @@ async def test_server_enforces_modes_for_each_cred(tmp_path):
         await c.call("FS.StoreStatus", cred(0), f, {"owner": U2})
 
 
+async def test_server_enforces_the_sticky_bit_on_removals(tmp_path):
+    async with running_server(tmp_path / "fs") as srv, fs_client(srv.host, srv.port) as c:
+        root = await c.root_fid()
+        u1, u2 = cred(U1), cred(U2)
+        tmp = (await c.call("FS.MakeDir", None, root, b"tmp", 0o1777))["fid"]
+        await c.call("FS.CreateFile", u1, tmp, b"f", 0o644)
+        await c.call("FS.MakeDir", u1, tmp, b"d", 0o755)
+        await expect("EPERM", c.call("FS.RemoveFile", u2, tmp, b"f"))
+        await expect("EPERM", c.call("FS.RemoveDir", u2, tmp, b"d"))
+        await expect("ENOENT", c.call("FS.RemoveFile", u2, tmp, b"nothing"))
+        await c.call("FS.RemoveFile", u1, tmp, b"f")  # the entry's owner may
+        await c.call("FS.RemoveDir", u1, tmp, b"d")
+
+
 async def test_root_squash(tmp_path):
     async with (
         running_server(tmp_path / "fs", root_squash=True) as srv,
