@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from afsfuse.lab.server import server_and_two_clients
+from protocol.connection import ConnectionLost
 from protocol.errors import RemoteError
 from protocol.records import CallBack, CallBackType, Fid
 
@@ -228,7 +229,7 @@ async def test_a_changer_that_disconnects_does_not_cut_its_breaks_short(tmp_path
         assert x.conn is not None
 
         async def remove() -> None:
-            with pytest.raises(Exception):  # noqa: B017 - the connection closes under it
+            with pytest.raises(ConnectionLost):  # closed under it by this end
                 await x.call("FS.RemoveFile", None, root, b"f")
 
         with trio.fail_after(HANG):
