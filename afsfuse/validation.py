@@ -252,6 +252,17 @@ def mark_deleted(ctx: CacheContext, v: Vnode, *, own_removal: bool = False) -> N
         ctx.invalidations.put(Invalidate("inode", vnode=v))
 
 
+def _if_promised(ctx: CacheContext, v: Vnode) -> FileStatus | None:
+    """``v``'s status when its promise holds (a fast validation), else None."""
+    if v.promise_state(trio.current_time()) != "ok":
+        return None
+    ctx.stats.validations_fast += 1
+    log_event("validate_fast", fid=v.fid)
+    st = v.effective_status()
+    assert st is not None
+    return st
+
+
 async def validate(ctx: CacheContext, v: Vnode, cred: Any) -> FileStatus:
     """Make ``v``'s status trustworthy and return it (with local size).
 
@@ -261,21 +272,13 @@ async def validate(ctx: CacheContext, v: Vnode, cred: Any) -> FileStatus:
     """
     if v.deleted:
         raise RpcError("ESTALE", f"{v.fid} was deleted")
-    if v.lock.free_for_read() and v.promise_state(trio.current_time()) == "ok":
-        # The fast path reads without awaiting, so the read lock (and its
-        # checkpoint, a few µs three times per cached lookup) adds nothing:
-        # no writer holds or waits for it, none can start before we return.
-        ctx.stats.validations_fast += 1
-        log_event("validate_fast", fid=v.fid)
-        st = v.effective_status()
-        assert st is not None
+    # The fast path reads without awaiting, so when no writer holds or waits
+    # for the lock, taking it (and its checkpoint, three per cached lookup)
+    # adds nothing: none can start before we return.
+    if v.lock.free_for_read() and (st := _if_promised(ctx, v)) is not None:
         return st
     async with v.lock.read():
-        if v.promise_state(trio.current_time()) == "ok":
-            ctx.stats.validations_fast += 1
-            log_event("validate_fast", fid=v.fid)
-            st = v.effective_status()
-            assert st is not None
+        if (st := _if_promised(ctx, v)) is not None:
             return st
     gen = v.fetch_gen
     async with v.lock.write():

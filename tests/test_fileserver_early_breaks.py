@@ -45,6 +45,15 @@ def _park_commits(h: Any, fail: bool = False) -> tuple[threading.Event, threadin
     return parked, release
 
 
+async def _remove_noting_error(client: Any, d: Any, name: bytes, errors: list[Any]) -> None:
+    """FS.RemoveFile by ``client``; an error reply (a failed COMMIT) goes
+    into ``errors`` instead of ending the test's nursery."""
+    try:
+        await client.call("FS.RemoveFile", None, d, name)
+    except RemoteError as exc:
+        errors.append(exc)
+
+
 def _cb(reply_cb: Any) -> CallBack:
     return CallBack.from_wire(reply_cb)
 
@@ -133,14 +142,8 @@ async def test_a_commit_failing_after_the_breaks_leaves_the_file_and_grants_agai
         broken = _on_break(y, fid)
         errors: list[BaseException] = []
 
-        async def remove() -> None:
-            try:
-                await x.call("FS.RemoveFile", None, root, b"f")
-            except RemoteError as exc:
-                errors.append(exc)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(remove)
+            nursery.start_soon(_remove_noting_error, x, root, b"f", errors)
             assert await trio.to_thread.run_sync(parked.wait, HANG)
             with trio.fail_after(HANG):
                 await broken.wait()
@@ -202,15 +205,9 @@ async def test_a_commit_failing_while_its_break_is_on_the_way_still_tells_the_ho
         parked, release = _park_commits(h, fail=True)
         errors: list[BaseException] = []
 
-        async def remove() -> None:
-            try:
-                await x.call("FS.RemoveFile", None, root, b"f")
-            except RemoteError as exc:
-                errors.append(exc)
-
         with trio.fail_after(HANG):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(remove)
+                nursery.start_soon(_remove_noting_error, x, root, b"f", errors)
                 assert await trio.to_thread.run_sync(parked.wait, HANG)
                 await started.wait()
                 release.set()  # the COMMIT fails while the break waits to go out
