@@ -142,7 +142,7 @@ class CacheManager:
         self.writer = Writer(self.ctx, self.reader)
         self.files = Files(self.ctx, self.writer)
         self.attributes = Attributes(self.ctx, self.writer)
-        self.namespace = Namespace(self.ctx)
+        self.namespace = Namespace(self.ctx, self._spawn, config.dir_ahead)
         self.xattrs = Xattrs(self.ctx)  # user.* extended attributes
         self.mounts = VolumeMounts(
             self.ctx, self.cells, self.vl, self.registry, self.writer.on_new_vnode

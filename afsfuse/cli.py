@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernel-readahead", type=int, default=KERNEL_READAHEAD_KIB, metavar="KIB",
         help="the kernel's read-ahead window for the mount (root only; 0: the kernel's 128 KiB)",
     )  # fmt: skip
+    m.add_argument(
+        "--dir-ahead", type=int, default=2, metavar="N",
+        help="subdirectory listings read ahead of a tree walk per readdir (0: off)",
+    )  # fmt: skip
     m.add_argument("-o", dest="fuse_options", action="append", default=[], help="FUSE options")
     m.add_argument("--log-file", type=Path, help="daemon log (default: CACHE_DIR/daemon.log)")
     m.add_argument(
@@ -182,6 +186,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             entry_timeout=args.entry_timeout,
             rpc_timeout=args.rpc_timeout,
             kernel_readahead_kib=args.kernel_readahead,
+            dir_ahead=max(0, args.dir_ahead),
             fuse_options=[o for opt in args.fuse_options for o in opt.split(",") if o],
             debug=args.debug,
         )

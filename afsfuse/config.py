@@ -34,6 +34,9 @@ class CacheConfig:
     rpc_timeout: float = 30.0
     connect_timeout: float = 10.0
     readahead_chunks: int = 4
+    #: Subdirectory listings read ahead of a tree walk, per readdir (0: off;
+    #: see afsfuse.dirahead).
+    dir_ahead: int = 2
     invalidation_queue_size: int = 4096
     reconnect_backoff_max: float = 10.0
     connector: Connector = field(default=tcp_connector)

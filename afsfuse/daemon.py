@@ -63,6 +63,7 @@ class MountOptions:
     fuse_options: list[str] = field(default_factory=list)
     #: The kernel's read-ahead window for the mount, KiB (0: its default).
     kernel_readahead_kib: int = kernel_readahead.DEFAULT_KIB
+    dir_ahead: int = 2
     debug: bool = False
 
 
@@ -178,6 +179,7 @@ async def serve(opts: MountOptions, ready: Ready) -> None:
         cache_bytes=opts.cache_size,
         chunk_size=opts.chunk_size,
         rpc_timeout=opts.rpc_timeout,
+        dir_ahead=opts.dir_ahead,
     )
     async with CacheManager(config) as cm:
         try:

@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from afsfuse.context import CacheContext
+from afsfuse.dirahead import DirAhead
 from afsfuse.dircache import DirListing, own_change_applies
 from afsfuse.invalidation import Invalidate
 from afsfuse.rpc import Cred, call, err, wire_cred
@@ -70,9 +71,18 @@ class DirEntryPlus:
     status: FileStatus
 
 
+def _no_spawn(*_args: Any) -> None:
+    raise RuntimeError("no nursery to read ahead in")
+
+
 class Namespace:
-    def __init__(self, ctx: CacheContext) -> None:
+    def __init__(
+        self, ctx: CacheContext, spawn: Callable[..., None] | None = None, dir_ahead: int = 0
+    ) -> None:
         self.ctx = ctx
+        #: Listings a tree walk reads next, fetched early (off without ``spawn``).
+        self.ahead = DirAhead(self._current_listing, spawn or _no_spawn, ctx.stats,
+                              window=dir_ahead if spawn is not None else 0)  # fmt: skip
 
     async def _apply_locked(self, v: Vnode, status: Any, cb: Any, snap: CallSnapshot,
                             own_from_dv: int | None = None) -> None:  # fmt: skip
@@ -336,6 +346,7 @@ class Namespace:
             listing = await self._current_listing(dir, wc)
             out = await self._listing_entries(dir, listing, wc)
             if out is not None:
+                self.ahead.read(dir, [(e.vnode, e.status.type) for e in out], wc)
                 return out
             # A child the listing names is gone: the listing predates a change
             # (a rename over it, say) whose break may still be on its way to

@@ -43,6 +43,7 @@ class Stats:
         "attrs_deferred",
         "dir_fetches",
         "dir_local_edits",
+        "dir_ahead",
         "bulk_speculative",
         "chunk_io_threaded",
         "invalidations_queued",

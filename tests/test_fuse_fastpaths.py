@@ -92,3 +92,37 @@ def test_both_clients_show_the_same_inode_numbers(dirs):
         (da / "sub" / f"f{i}").write_bytes(b"x")
     for p in ("sub", *(f"sub/f{i}" for i in range(5))):
         assert (da / p).stat().st_ino == (db / p).stat().st_ino, p
+
+
+def _walk(top):
+    """What ``find`` sees: every path under ``top`` with its file's bytes."""
+    seen = {}
+    for root, dirs, files in os.walk(top):
+        dirs.sort()
+        rel = os.path.relpath(root, top)
+        seen[rel] = None
+        for f in sorted(files):
+            with open(os.path.join(root, f), "rb") as fh:
+                seen[os.path.join(rel, f)] = fh.read()
+    return seen
+
+
+def test_a_walk_on_b_reads_directories_ahead_and_shows_a_s_changes(pair, dirs):
+    _a, b = pair
+    da, db = dirs
+    for i in range(6):
+        for j in range(3):
+            os.makedirs(da / f"s{i}" / f"x{j}")
+            (da / f"s{i}" / f"x{j}" / "f").write_bytes(b"%d.%d" % (i, j))
+    before = b.stats()["rpc"].get("FS.ReadDir", 0)
+    assert _walk(db) == _walk(da)
+    # Every directory read once, ahead or not: read-ahead fetches nothing twice.
+    assert b.stats()["rpc"].get("FS.ReadDir", 0) - before == 1 + 6 + 18
+    assert b.stats()["dir_ahead"] > 0
+    # B now holds listings of directories it read ahead; A changes some of
+    # them, and B's next walk shows exactly what A left.
+    (da / "s3" / "x1" / "new").write_bytes(b"n")
+    os.unlink(da / "s4" / "x2" / "f")
+    os.rmdir(da / "s4" / "x2")
+    os.rename(da / "s5" / "x0", da / "s5" / "moved")
+    assert eventually(lambda: _walk(db) == _walk(da))
