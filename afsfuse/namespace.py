@@ -6,11 +6,12 @@ children's statuses primed from the pages or refreshed with
 FS.InlineBulkStatus, 50 fids a call), readlink, and every change to a
 directory: create, mkdir, symlink, mknod, link, unlink, rmdir, rename.  Our own
 change is applied to the cached listing from the server's reply when the
-directory's DV moved by exactly one (no refetch).
+directory's DV moved by exactly one (no refetch).  What a tree walk lists
+next is read ahead (``afsfuse.dirahead``).
 
-May import: ``afsfuse.context``, ``afsfuse.dircache``, ``afsfuse.invalidation``,
-``afsfuse.rpc``, ``afsfuse.stats``, ``afsfuse.validation``, ``afsfuse.vnode``,
-``afsfuse.volume``, ``protocol``.
+May import: ``afsfuse.context``, ``afsfuse.dirahead``, ``afsfuse.dircache``,
+``afsfuse.invalidation``, ``afsfuse.rpc``, ``afsfuse.stats``,
+``afsfuse.validation``, ``afsfuse.vnode``, ``afsfuse.volume``, ``protocol``.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class Namespace:
         self.ctx = ctx
         #: Listings a tree walk reads next, fetched early (off without ``spawn``).
         self.ahead = DirAhead(self._current_listing, spawn or _no_spawn, ctx.stats,
-                              window=dir_ahead if spawn is not None else 0)  # fmt: skip
+                              window=dir_ahead if spawn is not None else 0,
+                              max_entries=LOOKUP_LISTING_MAX)  # fmt: skip
 
     async def _apply_locked(self, v: Vnode, status: Any, cb: Any, snap: CallSnapshot,
                             own_from_dv: int | None = None) -> None:  # fmt: skip
@@ -118,6 +120,7 @@ class Namespace:
         dst = await self._dir_status(dir, wc)
         listing = dir.listing
         if listing is not None and listing.dv == dst.data_version:
+            self.ahead.looked_up(dir, listing, wc)
             return await self._from_listing(dir, listing, name, wc)
         names = dir.names
         if names is not None and names[0] == dst.data_version and name in names[1]:
@@ -136,6 +139,7 @@ class Namespace:
         if self._wants_listing(dir, dst):
             listing = await self._lookup_listing(dir, wc)
             if listing is not None and listing.dv == dir.data_version:
+                self.ahead.walked(dir, listing, wc)
                 return await self._from_listing(dir, listing, name, wc)
         return await self._lookup_rpc(dir, name, wc, dst.data_version)
 
@@ -346,7 +350,8 @@ class Namespace:
             listing = await self._current_listing(dir, wc)
             out = await self._listing_entries(dir, listing, wc)
             if out is not None:
-                self.ahead.read(dir, [(e.vnode, e.status.type) for e in out], wc)
+                if self.ahead.window:
+                    self.ahead.read(dir, [(e.vnode.fid, e.status.type) for e in out], wc)
                 return out
             # A child the listing names is gone: the listing predates a change
             # (a rename over it, say) whose break may still be on its way to

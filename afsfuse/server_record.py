@@ -110,6 +110,12 @@ class ServerRecord:
     def cb_seq(self) -> int:
         return self.cb_s_break
 
+    @property
+    def connected(self) -> bool:
+        """A call made now goes out at once (no reconnect to wait for)."""
+        conn = self.conn
+        return not self.destroyed and conn is not None and not conn.closed
+
     # -- interests (P3) ---------------------------------------------------
 
     def add_interest(self, vol: VolumeInstance) -> None:

@@ -117,23 +117,87 @@ async def test_a_failed_read_ahead_is_left_to_the_application(tmp_path, autojump
     async with running(tmp_path) as (_net, fake, cm):
         _t, subs = _tree(fake)
         s0_wire = subs[0].fid.to_wire()
+        denied = []
 
         async def deny_s0(conn, cred, dir_fid, *rest):
             if list(dir_fid) == s0_wire:
+                denied.append(1)
                 raise RpcError("EACCES", "not yours")
 
         fake.hooks["FS.ReadDir"] = deny_s0
         t = await _open_tree(cm)
         await cm.readdir(t)
         await until(lambda: _settled(cm))
+        assert len(denied) == 1 and cm.stats.dir_ahead == 2  # s0 was tried, and failed
         s0 = await _child(cm, t, b"s0")
         assert s0.listing is None
+        # Reading t again does not try s0 again at the same DV.
+        await cm.readdir(t)
+        await until(lambda: _settled(cm))
+        assert len(denied) == 1
         with pytest.raises(RpcError) as e:
             await cm.readdir(s0)
-        assert e.value.errno == errno.EACCES
+        assert e.value.errno == errno.EACCES and len(denied) == 2
         # The manager lives on: s1 was read ahead and is served.
         s1 = await _child(cm, t, b"s1")
         assert [e.name for e in await cm.readdir(s1)] == [b"f", b"x"]
+
+
+async def test_directories_too_large_to_read_whole_are_not_read_ahead(tmp_path, autojump_clock):
+    async with running(tmp_path) as (_net, fake, cm):
+        _tree(fake)  # the fake's directories are 2,048 "bytes" (entries) long
+        cm.namespace.ahead.max_entries = 2047
+        t = await _open_tree(cm)
+        await cm.readdir(t)
+        await trio.sleep(1)
+        assert fake.calls["FS.ReadDir"] == 1 and cm.stats.dir_ahead == 0
+
+
+async def test_nothing_is_read_ahead_while_the_server_is_not_connected(tmp_path, autojump_clock):
+    async with running(tmp_path) as (net, fake, cm):
+        _tree(fake)
+        t = await _open_tree(cm)
+        await cm.readdir(t)
+        await until(lambda: _settled(cm))
+        fake.nodes[t.fid].dv += 1  # t changes; its listing must be read again
+        await fake.break_fids([t.fid])
+        s0 = await _child(cm, t, b"s0")
+        base = cm.stats.dir_ahead
+        net.down.add(fake.addr[0])
+        await net.drop_all()
+        await until(lambda: not cm.servers[next(iter(cm.servers))].connected)
+        # A cached directory stays instantly usable: no read-ahead that would
+        # hold its lock while waiting for a reconnect.
+        names = [e.name for e in await cm.readdir(s0)]
+        assert names == [b"f", b"x"] and cm.stats.dir_ahead == base
+        with trio.fail_after(0.5):
+            await cm.getattr(s0)
+
+
+async def test_a_walk_by_lookups_reads_ahead_too(tmp_path, autojump_clock):
+    """``git status`` stats every path in order: cold lookups, no readdir."""
+    async with running(tmp_path) as (_net, fake, cm):
+        t = fake.add(ROOT, b"t", ftype=FileType.DIRECTORY)
+        for i in range(4):
+            s = fake.add(t.fid, b"s%d" % i, ftype=FileType.DIRECTORY)
+            for n in (b"a", b"b", b"c"):
+                fake.add(s.fid, n, data=n)
+        root = await cm.mount_volume("test", "root.cell")
+        tv = await cm.lookup(root, b"t")
+        looked = 0
+        for i in range(4):
+            base = fake.calls["FS.Lookup"]
+            s = await cm.lookup(tv, b"s%d" % i)
+            for n in (b"a", b"b", b"c"):
+                assert (await cm.getattr(await cm.lookup(s, n))).size == 1
+            looked += fake.calls["FS.Lookup"] - base
+            await until(lambda: _settled(cm))
+        # Without read-ahead: 2 FS.Lookup per directory (the first cold names
+        # of t and of each s_i) and a ReadDir each.  With it, the s_i after
+        # the first were listed before the walk got there.
+        assert looked <= 3, looked
+        assert fake.calls["FS.ReadDir"] == 1 + 4
+        assert cm.stats.dir_ahead >= 3
 
 
 async def test_read_ahead_is_bounded_in_flight(tmp_path, autojump_clock):

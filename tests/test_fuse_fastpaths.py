@@ -5,6 +5,7 @@ server must be the server's answers.
   A's create returned (the break drops the kernel's entry).
 - A cold walk on B over many children costs no RPC per child, and what it
   shows follows A's changes.
+- Listings read ahead for a walk, used or never used, follow A's changes.
 - Both clients give a file the same inode number, so tools that record them
   (git's index) see nothing changed on the other client.
 """
@@ -114,11 +115,12 @@ def test_a_walk_on_b_reads_directories_ahead_and_shows_a_s_changes(pair, dirs):
         for j in range(3):
             os.makedirs(da / f"s{i}" / f"x{j}")
             (da / f"s{i}" / f"x{j}" / "f").write_bytes(b"%d.%d" % (i, j))
-    before = b.stats()["rpc"].get("FS.ReadDir", 0)
+    before = b.stats()
     assert _walk(db) == _walk(da)
+    after = b.stats()
     # Every directory read once, ahead or not: read-ahead fetches nothing twice.
-    assert b.stats()["rpc"].get("FS.ReadDir", 0) - before == 1 + 6 + 18
-    assert b.stats()["dir_ahead"] > 0
+    assert after["rpc"].get("FS.ReadDir", 0) - before["rpc"].get("FS.ReadDir", 0) == 1 + 6 + 18
+    assert after["dir_ahead"] > before["dir_ahead"]
     # B now holds listings of directories it read ahead; A changes some of
     # them, and B's next walk shows exactly what A left.
     (da / "s3" / "x1" / "new").write_bytes(b"n")
@@ -126,3 +128,20 @@ def test_a_walk_on_b_reads_directories_ahead_and_shows_a_s_changes(pair, dirs):
     os.rmdir(da / "s4" / "x2")
     os.rename(da / "s5" / "x0", da / "s5" / "moved")
     assert eventually(lambda: _walk(db) == _walk(da))
+
+
+def test_a_listing_read_ahead_and_never_used_shows_a_s_later_change(pair, dirs):
+    _a, b = pair
+    da, db = dirs
+    for i in range(3):
+        (da / f"s{i}").mkdir()
+        (da / f"s{i}" / "f").write_bytes(b"old")
+    before = b.stats()["dir_ahead"]
+    # B lists the top only: its subdirectories are read ahead, then left.
+    assert sorted(os.listdir(db)) == ["s0", "s1", "s2"]
+    assert eventually(lambda: b.stats()["dir_ahead"] > before)
+    (da / "s0" / "g").write_bytes(b"new")
+    os.unlink(da / "s1" / "f")
+    assert eventually(lambda: sorted(os.listdir(db / "s0")) == ["f", "g"])
+    assert eventually(lambda: os.listdir(db / "s1") == [])
+    assert (db / "s0" / "g").read_bytes() == b"new"
