@@ -47,6 +47,9 @@ class SyncStats:
         #: Wall time spent making group commits durable (COMMIT and any
         #: directory sync): with ``group_commits``, what a commit waits for.
         self.commit_seconds = 0.0
+        #: Of ``group_commits``, those run on the trio thread (one client
+        #: alone working: ``fileserver.activity``).
+        self.inline_commits = 0
 
     def batch(self, ops: list[str], wal_syncs: int, dir_syncs: int, seconds: float = 0.0) -> None:
         """One group commit of ``ops`` (one entry per operation) is durable;
@@ -95,6 +98,7 @@ class SyncStats:
                 "by_op": by_op,
                 "fsync_calls": dict(sorted(self.calls.items())),
                 "group_commits": self.group_commits,
+                "inline_commits": self.inline_commits,
                 "committed_ops": self.batched_ops,
                 "largest_batch": self.largest_batch,
                 "commit_seconds": round(self.commit_seconds, 6),

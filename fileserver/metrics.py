@@ -151,4 +151,8 @@ class _SyncCollector:
             calls.add_metric([what], n)
         group = CounterMetricFamily("afs_fileserver_group_commits", "Group commits")
         group.add_metric([], snap["group_commits"])
-        yield from (ops, commits, fsyncs, calls, group)
+        inline = CounterMetricFamily(
+            "afs_fileserver_inline_commits", "Group commits run on the trio thread"
+        )
+        inline.add_metric([], snap["inline_commits"])
+        yield from (ops, commits, fsyncs, calls, group, inline)

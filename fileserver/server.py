@@ -447,10 +447,12 @@ class FileServer:
     def _wrap(self, method: str, fn: Callable[..., Any], kind: str) -> Callable[..., Any]:
         lo, hi = _arity(fn, 1)
         metrics = self.metrics
+        activity = self.store.activity
 
         async def handler(conn: Connection, *params: Any) -> Any:
             t0 = time.perf_counter()
             err: str | None = None
+            activity.started(conn)
             try:
                 if not lo <= len(params) <= hi:
                     raise RpcError("EINVAL", f"{method}: {len(params)} params, want {lo}..{hi}")
@@ -471,6 +473,7 @@ class FileServer:
                 err = "EIO"
                 raise
             finally:
+                activity.ended()
                 metrics.rpc(method, time.perf_counter() - t0, err)
 
         return handler

@@ -251,7 +251,7 @@ class Receiver:
 
         vol = await trio.to_thread.run_sync(install)
         del self.incoming[vid]
-        h = VolumeHandle(vol)
+        h = VolumeHandle(vol, self.server.store.activity)
         self.committed[vid] = h
         self.server.moved.discard(vid)  # moved back here
         self.server.vldb.volume_arrived(vid)

@@ -98,6 +98,10 @@ MAX_FILE_SIZE = 1 << 44  # also the default of ServerConfig.max_file_size
 #: database (table ``inline_data``), committed with its metadata: one WAL
 #: sync per store, no data file, no data fsync, no intent.
 INLINE_MAX = 64 * 1024
+#: At most this many data files, none larger than this, unlinked after a
+#: commit still leave it cheap (``commit_is_cheap``).
+CHEAP_UNLINKS = 8
+CHEAP_UNLINK_BYTES = 1 << 20
 #: FS.SetXattr flags (the values of Linux's XATTR_CREATE / XATTR_REPLACE).
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -569,6 +573,21 @@ class Volume:
         except OSError:  # an orphan data file: removed by recovery or salvage
             log.exception("volume %s: unlinking dropped data files", self.name)
         return batch.results, busy
+
+    def commit_is_cheap(self) -> bool:
+        """Committing what ``apply_batch`` ran costs its COMMIT and little
+        else: no data directory to sync, no data file to write after it, and
+        at most a few small (or absent: inline files have none) data files
+        to unlink (freeing a big file's blocks takes milliseconds)."""
+        if self._after or self._dir_sync_needed or len(self._doomed) > CHEAP_UNLINKS:
+            return False
+        for p in self._doomed:
+            try:
+                if p.stat().st_size > CHEAP_UNLINK_BYTES:
+                    return False
+            except FileNotFoundError:
+                pass
+        return True
 
     def abort_batch(self) -> None:
         """Roll back what ``apply_batch`` ran (its COMMIT failed, or never
