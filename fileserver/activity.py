@@ -11,49 +11,71 @@ its changes waits for its own sync anyway, so the COMMIT is cheaper run
 inline on the trio thread.
 
 ``quiet(n)`` says when that is safe: the ``n`` requests of the batch are
-all the server is handling, no other connection sent a request in the last
-``window`` seconds (several clients interleave far faster than that), and
-no task is runnable (a break on its way, a read's result to hand over).  A
-request arriving during an inline COMMIT waits for it, at most one sync;
-with a second client active, commits go back to the thread within one
-request.
+all the server is handling, the connection heard from last has one of
+them in progress (so it is the batch's), no other connection sent a byte
+(a request, or a chunk of one still arriving) in the last ``window``
+seconds (several clients interleave far faster than that), and no task is
+runnable (a break on its way, a read's result to hand over).  A request
+arriving during an inline COMMIT waits for it, once: its first bytes turn
+commits back to the thread for ``window``.
 
 Imports: trio.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
-#: Seconds without a request from a second connection before commits run
+#: Seconds without a byte from a second connection before commits run
 #: inline; a second active client shows up well within it.
 WINDOW_S = 0.05
 
 
 class Activity:
-    def __init__(self, window: float = WINDOW_S) -> None:
+    def __init__(
+        self, window: float = WINDOW_S, now: Callable[[], float] = trio.current_time
+    ) -> None:
         self.window = window
+        self.now = now
         self.in_progress = 0
-        self._last: Any = None  # the connection that sent the latest request
-        self._since = -float("inf")  # when another connection last sent one
+        #: id(connection) -> its requests in progress (ids: no reference kept
+        #: to a closed connection; a reused id only delays inline commits).
+        self._per: dict[int, int] = {}
+        self._last = 0  # id of the connection heard from last
+        self._since = -float("inf")  # when another connection was last heard
+
+    def heard(self, conn: Any) -> None:
+        """Bytes arrived from ``conn`` (a request, or part of one)."""
+        key = id(conn)
+        if key != self._last:
+            self._last = key
+            self._since = self.now()
 
     def started(self, conn: Any) -> None:
         """A request from ``conn`` starts (pair with ``ended``)."""
+        self.heard(conn)
         self.in_progress += 1
-        if conn is not self._last:
-            self._last = conn
-            self._since = trio.current_time()
+        key = id(conn)
+        self._per[key] = self._per.get(key, 0) + 1
 
-    def ended(self) -> None:
+    def ended(self, conn: Any) -> None:
         self.in_progress -= 1
+        key = id(conn)
+        left = self._per.get(key, 0) - 1
+        if left > 0:
+            self._per[key] = left
+        else:
+            self._per.pop(key, None)
 
     def quiet(self, n: int) -> bool:
         """The ``n`` requests of a batch are the only work in sight."""
         return (
             self.in_progress <= n
-            and trio.current_time() - self._since >= self.window
+            and self._last in self._per
+            and self.now() - self._since >= self.window
             and trio.lowlevel.current_statistics().tasks_runnable == 0
         )
 

@@ -211,6 +211,7 @@ class FileServer:
                         max_frame=cfg.max_frame,
                         max_pending=cfg.max_calls_in_flight,
                         max_concurrent=min(128, cfg.max_calls_in_flight),
+                        on_receive=self.store.activity.heard,
                     )
                 )
                 sockname = listeners[0].socket.getsockname()
@@ -473,7 +474,7 @@ class FileServer:
                 err = "EIO"
                 raise
             finally:
-                activity.ended()
+                activity.ended(conn)
                 metrics.rpc(method, time.perf_counter() - t0, err)
 
         return handler

@@ -376,8 +376,11 @@ class VolumeHandle:
                         _announce_now(j, value)
                 try:
                     if self._inline_now(len(batch)):
+                        stats = self.vol.stats
+                        done = stats.group_commits
                         results, busy = self.vol.commit_batch(applied)
-                        self.vol.stats.inline_commits += 1
+                        if stats.group_commits > done:  # its COMMIT did not fail
+                            stats.inline_commits += 1
                     else:
                         results, busy = await self._committer.run(
                             partial(self.vol.commit_batch, applied)
@@ -423,9 +426,11 @@ class VolumeHandle:
     def _inline_now(self, n: int) -> bool:
         """Whether this light batch of ``n`` changes commits on the trio
         thread (``fileserver.activity``): one client alone is working,
-        nothing else waits to run or to commit, and the COMMIT is most of it."""
+        nothing else waits to run, and the COMMIT is most of what it costs.
+        (No other change can be queued: ``_lead`` took them all, nothing
+        awaited since.)"""
         a = self._activity
-        return a is not None and not self._queue and self.vol.commit_is_cheap() and a.quiet(n)
+        return a is not None and a.quiet(n) and self.vol.commit_is_cheap()
 
     def changed(self, vnodes: Iterable[int]) -> None:
         """These vnodes changed (committed): reads that ran meanwhile retry."""

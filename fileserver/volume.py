@@ -98,10 +98,11 @@ MAX_FILE_SIZE = 1 << 44  # also the default of ServerConfig.max_file_size
 #: database (table ``inline_data``), committed with its metadata: one WAL
 #: sync per store, no data file, no data fsync, no intent.
 INLINE_MAX = 64 * 1024
-#: At most this many data files, none larger than this, unlinked after a
-#: commit still leave it cheap (``commit_is_cheap``).
+#: At most this many data files, of at most this many bytes in all,
+#: unlinked after a commit still leave it cheap (``commit_is_cheap``):
+#: about as long as the COMMIT itself here.
 CHEAP_UNLINKS = 8
-CHEAP_UNLINK_BYTES = 1 << 20
+CHEAP_UNLINK_BYTES = 256 << 10
 #: FS.SetXattr flags (the values of Linux's XATTR_CREATE / XATTR_REPLACE).
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -581,13 +582,15 @@ class Volume:
         to unlink (freeing a big file's blocks takes milliseconds)."""
         if self._after or self._dir_sync_needed or len(self._doomed) > CHEAP_UNLINKS:
             return False
+        total = 0
         for p in self._doomed:
             try:
-                if p.stat().st_size > CHEAP_UNLINK_BYTES:
-                    return False
+                total += p.stat().st_size
             except FileNotFoundError:
                 pass
-        return True
+            except OSError:  # the commit thread unlinks it (and logs what fails)
+                return False
+        return total <= CHEAP_UNLINK_BYTES
 
     def abort_batch(self) -> None:
         """Roll back what ``apply_batch`` ran (its COMMIT failed, or never

@@ -142,8 +142,12 @@ class Connection:
         idle_timeout: float | None = None,
         frame_timeout: float | None = None,
         refuse: RpcError | None = None,
+        on_receive: Callable[[Connection], None] | None = None,
     ) -> None:
         self.stream = stream
+        #: Called with this connection for every chunk received (a frame
+        #: still arriving is activity too); must be cheap and not raise.
+        self._on_receive = on_receive
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.name = name or f"conn-{id(self):x}"
         self.context: dict[str, Any] = {}
@@ -440,6 +444,8 @@ class Connection:
                     if not chunk:
                         self.close_reason = self.close_reason or "peer closed the connection"
                         return
+                    if self._on_receive is not None:
+                        self._on_receive(self)
                     unpacker.feed(chunk)
                     fed += len(chunk)
                     start = unpacker.tell()

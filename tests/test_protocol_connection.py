@@ -459,3 +459,19 @@ async def test_loopback_tcp_both_directions_and_fuzz():
                     calls.start_soon(one, i)
             assert sorted(r[0] for r in results) == list(range(300))
         n.cancel_scope.cancel()
+
+
+async def test_every_chunk_received_is_reported_before_its_frame_is_whole():
+    """``on_receive``: the fileserver counts a request still arriving as
+    activity (``fileserver.activity``), so it must hear of the first bytes."""
+    heard = []
+    async with trio.open_nursery() as n:
+        raw, conn = await raw_server(n, on_receive=heard.append)
+        frame = msgpack.packb([0, 21, "echo", ["y" * 50_000]])
+        await raw.send_all(frame[:100])
+        await trio.testing.wait_all_tasks_blocked()
+        assert heard == [conn]  # the frame is not whole yet
+        await raw.send_all(frame[100:])
+        replies = await read_messages(raw, 1)
+        assert replies[0][1] == 21 and len(heard) >= 2
+        n.cancel_scope.cancel()
