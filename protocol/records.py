@@ -102,6 +102,10 @@ ACCESS_WRITE = 2
 ACCESS_EXEC = 1
 
 
+#: FileType by wire value, for the fast decode (a dict lookup, not an enum call).
+_FILE_TYPES = {int(t): t for t in FileType}
+
+
 @dataclass(frozen=True, slots=True)
 class FileStatus:
     type: FileType
@@ -129,6 +133,33 @@ class FileStatus:
 
     @classmethod
     def from_wire(cls, obj: Any) -> FileStatus:
+        # The fast path: a well-formed current status, as every reply and
+        # every listing entry carries (a cold ``ls -lR`` decodes one per
+        # file); anything else takes the checked path, which names the
+        # faulty field.
+        if type(obj) is list and len(obj) == 13:
+            t, mode, nlink, size, dv, owner, group, mt, ct, pv, pu, acc, rdev = obj
+            ftype = _FILE_TYPES.get(t) if type(t) is int else None
+            if (
+                ftype is not None
+                and type(mode) is int and 0 <= mode <= 0o7777
+                and type(nlink) is int and 0 <= nlink <= MAX_UINT32
+                and type(size) is int and 0 <= size <= MAX_UINT64
+                and type(dv) is int and 0 <= dv <= MAX_UINT64
+                and type(owner) is int and 0 <= owner <= MAX_UINT32
+                and type(group) is int and 0 <= group <= MAX_UINT32
+                and type(mt) is int and _MIN_INT64 <= mt <= _MAX_INT64
+                and type(ct) is int and _MIN_INT64 <= ct <= _MAX_INT64
+                and type(pv) is int and 0 <= pv <= MAX_UINT32
+                and type(pu) is int and 0 <= pu <= MAX_UINT32
+                and type(acc) is int and 0 <= acc <= 7
+                and type(rdev) is int and 0 <= rdev <= MAX_UINT64
+            ):  # fmt: skip
+                return cls(ftype, mode, nlink, size, dv, owner, group, mt, ct, pv, pu, acc, rdev)
+        return cls._from_wire_checked(obj)
+
+    @classmethod
+    def _from_wire_checked(cls, obj: Any) -> FileStatus:
         if isinstance(obj, list | tuple) and len(obj) == cls.N_FIELDS_OLD:
             obj = [*obj, 0]
         a = _array(obj, cls.N_FIELDS, "FileStatus")

@@ -92,6 +92,46 @@ def test_filestatus_any_bad_field_refused(status, index, value):
         FileStatus.from_wire(wire)
 
 
+# Each field's bounds and just past them, and values of the wrong type.
+_edges = [0, 1, 7, 8, 255, 256, 0o7777, 0o10000, 2**32 - 1, 2**32, 2**63 - 1, 2**63,
+          2**64 - 1, 2**64, -1, -(2**63), -(2**63) - 1]  # fmt: skip
+
+
+def test_filestatus_fast_decode_agrees_with_the_checked_one_at_every_edge():
+    """The fast path accepts exactly what the field-by-field checks accept,
+    and decodes it the same way: every field set to every edge value, in
+    current (13-field) and older (12-field) statuses and wrong lengths."""
+    base = FileStatus(FileType.FILE, 0o644, 1, 0, 1, 0, 0, 0, 0, 1, 1).to_wire()
+    values = [*_edges, True, False, None, 1.0, "1", b"1"]
+    cases = [base[:n] for n in (11, 12, 14)] + [(*base,)]  # lengths, a tuple
+    for length in (12, 13):
+        for index in range(length):
+            for value in values:
+                wire = base[:length]
+                wire[index] = value
+                cases.append(wire)
+    accepted = 0
+    for wire in cases:
+        try:
+            want = FileStatus._from_wire_checked(wire)
+        except RpcError:
+            with pytest.raises(RpcError):
+                FileStatus.from_wire(wire)
+        else:
+            accepted += 1
+            got = FileStatus.from_wire(wire)
+            assert got == want and type(got.type) is FileType, wire
+    assert accepted > 100  # both kinds of case were met
+
+
+@given(statuses)
+def test_filestatus_fast_decode_of_any_valid_status(status):
+    wire = status.to_wire()
+    back = FileStatus.from_wire(wire)
+    assert back == status and back == FileStatus._from_wire_checked(wire)
+    assert type(back.type) is FileType
+
+
 def test_filestatus_without_rdev_from_an_older_peer_reads_as_rdev_0():
     wire = FileStatus(FileType.FIFO, 0o644, 1, 0, 1, 0, 0, 0, 0, 1, 1, rdev=7).to_wire()
     assert len(wire) == 13 and wire[12] == 7
