@@ -137,7 +137,7 @@ class FileStatus:
         # every listing entry carries (a cold ``ls -lR`` decodes one per
         # file); anything else takes the checked path, which names the
         # faulty field.
-        if type(obj) is list and len(obj) == 13:
+        if type(obj) is list and len(obj) == cls.N_FIELDS:
             t, mode, nlink, size, dv, owner, group, mt, ct, pv, pu, acc, rdev = obj
             ftype = _FILE_TYPES.get(t) if type(t) is int else None
             if (

@@ -34,6 +34,16 @@ async def _open_tree(cm):
     return await cm.lookup(root, b"t")
 
 
+async def _read_tree(fake, cm):
+    """Build the tree, read ``t`` and wait for what that reads ahead:
+    ``t``'s vnode and the fake's subdirectories."""
+    _t, subs = _tree(fake)
+    t = await _open_tree(cm)
+    await cm.readdir(t)
+    await until(lambda: _settled(cm))
+    return t, subs
+
+
 def _settled(cm) -> bool:
     return not cm.namespace.ahead._inflight
 
@@ -44,10 +54,7 @@ async def _child(cm, d, name):
 
 async def test_a_walk_finds_the_next_listings_already_fetched(tmp_path, autojump_clock):
     async with running(tmp_path) as (_net, fake, cm):
-        _tree(fake)
-        t = await _open_tree(cm)
-        await cm.readdir(t)
-        await until(lambda: _settled(cm))
+        t, _subs = await _read_tree(fake, cm)
         s = [await _child(cm, t, b"s%d" % i) for i in range(5)]
         # t's first two subdirectories, nothing else.
         assert [v.listing is not None for v in s] == [True, True, False, False, False]
@@ -76,10 +83,7 @@ async def test_no_read_ahead_with_a_window_of_zero(tmp_path, autojump_clock):
 
 async def test_a_listing_read_ahead_is_dropped_by_its_break(tmp_path, autojump_clock):
     async with running(tmp_path) as (_net, fake, cm):
-        _t, subs = _tree(fake)
-        t = await _open_tree(cm)
-        await cm.readdir(t)
-        await until(lambda: _settled(cm))
+        t, subs = await _read_tree(fake, cm)
         s0 = await _child(cm, t, b"s0")
         assert s0.listing is not None
         # Another client creates a name in s0: its promise is broken before
@@ -155,10 +159,7 @@ async def test_directories_too_large_to_read_whole_are_not_read_ahead(tmp_path, 
 
 async def test_nothing_is_read_ahead_while_the_server_is_not_connected(tmp_path, autojump_clock):
     async with running(tmp_path) as (net, fake, cm):
-        _tree(fake)
-        t = await _open_tree(cm)
-        await cm.readdir(t)
-        await until(lambda: _settled(cm))
+        t, _subs = await _read_tree(fake, cm)
         fake.nodes[t.fid].dv += 1  # t changes; its listing must be read again
         await fake.break_fids([t.fid])
         s0 = await _child(cm, t, b"s0")
