@@ -418,6 +418,10 @@ class Connection:
         unpacker = msgpack.Unpacker(
             raw=False, max_buffer_size=2 * self.max_frame + _RECV_SIZE, strict_map_key=False
         )
+        # A stream's borrowed view (``SocketTLSStream.receive_view``) will do:
+        # every byte of a chunk is copied (fed, or kept in ``head``) before
+        # the next receive.
+        receive = getattr(self.stream, "receive_view", None) or self.stream.receive_some
         fed = 0  # bytes fed so far
         head = b""  # first bytes of the partial message at offset head_pos
         head_pos = -1
@@ -437,7 +441,7 @@ class Connection:
                         wait = min(wait, frame_started + self.frame_timeout - trio.current_time())
                     try:
                         timer.deadline = trio.current_time() + max(wait, 0)
-                        chunk = await self.stream.receive_some(_RECV_SIZE)
+                        chunk = await receive(_RECV_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                         self.close_reason = self.close_reason or f"receive failed: {exc!r}"
                         return

@@ -603,6 +603,8 @@ class SocketTLSStream(trio.abc.Stream):
         # Length of a write OpenSSL asked to retry (``send_nowait``): the next
         # piece ``send_all`` hands it must be the same bytes, of that length.
         self._retry_len = 0
+        # The buffer ``receive_view`` decrypts into (grown on demand, reused).
+        self._rview = memoryview(bytearray(TRANSPORT_READ))
 
     @classmethod
     async def handshake(
@@ -647,15 +649,27 @@ class SocketTLSStream(trio.abc.Stream):
         raise trio.BrokenResourceError(f"TLS: {why}") from exc
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return bytes(await self.receive_view(max_bytes))
+
+    async def receive_view(self, max_bytes: int | None = None) -> memoryview:
+        """As ``receive_some``, but the bytes are a view of this stream's own
+        buffer, valid until the next receive: every record already received
+        (up to ``max_bytes``) is decrypted straight into it, so a reader that
+        copies them anyway (an unpacker's ``feed``) saves a join and an
+        allocation per record (about a sixth of TLS's cost above plaintext on
+        a cold read).  EOF is an empty view."""
         self._check()
         # As trio's own streams: a cancellation is seen before any byte is
         # taken, never after (the bytes read would be lost).
         await trio.lowlevel.checkpoint_if_cancelled()
         limit = max_bytes or TRANSPORT_READ
+        view = self._rview
+        if len(view) < limit:
+            view = self._rview = memoryview(bytearray(limit))
         waited = False
         while True:
             try:
-                first = self.sock.recv(min(RECORD, limit))
+                n = self.sock.recv_into(view, min(RECORD, limit))
                 break
             except ssl.SSLWantReadError:
                 await trio.lowlevel.wait_readable(self.sock)
@@ -665,12 +679,11 @@ class SocketTLSStream(trio.abc.Stream):
                 self._break(exc)
             waited = True
             self._check()
-        if first:
+        if n:
             # Every further record already here, in one reply.
-            parts, n = [first], len(first)
             while n < limit:
                 try:
-                    more = self.sock.recv(min(RECORD, limit - n))
+                    more = self.sock.recv_into(view[n:], min(RECORD, limit - n))
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     break
                 except (ssl.SSLError, OSError) as exc:
@@ -678,13 +691,10 @@ class SocketTLSStream(trio.abc.Stream):
                     break
                 if not more:
                     break
-                parts.append(more)
-                n += len(more)
-            if len(parts) > 1:
-                first = b"".join(parts)
+                n += more
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()  # a busy reader must not starve others
-        return first
+        return view[:n]
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check()

@@ -223,3 +223,37 @@ async def test_send_nowait_sends_at_once_and_a_refused_write_is_retried_exactly(
         assert c.send_nowait(b"more") == 4  # retried: sending at once again
         await c.aclose()
         n.cancel_scope.cancel()
+
+
+async def test_receive_view_gathers_every_record_here_into_the_streams_own_buffer(cell):
+    """``receive_view`` (what the connection layer's reader uses on a TCP
+    stream) hands back the bytes of every record already received, up to
+    the size asked, in one view of a buffer the stream reuses; copied before
+    the next call, the views carry the bytes exactly; EOF is an empty view."""
+    async with trio.open_nursery() as n:
+        c, s = await tcp_pair(cell, n)
+        payload = os.urandom(200_000)  # 13 records of at most 16 KiB
+        n.start_soon(c.send_all, payload)  # beside the reads: buffers may not hold it all
+        with trio.fail_after(10):
+            first = await s.receive_view(256 * 1024)
+            got, sizes = bytearray(first), [len(first)]
+            while len(got) < len(payload):
+                await trio.sleep(0.05)  # let the rest arrive: one call takes it all
+                view = await s.receive_view(256 * 1024)
+                assert view, "EOF before every byte arrived"
+                got += view
+                sizes.append(len(view))
+        assert bytes(got) == payload
+        assert max(sizes) > 16 * 1024, f"one record per call: {sizes}"
+        # One buffer: the next receive reuses the memory the last view showed.
+        assert view.obj is first.obj
+        await c.send_all(b"abc")
+        with trio.fail_after(5):
+            small = await s.receive_view(2)
+            assert bytes(small) == b"ab" and small.obj is first.obj
+            assert bytes(await s.receive_view()) == b"c"
+        await c.aclose()
+        with trio.fail_after(5):
+            assert len(await s.receive_view()) == 0  # close_notify reads as EOF
+        await s.aclose()
+        n.cancel_scope.cancel()
