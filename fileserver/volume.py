@@ -102,6 +102,8 @@ INLINE_MAX = 64 * 1024
 #: unlinked after a commit still leave it cheap (``commit_is_cheap``):
 #: about as long as the COMMIT itself here.
 CHEAP_UNLINKS = 8
+#: Bound on the files remembered to have no data file (``_no_data_file``).
+NO_DATA_FILE_MAX = 100_000
 CHEAP_UNLINK_BYTES = 256 << 10
 #: FS.SetXattr flags (the values of Linux's XATTR_CREATE / XATTR_REPLACE).
 XATTR_CREATE = 1
@@ -308,6 +310,11 @@ class Volume:
         # (vnode -> time of its last store, least recent first).
         self._armed: OrderedDict[int, float] = OrderedDict()
         self._storing: set[int] = set()  # stores in progress (their intents are live)
+        # Files created by this process that have had no data file since
+        # (their bytes inline, or none): no stat of a data file that cannot
+        # exist when they are stored into or removed.  Any use of a vnode's
+        # data path drops it (``_data_path``); a rollback forgets them all.
+        self._no_data_file: set[int] = set()
         self._unsynced: set[int] = set()  # data files created since the last dir sync
         self._dir_sync_needed = False
         self._dirty: set[Path] = set()  # data files written but not synced (sync != always)
@@ -604,6 +611,7 @@ class Volume:
         self._armed.clear()  # unknown now; unknown intents are settled, which is safe
         self._after.clear()
         self._doomed.clear()
+        self._no_data_file.clear()
 
     # -- intents -------------------------------------------------------------------
 
@@ -718,6 +726,7 @@ class Volume:
         )
 
     def _data_path(self, vnode: int, unique: int) -> Path:
+        self._no_data_file.discard(vnode)  # the caller may create it
         return self.data_dir / f"{vnode}.{unique}"
 
     def volsync(self) -> VolSync:
@@ -1183,6 +1192,8 @@ class Volume:
         if self._rdb().execute("SELECT 1 FROM pending WHERE vnode = ? LIMIT 1",
                                (v.vnode,)).fetchone():  # fmt: skip
             return None
+        if v.vnode in self._no_data_file:
+            return b""  # created here, never given a data file
         return None if self._data_path(v.vnode, v.unique).exists() else b""
 
     def _spill(
@@ -1315,6 +1326,9 @@ class Volume:
             self._bump_update(now_ns)
         if ftype == FileType.FILE:
             self._armed[v.vnode] = time.monotonic()
+            if len(self._no_data_file) >= NO_DATA_FILE_MAX:
+                self._no_data_file.clear()  # bounded: the others are stat'ed again
+            self._no_data_file.add(v.vnode)
         return v, d
 
     def link(
@@ -1362,14 +1376,22 @@ class Volume:
         db.execute("DELETE FROM pending WHERE vnode = ?", (v.vnode,))
         db.execute("DELETE FROM intents WHERE vnode = ?", (v.vnode,))
         db.execute("DELETE FROM xattrs WHERE vnode = ?", (v.vnode,))
-        db.execute("DELETE FROM inline_data WHERE vnode = ?", (v.vnode,))
+        inline = db.execute("DELETE FROM inline_data WHERE vnode = ?", (v.vnode,)).rowcount
         self._armed.pop(v.vnode, None)
         self._unsynced.discard(v.vnode)  # its name needs no sync any more
         for seq in [s for s, (vn, _p) in list(self._redo_unsynced.items()) if vn == v.vnode]:
             self._redo_unsynced.pop(seq, None)
         self.files -= 1
         self.bytes_used -= v.size
-        return [self._data_path(v.vnode, v.unique)] if v.type == FileType.FILE else []
+        if v.type != FileType.FILE:
+            return []
+        if inline or v.vnode in self._no_data_file:
+            # Its bytes were in the database: no data file to unlink (one a
+            # spill left when its commit failed is an orphan, which recovery
+            # and salvage remove).
+            self._no_data_file.discard(v.vnode)
+            return []
+        return [self._data_path(v.vnode, v.unique)]
 
     def _unlink_files(self, paths: list[Path]) -> None:
         if self._in_batch or self._depth:

@@ -290,3 +290,43 @@ def test_small_store_records_go_once_their_files_are_synced(tmp_path):
     assert vol.db.execute("SELECT COUNT(*) FROM pending").fetchone()[0] == 0
     assert vol.fetch_data(f.vnode, f.unique, 0, 100)[1] == b"nEW contents"
     vol.close()
+
+
+def test_files_without_a_data_file_are_stored_and_removed_without_looking_for_one(
+    tmp_path, monkeypatch
+):
+    """A file created here whose bytes are inline, or that has none, has no
+    data file: storing into it and removing it never build (stat, unlink)
+    one's path.  A file that has one, big from the start or grown out of the
+    database, still loses it when removed."""
+    vol = Volume.create(tmp_path / "v", 7, "v")
+    made = {n: vol.create_vnode(1, 1, n, FileType.FILE, 0o644, 0, 0)[0]
+            for n in (b"small", b"empty", b"big", b"grown")}  # fmt: skip
+    big, grown = made[b"big"], made[b"grown"]
+    vol.store_small(big.vnode, big.unique, 0, b"x" * (vol.inline_max + 1), None, None)
+    vol.store_small(grown.vnode, grown.unique, 0, b"tiny", None, None)
+    assert vol.is_inline(grown.vnode)
+    vol.store_small(grown.vnode, grown.unique, 4, b"y" * vol.inline_max, None, None)
+    assert not vol.is_inline(grown.vnode)
+    paths = {n: vol._data_path(made[n].vnode, made[n].unique) for n in (b"big", b"grown")}
+    assert all(p.exists() for p in paths.values())
+
+    looked: list[int] = []
+    real = Volume._data_path
+
+    def spy(self: Volume, vnode: int, unique: int) -> Path:
+        looked.append(vnode)
+        return real(self, vnode, unique)
+
+    monkeypatch.setattr(Volume, "_data_path", spy)
+    small = made[b"small"]
+    vol.store_small(small.vnode, small.unique, 0, b"hello", None, None)
+    assert vol.is_inline(small.vnode)
+    vol.remove_file(1, 1, b"small")
+    vol.remove_file(1, 1, b"empty")
+    assert looked == []
+    vol.remove_file(1, 1, b"big")
+    vol.remove_file(1, 1, b"grown")
+    assert not any(p.exists() for p in paths.values())
+    assert vol.check() == []
+    vol.close()
