@@ -441,7 +441,7 @@ class FsOps:
             if status:
                 check_store_status(old, c, status)
             before.append(_changeable(old))
-            return h.vol.store_begin(f.vnode, f.unique, offset, len(data), new_length)
+            return h.vol.store_begin(f.vnode, f.unique, offset, len(data), new_length, old)
 
         def then_status(v: Vnode) -> Vnode:
             # After the bytes, as the client's chmod came after its writes
@@ -502,8 +502,9 @@ class FsOps:
         if len(data) <= SMALL_STORE:
             # Into the commit itself (Volume.store_small): one WAL sync, shared.
             def small() -> Vnode:
-                begin()
-                return then(vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns))
+                # begin()'s checks, on the row store_small then changes (read once).
+                old, _size = begin()
+                return then(vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns, old))
 
             async with h.active(), h.file_lock(vn):
                 # Light unless the file may outgrow its inline bytes (a spill
@@ -625,7 +626,7 @@ class FsOps:
             elif m & S_ISGID and not c.root and ftype != FileType.DIRECTORY:
                 m &= ~S_ISGID
             v, dv = h.vol.create_vnode(d.vnode, d.unique, name, ftype, m, c.uid, gid, target,
-                                       rdev)  # fmt: skip
+                                       rdev, dv)  # fmt: skip
             return v, dv, h.vol.volsync()
 
         def then(r: tuple[Vnode, Vnode, VolSync]) -> None:

@@ -830,11 +830,14 @@ class Volume:
     # -- data changes ----------------------------------------------------------
 
     def store_begin(
-        self, vnode: int, unique: int, offset: int, length: int, new_length: int | None
-    ) -> tuple[Vnode, int]:
-        """A store's checks, before any byte is written: (file, its new size)."""
+        self, vnode: int, unique: int, offset: int, length: int, new_length: int | None,
+        v: Vnode | None = None,
+    ) -> tuple[Vnode, int]:  # fmt: skip
+        """A store's checks, before any byte is written: (file, its new size).
+        ``v``: the file as the caller just read it in this transaction."""
         self._check_online()
-        v = self.get(vnode, unique)
+        if v is None:
+            v = self.get(vnode, unique)
         if v.is_dir:
             raise RpcError("EISDIR", "StoreData on a directory")
         if v.type == FileType.SYMLINK:
@@ -1132,6 +1135,7 @@ class Volume:
         data: bytes,
         new_length: int | None,
         mtime_ns: int | None,
+        v: Vnode | None = None,
     ) -> Vnode:
         """A store small enough to go into the commit itself: its bytes are a
         redo record committed with the new metadata (one WAL sync makes both
@@ -1142,8 +1146,8 @@ class Volume:
         most ``inline_max`` long gets its bytes in ``inline_data`` instead, in
         the same transaction: nothing to apply or sync afterwards.  One that
         grows past it moves its bytes to a data file, written (and synced)
-        before the commit that drops the blob."""
-        v, new_size = self.store_begin(vnode, unique, offset, len(data), new_length)
+        before the commit that drops the blob.  ``v``: as for ``store_begin``."""
+        v, new_size = self.store_begin(vnode, unique, offset, len(data), new_length, v)
         now_ns = time.time_ns()
         cur = self._inline_current(v)
         if cur is not None and (new_size <= self.inline_max or self.is_inline(vnode)):
@@ -1291,10 +1295,13 @@ class Volume:
         group: int,
         target: bytes | None = None,
         rdev: int = 0,
+        d: Vnode | None = None,
     ) -> tuple[Vnode, Vnode]:
-        """CreateFile / MakeDir / Symlink / MakeNode: returns (new vnode, directory)."""
+        """CreateFile / MakeDir / Symlink / MakeNode: returns (new vnode, directory).
+        ``d``: the directory as the caller just read it in this transaction."""
         self._check_online()
-        d = self.get_dir(dir_vnode, dir_unique)
+        if d is None:
+            d = self.get_dir(dir_vnode, dir_unique)
         if self._entry(d.vnode, name) is not None:
             raise RpcError("EEXIST", f"{name!r:.300} exists")
         size = len(target) if target is not None else 0
