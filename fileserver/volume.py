@@ -1279,6 +1279,8 @@ class Volume:
         """Run ``fn`` (a step on ``vnode``'s data file) once the change being
         made is committed."""
         self._after.append((vnode, fn))
+        if vnode is not None:
+            self._no_data_file.discard(vnode)  # the step may write its data file
         if not (self._in_batch or self._depth):
             self._run_steps()
 
@@ -1392,7 +1394,8 @@ class Volume:
         self.bytes_used -= v.size
         if v.type != FileType.FILE:
             return []
-        if inline or v.vnode in self._no_data_file:
+        if v.vnode not in self._storing and (inline or v.vnode in self._no_data_file):
+            # (A store under way may be writing a data file right now.)
             # Its bytes were in the database: no data file to unlink (one a
             # spill left when its commit failed is an orphan, which recovery
             # and salvage remove).

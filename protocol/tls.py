@@ -604,7 +604,7 @@ class SocketTLSStream(trio.abc.Stream):
         # piece ``send_all`` hands it must be the same bytes, of that length.
         self._retry_len = 0
         # The buffer ``receive_view`` decrypts into (grown on demand, reused).
-        self._rview = memoryview(bytearray(TRANSPORT_READ))
+        self._rview: memoryview | None = None
 
     @classmethod
     async def handshake(
@@ -662,10 +662,12 @@ class SocketTLSStream(trio.abc.Stream):
         # As trio's own streams: a cancellation is seen before any byte is
         # taken, never after (the bytes read would be lost).
         await trio.lowlevel.checkpoint_if_cancelled()
-        limit = max_bytes or TRANSPORT_READ
+        # At most TRANSPORT_READ (fewer bytes than asked is allowed): the
+        # buffer is allocated at the first receive and never grows past it.
+        limit = min(max_bytes or TRANSPORT_READ, TRANSPORT_READ)
         view = self._rview
-        if len(view) < limit:
-            view = self._rview = memoryview(bytearray(limit))
+        if view is None:
+            view = self._rview = memoryview(bytearray(TRANSPORT_READ))
         waited = False
         while True:
             try:

@@ -330,3 +330,18 @@ def test_files_without_a_data_file_are_stored_and_removed_without_looking_for_on
     assert not any(p.exists() for p in paths.values())
     assert vol.check() == []
     vol.close()
+
+
+def test_a_file_removed_in_the_batch_that_stored_into_it_leaves_no_data_file(tmp_path):
+    """A store's post-commit step writes the data file after the commit, so
+    a removal in the same batch must still unlink it (found in review: the
+    no-data-file shortcut leaked it until the next restart)."""
+    vol = Volume.create(tmp_path / "v", 7, "v")
+    f, _ = vol.create_vnode(1, 1, b"f", FileType.FILE, 0o644, 0, 0)
+    vol.run_batch([
+        ("store", lambda: vol.store_small(f.vnode, f.unique, vol.inline_max + 1, b"x", None, None)),
+        ("remove", lambda: vol.remove_file(1, 1, b"f")),
+    ])  # fmt: skip
+    assert list(vol.data_dir.iterdir()) == []
+    assert vol.check() == []
+    vol.close()
