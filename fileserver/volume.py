@@ -102,9 +102,9 @@ INLINE_MAX = 64 * 1024
 #: unlinked after a commit still leave it cheap (``commit_is_cheap``):
 #: about as long as the COMMIT itself here.
 CHEAP_UNLINKS = 8
+CHEAP_UNLINK_BYTES = 256 << 10
 #: Bound on the files remembered to have no data file (``_no_data_file``).
 NO_DATA_FILE_MAX = 100_000
-CHEAP_UNLINK_BYTES = 256 << 10
 #: FS.SetXattr flags (the values of Linux's XATTR_CREATE / XATTR_REPLACE).
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -1395,10 +1395,10 @@ class Volume:
         if v.type != FileType.FILE:
             return []
         if v.vnode not in self._storing and (inline or v.vnode in self._no_data_file):
-            # (A store under way may be writing a data file right now.)
-            # Its bytes were in the database: no data file to unlink (one a
-            # spill left when its commit failed is an orphan, which recovery
-            # and salvage remove).
+            # Its bytes were in the database, and no store under way may be
+            # writing a data file now: nothing to unlink (one a spill left
+            # when its commit failed is an orphan, which recovery and salvage
+            # remove).
             self._no_data_file.discard(v.vnode)
             return []
         return [self._data_path(v.vnode, v.unique)]

@@ -603,7 +603,7 @@ class SocketTLSStream(trio.abc.Stream):
         # Length of a write OpenSSL asked to retry (``send_nowait``): the next
         # piece ``send_all`` hands it must be the same bytes, of that length.
         self._retry_len = 0
-        # The buffer ``receive_view`` decrypts into (grown on demand, reused).
+        # The buffer ``receive_view`` decrypts into (made at the first receive, reused).
         self._rview: memoryview | None = None
 
     @classmethod
