@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
+import bench  # noqa: E402
 import bench_gluster  # noqa: E402
 import bench_tools as bt  # noqa: E402
 
@@ -192,3 +193,10 @@ def test_the_passthrough_floor_is_a_column_not_a_goal() -> None:
     assert clone.split("|")[3].strip().startswith("2.00"), clone  # local, ptlong, ...
     status = next(line for line in md.splitlines() if line.startswith("| second mount"))
     assert status.split("|")[3].strip() == "n/a (no second mount)", status
+
+
+def test_warming_the_page_cache_leaves_nothing_behind(tmp_path: Path) -> None:
+    # Before each timed write and cold read: it must not leave a file for a
+    # later step (or a `du` of the scratch dir) to find, even at an odd size.
+    bench.warm_page_cache(tmp_path, 3 * bench.MIB + 5, b"w" * bench.MIB)
+    assert list(tmp_path.iterdir()) == []
