@@ -15,9 +15,14 @@ all the server is handling, the connection heard from last has one of
 them in progress (so it is the batch's), no other connection sent a byte
 (a request, or a chunk of one still arriving) in the last ``window``
 seconds (several clients interleave far faster than that), and no task is
-runnable (a break on its way, a read's result to hand over).  A request
-arriving during an inline COMMIT waits for it, once: its first bytes turn
-commits back to the thread for ``window``.
+runnable (a break on its way, a read's result to hand over).  A client's
+answers to the server's own calls (callback breaks) are not activity: the
+client waits for nothing from the server.  A batch whose breaks are still
+to go out lets them run first, until they wait for their answers, and
+then commits inline: the breaks cross the wire while the WAL syncs, as
+they would beside a COMMIT in the thread.  A request arriving during an
+inline COMMIT waits for it, once: its first bytes turn commits back to the
+thread for ``window``.
 
 Imports: trio.
 """
@@ -70,13 +75,15 @@ class Activity:
         else:
             self._per.pop(key, None)
 
-    def quiet(self, n: int) -> bool:
-        """The ``n`` requests of a batch are the only work in sight."""
+    def quiet(self, n: int, *, tasks: bool = True) -> bool:
+        """The ``n`` requests of a batch are the only work in sight.  With
+        ``tasks=False`` runnable tasks are left out: the caller lets them run
+        first (``VolumeHandle._settled``)."""
         return (
             self.in_progress <= n
             and self._last in self._per
             and self.now() - self._since >= self.window
-            and trio.lowlevel.current_statistics().tasks_runnable == 0
+            and (not tasks or trio.lowlevel.current_statistics().tasks_runnable == 0)
         )
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+import trio.testing
 
 from fileserver.activity import Activity
 from fileserver.committer import Committer
@@ -55,6 +56,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Seconds a light batch gives the breaks it started to reach the wire
+#: before it commits inline (tens of microseconds); past them the COMMIT
+#: goes to the thread as before.
+SETTLE_S = 0.002
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -375,7 +380,8 @@ class VolumeHandle:
                     if ok and j.decided is not None:
                         _announce_now(j, value)
                 try:
-                    if self._inline_now(len(batch)):
+                    n = len(batch)
+                    if self._inline_now(n) or (await self._settled(n) and self._inline_now(n)):
                         stats = self.vol.stats
                         done = stats.group_commits
                         results, busy = self.vol.commit_batch(applied)
@@ -427,10 +433,27 @@ class VolumeHandle:
         """Whether this light batch of ``n`` changes commits on the trio
         thread (``fileserver.activity``): one client alone is working,
         nothing else waits to run, and the COMMIT is most of what it costs.
-        (No other change can be queued: ``_lead`` took them all, nothing
-        awaited since.)"""
+        (A change queued since ``_lead`` took the batch counts among the
+        requests in progress, so it is not quiet then.)"""
         a = self._activity
         return a is not None and a.quiet(n) and self.vol.commit_is_cheap()
+
+    async def _settled(self, n: int) -> bool:
+        """When the batch is quiet but for runnable tasks (the breaks its
+        changes started to other clients' promises): let every task run until
+        it waits (at most ``SETTLE_S``), so those calls are on the wire
+        before an inline COMMIT holds the thread.  Whether they all wait.
+
+        ``wait_all_tasks_blocked`` is trio's own test of "nothing runnable,
+        no I/O ready" (a task scheduled in the current pass is not yet in
+        the run queue ``current_statistics`` counts).  Shielded: the batch's
+        BEGIN is open (the thread's COMMIT cannot be cancelled either)."""
+        a = self._activity
+        if a is None or not a.quiet(n, tasks=False):
+            return False
+        with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_S) as scope:
+            await trio.testing.wait_all_tasks_blocked()
+        return not scope.cancelled_caught
 
     def changed(self, vnodes: Iterable[int]) -> None:
         """These vnodes changed (committed): reads that ran meanwhile retry."""

@@ -145,8 +145,12 @@ class Connection:
         on_receive: Callable[[Connection], None] | None = None,
     ) -> None:
         self.stream = stream
-        #: Called with this connection for every chunk received (a frame
-        #: still arriving is activity too); must be cheap and not raise.
+        #: Called with this connection before each request or notification
+        #: it sent is dispatched, and for a chunk that leaves a message
+        #: incomplete (a frame still arriving is activity too); not for a
+        #: chunk of whole responses to this side's own calls (a client's
+        #: answer to a callback break is no work for the server).  Must be
+        #: cheap and not raise.
         self._on_receive = on_receive
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.name = name or f"conn-{id(self):x}"
@@ -448,8 +452,6 @@ class Connection:
                     if not chunk:
                         self.close_reason = self.close_reason or "peer closed the connection"
                         return
-                    if self._on_receive is not None:
-                        self._on_receive(self)
                     unpacker.feed(chunk)
                     fed += len(chunk)
                     start = unpacker.tell()
@@ -461,6 +463,8 @@ class Connection:
                         self._dispatch(msg)
                     pos = start
                     leftover = fed - pos
+                    if leftover and self._on_receive is not None:
+                        self._on_receive(self)
                     if leftover == 0:
                         frame_started = None
                     elif head_pos != pos:
@@ -504,7 +508,10 @@ class Connection:
         kind = msg[0]
         if kind == RESPONSE and len(msg) == 4:
             self._on_response(msg)
-        elif kind == REQUEST:
+            return
+        if self._on_receive is not None:
+            self._on_receive(self)
+        if kind == REQUEST:
             self._on_request(msg)
         elif kind == NOTIFICATION and len(msg) == 3:
             method, params = msg[1], msg[2]

@@ -17,7 +17,8 @@ from afsfuse.lab.server import server_and_two_clients, wait_until
 from fileserver.activity import Activity
 from fileserver.store import VolumeHandle
 from fileserver.volume import CHEAP_UNLINK_BYTES, Volume
-from protocol.records import FileType
+from protocol.records import Fid, FileType
+from protocol.tls import SocketTLSStream
 
 HANG = 30  # a hang guard, not a speed assertion
 
@@ -163,22 +164,52 @@ async def test_a_request_still_arriving_keeps_commits_in_the_thread(tmp_path) ->
         assert stats.inline_commits - at_send <= 1
 
 
-async def test_a_removal_with_breaks_to_send_commits_in_the_thread(tmp_path) -> None:
+async def test_a_removal_with_breaks_to_send_sends_them_then_commits_inline(
+    tmp_path, monkeypatch
+) -> None:
+    """The break to y is handed to the socket first, so it crosses the wire
+    while the WAL syncs; then the COMMIT runs here, and the reply waits for
+    it and for y's answer."""
+    order: list[str] = []
+    send_nowait, send_all = SocketTLSStream.send_nowait, SocketTLSStream.send_all
+
+    def sending_now(self: SocketTLSStream, data: bytes) -> int:
+        if b"CB.CallBack" in data:
+            order.append("break sent")
+        return send_nowait(self, data)
+
+    async def sending(self: SocketTLSStream, data: Any) -> None:
+        if b"CB.CallBack" in bytes(data):
+            order.append("break sent")
+        await send_all(self, data)
+
+    monkeypatch.setattr(SocketTLSStream, "send_nowait", sending_now)
+    monkeypatch.setattr(SocketTLSStream, "send_all", sending)
     async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
         act, stats = srv.store.activity, srv.store.sync_stats
         root = await x.root_fid()
+        vol = srv.store.get(root[0]).vol
+        real = vol.commit_batch
+
+        def commit_batch(batch: Any) -> Any:
+            order.append(f"COMMIT in {threading.current_thread().name}")
+            return real(batch)
+
         with trio.fail_after(HANG):
             held = (await x.call("FS.CreateFile", None, root, b"held", 0o644))["fid"]
             await x.call("FS.CreateFile", None, root, b"free", 0o644)
             await y.call("FS.FetchStatus", None, held)  # y holds a promise on it
             act.window = 0.0
             await x.call("FS.FetchStatus", None, root)  # x alone is the latest
+            vol.commit_batch = commit_batch  # type: ignore[method-assign]
             inline = stats.inline_commits
             await x.call("FS.RemoveFile", None, root, b"free")
-            assert stats.inline_commits == inline + 1
-            # The break to y goes out while the COMMIT syncs in the thread.
             await x.call("FS.RemoveFile", None, root, b"held")
-            assert stats.inline_commits == inline + 1
+            assert stats.inline_commits == inline + 2
+            # y's answer arrived after the COMMIT began; the reply waited for it.
+            assert [p for kind, p, _ in y.log if kind == "break"] == [[Fid.from_wire(held)]]
+        here = f"COMMIT in {threading.current_thread().name}"
+        assert order == [here, "break sent", here]
 
 
 async def test_a_data_file_that_cannot_be_examined_leaves_the_commit_to_the_thread(

@@ -475,3 +475,31 @@ async def test_every_chunk_received_is_reported_before_its_frame_is_whole():
         replies = await read_messages(raw, 1)
         assert replies[0][1] == 21 and len(heard) >= 2
         n.cancel_scope.cancel()
+
+
+async def test_answers_to_this_sides_own_calls_are_not_reported_as_activity():
+    """A client's answer to a callback break is no work for the fileserver:
+    reporting it kept every commit of the client doing the changes out of
+    the fast path (``fileserver.activity``) while another client held
+    promises on what it changed."""
+    heard = []
+    async with trio.open_nursery() as n:
+        raw, conn = await raw_server(n, on_receive=heard.append)
+        results = []
+
+        async def call() -> None:
+            results.append(await conn.call("CB.CallBack", [1]))
+
+        n.start_soon(call)
+        (req,) = await read_messages(raw, 1)
+        assert req[0] == 0 and req[2] == "CB.CallBack"
+        await raw.send_all(msgpack.packb([1, req[1], None, "ok"]))
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == ["ok"] and heard == []
+        await raw.send_all(msgpack.packb([2, "echo", [1]]))  # a notification is
+        await trio.testing.wait_all_tasks_blocked()
+        assert heard == [conn]
+        await raw.send_all(msgpack.packb([0, 22, "echo", ["x"]]))  # and a request
+        replies = await read_messages(raw, 1)
+        assert replies[0][1] == 22 and heard == [conn, conn]
+        n.cancel_scope.cancel()
