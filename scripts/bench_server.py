@@ -321,11 +321,16 @@ def _holder_proc(host: str, port: int, d: list[int], names: list[bytes], ready: 
     trio.run(main)
 
 
-async def run_held(host: str, port: int, files: int, rounds: int) -> dict[str, float]:
+async def run_held(
+    host: str, port: int, files: int, rounds: int, data_dir: Path | None = None
+) -> dict[str, float]:
     """ms per RemoveFile, alone and with another client holding promises on
-    the files, in alternating rounds: what a break adds to a removal."""
+    the files, in alternating rounds: what a break adds to a removal.  With
+    ``data_dir`` (the admin channel), also the share of removals whose
+    COMMIT ran inline on the trio thread (``fileserver.activity``)."""
     ctx = multiprocessing.get_context("spawn")
     out: dict[str, list[float]] = {"alone": [], "held": []}
+    inline: dict[str, list[float]] = {"alone": [], "held": []}
     names = [b"f%d" % i for i in range(files)]
     async with fs_client(host, port) as x:
         root = await x.root_fid()
@@ -343,18 +348,27 @@ async def run_held(host: str, port: int, files: int, rounds: int) -> dict[str, f
                 if not await trio.to_thread.run_sync(ready.wait, 120):
                     raise RuntimeError("the holding session did not start")
             try:
+                before = await durability(data_dir) if data_dir is not None else None
                 t0 = time.perf_counter()
                 for name in names:
                     await x.call("FS.RemoveFile", None, d, name)
                 out[kind].append((time.perf_counter() - t0) * 1000 / files)
+                if before is not None and data_dir is not None:
+                    after = await durability(data_dir)
+                    n = after.get("inline_commits", 0) - before.get("inline_commits", 0)
+                    inline[kind].append(n / files)
             finally:
                 if proc is not None:
                     stop.set()
                     await trio.to_thread.run_sync(proc.join, 60)
             await x.call("FS.RemoveDir", None, root, dname)
     alone, held = statistics.median(out["alone"]), statistics.median(out["held"])
-    return {"alone ms/remove": alone, "held ms/remove": held,
-            "added by the break ms": held - alone}  # fmt: skip
+    res = {"alone ms/remove": alone, "held ms/remove": held,
+           "added by the break ms": held - alone}  # fmt: skip
+    for kind, shares in inline.items():
+        if shares:
+            res[f"{kind}: inline commits %"] = 100 * statistics.median(shares)
+    return res
 
 
 async def run_big(host: str, port: int, mib: int) -> dict[str, Any]:
@@ -672,7 +686,7 @@ def main() -> None:
             if "held" in only:
                 print(f"\nremovals of {args.held_files:,} files, alone and held elsewhere ...",
                       flush=True)  # fmt: skip
-                res = trio.run(run_held, srv.host, srv.port, args.held_files, 3)
+                res = trio.run(run_held, srv.host, srv.port, args.held_files, 3, data_dir)
                 for k, v in res.items():
                     print(f"  {k:40} {v:,.3f}")
             if "dirsize" in only:
