@@ -50,6 +50,9 @@ class SyncStats:
         #: Of ``group_commits``, those run on the trio thread (one client
         #: alone working: ``fileserver.activity``).
         self.inline_commits = 0
+        #: Batches that waited ``store.SETTLE_S`` for their breaks to go out
+        #: and then committed in the thread (a task never stopped running).
+        self.settle_timeouts = 0
 
     def batch(self, ops: list[str], wal_syncs: int, dir_syncs: int, seconds: float = 0.0) -> None:
         """One group commit of ``ops`` (one entry per operation) is durable;
@@ -99,6 +102,7 @@ class SyncStats:
                 "fsync_calls": dict(sorted(self.calls.items())),
                 "group_commits": self.group_commits,
                 "inline_commits": self.inline_commits,
+                "settle_timeouts": self.settle_timeouts,
                 "committed_ops": self.batched_ops,
                 "largest_batch": self.largest_batch,
                 "commit_seconds": round(self.commit_seconds, 6),

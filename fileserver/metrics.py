@@ -155,4 +155,9 @@ class _SyncCollector:
             "afs_fileserver_inline_commits", "Group commits run on the trio thread"
         )
         inline.add_metric([], snap["inline_commits"])
-        yield from (ops, commits, fsyncs, calls, group, inline)
+        settle = CounterMetricFamily(
+            "afs_fileserver_settle_timeouts",
+            "Batches whose breaks did not settle in time for an inline commit",
+        )
+        settle.add_metric([], snap["settle_timeouts"])
+        yield from (ops, commits, fsyncs, calls, group, inline, settle)

@@ -381,7 +381,7 @@ class VolumeHandle:
                         _announce_now(j, value)
                 try:
                     n = len(batch)
-                    if self._inline_now(n) or (await self._settled(n) and self._inline_now(n)):
+                    if self._inline_now(n) or await self._settled(n):
                         stats = self.vol.stats
                         done = stats.group_commits
                         results, busy = self.vol.commit_batch(applied)
@@ -433,27 +433,32 @@ class VolumeHandle:
         """Whether this light batch of ``n`` changes commits on the trio
         thread (``fileserver.activity``): one client alone is working,
         nothing else waits to run, and the COMMIT is most of what it costs.
-        (A change queued since ``_lead`` took the batch counts among the
-        requests in progress, so it is not quiet then.)"""
+        (A request that arrived since ``_lead`` took the batch counts among
+        those in progress, so it is not quiet then.)"""
         a = self._activity
         return a is not None and a.quiet(n) and self.vol.commit_is_cheap()
 
     async def _settled(self, n: int) -> bool:
-        """When the batch is quiet but for runnable tasks (the breaks its
-        changes started to other clients' promises): let every task run until
-        it waits (at most ``SETTLE_S``), so those calls are on the wire
-        before an inline COMMIT holds the thread.  Whether they all wait.
+        """``_inline_now`` for a batch that is quiet but for runnable tasks
+        (the breaks its changes started to other clients' promises): let
+        every task run until it waits (at most ``SETTLE_S``), so those calls
+        are on the wire before an inline COMMIT holds the thread, then look
+        again.  Only when the COMMIT is cheap: otherwise it goes to the
+        thread at once, beside the breaks.
 
         ``wait_all_tasks_blocked`` is trio's own test of "nothing runnable,
-        no I/O ready" (a task scheduled in the current pass is not yet in
-        the run queue ``current_statistics`` counts).  Shielded: the batch's
-        BEGIN is open (the thread's COMMIT cannot be cancelled either)."""
+        no I/O ready"; ``current_statistics`` does not count the tasks still
+        to run in the scheduler's current pass.  The batch's BEGIN is open
+        and the caller is shielded, as the thread's COMMIT is."""
         a = self._activity
-        if a is None or not a.quiet(n, tasks=False):
+        if a is None or not a.quiet(n, tasks=False) or not self.vol.commit_is_cheap():
             return False
-        with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_S) as scope:
+        with trio.move_on_after(SETTLE_S) as scope:
             await trio.testing.wait_all_tasks_blocked()
-        return not scope.cancelled_caught
+        if scope.cancelled_caught:
+            self.vol.stats.settle_timeouts += 1
+            return False
+        return a.quiet(n)
 
     def changed(self, vnodes: Iterable[int]) -> None:
         """These vnodes changed (committed): reads that ran meanwhile retry."""

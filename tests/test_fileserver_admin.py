@@ -152,6 +152,8 @@ async def test_metrics_and_event_lines(tmp_path, caplog):
         assert "afs_fileserver_promises " in text
         assert "afs_fileserver_breaks_sent_total 1.0" in text
         assert "afs_fileserver_rpc_seconds_bucket" in text
+        assert "afs_fileserver_inline_commits_total" in text
+        assert "afs_fileserver_settle_timeouts_total " in text
     lines = [r.getMessage() for r in caplog.records if r.name == "fileserver.events"]
     for ev in ("grant", "break", "init_callback_state", "giveup", "hello"):
         assert any(m.startswith(f"event={ev} ") for m in lines), ev

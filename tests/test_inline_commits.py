@@ -168,8 +168,9 @@ async def test_a_removal_with_breaks_to_send_sends_them_then_commits_inline(
     tmp_path, monkeypatch
 ) -> None:
     """The break to y is handed to the socket first, so it crosses the wire
-    while the WAL syncs; then the COMMIT runs here, and the reply waits for
-    it and for y's answer."""
+    while the WAL syncs; then the COMMIT runs here, without waiting for y's
+    answer; the reply waits for both.  (y takes 50 ms to answer, as a client
+    in another process would take its time.)"""
     order: list[str] = []
     send_nowait, send_all = SocketTLSStream.send_nowait, SocketTLSStream.send_all
 
@@ -195,6 +196,16 @@ async def test_a_removal_with_breaks_to_send_sends_them_then_commits_inline(
             order.append(f"COMMIT in {threading.current_thread().name}")
             return real(batch)
 
+        assert y.conn is not None
+        answer = y.conn.handlers["CB.CallBack"]
+
+        async def slow_answer(conn: Any, fids: Any) -> Any:
+            await trio.sleep(0.05)
+            out = await answer(conn, fids)
+            order.append("y answers")
+            return out
+
+        y.conn.handlers["CB.CallBack"] = slow_answer
         with trio.fail_after(HANG):
             held = (await x.call("FS.CreateFile", None, root, b"held", 0o644))["fid"]
             await x.call("FS.CreateFile", None, root, b"free", 0o644)
@@ -205,11 +216,11 @@ async def test_a_removal_with_breaks_to_send_sends_them_then_commits_inline(
             inline = stats.inline_commits
             await x.call("FS.RemoveFile", None, root, b"free")
             await x.call("FS.RemoveFile", None, root, b"held")
+            order.append("x has the reply")
             assert stats.inline_commits == inline + 2
-            # y's answer arrived after the COMMIT began; the reply waited for it.
             assert [p for kind, p, _ in y.log if kind == "break"] == [[Fid.from_wire(held)]]
         here = f"COMMIT in {threading.current_thread().name}"
-        assert order == [here, "break sent", here]
+        assert order == [here, "break sent", here, "y answers", "x has the reply"]
 
 
 async def test_a_data_file_that_cannot_be_examined_leaves_the_commit_to_the_thread(
@@ -263,3 +274,30 @@ async def test_an_inline_commit_that_fails_fails_its_changes_and_is_not_counted(
     assert {n for n, _ in vol.readdir(1, 1, None, 10)[0]} == {b"next"}
     assert vol.stats.inline_commits == 1
     vol.close()
+
+
+async def test_breaks_that_do_not_settle_leave_the_commit_to_the_thread(tmp_path) -> None:
+    """A task that never stops running (a sweep yielding after each step)
+    keeps a held removal from settling: after ``SETTLE_S`` its COMMIT goes
+    to the thread, and the wait is counted."""
+    async with server_and_two_clients(tmp_path / "fs") as (srv, x, y):
+        act, stats = srv.store.activity, srv.store.sync_stats
+        root = await x.root_fid()
+        with trio.fail_after(HANG):
+            held = (await x.call("FS.CreateFile", None, root, b"held", 0o644))["fid"]
+            await y.call("FS.FetchStatus", None, held)
+            act.window = 0.0
+            await x.call("FS.FetchStatus", None, root)
+            inline, timeouts = stats.inline_commits, stats.settle_timeouts
+
+            async def busy() -> None:
+                for _ in range(10_000_000):  # ended by the cancel below
+                    await trio.lowlevel.checkpoint()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(busy)
+                await x.call("FS.RemoveFile", None, root, b"held")
+                nursery.cancel_scope.cancel()
+        assert stats.inline_commits == inline
+        assert stats.settle_timeouts == timeouts + 1
+        assert [p for kind, p, _ in y.log if kind == "break"] == [[Fid.from_wire(held)]]
