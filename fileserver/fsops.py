@@ -435,13 +435,14 @@ class FsOps:
 
         before: list[tuple[int, ...]] = []  # the file when the store began
 
-        def begin() -> tuple[Vnode, int]:
+        def checked() -> Vnode:
+            """The caller's checks of the file, on the row the store changes."""
             old = h.vol.get(f.vnode, f.unique)
             require_write(old, c, "write")
             if status:
                 check_store_status(old, c, status)
             before.append(_changeable(old))
-            return h.vol.store_begin(f.vnode, f.unique, offset, len(data), new_length, old)
+            return old
 
         def then_status(v: Vnode) -> Vnode:
             # After the bytes, as the client's chmod came after its writes
@@ -464,7 +465,7 @@ class FsOps:
                 before.append(_changeable(cur))
                 await h.commit(drop_privs, op="FS.StoreData:privs")
             v = await self._store(
-                h, f, begin, data, offset, new_length, mtime_ns, then_status, cur.size
+                h, f, checked, data, offset, new_length, mtime_ns, then_status, cur.size
             )
         except Exception:
             # A store that failed may still have changed the file (bytes
@@ -482,7 +483,7 @@ class FsOps:
         self,
         h: VolumeHandle,
         f: Fid,
-        begin: Callable[[], tuple[Vnode, int]],
+        checked: Callable[[], Vnode],
         data: bytes,
         offset: int,
         new_length: int | None,
@@ -492,6 +493,7 @@ class FsOps:
     ) -> Vnode:
         """Checks, intent (unless the file is armed), bytes, metadata commit
         (``then`` adds to it: the attributes that came with the store).
+        ``checked()``: the caller's checks, returning the file's row.
         ``size``: the file's size before it (read without its lock: a
         truncation meanwhile that grows it past ``inline_max`` spills it then).
 
@@ -502,8 +504,8 @@ class FsOps:
         if len(data) <= SMALL_STORE:
             # Into the commit itself (Volume.store_small): one WAL sync, shared.
             def small() -> Vnode:
-                # begin()'s checks, on the row store_small then changes (read once).
-                old, _size = begin()
+                # store_small runs store_begin's checks on the row read here.
+                old = checked()
                 return then(vol.store_small(vn, f.unique, offset, data, new_length, mtime_ns, old))
 
             async with h.active(), h.file_lock(vn):
@@ -514,6 +516,10 @@ class FsOps:
                 light = after <= vol.inline_max
                 with h.writing(vn):
                     return await h.commit(small, op=m.FS_STORE_DATA, light=light)
+
+        def begin() -> tuple[Vnode, int]:
+            return vol.store_begin(vn, f.unique, offset, len(data), new_length, checked())
+
         async with h.active(), h.file_lock(vn):
             with trio.CancelScope(shield=True):
                 # Redo records a failed post-commit step left go in first:
