@@ -78,7 +78,7 @@ class Activity:
     def quiet(self, n: int, *, tasks: bool = True) -> bool:
         """The ``n`` requests of a batch are the only work in sight.  With
         ``tasks=False`` runnable tasks are left out: the caller lets them run
-        first (``VolumeHandle._settled``)."""
+        first (``VolumeHandle._inline_now``)."""
         return (
             self.in_progress <= n
             and self._last in self._per

@@ -380,8 +380,7 @@ class VolumeHandle:
                     if ok and j.decided is not None:
                         _announce_now(j, value)
                 try:
-                    n = len(batch)
-                    if self._inline_now(n) or await self._settled(n):
+                    if await self._inline_now(len(batch)):
                         stats = self.vol.stats
                         done = stats.group_commits
                         results, busy = self.vol.commit_batch(applied)
@@ -429,30 +428,25 @@ class VolumeHandle:
             async with self.file_lock(int(path.name.partition(".")[0])):
                 await trio.to_thread.run_sync(partial(path.unlink, missing_ok=True))
 
-    def _inline_now(self, n: int) -> bool:
+    async def _inline_now(self, n: int) -> bool:
         """Whether this light batch of ``n`` changes commits on the trio
-        thread (``fileserver.activity``): one client alone is working,
-        nothing else waits to run, and the COMMIT is most of what it costs.
-        (A request that arrived since ``_lead`` took the batch counts among
-        those in progress, so it is not quiet then.)"""
-        a = self._activity
-        return a is not None and a.quiet(n) and self.vol.commit_is_cheap()
+        thread (``fileserver.activity``): one client alone is working, the
+        COMMIT is most of what it costs, and nothing else waits to run.
 
-    async def _settled(self, n: int) -> bool:
-        """``_inline_now`` for a batch that is quiet but for runnable tasks
-        (the breaks its changes started to other clients' promises): let
-        every task run until it waits (at most ``SETTLE_S``), so those calls
-        are on the wire before an inline COMMIT holds the thread, then look
-        again.  Only when the COMMIT is cheap: otherwise it goes to the
-        thread at once, beside the breaks.
-
-        ``wait_all_tasks_blocked`` is trio's own test of "nothing runnable,
-        no I/O ready"; ``current_statistics`` does not count the tasks still
-        to run in the scheduler's current pass.  The batch's BEGIN is open
-        and the caller is shielded, as the thread's COMMIT is."""
+        Tasks that are runnable (the breaks its changes started to other
+        clients' promises) first run until every task waits, at most
+        ``SETTLE_S``, so those calls are on the wire before the COMMIT holds
+        the thread; then it looks again.  ``wait_all_tasks_blocked`` is
+        trio's own test of "nothing runnable, no I/O ready";
+        ``current_statistics`` does not count the tasks still to run in the
+        scheduler's current pass.  The batch's BEGIN is open and the caller
+        is shielded, as the thread's COMMIT is.  (A request that arrived
+        meanwhile counts among those in progress: not quiet then.)"""
         a = self._activity
         if a is None or not a.quiet(n, tasks=False) or not self.vol.commit_is_cheap():
             return False
+        if a.quiet(n):
+            return True
         with trio.move_on_after(SETTLE_S) as scope:
             await trio.testing.wait_all_tasks_blocked()
         if scope.cancelled_caught:
