@@ -153,7 +153,7 @@ def crypto_floor(base: Path, mib: int = 256) -> dict[str, float]:
             "cipher": str(client.cipher()[0])}  # fmt: skip
 
 
-def measure(base: Path, big_mib: int = 128, small: int = 300, reps: int = 5) -> dict[str, Any]:
+def measure(base: Path, big_mib: int = 128, small: int = 300, reps: int = 9) -> dict[str, Any]:
     """Medians (seconds) per mode and workload, and TLS's cost per workload."""
     size = big_mib * MIB
     block = os.urandom(MIB)  # incompressible, not that TLS compresses
