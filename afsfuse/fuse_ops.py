@@ -438,8 +438,12 @@ class AfsOperations(pyfuse3.Operations):
             listing = await self.cm.readdir(dh.vnode, dh.cred)
             entries = []
             for e in listing:
-                child, st, short = await self._entry_target(dh.ino, e.vnode, e.status, dh.cred)
-                entries.append((e.name, child, st, short))
+                st = e.status
+                if st.type == FileType.SYMLINK and st.mode == MOUNTPOINT_MODE:
+                    child, st, short = await self._entry_target(dh.ino, e.vnode, st, dh.cred)
+                    entries.append((e.name, child, st, short))
+                else:  # what _entry_target returns for anything else, without an await
+                    entries.append((e.name, e.vnode, st, False))
             dh.entries = entries
         for i in range(start_id, len(dh.entries)):
             name, child, st, short = dh.entries[i]

@@ -376,19 +376,25 @@ class Namespace:
         vol = dir.volume
         now = trio.current_time()
         stale: list[Vnode] = []
-        for ent in listing.sorted():
-            child = vol.get(ent.fid)
+        children = [(ent.name, vol.get(ent.fid)) for ent in listing.sorted()]
+        for _name, child in children:
             if child.promise_state(now) != "ok":
                 stale.append(child)
+        waited = False
         if stale:
             await self._bulk_status(vol, stale, wc)
+            waited = True
         out: list[DirEntryPlus] = []
-        for ent in listing.sorted():
-            child = vol.get(ent.fid)
+        for name, child in children:
+            if waited:
+                # An eviction may have dropped it meanwhile: breaks reach the
+                # vnode the volume holds now.
+                child = vol.get(child.fid)
             st = None if child.deleted else child.effective_status()
             if st is None and not child.deleted:
                 # Primed by nobody (its lock was busy, or it was forgotten
                 # meanwhile): ask for it rather than drop it from the listing.
+                waited = True
                 try:
                     st = await validate(self.ctx, child, wc)
                 except RpcError as exc:
@@ -398,7 +404,7 @@ class Namespace:
                 if not last_try:
                     return None
                 continue
-            out.append(DirEntryPlus(ent.name, child, st))
+            out.append(DirEntryPlus(name, child, st))
         return out
 
     async def _dir_change(

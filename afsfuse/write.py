@@ -60,7 +60,7 @@ class Writer:
         run that ended before storing them.  No close() ever succeeded for
         them, and the file may have changed on the server since: they are
         dropped, never stored behind the server's back."""
-        if v.fid in self.written:
+        if v.fid in self.written or not self.ctx.datacache.has_chunks(v.fid):
             return
         left = self.ctx.datacache.dirty_chunks(v.fid)
         if left:

@@ -8,12 +8,14 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from afsfuse.datacache import CacheDirBusy, DataCache
+from afsfuse.write import Writer
 from protocol.records import Fid
 
 CS = 16  # small chunks keep the tests fast and boundaries easy to hit
@@ -689,3 +691,30 @@ def test_back_pressure_never_writes_the_chunk_the_writer_thread_is_writing(
         assert again.dirty_chunks(F) == [(1, i) for i in range(4)]
         for i, data in chunks.items():
             assert again.get(F, 1, i) == data
+
+
+def test_chunks_left_dirty_by_a_previous_run_are_dropped_not_stored(tmp_path: Path) -> None:
+    """A run that ended before storing leaves dirty chunks; the next run's
+    first vnode of that fid drops them (no close() ever succeeded for them),
+    keeps clean ones, and leaves alone a fid written in this run."""
+    dc = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    fill(dc, F, 1, pattern(2 * CS), dirty=True)
+    fill(dc, G, 1, pattern(CS))
+    dc.close()
+    dc = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    try:
+        h = Fid(7, 5, 1)
+        assert dc.has_chunks(F) and dc.has_chunks(G) and not dc.has_chunks(h)
+        assert dc.dirty_chunks(F) == [(1, 0), (1, 1)]
+        w = Writer(SimpleNamespace(datacache=dc), reader=None)  # type: ignore[arg-type]
+        w.on_new_vnode(SimpleNamespace(fid=h))  # type: ignore[arg-type]  # nothing cached
+        w.on_new_vnode(SimpleNamespace(fid=G))  # type: ignore[arg-type]
+        assert dc.get(G, 1, 0) == pattern(CS)
+        w.written.add(F)
+        w.on_new_vnode(SimpleNamespace(fid=F))  # type: ignore[arg-type]
+        assert dc.dirty_chunks(F) == [(1, 0), (1, 1)]
+        w.written.clear()
+        w.on_new_vnode(SimpleNamespace(fid=F))  # type: ignore[arg-type]
+        assert not dc.has_chunks(F) and dc.get(F, 1, 0) is None
+    finally:
+        dc.close()
