@@ -34,6 +34,7 @@ from afsfuse.tls_config import fallback_connector, mount_tls
 from protocol.auth import load_key
 from protocol.connection import open_connection
 from protocol.errors import RpcError
+from protocol.gc_schedule import tune_gc
 from protocol.methods import VL_GET_ENTRY_BY_NAME
 from protocol.tls import TLSRefused
 
@@ -242,6 +243,7 @@ def run_daemon(opts: MountOptions, ready_fd: int | None = None) -> int:
     opts = replace(opts, mountpoint=Path(os.path.realpath(opts.mountpoint)))
     if opts.debug:
         logging.getLogger().setLevel(logging.DEBUG)
+    tune_gc()
     try:
         trio.run(serve, opts, ready)
     except MountFailed as exc:

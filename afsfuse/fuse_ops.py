@@ -42,6 +42,7 @@ from afsfuse.statfs import VolumeSpace
 from afsfuse.stats import as_ms
 from afsfuse.vnode import Vnode
 from protocol.errors import RpcError
+from protocol.gc_schedule import gc_stats
 from protocol.limits import MAX_NAME
 from protocol.methods import FS_GET_CAPABILITIES
 from protocol.records import FileStatus, FileType
@@ -813,7 +814,7 @@ class AfsOperations(pyfuse3.Operations):
             return info
         if name == b"afs.stats":
             return {**self.cm.stats_dict(), "kernel_requests": dict(self.requests),
-                    "kernel_request_ms": as_ms(self.request_seconds),
+                    "kernel_request_ms": as_ms(self.request_seconds), "gc": gc_stats(),
                     "kernel_notify": {**self.notifier.stats,
                                       "entries_expire": self.entry_inval.expiring},
                     "locks": {**self.locks.stats, "files": self.locks.listing()}}  # fmt: skip

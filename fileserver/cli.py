@@ -27,6 +27,7 @@ from pathlib import Path
 import trio
 
 from fileserver.config import DEFAULT_CELL, ServerConfig, default_data_dir, parse_hostport
+from protocol.gc_schedule import tune_gc
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +334,7 @@ def serve(args: argparse.Namespace) -> int:
                     server.stop()
                     break
 
+    tune_gc()
     try:
         trio.run(main)
     except Exception as exc:

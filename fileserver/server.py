@@ -51,6 +51,7 @@ from fileserver.volmove import MovedVolumes, Receiver, move_volume
 from protocol.auth import AUTH_CHALLENGE, AUTH_PROVE, ServerAuth, create_key
 from protocol.connection import Connection, serve_tcp
 from protocol.errors import RpcError
+from protocol.gc_schedule import gc_stats
 from protocol.limits import PROTOCOL_VERSION
 from protocol.methods import FS_HELLO, VL_GET_ENTRY_BY_ID, VL_GET_ENTRY_BY_NAME, VL_LIST_ENTRIES
 from protocol.records import Fid
@@ -503,6 +504,7 @@ class FileServer:
         snap = self.metrics.snapshot()
         snap["table"] = dict(self.table.stats, promises=self.table.count)
         snap["durability"] = dict(self.store.sync_stats.snapshot(), sync=self.config.sync)
+        snap["gc"] = gc_stats()
         snap.update({"server_uuid": self.uuid, "cell": self.cell, "epoch": self.epoch,
                      "uptime": round(time.time() - self.started_at, 3)})  # fmt: skip
         return snap
