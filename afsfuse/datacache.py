@@ -29,7 +29,13 @@ new inode is dear on some file systems (ext4 without a journal scans past
 every inode freed in the last minutes for each one it hands out; during a
 128 MiB write that was about 40 % of the daemon's CPU).  OpenAFS keeps a
 fixed pool of cache files for the same reason.  Spare files hold no data and
-are not in ``bytes_used``; a restart reuses them.
+are not in ``bytes_used``; a restart reuses them.  Only the rename out of
+the chunk's name happens in the caller: emptying the file (freeing its
+blocks), unlinking it when the pool is full and removing a fid directory
+left empty are done by a second worker thread, the *reaper*, since on this
+project's machines they cost 20-350 us each and a removal (``rm -rf``)
+waited for all three in the trio thread.  A spare is handed out only once
+emptied.
 
 Restart: the index is rebuilt by scanning the directory (header + size check
 per file, CRC checked lazily at first read; LRU order approximated by mtime).
@@ -173,6 +179,14 @@ class DataCache:
         self._spare_dir = os.path.join(self._root, _SPARE_DIR)
         self._spare: list[str] = []  # list.pop/append: safe from the writer thread too
         self._spare_seq = itertools.count()  # next() is atomic: both threads retire
+        # Jobs for the reaper thread: (kind, path), kind "spare" (empty it and
+        # pool it, or unlink it when the pool is full) or "rmdir".  Its own
+        # condition, not self._lock: the slow syscalls run without either.
+        self._reap_jobs: list[tuple[str, str]] = []
+        self._reap_cv = threading.Condition(threading.Lock())
+        self._reaper: threading.Thread | None = None
+        self._reaper_stop = False
+        self._reaping = 0  # jobs the reaper took and has not finished
         self._lockfile: Any = None
         self._acquire_dir_lock()
         try:
@@ -209,6 +223,8 @@ class DataCache:
             self._flusher = None
             while self._pending:
                 self._flush_one_locked()
+        self._stop_reaper()
+        with self._lock:
             if self._lockfile is not None:
                 self._lockfile.close()  # closing the fd releases the flock
                 self._lockfile = None
@@ -258,6 +274,8 @@ class DataCache:
         top = 0
         for e in os.scandir(self._spare_dir):
             if e.name.isdigit() and e.is_file(follow_symlinks=False):
+                if e.stat(follow_symlinks=False).st_size:
+                    os.truncate(e.path, 0)  # the reaper had not emptied it yet
                 self._spare.append(e.path)
                 top = max(top, int(e.name) + 1)
             else:
@@ -265,24 +283,82 @@ class DataCache:
         self._spare_seq = itertools.count(top)
 
     def _retire(self, path: str) -> None:
-        """A chunk (or temporary) file goes: keep its inode as a spare."""
+        """A chunk (or temporary) file goes: out of its name now (a new chunk
+        may take the name at once), emptied and kept as a spare by the reaper."""
+        spare = f"{self._spare_dir}/{next(self._spare_seq)}"  # never reused
+        try:
+            os.rename(path, spare)
+        except OSError:
+            # No file (a pending chunk never had one, or it is gone already),
+            # or spare/ is gone or unusable: never leave the file in place.
+            _unlink(path)
+            return
+        self._reap("spare", spare)
+
+    def _reap(self, kind: str, path: str) -> None:
+        with self._reap_cv:
+            if self._reaper_stop:  # closed: nobody would run it later
+                self._reap_one(kind, path)
+                return
+            self._reap_jobs.append((kind, path))
+            self._reap_cv.notify()
+            if self._reaper is None:
+                self._reaper = threading.Thread(
+                    target=self._reap_loop, name="datacache-reaper", daemon=True
+                )
+                self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        while True:
+            with self._reap_cv:
+                while not self._reap_jobs and not self._reaper_stop:
+                    self._reap_cv.wait()
+                if not self._reap_jobs:
+                    return
+                jobs, self._reap_jobs = self._reap_jobs, []
+                self._reaping = len(jobs)
+            for kind, path in jobs:
+                self._reap_one(kind, path)
+            with self._reap_cv:
+                self._reaping = 0
+                self._reap_cv.notify_all()
+
+    def settle(self) -> None:
+        """Wait until the reaper has emptied, unlinked and removed everything
+        queued so far (tests look at the disk; nobody else needs to)."""
+        with self._reap_cv:
+            while self._reap_jobs or self._reaping:
+                self._reap_cv.wait()
+
+    def _reap_one(self, kind: str, path: str) -> None:
+        if kind == "rmdir":
+            # Only an empty directory goes; whoever writes a chunk next
+            # makes it again (see _create).
+            _rmdir(path)
+            return
         if len(self._spare) >= SPARE_MAX:
             _unlink(path)
             return
         try:
             os.truncate(path, 0)
-        except FileNotFoundError:
-            return  # a chunk that never had a file (pending), or gone already
         except OSError:
             _unlink(path)
             return
-        spare = f"{self._spare_dir}/{next(self._spare_seq)}"
-        try:
-            os.rename(path, spare)
-        except OSError:
-            _unlink(path)  # spare/ gone or unusable: never leave it emptied in place
-            return
-        self._spare.append(spare)
+        self._spare.append(path)
+
+    def _stop_reaper(self) -> None:
+        """Finish every queued job (close: the spares are emptied for the next run)."""
+        with self._reap_cv:
+            self._reaper_stop = True
+            self._reap_cv.notify_all()
+            reaper = self._reaper
+        if reaper is not None:
+            reaper.join()
+        with self._reap_cv:
+            self._reaper = None
+            jobs, self._reap_jobs = self._reap_jobs, []
+        for kind, path in jobs:
+            self._reap_one(kind, path)
 
     def _create(self, tmp: str) -> Any:
         """Open ``tmp`` for a new chunk, on a spare inode when there is one."""
@@ -305,11 +381,14 @@ class DataCache:
                 continue
             self.spares_reused += 1
             return open(tmp, "wb")
-        try:
-            return open(tmp, "wb")
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(tmp), exist_ok=True)
-            return open(tmp, "wb")
+        for _ in range(3):
+            try:
+                return open(tmp, "wb")
+            except FileNotFoundError:
+                # The reaper may remove the (empty) directory again between
+                # the makedirs and the open: try again.
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        return open(tmp, "wb")
 
     def _load(self) -> None:
         self._load_spares()
@@ -445,7 +524,7 @@ class DataCache:
         e = self._forget(key)
         self._retire(self._path(key))
         if key[0] not in self._by_fid:
-            _rmdir(self._fid_dir(key[0]))
+            self._reap("rmdir", self._fid_dir(key[0]))
         return e
 
     def _set_clean(self, key: Key, e: _Entry) -> None:

@@ -9,11 +9,13 @@ import tempfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import afsfuse.datacache as datacache
 from afsfuse.datacache import CacheDirBusy, DataCache
 from afsfuse.write import Writer
 from protocol.records import Fid
@@ -184,6 +186,7 @@ def test_drop_keep_dv_implements_c1(tmp_path: Path) -> None:
     assert dc.dirty_chunks(F) == []
     assert dc.drop(F) == 3  # everything of F
     assert dc.bytes_used == len(b"other file")
+    dc.settle()  # the reaper tidies the disk behind the caller
     assert not chunk_path(tmp_path, F, 2, 0).parent.exists()  # empty fid dir tidied
 
 
@@ -474,12 +477,19 @@ def test_property_write_read_truncate_match_bytearray(
 
 
 def crash(dc: DataCache) -> None:
-    """The process dies: the writer thread stops, pending files are never written."""
+    """The process dies: the writer and reaper threads stop, pending files are
+    never written, queued reaper jobs never run."""
     with dc._lock:
         dc._closing = True
         dc._wake.notify_all()
     if dc._flusher is not None:
         dc._flusher.join()
+    with dc._reap_cv:
+        dc._reap_jobs.clear()
+        dc._reaper_stop = True
+        dc._reap_cv.notify_all()
+    if dc._reaper is not None:
+        dc._reaper.join()
     dc._pending.clear()
     dc._lockfile.close()
     dc._lockfile = None
@@ -579,6 +589,9 @@ def test_a_retired_chunk_file_is_emptied_kept_and_its_inode_reused(tmp_path: Pat
     dc.put(F, 1, 0, b"first")
     ino = chunk_path(tmp_path, F, 1, 0).stat().st_ino
     dc.drop(F)
+    # Out of its name at once; emptied and pooled by the reaper.
+    assert not chunk_path(tmp_path, F, 1, 0).exists()
+    dc.settle()
     spares = list((tmp_path / "spare").iterdir())
     assert [p.stat().st_ino for p in spares] == [ino]
     assert spares[0].stat().st_size == 0
@@ -605,6 +618,7 @@ def test_spares_survive_a_restart_and_stay_bounded(
     for i in range(3):
         dc.put(F, 1, i, b"x")
     dc.drop(F)
+    dc.settle()
     assert dc.stats()["spare_files"] == 2  # the third was unlinked
     assert len(list((tmp_path / "spare").iterdir())) == 2
     dc.close()
@@ -621,6 +635,7 @@ def test_spares_survive_a_restart_and_stay_bounded(
         assert (again.get(G, 1, 0), again.get(G, 1, 1), again.get(F, 2, 0)) == (b"y", b"z", b"w")
         again.drop(G)
         again.drop(F)
+        again.settle()
         # Retired names never collide with the spares found at start.
         assert len(list((tmp_path / "spare").iterdir())) == 2
     finally:
@@ -634,6 +649,7 @@ def test_a_lost_spare_dir_never_leaves_emptied_chunk_files(tmp_path: Path) -> No
         dc.put(F, 1, 1, b"b")
         (tmp_path / "spare").rmdir()  # someone tidied the cache dir
         dc.drop(F)
+        dc.settle()
         assert [p for p in tmp_path.glob("v*/**/*") if p.is_file()] == []
         dc.put(G, 1, 0, b"c")
         assert dc.get(G, 1, 0) == b"c"
@@ -718,3 +734,45 @@ def test_chunks_left_dirty_by_a_previous_run_are_dropped_not_stored(tmp_path: Pa
         assert not dc.has_chunks(F) and dc.get(F, 1, 0) is None
     finally:
         dc.close()
+
+
+def test_a_drop_waits_for_no_slow_syscall_and_never_touches_a_chunk_reusing_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emptying a retired file and removing an empty fid directory run in the
+    reaper thread: a drop (an unlink's) returns while they are stuck, and the
+    same chunk put again meanwhile keeps its bytes once they have run."""
+    gate, parked = threading.Event(), threading.Event()
+    real_truncate, real_rmdir = os.truncate, datacache._rmdir
+
+    def slow_truncate(path: Any, length: int) -> None:
+        parked.set()
+        assert gate.wait(10)
+        real_truncate(path, length)
+
+    def slow_rmdir(path: str) -> None:
+        parked.set()
+        assert gate.wait(10)
+        real_rmdir(path)
+
+    monkeypatch.setattr(datacache.os, "truncate", slow_truncate)
+    monkeypatch.setattr(datacache, "_rmdir", slow_rmdir)
+    dc = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    try:
+        dc.put(F, 1, 0, b"old bytes")
+        dc.drop(F)  # returns although the reaper is stuck in its truncate
+        assert dc.get(F, 1, 0) is None and not chunk_path(tmp_path, F, 1, 0).exists()
+        assert parked.wait(10)
+        dc.put(F, 1, 0, b"new bytes")  # the same name, while the reaper is stuck
+        gate.set()
+        dc.settle()
+        assert dc.get(F, 1, 0) == b"new bytes"
+        assert chunk_path(tmp_path, F, 1, 0).read_bytes().endswith(b"new bytes")
+    finally:
+        gate.set()
+        dc.close()
+    again = DataCache(tmp_path, max_bytes=1 << 20, chunk_size=CS)
+    try:
+        assert again.get(F, 1, 0) == b"new bytes"
+    finally:
+        again.close()
