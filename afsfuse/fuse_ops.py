@@ -73,6 +73,12 @@ USER_XATTR_PREFIX = b"user."  # stored on the server (afsfuse.xattr)
 XATTRS = (b"afs.fid", b"afs.cell", b"afs.volume")
 
 
+def _looks_like_mountpoint(st: FileStatus) -> bool:
+    """A symlink of mode 0644: what ``fs mkmount`` makes (its target says
+    whether it really is one)."""
+    return st.type == FileType.SYMLINK and st.mode == MOUNTPOINT_MODE
+
+
 def _handler(fn: _F) -> _F:
     name = fn.__name__
 
@@ -240,7 +246,7 @@ class AfsOperations(pyfuse3.Operations):
         self, parent_ino: int, vnode: Vnode, st: FileStatus, cred: Any
     ) -> tuple[Vnode, FileStatus]:
         """A mount point (symlink, mode 0644, ``#vol.``) becomes its volume's root."""
-        if st.type != FileType.SYMLINK or st.mode != MOUNTPOINT_MODE:
+        if not _looks_like_mountpoint(st):
             return vnode, st
         target = await self.cm.readlink(vnode, cred)
         m = _MOUNTPOINT_RE.fullmatch(target)
@@ -440,7 +446,7 @@ class AfsOperations(pyfuse3.Operations):
             entries = []
             for e in listing:
                 st = e.status
-                if st.type == FileType.SYMLINK and st.mode == MOUNTPOINT_MODE:
+                if _looks_like_mountpoint(st):
                     child, st, short = await self._entry_target(dh.ino, e.vnode, st, dh.cred)
                     entries.append((e.name, child, st, short))
                 else:  # what _entry_target returns for anything else, without an await

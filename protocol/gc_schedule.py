@@ -38,11 +38,12 @@ def tune_gc() -> None:
 
 def gc_stats() -> dict[str, Any]:
     """The schedule in force and the collections so far, per generation."""
+    gens = gc.get_stats()
     return {
         "threshold": list(gc.get_threshold()),
         "frozen_objects": gc.get_freeze_count(),
-        "collections": [s["collections"] for s in gc.get_stats()],
-        "collected": [s["collected"] for s in gc.get_stats()],
+        "collections": [g["collections"] for g in gens],
+        "collected": [g["collected"] for g in gens],
     }
 
 
