@@ -406,13 +406,27 @@ def run_tools(
     cold: Callable[[], None] = lambda: None,
     commit_bound: float = 60.0,
     budget: float | None = None,
+    rpcs: Callable[[], dict[str, int]] | None = None,
 ) -> dict[str, Step]:
     """Every workload ``reps`` times on one target; ``cold`` runs before each
     repetition (drop the kernel caches).  With a ``budget`` (seconds), no
     repetition starts that would, at the pace so far, end past it (the
-    first always runs); ``extra["reps"]`` says how many ran."""
+    first always runs); ``extra["reps"]`` says how many ran.  With ``rpcs``
+    (the target's RPC counters by method, read outside the timing), each
+    step's ``extra["rpcs"]`` lists the RPCs of each repetition."""
     t = Tools(home)
     out = {key: Step() for key, _ in STEPS if b is not None or key not in TWO_MOUNT_STEPS}
+
+    def timed(step: Step, fn: Callable[[], float | None]) -> bool:
+        before = rpcs() if rpcs is not None else None
+        ok = timed_step(step, fn)
+        if rpcs is not None and before is not None:
+            after = rpcs()
+            step.extra.setdefault("rpcs", []).append(
+                {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
+            )
+        return ok
+
     t_start = time.monotonic()
     for rep in range(reps):
         spent = time.monotonic() - t_start
@@ -422,12 +436,12 @@ def run_tools(
         cold()
         a_clone = a / f"clone-{rep}"
         log.info("%s: real tools, repetition %d", name, rep + 1)
-        cloned = timed_step(out["clone"], lambda a_clone=a_clone: clone(t, fx, a_clone))
+        cloned = timed(out["clone"], lambda a_clone=a_clone: clone(t, fx, a_clone))
         if b is not None:
             b_clone = b / a_clone.name
             if cloned:
-                timed_step(out["status_b"], lambda b_clone=b_clone: status_b(t, fx, b_clone))
-                timed_step(
+                timed(out["status_b"], lambda b_clone=b_clone: status_b(t, fx, b_clone))
+                timed(
                     out["commit_b"],
                     lambda b_clone=b_clone, a_clone=a_clone, rep=rep: commit_b(
                         t, a_clone, b_clone, rep, commit_bound
@@ -436,10 +450,10 @@ def run_tools(
             else:
                 for key in TWO_MOUNT_STEPS:
                     out[key].record(None, False, "the clone failed")
-        timed_step(out["make"], lambda rep=rep: build(t, fx, a / f"cproj-{rep}"))
-        timed_step(out["tar"], lambda rep=rep: untar(t, fx, a / f"tar-{rep}"))
+        timed(out["make"], lambda rep=rep: build(t, fx, a / f"cproj-{rep}"))
+        timed(out["tar"], lambda rep=rep: untar(t, fx, a / f"tar-{rep}"))
         if cloned or a_clone.exists():
-            timed_step(out["rm"], lambda a_clone=a_clone: remove(t, a_clone))
+            timed(out["rm"], lambda a_clone=a_clone: remove(t, a_clone))
         else:
             out["rm"].record(None, False, "the clone failed")
         log.info(

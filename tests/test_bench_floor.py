@@ -1,0 +1,124 @@
+"""The floor the speed goals are judged against (``scripts/bench_floor.py``
+and the floor table of ``make bench``): it counts the changes a workload had
+to wait for, takes the local disk's share out, and marks a goal below the
+floor only when it is; the ideal server does the cycle's durable work."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench  # noqa: E402
+import bench_floor  # noqa: E402
+import bench_tools as bt  # noqa: E402
+
+
+def test_durable_changes_count_namespace_and_status_changes_and_one_store_per_new_file() -> None:
+    rpcs = {
+        "FS.CreateFile": 10,
+        "FS.StoreData": 25,  # a big file's pipelined stores: only 10 count
+        "FS.MakeDir": 2,
+        "FS.StoreStatus": 3,
+        "FS.RemoveFile": 4,
+        "FS.Rename": 1,
+        "FS.Lookup": 50,  # reads wait for no commit
+        "FS.ReadDir": 7,
+        "FS.FetchData": 9,
+    }
+    assert bench_floor.durable_count(rpcs) == 10 + 10 + 2 + 3 + 4 + 1
+    # Stores into files created elsewhere count only up to the creates.
+    assert bench_floor.durable_count({"FS.StoreData": 5}) == 0
+    assert bench_floor.durable_count({"FS.RemoveDir": 3, "FS.Link": 2}) == 5
+
+
+def test_the_floor_takes_the_local_run_out_and_adds_a_round_trip_and_commit_per_change() -> None:
+    # 3 s on the passthrough, 0.5 s locally, 1,000 changes at 100 + 150 us.
+    assert bench_floor.floor_seconds(3.0, 0.5, 1000, 100.0, 150.0) == pytest.approx(2.75)
+    # A passthrough faster than local (noise) never makes the floor negative.
+    assert bench_floor.floor_seconds(0.4, 0.5, 0, 100.0, 150.0) == 0.0
+
+
+def _ok(secs: float, rpcs: dict[str, int] | None = None) -> bt.Step:
+    s = bt.Step()
+    s.record(secs, True)
+    if rpcs is not None:
+        s.extra["rpcs"] = [rpcs]
+    return s
+
+
+def test_a_missed_goal_is_marked_below_the_floor_only_when_it_is() -> None:
+    floor = {"echo_us": 100.0, "commit_us": 150.0}
+    tools = {
+        "local": {"clone": _ok(0.2), "rm": _ok(0.1)},
+        "ptlong": {"clone": _ok(2.2), "rm": _ok(0.6)},
+        # clone: 4,000 changes -> floor 2.0 + 1.0 = 3.0 s; rm: 400 -> 0.5 + 0.1 = 0.6 s
+        "afsfuse": {
+            "clone": _ok(8.0, {"FS.CreateFile": 2000, "FS.StoreData": 2000, "FS.Lookup": 9}),
+            "rm": _ok(2.0, {"FS.RemoveFile": 400}),
+        },
+        "glusterfs": {"clone": _ok(3.0), "rm": _ok(1.5)},  # goals 2.0 s and 1.0 s
+        "sshfs": {"clone": _ok(6.0), "rm": _ok(0.6)},  # goals 4.0 s and 0.4 s
+    }
+    floors = bench.tool_floors(tools, "afsfuse", floor)
+    assert floors["clone"]["durable"] == 4000
+    assert floors["clone"]["floor"] == pytest.approx(3.0)
+    assert floors["rm"]["floor"] == pytest.approx(0.6)
+    by = {}
+    for g, m, _v in bench.tool_goals(tools, "afsfuse", bt.Sizes(), floors):
+        key = "rm" if g.startswith("`rm") else "clone"
+        by[(key, "GlusterFS" if g.endswith("GlusterFS") else "sshfs")] = m
+    assert "below the floor" in by[("clone", "GlusterFS")]  # 2.0 s < 3.0 s
+    assert "below the floor" not in by[("clone", "sshfs")]  # 4.0 s > 3.0 s: afsfuse's own gap
+    assert "below the floor" not in by[("rm", "GlusterFS")]  # 1.0 s > 0.6 s
+    assert "below the floor" in by[("rm", "sshfs")]  # 0.4 s < 0.6 s
+    args = bench.parse_args(["--tools-reps", "1"])
+    md = "\n".join(bench.render_tools(args, tools, {}, [*bench.TOOL_COLS, "afsfuse"], "afsfuse",
+                                      bt.Sizes(), {}, floor))  # fmt: skip
+    row = next(line for line in md.splitlines() if line.startswith("| `git clone`") and
+               "4,000" in line)  # fmt: skip
+    assert row.split("|")[4].strip() == "3.00" and "**below**" in row.split("|")[5]
+    # Without a measured floor there is no floor table and no mark.
+    assert "The floor under the goals" not in "\n".join(
+        bench.render_tools(
+            args, tools, {}, [*bench.TOOL_COLS, "afsfuse"], "afsfuse", bt.Sizes(), {}
+        )
+    )
+    assert bench.tool_floors(tools, "afsfuse", None) == {}
+
+
+def test_the_round_trip_and_commit_are_measured(tmp_path: Path) -> None:
+    got = bench_floor.round_trip_and_commit(tmp_path, runs=1, echo_n=50, commit_n=20)
+    assert len(got["echo_us"]) == 1 and 0 < got["echo_us"][0] < 1e6
+    assert len(got["commit_us"]) == 1 and 0 < got["commit_us"][0] < 1e6
+
+
+async def test_the_ideal_server_does_each_cycles_durable_work(tmp_path: Path) -> None:
+    """Its cycle is the fileserver benchmark's: the file and its bytes exist
+    after create and store, and are gone after unlink, all committed."""
+    server = bench_floor.IdealServer(tmp_path / "ideal.db")
+    v = await server.create(7, b"f")
+    assert await server.store(v, b"x" * 4096) == 4096
+    # Another connection sees only what is committed.
+    other = sqlite3.connect(tmp_path / "ideal.db")
+    assert other.execute("SELECT size, dv FROM vnodes WHERE vnode = ?", (v,)).fetchone() == (
+        4096,
+        1,
+    )
+    assert other.execute("SELECT length(bytes) FROM data WHERE vnode = ?", (v,)).fetchone() == (
+        4096,
+    )
+    async with trio.open_nursery() as nursery:  # concurrent requests share commits
+        for i in range(5):
+            nursery.start_soon(server.create, 8, b"g%d" % i)
+    assert other.execute("SELECT COUNT(*) FROM dirents WHERE dir = 8").fetchone() == (5,)
+    assert await server.unlink(7, b"f") == v
+    assert other.execute("SELECT COUNT(*) FROM vnodes WHERE vnode = ?", (v,)).fetchone() == (0,)
+    assert other.execute("SELECT COUNT(*) FROM data").fetchone() == (0,)
+    assert await server.unlink(7, b"f") == -1
