@@ -122,3 +122,30 @@ async def test_the_ideal_server_does_each_cycles_durable_work(tmp_path: Path) ->
     assert other.execute("SELECT COUNT(*) FROM vnodes WHERE vnode = ?", (v,)).fetchone() == (0,)
     assert other.execute("SELECT COUNT(*) FROM data").fetchone() == (0,)
     assert await server.unlink(7, b"f") == -1
+
+
+def test_a_small_files_goal_above_the_floor_rate_says_so() -> None:
+    def rate(x: float, rpcs: dict[str, int] | None = None) -> bench.Result:
+        r = bench.Result(samples=[x], unit="files/s")
+        if rpcs is not None:
+            r.extra["rpcs"] = [rpcs]
+        return r
+
+    floor = {"echo_us": 100.0, "commit_us": 150.0}
+    # 1,000 files: ptlong 2,000/s, local 10,000/s -> 0.4 ms a file beyond the
+    # local disk, plus 2 durable changes of 0.25 ms: 0.9 ms, 1,111 files/s.
+    res = {
+        "local": {"small": rate(10_000)},
+        "ptlong": {"small": rate(2_000)},
+        "afsfuse": {"small": rate(400, {"FS.CreateFile": 1000, "FS.StoreData": 1000})},
+        "sshfs": {"small": rate(1_000)},  # goal 1,500/s: above the floor
+    }
+    assert bench.small_files_floor(res, "afsfuse", floor, 1000) == pytest.approx(1 / 0.0009)
+    row = next(m for g, m, _ in bench.goals(res, {}, {}, "afsfuse", floor, 1000)
+               if g.startswith("small files"))  # fmt: skip
+    assert "above the floor, 1,111" in row
+    res["sshfs"]["small"] = rate(600)  # goal 900/s: reachable, no mark
+    row = next(m for g, m, _ in bench.goals(res, {}, {}, "afsfuse", floor, 1000)
+               if g.startswith("small files"))  # fmt: skip
+    assert "floor" not in row
+    assert bench.small_files_floor(res, "afsfuse", None, 1000) is None
