@@ -109,7 +109,20 @@ class Passthrough(pyfuse3.Operations):
         path = self._child(parent_inode, name) if name != b"." else self._path(parent_inode)
         if name == b"..":
             path = os.path.dirname(self._path(parent_inode))
-        st = self._stat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not self.entry_timeout:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            # A negative entry the kernel keeps as long as a positive one
+            # (afsfuse gives them too): the floor must not pay lookups a
+            # well-behaved daemon saves.  Changes through this mount replace it.
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = self.entry_timeout
+            return neg
+        except OSError as exc:
+            raise _fuse_error(exc) from None
         if name not in (b".", b".."):
             self._remember(self._ino(st.st_ino), path)
         return self._attrs(st)

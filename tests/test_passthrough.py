@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,13 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.mount
 
 
-def test_passthrough_basic_ops(tmp_path: Path, require_fuse: None) -> None:
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
-    src.mkdir()
-    mnt.mkdir()
-    (src / "old").write_bytes(b"before")
+@contextmanager
+def passthrough(src: Path, mnt: Path, timeout: str) -> Iterator[None]:
     cmd = [sys.executable, str(REPO / "scripts" / "passthrough.py"), str(src), str(mnt),
-           "--attr-timeout", "0", "--entry-timeout", "0"]  # fmt: skip
+           "--attr-timeout", timeout, "--entry-timeout", timeout]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10
@@ -31,6 +30,23 @@ def test_passthrough_basic_ops(tmp_path: Path, require_fuse: None) -> None:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "passthrough did not mount in 10 s"
             time.sleep(0.02)
+        yield
+    finally:
+        unmount(mnt)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0
+
+
+def test_passthrough_basic_ops(tmp_path: Path, require_fuse: None) -> None:
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (src / "old").write_bytes(b"before")
+    with passthrough(src, mnt, "0"):
         assert (mnt / "old").read_bytes() == b"before"
         (mnt / "d").mkdir()
         (mnt / "d" / "f").write_bytes(b"x" * 300_000)
@@ -54,13 +70,29 @@ def test_passthrough_basic_ops(tmp_path: Path, require_fuse: None) -> None:
             assert (mnt / f"dir{i}" / "x").read_bytes() == b"ok"
             (mnt / f"dir{i}" / "x").unlink()
             (mnt / f"dir{i}").rmdir()
+        assert not (mnt / "outside").exists()
         (src / "outside").write_bytes(b"new")  # timeouts 0: seen at once
         assert (mnt / "outside").read_bytes() == b"new"
-    finally:
-        unmount(mnt)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == 0
+
+
+def test_long_timeouts_keep_negative_entries_and_changes_through_the_mount_replace_them(
+    tmp_path: Path, require_fuse: None
+) -> None:
+    """ptlong, the floor, caches a missing name as afsfuse does: a file made
+    behind the mount's back stays unseen (the lookup never reached the
+    daemon), while creating, removing and re-making names through the mount
+    is seen at once."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    with passthrough(src, mnt, "3600"):
+        assert not (mnt / "outside").exists()
+        (src / "outside").write_bytes(b"behind its back")
+        assert not (mnt / "outside").exists()  # the negative entry answered
+        assert not (mnt / "f").exists()
+        (mnt / "f").write_bytes(b"made")
+        assert (mnt / "f").read_bytes() == b"made"
+        os.unlink(mnt / "f")
+        assert not (mnt / "f").exists()
+        (mnt / "f").mkdir()
+        assert (mnt / "f").is_dir() and sorted(os.listdir(mnt)) == ["f", "outside"]
