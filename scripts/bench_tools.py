@@ -261,9 +261,41 @@ def make_fixtures(workdir: Path, sizes: Sizes) -> Fixtures:
 class Tools:
     """Runs commands for the workloads, bounded, raising ``ToolFailure``."""
 
-    def __init__(self, home: Path, timeout: float = CMD_TIMEOUT) -> None:
+    def __init__(
+        self,
+        home: Path,
+        timeout: float = CMD_TIMEOUT,
+        rpcs: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
         self.env = git_env(home)
         self.timeout = timeout
+        #: The target's RPC counters (``timed`` reads them around the tool).
+        self.rpcs = rpcs
+        #: The RPCs of the last ``timed`` run; None if not counted.
+        self.counted: dict[str, int] | None = None
+
+    def _read_rpcs(self) -> dict[str, int] | None:
+        if self.rpcs is None:
+            return None
+        try:
+            return self.rpcs()
+        except OSError:  # a dead mount: its step fails on its own
+            return None
+
+    def timed(self, fn: Callable[[], Any]) -> float:
+        """Seconds of ``fn``; with ``rpcs``, its RPCs in ``counted`` (the
+        checks and untimed set-up around it are not counted)."""
+        before = self._read_rpcs()
+        t0 = time.perf_counter()
+        fn()
+        secs = time.perf_counter() - t0
+        after = self._read_rpcs()
+        self.counted = None
+        if before is not None and after is not None:
+            self.counted = {
+                k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)
+            }
+        return secs
 
     def run(self, *cmd: str | Path, cwd: Path | None = None) -> str:
         try:
@@ -299,14 +331,8 @@ def timed_step(step: Step, fn: Callable[[], float | None]) -> bool:
     return True
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def clone(t: Tools, fx: Fixtures, dst: Path) -> float:
-    secs = _timed(lambda: t.run("git", "clone", "-q", fx.repo, dst))
+    secs = t.timed(lambda: t.run("git", "clone", "-q", fx.repo, dst))
     with checking(secs):
         if t.git(dst, "rev-parse", "HEAD").strip() != fx.head:
             raise ToolFailure("clone's HEAD is not the source's")
@@ -367,7 +393,7 @@ def commit_b(t: Tools, a_clone: Path, b_clone: Path, rep: int, bound: float) -> 
 def build(t: Tools, fx: Fixtures, dst: Path) -> float:
     shutil.copytree(fx.cproj, dst)  # untimed: the copy is not the build
     os.sync()
-    secs = _timed(lambda: t.run("make", "-s", "-j2", "-C", dst))
+    secs = t.timed(lambda: t.run("make", "-s", "-j2", "-C", dst))
     with checking(secs):
         out = t.run(dst / "prog")
         if out != fx.prog_output:
@@ -381,14 +407,14 @@ def build(t: Tools, fx: Fixtures, dst: Path) -> float:
 
 def untar(t: Tools, fx: Fixtures, dst: Path) -> float:
     dst.mkdir()
-    secs = _timed(lambda: t.run("tar", "xf", fx.tarball, "-C", dst))
+    secs = t.timed(lambda: t.run("tar", "xf", fx.tarball, "-C", dst))
     with checking(secs):
         t.run("tar", "df", fx.tarball, "-C", dst)  # every file's contents, size, mode, mtime
     return secs
 
 
 def remove(t: Tools, dst: Path) -> float:
-    secs = _timed(lambda: t.run("rm", "-rf", dst))
+    secs = t.timed(lambda: t.run("rm", "-rf", dst))
     with checking(secs):
         if dst.exists() or dst.name in os.listdir(dst.parent):
             raise ToolFailure("the clone is still there after `rm -rf`")
@@ -413,18 +439,16 @@ def run_tools(
     repetition starts that would, at the pace so far, end past it (the
     first always runs); ``extra["reps"]`` says how many ran.  With ``rpcs``
     (the target's RPC counters by method, read outside the timing), each
-    step's ``extra["rpcs"]`` lists the RPCs of each repetition."""
-    t = Tools(home)
+    step's ``extra["rpcs"]`` lists the RPCs of each passed repetition of
+    clone, make, tar and rm, counted around the tool alone."""
+    t = Tools(home, rpcs=rpcs)
     out = {key: Step() for key, _ in STEPS if b is not None or key not in TWO_MOUNT_STEPS}
 
     def timed(step: Step, fn: Callable[[], float | None]) -> bool:
-        before = rpcs() if rpcs is not None else None
+        t.counted = None
         ok = timed_step(step, fn)
-        if rpcs is not None and before is not None:
-            after = rpcs()
-            step.extra.setdefault("rpcs", []).append(
-                {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
-            )
+        if ok and t.counted is not None:
+            step.extra.setdefault("rpcs", []).append(t.counted)
         return ok
 
     t_start = time.monotonic()
