@@ -12,9 +12,9 @@ Three measurements, each in processes of their own on 127.0.0.1, medians of
 ``commit``
     One SQLite COMMIT of a one-row change in WAL mode with
     ``synchronous=FULL`` (the fileserver's durable default), on the disk of
-    ``--dir``; and, for a store other than SQLite, a 4 KiB append to a file
-    and its ``fdatasync``.  The cheaper of the two is what a reply that
-    survives power loss costs at least.
+    ``--dir``; and, for a store other than SQLite, a 4 KiB write into a
+    file's preallocated space and its ``fdatasync``.  The cheaper of the two
+    is what a reply that survives power loss costs at least.
 ``ideal``
     The smallest durable server of the fileserver benchmark's cycle
     (``bench_server.py --only cycles``): trio, plaintext msgpack frames,
@@ -27,6 +27,12 @@ Three measurements, each in processes of their own on 127.0.0.1, medians of
     TLS, no metrics, no volume: an upper bound for any Python trio
     fileserver with the durable default, not a design to copy.  Its
     clients are as thin (one process, one connection per session).
+``ideal, log``
+    The same server with no database at all: the state in dicts, each
+    change a msgpack record appended to one log file, a group's records
+    written with one ``pwrite`` into the log's preallocated space and one
+    ``fdatasync`` (what a hand-made store could at best do instead of
+    SQLite).
 
     .venv/bin/python scripts/bench_floor.py [--runs 3] [--seconds 4]
         [--sessions 1,16] [--dir DIR] [--json FILE]
@@ -104,7 +110,7 @@ def floor_seconds(ptlong_s: float, local_s: float, durable: int, echo_us: float,
 
 def durable_write_us(floor: Mapping[str, float]) -> float:
     """The cheaper durable write of the measured ones (SQLite COMMIT, or a
-    4 KiB append and fdatasync)."""
+    4 KiB write into preallocated space and its fdatasync)."""
     return min(floor["commit_us"], floor.get("sync_us", math.inf))
 
 
@@ -169,14 +175,19 @@ def commit_cost(directory: Path, n: int) -> float:
 
 
 def append_sync_cost(directory: Path, n: int) -> float:
-    """Median seconds of a 4 KiB append to a file and its ``fdatasync``."""
+    """Median seconds of a 4 KiB write into a file's preallocated (already
+    written and synced) space and its ``fdatasync``: the cheapest durable
+    write here, as no block or size has to change (a log that grows its
+    file costs more: about the COMMIT's)."""
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        fd = os.open(Path(tmp) / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(Path(tmp) / "log", os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            os.write(fd, bytes(len(PAYLOAD) * n))
+            os.fsync(fd)
             times = []
-            for _ in range(n):
+            for i in range(n):
                 t0 = time.perf_counter()
-                os.write(fd, PAYLOAD)
+                os.pwrite(fd, PAYLOAD, i * len(PAYLOAD))
                 os.fdatasync(fd)
                 times.append(time.perf_counter() - t0)
         finally:
@@ -252,7 +263,76 @@ class IdealServer:
         return row[0]
 
 
-async def _serve_ideal(server: IdealServer, stream: trio.SocketStream) -> None:
+class IdealLogServer:
+    """The cycle on dicts and an append-only log; see the module docstring."""
+
+    #: Bytes of log written (and synced) before the first request, so a
+    #: group's sync changes no block or size; past it the log grows.
+    PREALLOCATE = 256 << 20
+
+    def __init__(self, path: Path, preallocate: int = PREALLOCATE) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        chunk = bytes(1 << 20)
+        for _ in range(preallocate // len(chunk)):
+            os.write(self.fd, chunk)
+        os.fsync(self.fd)
+        self.pos = 0
+        self.packer = msgpack.Packer(use_bin_type=True)
+        self.dirents: dict[tuple[int, bytes], int] = {}
+        self.vnodes: dict[int, list[int]] = {}
+        self.data: dict[int, bytes] = {}
+        self.next_vnode = 2
+        self.log = bytearray()
+        self.waiting: list[trio.Event] = []
+        self.committing = False
+
+    async def _durable(self, record: tuple[Any, ...]) -> None:
+        """Log ``record``; return once a write + fdatasync covered it."""
+        self.log += self.packer.pack(record)
+        done = trio.Event()
+        self.waiting.append(done)
+        if not self.committing:
+            self.committing = True
+            try:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # let others join
+                while self.waiting:
+                    batch, self.waiting = self.waiting, []
+                    out, self.log = bytes(self.log), bytearray()
+                    os.pwrite(self.fd, out, self.pos)
+                    self.pos += len(out)
+                    os.fdatasync(self.fd)
+                    for ev in batch:
+                        ev.set()
+            finally:
+                self.committing = False
+        await done.wait()
+
+    async def create(self, d: int, name: bytes) -> int:
+        v = self.next_vnode
+        self.next_vnode += 1
+        self.vnodes[v] = [0, 0]
+        self.dirents[(d, name)] = v
+        await self._durable(("c", d, name, v))
+        return v
+
+    async def store(self, v: int, data: bytes) -> int:
+        self.data[v] = data
+        st = self.vnodes[v]
+        st[0], st[1] = len(data), st[1] + 1
+        await self._durable(("s", v, data))
+        return len(data)
+
+    async def unlink(self, d: int, name: bytes) -> int:
+        v = self.dirents.pop((d, name), None)
+        if v is None:
+            return -1
+        self.vnodes.pop(v, None)
+        self.data.pop(v, None)
+        await self._durable(("u", d, name))
+        return v
+
+
+async def _serve_ideal(server: IdealServer | IdealLogServer, stream: trio.SocketStream) -> None:
     methods = {"create": server.create, "store": server.store, "unlink": server.unlink}
     packer = msgpack.Packer(use_bin_type=True)
     unpacker = msgpack.Unpacker(raw=False)
@@ -271,8 +351,12 @@ async def _serve_ideal(server: IdealServer, stream: trio.SocketStream) -> None:
                 nursery.start_soon(run, msgid, method, args)
 
 
-async def _ideal_main(directory: str) -> None:
-    server = IdealServer(Path(directory) / "ideal.db")
+async def _ideal_main(directory: str, store: str) -> None:
+    server: IdealServer | IdealLogServer
+    if store == "log":
+        server = IdealLogServer(Path(directory) / "ideal.log")
+    else:
+        server = IdealServer(Path(directory) / "ideal.db")
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             partial(trio.serve_tcp, partial(_serve_ideal, server), 0, host="127.0.0.1")
@@ -364,7 +448,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 def round_trip_and_commit(directory: Path, runs: int = 3, echo_n: int = 5000,
                           commit_n: int = 2000) -> dict[str, list[float]]:  # fmt: skip
     """``runs`` samples (us) of the raw round trip, the durable COMMIT and
-    the 4 KiB append + fdatasync."""
+    the 4 KiB write + fdatasync into preallocated space."""
     out: dict[str, list[float]] = {"echo_us": [], "commit_us": [], "sync_us": []}
     proc, port = _spawn("--serve-echo")
     try:
@@ -381,14 +465,16 @@ def round_trip_and_commit(directory: Path, runs: int = 3, echo_n: int = 5000,
 def measure(runs: int, seconds: float, sessions: list[int], directory: Path) -> dict[str, Any]:
     out: dict[str, Any] = dict(round_trip_and_commit(directory, runs))
     out["cycles"] = {n: [] for n in sessions}
+    out["cycles_log"] = {n: [] for n in sessions}
     for _ in range(runs):
         for n in sessions:
             with tempfile.TemporaryDirectory(dir=directory) as tmp:
-                proc, port = _spawn("--serve-ideal", tmp)
-                try:
-                    out["cycles"][n].append(trio.run(_cycles, port, n, seconds))
-                finally:
-                    _stop(proc)
+                for store, key in (("sqlite", "cycles"), ("log", "cycles_log")):
+                    proc, port = _spawn("--serve-ideal", tmp, "--store", store)
+                    try:
+                        out[key][n].append(trio.run(_cycles, port, n, seconds))
+                    finally:
+                        _stop(proc)
     return out
 
 
@@ -404,17 +490,20 @@ def report(res: dict[str, Any]) -> str:
         f"| durable SQLite COMMIT, WAL + synchronous=FULL (us) | {commit:.0f} | "
         + " / ".join(f"{x:.0f}" for x in res["commit_us"])
         + " |",
-        f"| 4 KiB append + fdatasync (us) | {med(res['sync_us']):.0f} | "
+        f"| 4 KiB write into preallocated space + fdatasync (us) | {med(res['sync_us']):.0f} | "
         + " / ".join(f"{x:.0f}" for x in res["sync_us"])
         + " |",
         f"| one durable RPC: round trip + the cheaper of the two (us) | "
         f"{echo + min(commit, med(res['sync_us'])):.0f} | |",
     ]
-    for n, vals in res["cycles"].items():
-        lines.append(
-            f"| ideal server, create + 4 KiB store + unlink cycles/s, {n} session(s) | "
-            f"{med(vals):,.0f} | " + " / ".join(f"{x:,.0f}" for x in vals) + " |"
-        )
+    for key, what in (("cycles", "SQLite"), ("cycles_log", "log + fdatasync")):
+        for n, vals in res.get(key, {}).items():
+            lines.append(
+                f"| ideal server ({what}), create + 4 KiB store + unlink cycles/s, "
+                f"{n} session(s) | {med(vals):,.0f} | "
+                + " / ".join(f"{x:,.0f}" for x in vals)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -427,6 +516,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-ideal", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--store", choices=("sqlite", "log"), default="sqlite",
+                    help=argparse.SUPPRESS)  # fmt: skip
     args = ap.parse_args()
     if args.serve_echo:
 
@@ -439,7 +530,7 @@ def main() -> int:
         trio.run(serve_echo)
         return 0
     if args.serve_ideal:
-        trio.run(_ideal_main, args.serve_ideal)
+        trio.run(_ideal_main, args.serve_ideal, args.store)
         return 0
     sessions = [int(x) for x in args.sessions.split(",")]
     res = measure(args.runs, args.seconds, sessions, args.dir)

@@ -159,6 +159,38 @@ async def test_the_ideal_server_does_each_cycles_durable_work(tmp_path: Path) ->
     assert await server.unlink(7, b"f") == -1
 
 
+async def test_the_log_ideal_server_syncs_each_change_before_its_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its reply comes after the record is written and fdatasynced; changes
+    arriving together share one sync."""
+    import msgpack
+
+    server = bench_floor.IdealLogServer(tmp_path / "ideal.log", preallocate=1 << 20)
+    syncs: list[int] = []
+    real = bench_floor.os.fdatasync
+
+    def counting(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(bench_floor.os, "fdatasync", counting)
+    v = await server.create(7, b"f")
+    assert await server.store(v, b"x" * 4096) == 4096
+    assert len(syncs) == 2
+    written = (tmp_path / "ideal.log").read_bytes()[: server.pos]
+    u = msgpack.Unpacker(raw=False)
+    u.feed(written)
+    records = list(u)
+    assert [r[0] for r in records] == ["c", "s"] and records[1][2] == b"x" * 4096
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(server.create, 8, b"g%d" % i)
+    assert len(syncs) == 3
+    assert await server.unlink(7, b"f") == v and len(syncs) == 4
+    assert await server.unlink(7, b"f") == -1 and len(syncs) == 4
+
+
 def test_a_small_files_goal_above_the_floor_rate_says_so() -> None:
     def rate(x: float, rpcs: dict[str, int] | None = None) -> bench.Result:
         r = bench.Result(samples=[x], unit="files/s")
