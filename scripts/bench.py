@@ -1043,10 +1043,10 @@ def render_floors(
         f"durable ({afs}'s own count around the tool in this run, its fewest of a repetition; "
         f"a StoreData counted at most once per created file), one raw trio round trip between "
         f"two processes ({floor['echo_us']:.0f} us) and one durable write (the cheaper of a "
-        f"SQLite COMMIT, {floor['commit_us']:.0f} us, and a 4 KiB append + fdatasync, "
-        f"{floor.get('sync_us', math.nan):.0f} us; each the fastest of the runs), measured in "
-        f"this run (`scripts/bench_floor.py`).  A goal below its floor cannot be met by any "
-        f"such design on this machine.\n"
+        f"SQLite COMMIT, {floor['commit_us']:.0f} us, and a 4 KiB write into preallocated "
+        f"space with its fdatasync, {floor.get('sync_us', math.nan):.0f} us; each the fastest "
+        f"of the runs), measured in this run (`scripts/bench_floor.py`).  A goal below its "
+        f"floor cannot be met by any such design on this machine.\n"
     )
     L.append("| real tool | ptlong - local (s) | durable changes | floor (s) | "
              "goal 1.5x GlusterFS (s) | goal 1.5x sshfs (s) |")  # fmt: skip
