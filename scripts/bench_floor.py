@@ -2,7 +2,7 @@
 """The floor under the speed goals: what Python, trio and a durable commit
 cost on this machine before any fileserver or cache manager runs.
 
-Three measurements, each in processes of their own on 127.0.0.1, medians of
+The measurements, each in processes of their own on 127.0.0.1, medians of
 ``--runs``:
 
 ``echo``
