@@ -904,7 +904,7 @@ def tool_cell(tools: dict[str, dict[str, Step]], col: str, key: str, why: dict[s
     if s is None:
         return "n/a (no second mount)" if key in TWO_MOUNT_STEPS else "n/a"
     bad = len(s.ok) - sum(s.ok)
-    good = [x for x, k in zip(s.samples, s.ok, strict=True) if k and x is not None]
+    good = s.passed
     text = f"{fmt(s.median)} [{fmt(min(good))}-{fmt(max(good))}]" if good else ""
     if len(s.ok) < s.extra.get("reps_wanted", 0):
         text += f" (n={len(s.ok)})"
@@ -989,12 +989,6 @@ def goal_seconds(tools: dict[str, dict[str, Step]], key: str, other: str) -> flo
 FLOOR_STEPS = ("clone", "tar", "rm")
 
 
-def _passed(s: Step | None) -> list[float]:
-    if s is None:
-        return []
-    return [x for x, ok in zip(s.samples, s.ok, strict=True) if ok and x is not None]
-
-
 def tool_floors(
     tools: dict[str, dict[str, Step]], afs: str, floor: dict[str, float] | None
 ) -> dict[str, dict[str, float]]:
@@ -1007,10 +1001,8 @@ def tool_floors(
         return out
     for key in FLOOR_STEPS:
         a = tools.get(afs, {}).get(key)
-        pt, loc = (
-            _passed(tools.get("ptlong", {}).get(key)),
-            _passed(tools.get("local", {}).get(key)),
-        )
+        p, q = tools.get("ptlong", {}).get(key), tools.get("local", {}).get(key)
+        pt, loc = (p.passed if p else []), (q.passed if q else [])
         if a is None or not a.all_ok or not pt or not a.extra.get("rpcs"):
             continue
         n = min(bench_floor.durable_count(r) for r in a.extra["rpcs"])
@@ -1603,8 +1595,9 @@ def main(argv: list[str] | None = None, variants: tuple[AfsVariant, ...] | None 
     info = machine()
     # Other processes share the cores: say how busy the machine was.
     info["busy"] = f"at start {load_start}; at end {load_note(Path('/nonexistent'))}"
+    floors = tool_floors(tools, afs, floor)
     goal_rows = goals(res, stale, cbs, afs, floor, args.small) + tool_goals(
-        tools, afs, sizes, tool_floors(tools, afs, floor)
+        tools, afs, sizes, floors
     )
     tls_md = None
     if tls:
@@ -1630,7 +1623,7 @@ def main(argv: list[str] | None = None, variants: tuple[AfsVariant, ...] | None 
         "tools_sizes": vars(sizes),
         "tools_load": loads,
         "floor": floor,
-        "tool_floors": tool_floors(tools, afs, floor),
+        "tool_floors": floors,
         "tls_cost": tls,
         "goals": [{"goal": g, "measured": m, "verdict": v} for g, m, v in goal_rows],
         "unavailable": why,

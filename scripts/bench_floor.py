@@ -198,40 +198,53 @@ def append_sync_cost(directory: Path, n: int) -> float:
 # -- the ideal server -----------------------------------------------------------
 
 
-class IdealServer:
+class _GroupSync:
+    """Group commit: a request waits in ``_durable`` for the one ``_sync``
+    that covers its change; requests arriving meanwhile share it."""
+
+    def __init__(self) -> None:
+        self.waiting: list[trio.Event] = []
+        self.committing = False
+
+    def _sync(self) -> None:
+        raise NotImplementedError
+
+    async def _durable(self) -> None:
+        done = trio.Event()
+        self.waiting.append(done)
+        if not self.committing:
+            self.committing = True
+            try:
+                # Let every request already received make its change first:
+                # they share this sync.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                while self.waiting:
+                    batch, self.waiting = self.waiting, []
+                    self._sync()
+                    for ev in batch:
+                        ev.set()
+            finally:
+                self.committing = False
+        await done.wait()
+
+
+class IdealServer(_GroupSync):
     """The cycle's SQL and a group commit; see the module docstring."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.db = _open_db(path)
         self.next_vnode = 2
         self.in_txn = False
-        self.waiting: list[trio.Event] = []
-        self.committing = False
 
     def _begin(self) -> None:
         if not self.in_txn:
             self.db.execute("BEGIN IMMEDIATE")
             self.in_txn = True
 
-    async def _durable(self) -> None:
-        """Wait for the COMMIT that covers what this request just ran."""
-        done = trio.Event()
-        self.waiting.append(done)
-        if not self.committing:
-            self.committing = True
-            try:
-                # Let every request already received run its SQL first: they
-                # share this COMMIT.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                while self.waiting:
-                    batch, self.waiting = self.waiting, []
-                    self.db.execute("COMMIT")
-                    self.in_txn = False
-                    for ev in batch:
-                        ev.set()
-            finally:
-                self.committing = False
-        await done.wait()
+    def _sync(self) -> None:
+        self.db.execute("COMMIT")
+        self.in_txn = False
 
     async def create(self, d: int, name: bytes) -> int:
         self._begin()
@@ -263,7 +276,7 @@ class IdealServer:
         return row[0]
 
 
-class IdealLogServer:
+class IdealLogServer(_GroupSync):
     """The cycle on dicts and an append-only log; see the module docstring."""
 
     #: Bytes of log written (and synced) before the first request, so a
@@ -271,6 +284,7 @@ class IdealLogServer:
     PREALLOCATE = 256 << 20
 
     def __init__(self, path: Path, preallocate: int = PREALLOCATE) -> None:
+        super().__init__()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         chunk = bytes(1 << 20)
         for _ in range(preallocate // len(chunk)):
@@ -283,43 +297,31 @@ class IdealLogServer:
         self.data: dict[int, bytes] = {}
         self.next_vnode = 2
         self.log = bytearray()
-        self.waiting: list[trio.Event] = []
-        self.committing = False
 
-    async def _durable(self, record: tuple[Any, ...]) -> None:
+    def _sync(self) -> None:
+        out, self.log = bytes(self.log), bytearray()
+        os.pwrite(self.fd, out, self.pos)
+        self.pos += len(out)
+        os.fdatasync(self.fd)
+
+    async def _logged(self, record: tuple[Any, ...]) -> None:
         """Log ``record``; return once a write + fdatasync covered it."""
         self.log += self.packer.pack(record)
-        done = trio.Event()
-        self.waiting.append(done)
-        if not self.committing:
-            self.committing = True
-            try:
-                await trio.lowlevel.cancel_shielded_checkpoint()  # let others join
-                while self.waiting:
-                    batch, self.waiting = self.waiting, []
-                    out, self.log = bytes(self.log), bytearray()
-                    os.pwrite(self.fd, out, self.pos)
-                    self.pos += len(out)
-                    os.fdatasync(self.fd)
-                    for ev in batch:
-                        ev.set()
-            finally:
-                self.committing = False
-        await done.wait()
+        await self._durable()
 
     async def create(self, d: int, name: bytes) -> int:
         v = self.next_vnode
         self.next_vnode += 1
         self.vnodes[v] = [0, 0]
         self.dirents[(d, name)] = v
-        await self._durable(("c", d, name, v))
+        await self._logged(("c", d, name, v))
         return v
 
     async def store(self, v: int, data: bytes) -> int:
         self.data[v] = data
         st = self.vnodes[v]
         st[0], st[1] = len(data), st[1] + 1
-        await self._durable(("s", v, data))
+        await self._logged(("s", v, data))
         return len(data)
 
     async def unlink(self, d: int, name: bytes) -> int:
@@ -328,7 +330,7 @@ class IdealLogServer:
             return -1
         self.vnodes.pop(v, None)
         self.data.pop(v, None)
-        await self._durable(("u", d, name))
+        await self._logged(("u", d, name))
         return v
 
 

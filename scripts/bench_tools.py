@@ -85,8 +85,13 @@ class Step:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def passed(self) -> list[float]:
+        """The seconds of the repetitions whose check passed."""
+        return [s for s, k in zip(self.samples, self.ok, strict=True) if k and s is not None]
+
+    @property
     def median(self) -> float | None:
-        good = [s for s, k in zip(self.samples, self.ok, strict=True) if k and s is not None]
+        good = self.passed
         return statistics.median(good) if good else None
 
     @property
